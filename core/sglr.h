@@ -1,0 +1,59 @@
+/*
+ * sglr.h: what every core file shares: the one libuv loop, the main Lua
+ * state, the coroutine bridge and logging.
+ *
+ * Coroutine bridge. Every request runs in its own Lua coroutine. A native
+ * primitive that has to wait (forward to a worker, sleep, an HTTP call):
+ *
+ *     int ref = sglr_co_pin(L);          -- raises if L cannot yield
+ *     ... start the work, remember (L, ref) ...
+ *     return lua_yield(L, 0);
+ *
+ * and when the loop reports completion:
+ *
+ *     lua_pushxxx(co, ...);              -- n results onto the coroutine
+ *     sglr_co_resume(co, ref, n);        -- unpins and resumes it
+ *
+ * A primitive never resumes synchronously from inside its own call: when the
+ * answer is known at once it returns it without yielding.
+ */
+#ifndef SGLR_H
+#define SGLR_H
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <uv.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+extern uv_loop_t *sglr_loop;
+extern lua_State *sglr_L;
+
+enum { SGLR_LOG_DEBUG = 0, SGLR_LOG_INFO, SGLR_LOG_WARN, SGLR_LOG_ERROR };
+extern int sglr_log_level;
+void sglr_log(int level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Pin the running coroutine L so it survives while C waits for the loop.
+ * Raises a Lua error when L is the main thread (it cannot yield). */
+int sglr_co_pin(lua_State *L);
+
+/* Unpin and resume co with the nargs values already pushed on its stack.
+ * Script errors are logged with a traceback; never raises. Returns the
+ * lua_resume status (0 finished, LUA_YIELD waiting again, other = error). */
+int sglr_co_resume(lua_State *co, int ref, int nargs);
+
+/* Drop a pinned coroutine without resuming it (its wait was abandoned). */
+void sglr_co_unpin(int ref);
+
+/* The gateway for calls from C into Lua outside coroutines: pcall with a
+ * traceback; errors are logged, never fatal. Returns the pcall status. */
+int sglr_pcall(lua_State *L, int nargs, int nresults);
+
+/* Milliseconds from a monotonic clock (uv_hrtime), with fractions. */
+double sglr_now_ms(void);
+
+/* Register a module opener under package.preload[name]. */
+void sglr_preload(lua_State *L, const char *name, lua_CFunction open);
+
+#endif
