@@ -1,0 +1,104 @@
+/*
+ * bridge.c: the C/Lua boundary every binding shares: the loop and state
+ * globals, the coroutine pin/resume pair, the pcall gateway and logging.
+ */
+#include "sglr.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <sys/time.h>
+
+uv_loop_t *sglr_loop;
+lua_State *sglr_L;
+int sglr_log_level = SGLR_LOG_INFO;
+
+static const char *level_names[] = { "debug", "info", "warn", "error" };
+
+void sglr_log(int level, const char *fmt, ...)
+{
+    if (level < sglr_log_level)
+        return;
+    char ts[32];
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    struct tm tm;
+    gmtime_r(&tv.tv_sec, &tm);
+    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s.%03dZ %-5s %s\n", ts, (int)(tv.tv_usec / 1000),
+            level_names[level & 3], msg);
+}
+
+double sglr_now_ms(void)
+{
+    return (double)uv_hrtime() / 1e6;
+}
+
+int sglr_co_pin(lua_State *L)
+{
+    if (lua_pushthread(L)) {
+        lua_pop(L, 1);
+        return luaL_error(L, "this call waits, so it must run inside a coroutine "
+                             "(a request handler or core.spawn)");
+    }
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+void sglr_co_unpin(int ref)
+{
+    if (sglr_L && ref != LUA_NOREF && ref != LUA_REFNIL)
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, ref);
+}
+
+int sglr_co_resume(lua_State *co, int ref, int nargs)
+{
+    /* Keep the thread referenced from the main stack while it runs: the
+     * ref is released first so that a coroutine which finishes is freed. */
+    lua_State *L = sglr_L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    int st = lua_resume(co, nargs);
+    if (st != 0 && st != LUA_YIELD) {
+        const char *msg = lua_tostring(co, -1);
+        luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+        sglr_log(SGLR_LOG_ERROR, "script error: %s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return st;
+}
+
+static int traceback(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
+    return 1;
+}
+
+int sglr_pcall(lua_State *L, int nargs, int nresults)
+{
+    int base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, traceback);
+    lua_insert(L, base);
+    int st = lua_pcall(L, nargs, nresults, base);
+    lua_remove(L, base);
+    if (st != 0) {
+        sglr_log(SGLR_LOG_ERROR, "script error: %s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    return st;
+}
+
+void sglr_preload(lua_State *L, const char *name, lua_CFunction open)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 2);
+}
