@@ -1,0 +1,1173 @@
+/*
+ * lua_core.c: the `sglr.core` module: clock, sleep, coroutines, signals, the
+ * HTTP server (exchanges) and the proxy (forward / pipe / read), bound to Lua.
+ *
+ * Userdata types, each a box around a C pointer:
+ *   sglr.server    -> sglr_server_t      (core.listen)
+ *   sglr.exchange  -> sglr_exchange_t    (one per request, handler argument)
+ *   sglr.pool      -> sglr_pool_t        (core.upstream(url), one per worker)
+ *   sglr.response  -> fwd_t              (x:forward / core.request in flight)
+ *
+ * A forward is a small state machine around an upstream request:
+ *
+ *   forward() --yield--> WAIT_HEAD --on_head--> resume(resp)
+ *   resp:pipe()  --yield--> streams body to the client --on_done--> resume(true|nil,err)
+ *   resp:read()  --yield--> buffers the body          --on_done--> resume(body|nil,err)
+ *
+ * While C waits, the coroutine is pinned (sglr_co_pin) and the response
+ * userdata is referenced from the registry, so neither is collected.
+ */
+#include "sglr.h"
+#include "server.h"
+#include "upstream.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SERVER_MT "sglr.server"
+#define EXCHANGE_MT "sglr.exchange"
+#define POOL_MT "sglr.pool"
+#define RESPONSE_MT "sglr.response"
+
+int sglr_exit_code;
+
+/* --- small helpers --------------------------------------------------------- */
+
+static void *check_box(lua_State *L, int idx, const char *mt)
+{
+    void **box = luaL_checkudata(L, idx, mt);
+    if (!*box)
+        luaL_error(L, "%s is closed", mt);
+    return *box;
+}
+
+static void **new_box(lua_State *L, const char *mt, void *p)
+{
+    void **box = lua_newuserdata(L, sizeof(void *));
+    *box = p;
+    luaL_getmetatable(L, mt);
+    lua_setmetatable(L, -2);
+    return box;
+}
+
+/* Append a Lua table of headers {name = value} as "name: value\r\n" lines.
+ * Names or values with CR/LF are refused (header injection). */
+static const char *table_headers(lua_State *L, int idx, sglr_buf_t *b)
+{
+    if (lua_isnoneornil(L, idx))
+        return NULL;
+    if (!lua_istable(L, idx))
+        return "headers must be a table";
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        size_t kl, vl;
+        const char *k = lua_tolstring(L, -2, &kl);
+        if (lua_type(L, -2) != LUA_TSTRING || !(lua_type(L, -1) == LUA_TSTRING ||
+                                                 lua_type(L, -1) == LUA_TNUMBER)) {
+            lua_pop(L, 2);
+            return "header names and values must be strings";
+        }
+        const char *v = lua_tolstring(L, -1, &vl);
+        if (strpbrk(k, "\r\n:") || memchr(v, '\r', vl) || memchr(v, '\n', vl)) {
+            lua_pop(L, 2);
+            return "header contains a forbidden character";
+        }
+        if (sglr_buf_append(b, k, kl) || sglr_buf_append(b, ": ", 2) ||
+            sglr_buf_append(b, v, vl) || sglr_buf_append(b, "\r\n", 2)) {
+            lua_pop(L, 2);
+            return "out of memory";
+        }
+        lua_pop(L, 1);
+    }
+    return NULL;
+}
+
+static void push_head_table(lua_State *L, const sglr_head_t *h)
+{
+    lua_createtable(L, 0, h->nhdrs);
+    for (int i = 0; i < h->nhdrs; i++) {
+        const sglr_hdr_t *hd = &h->hdrs[i];
+        lua_pushlstring(L, h->buf.data + hd->name_off, hd->name_len);
+        lua_pushvalue(L, -1);
+        lua_rawget(L, -3);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, h->buf.data + hd->value_off, hd->value_len);
+        } else {
+            /* repeated header: join as the HTTP list form */
+            lua_pushliteral(L, ", ");
+            lua_pushlstring(L, h->buf.data + hd->value_off, hd->value_len);
+            lua_concat(L, 3);
+        }
+        lua_rawset(L, -3);
+    }
+}
+
+static int is_hop_header(const char *n, size_t len)
+{
+    static const char *const hop[] = { "connection", "keep-alive", "proxy-connection",
+        "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length", "expect",
+        NULL };
+    for (int i = 0; hop[i]; i++)
+        if (strlen(hop[i]) == len && memcmp(hop[i], n, len) == 0)
+            return 1;
+    return 0;
+}
+
+/* Copy the headers of h that are not hop-by-hop and not overridden by the
+ * Lua table at idx (keys must be lowercase there). */
+static int copy_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
+{
+    for (int i = 0; i < h->nhdrs; i++) {
+        const sglr_hdr_t *hd = &h->hdrs[i];
+        const char *n = h->buf.data + hd->name_off;
+        if (is_hop_header(n, hd->name_len))
+            continue;
+        if (idx && lua_istable(L, idx)) {
+            lua_pushlstring(L, n, hd->name_len);
+            lua_rawget(L, idx);
+            int overridden = !lua_isnil(L, -1);
+            lua_pop(L, 1);
+            if (overridden)
+                continue;
+        }
+        if (sglr_buf_append(b, n, hd->name_len) || sglr_buf_append(b, ": ", 2) ||
+            sglr_buf_append(b, h->buf.data + hd->value_off, hd->value_len) ||
+            sglr_buf_append(b, "\r\n", 2))
+            return -ENOMEM;
+    }
+    return 0;
+}
+
+/* --- clock, sleep, spawn, exit ------------------------------------------------ */
+
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, sglr_now_ms());
+    return 1;
+}
+
+static int l_wall(lua_State *L)
+{
+    uv_timeval64_t tv;
+    uv_gettimeofday(&tv);
+    lua_pushnumber(L, (double)tv.tv_sec + tv.tv_usec / 1e6);
+    return 1;
+}
+
+typedef struct {
+    uv_timer_t timer;
+    lua_State *co;
+    int ref;
+} sleeper_t;
+
+static void sleep_close_cb(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void sleep_cb(uv_timer_t *t)
+{
+    sleeper_t *s = t->data;
+    uv_close((uv_handle_t *)&s->timer, sleep_close_cb);
+    sglr_co_resume(s->co, s->ref, 0);
+}
+
+static int l_sleep(lua_State *L)
+{
+    double ms = luaL_checknumber(L, 1);
+    int ref = sglr_co_pin(L);
+    sleeper_t *s = malloc(sizeof *s);
+    if (!s) {
+        sglr_co_unpin(ref);
+        return luaL_error(L, "out of memory");
+    }
+    s->co = L;
+    s->ref = ref;
+    uv_timer_init(sglr_loop, &s->timer);
+    s->timer.data = s;
+    uv_timer_start(&s->timer, sleep_cb, ms > 0 ? (uint64_t)ms : 0, 0);
+    return lua_yield(L, 0);
+}
+
+/* core.spawn(fn, ...): run fn in a new coroutine now, until it first waits. */
+static int l_spawn(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    int n = lua_gettop(L);
+    lua_State *co = lua_newthread(L);
+    lua_insert(L, 1);
+    lua_xmove(L, co, n);                  /* fn and args onto the thread */
+    int ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the thread */
+    sglr_co_resume(co, ref, n - 1);
+    return 0;
+}
+
+static int l_exit(lua_State *L)
+{
+    sglr_exit_code = (int)luaL_optinteger(L, 1, 0);
+    uv_stop(sglr_loop);
+    return 0;
+}
+
+static int l_active(lua_State *L)
+{
+    lua_pushinteger(L, sglr_exchanges_active);
+    return 1;
+}
+
+static int l_log(lua_State *L)
+{
+    int level = (int)luaL_checkinteger(L, 1);
+    const char *msg = luaL_checkstring(L, 2);
+    sglr_log(level, "%s", msg);
+    return 0;
+}
+
+static int l_set_log_level(lua_State *L)
+{
+    sglr_log_level = (int)luaL_checkinteger(L, 1);
+    return 0;
+}
+
+/* --- signals -------------------------------------------------------------------- */
+
+static int signal_ref = LUA_NOREF;
+static uv_signal_t sig_int, sig_term;
+static int signals_ready;
+
+static void signal_cb(uv_signal_t *h, int signum)
+{
+    lua_State *L = sglr_L;
+    if (signal_ref == LUA_NOREF)
+        return;
+    lua_State *co = lua_newthread(L);
+    int ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, signal_ref);
+    lua_pushstring(co, signum == SIGINT ? "SIGINT" : "SIGTERM");
+    sglr_co_resume(co, ref, 1);
+}
+
+static int l_on_signal(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    if (signal_ref != LUA_NOREF)
+        luaL_unref(L, LUA_REGISTRYINDEX, signal_ref);
+    lua_pushvalue(L, 1);
+    signal_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (!signals_ready) {
+        uv_signal_init(sglr_loop, &sig_int);
+        uv_signal_init(sglr_loop, &sig_term);
+        uv_signal_start(&sig_int, signal_cb, SIGINT);
+        uv_signal_start(&sig_term, signal_cb, SIGTERM);
+        /* signal watchers must not keep the loop alive on their own */
+        uv_unref((uv_handle_t *)&sig_int);
+        uv_unref((uv_handle_t *)&sig_term);
+        signals_ready = 1;
+    }
+    return 0;
+}
+
+/* --- server ------------------------------------------------------------------- */
+
+typedef struct {
+    sglr_server_t srv;
+    int handler_ref;
+    int stopped;
+    int lua_owned;          /* the userdata still points here */
+    int closed;             /* the listener handle is closed */
+} lserver_t;
+
+static void push_exchange(lua_State *L, sglr_exchange_t *x)
+{
+    sglr_exchange_hold(x);
+    new_box(L, EXCHANGE_MT, x);
+}
+
+static void on_request(sglr_exchange_t *x)
+{
+    lserver_t *ls = x->server->data;
+    lua_State *L = sglr_L;
+    lua_State *co = lua_newthread(L);
+    int ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, ls->handler_ref);
+    push_exchange(co, x);
+    sglr_co_resume(co, ref, 1);
+}
+
+static void server_closed(sglr_server_t *s)
+{
+    lserver_t *ls = s->data;
+    ls->closed = 1;
+    if (!ls->lua_owned)
+        free(ls);
+}
+
+/* core.listen(host, port, {max_body=, max_header=}, handler(x)) -> server */
+static int l_listen(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    int port = (int)luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    luaL_checktype(L, 4, LUA_TFUNCTION);
+    sglr_server_opts_t opts = { 256u << 20, 64u << 10 };
+    lua_getfield(L, 3, "max_body");
+    if (lua_isnumber(L, -1))
+        opts.max_body = (size_t)lua_tonumber(L, -1);
+    lua_getfield(L, 3, "max_header");
+    if (lua_isnumber(L, -1))
+        opts.max_header = (size_t)lua_tonumber(L, -1);
+    lua_pop(L, 2);
+    lserver_t *ls = calloc(1, sizeof *ls);
+    if (!ls)
+        return luaL_error(L, "out of memory");
+    int r = sglr_server_init(&ls->srv, host, port, &opts, on_request, ls);
+    if (r < 0) {
+        ls->srv.on_closed = server_closed;   /* frees ls once the loop closed it */
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot listen on %s:%d: %s", host, port, uv_strerror(r));
+        return 2;
+    }
+    lua_pushvalue(L, 4);
+    ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ls->lua_owned = 1;
+    new_box(L, SERVER_MT, ls);
+    return 1;
+}
+
+static int server_port(lua_State *L)
+{
+    lserver_t *ls = check_box(L, 1, SERVER_MT);
+    lua_pushinteger(L, sglr_server_port(&ls->srv));
+    return 1;
+}
+
+static int server_close(lua_State *L)
+{
+    lserver_t *ls = check_box(L, 1, SERVER_MT);
+    if (!ls->stopped) {
+        ls->stopped = 1;
+        sglr_server_stop(&ls->srv, server_closed);
+    }
+    return 0;
+}
+
+static int server_conns(lua_State *L)
+{
+    lserver_t *ls = check_box(L, 1, SERVER_MT);
+    lua_pushinteger(L, ls->srv.nconns);
+    return 1;
+}
+
+static int server_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, SERVER_MT);
+    lserver_t *ls = *box;
+    if (!ls)
+        return 0;
+    *box = NULL;
+    /* A live server is kept by the Lua code that serves; a collected one
+     * stops listening. */
+    luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
+    ls->handler_ref = LUA_NOREF;
+    ls->lua_owned = 0;
+    if (!ls->stopped) {
+        ls->stopped = 1;
+        sglr_server_stop(&ls->srv, server_closed);
+    } else if (ls->closed) {
+        free(ls);
+    }
+    return 0;
+}
+
+/* --- exchanges ------------------------------------------------------------------- */
+
+static sglr_exchange_t *check_x(lua_State *L)
+{
+    return check_box(L, 1, EXCHANGE_MT);
+}
+
+static int x_method(lua_State *L)
+{
+    lua_pushstring(L, sglr_exchange_method(check_x(L)));
+    return 1;
+}
+
+static int x_url(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    lua_pushlstring(L, x->head.buf.data + x->head.url_off, x->head.url_len);
+    return 1;
+}
+
+static int x_path(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    const char *u = x->head.buf.data + x->head.url_off;
+    size_t n = x->head.url_len, i = 0;
+    while (i < n && u[i] != '?')
+        i++;
+    lua_pushlstring(L, u, i);
+    if (i < n)
+        lua_pushlstring(L, u + i + 1, n - i - 1);
+    else
+        lua_pushnil(L);
+    return 2;
+}
+
+static int x_header(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    size_t n;
+    const char *v = sglr_head_get(&x->head, luaL_checkstring(L, 2), &n);
+    if (v)
+        lua_pushlstring(L, v, n);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int x_headers(lua_State *L)
+{
+    push_head_table(L, &check_x(L)->head);
+    return 1;
+}
+
+static int x_body(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
+    return 1;
+}
+
+static int x_body_size(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)check_x(L)->body.len);
+    return 1;
+}
+
+static int x_respond(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    size_t blen = 0;
+    const char *body = luaL_optlstring(L, 4, "", &blen);
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "response already started");
+    sglr_buf_t hb = { 0 };
+    const char *err = table_headers(L, 3, &hb);
+    if (err) {
+        sglr_buf_free(&hb);
+        return luaL_error(L, "%s", err);
+    }
+    int r = sglr_exchange_respond(x, status, hb.data ? hb.data : "", hb.len, body, blen);
+    sglr_buf_free(&hb);
+    lua_pushboolean(L, r == 0);
+    return 1;
+}
+
+static int x_start(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    long long clen = (long long)luaL_optnumber(L, 4, -1);
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "response already started");
+    sglr_buf_t hb = { 0 };
+    const char *err = table_headers(L, 3, &hb);
+    if (err) {
+        sglr_buf_free(&hb);
+        return luaL_error(L, "%s", err);
+    }
+    int r = sglr_exchange_start(x, status, hb.data ? hb.data : "", hb.len, clen);
+    sglr_buf_free(&hb);
+    lua_pushboolean(L, r == 0);
+    return 1;
+}
+
+/* A coroutine waiting for the client's write queue to drain. */
+typedef struct {
+    lua_State *co;
+    int ref;
+} drain_wait_t;
+
+static void x_drain_wake(sglr_exchange_t *x)
+{
+    drain_wait_t *w = x->data;
+    x->on_drain = NULL;
+    x->on_close = NULL;
+    x->data = NULL;
+    if (!w)
+        return;
+    lua_State *co = w->co;
+    int ref = w->ref;
+    free(w);
+    lua_pushboolean(co, x->conn != NULL);
+    sglr_co_resume(co, ref, 1);
+}
+
+static int x_write(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    size_t n;
+    const char *d = luaL_checklstring(L, 2, &n);
+    if (x->state != SGLR_X_STREAMING)
+        return luaL_error(L, "write before start or after finish");
+    if (sglr_exchange_write(x, d, n) < 0) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (sglr_exchange_write_queue(x) > SGLR_WRITE_HIGH && !x->on_drain) {
+        /* slow client: wait until it has taken most of what is queued */
+        drain_wait_t *w = malloc(sizeof *w);
+        if (!w)
+            return luaL_error(L, "out of memory");
+        w->co = L;
+        w->ref = sglr_co_pin(L);
+        x->data = w;
+        x->on_drain = x_drain_wake;
+        x->on_close = x_drain_wake;
+        return lua_yield(L, 0);
+    }
+    lua_pushboolean(L, x->conn != NULL);
+    return 1;
+}
+
+static int x_finish(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    if (x->state == SGLR_X_STREAMING)
+        sglr_exchange_finish(x);
+    return 0;
+}
+
+static int x_abort(lua_State *L)
+{
+    sglr_exchange_abort(check_x(L));
+    return 0;
+}
+
+static int x_closed(lua_State *L)
+{
+    lua_pushboolean(L, sglr_exchange_closed(check_x(L)));
+    return 1;
+}
+
+static int x_state(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    static const char *const names[] = { "reading", "handling", "streaming", "done" };
+    lua_pushstring(L, names[x->state & 3]);
+    return 1;
+}
+
+static int x_status(lua_State *L)
+{
+    lua_pushinteger(L, check_x(L)->status);
+    return 1;
+}
+
+static int x_started(lua_State *L)
+{
+    lua_pushnumber(L, check_x(L)->start_ms);
+    return 1;
+}
+
+static int x_bytes_out(lua_State *L)
+{
+    lua_pushnumber(L, (double)check_x(L)->bytes_out);
+    return 1;
+}
+
+static int x_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, EXCHANGE_MT);
+    sglr_exchange_t *x = *box;
+    if (!x)
+        return 0;
+    *box = NULL;
+    /* Safety net: a handler that lost its exchange without answering. */
+    if (x->state == SGLR_X_HANDLING) {
+        static const char body[] =
+            "{\"error\":{\"message\":\"request was not answered\",\"type\":\"internal_error\"}}";
+        static const char hdr[] = "content-type: application/json\r\n";
+        sglr_exchange_respond(x, 500, hdr, sizeof hdr - 1, body, sizeof body - 1);
+    } else if (x->state == SGLR_X_STREAMING) {
+        sglr_exchange_abort(x);
+    }
+    sglr_exchange_release(x);
+    return 0;
+}
+
+/* --- pools ------------------------------------------------------------------------- */
+
+static int l_upstream(lua_State *L)
+{
+    const char *url = luaL_checkstring(L, 1);
+    const char *err = NULL;
+    sglr_pool_t *p = sglr_pool_new(url, &err);
+    if (!p) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "invalid worker URL '%s': %s", url, err);
+        return 2;
+    }
+    new_box(L, POOL_MT, p);
+    return 1;
+}
+
+static int pool_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, POOL_MT);
+    if (*box) {
+        sglr_pool_unref(*box);
+        *box = NULL;
+    }
+    return 0;
+}
+
+static int pool_url(lua_State *L)
+{
+    sglr_pool_t *p = check_box(L, 1, POOL_MT);
+    lua_pushstring(L, p->url);
+    return 1;
+}
+
+static int pool_stats(lua_State *L)
+{
+    sglr_pool_t *p = check_box(L, 1, POOL_MT);
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, p->nidle);
+    lua_setfield(L, -2, "idle");
+    lua_pushinteger(L, p->nconns);
+    lua_setfield(L, -2, "conns");
+    return 1;
+}
+
+/* --- forwarding ------------------------------------------------------------------ */
+
+enum { FWD_HEAD, FWD_READY, FWD_PIPE, FWD_READ, FWD_REQUEST, FWD_DONE };
+
+typedef struct {
+    sglr_upreq_t *req;
+    sglr_exchange_t *x;       /* NULL for core.request */
+    int mode;
+    int ud_ref;               /* registry ref of the response userdata */
+    lua_State *co;            /* waiting coroutine, or NULL */
+    int co_ref;
+    int in_call;              /* inside the Lua call that would yield */
+    int done, err;            /* outcome */
+    int sync_done;            /* finished during in_call */
+    int busy;                 /* inside a callback that may run Lua */
+    int zombie;               /* collected while busy: free when not */
+    sglr_buf_t body;          /* read / request modes */
+    long long max_body;
+} fwd_t;
+
+static void fwd_detach_x(fwd_t *f)
+{
+    if (f->x) {
+        if (f->x->data == f) {
+            f->x->on_close = NULL;
+            f->x->on_drain = NULL;
+            f->x->data = NULL;
+        }
+        sglr_exchange_release(f->x);
+        f->x = NULL;
+    }
+}
+
+/* The registry ref keeps the response userdata alive while C waits for the
+ * head; once it is handed to the coroutine, the coroutine's stack does. */
+static void fwd_unref(fwd_t *f)
+{
+    if (f->ud_ref != LUA_NOREF) {
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, f->ud_ref);
+        f->ud_ref = LUA_NOREF;
+    }
+}
+
+/* Resume the waiting coroutine with what its pending call returns. */
+static void fwd_wake(fwd_t *f, int (*push)(lua_State *, fwd_t *))
+{
+    lua_State *co = f->co;
+    if (!co)
+        return;
+    int ref = f->co_ref;
+    f->co = NULL;
+    f->co_ref = LUA_NOREF;
+    int n = push(co, f);
+    fwd_unref(f);
+    sglr_co_resume(co, ref, n);
+}
+
+static int push_err(lua_State *L, fwd_t *f)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, f->err < 0 ? "client_closed" : sglr_up_errname(f->err));
+    return 2;
+}
+
+static int push_response(lua_State *L, fwd_t *f)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, f->ud_ref);
+    return 1;
+}
+
+static int push_pipe_result(lua_State *L, fwd_t *f)
+{
+    if (f->err)
+        return push_err(L, f);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int push_read_result(lua_State *L, fwd_t *f)
+{
+    if (f->err)
+        return push_err(L, f);
+    lua_pushlstring(L, f->body.data ? f->body.data : "", f->body.len);
+    return 1;
+}
+
+static int push_request_result(lua_State *L, fwd_t *f)
+{
+    if (f->err)
+        return push_err(L, f);
+    sglr_upreq_t *r = f->req;
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, r->status);
+    lua_setfield(L, -2, "status");
+    push_head_table(L, &r->head);
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, f->body.data ? f->body.data : "", f->body.len);
+    lua_setfield(L, -2, "body");
+    lua_pushnumber(L, r->t_head - r->t_start);
+    lua_setfield(L, -2, "ttfb_ms");
+    lua_pushnumber(L, sglr_now_ms() - r->t_start);
+    lua_setfield(L, -2, "total_ms");
+    return 1;
+}
+
+static void fwd_on_client_close(sglr_exchange_t *x)
+{
+    fwd_t *f = x->data;
+    fwd_detach_x(f);
+    if (f->done)
+        return;
+    f->done = 1;
+    f->err = -1;
+    if (f->req)
+        sglr_upreq_abort(f->req);
+    if (f->in_call) {
+        f->sync_done = 1;
+        return;
+    }
+    if (f->mode == FWD_HEAD)
+        fwd_wake(f, push_err);
+    else if (f->mode == FWD_PIPE)
+        fwd_wake(f, push_pipe_result);
+    else if (f->mode == FWD_READ)
+        fwd_wake(f, push_read_result);
+}
+
+static void fwd_on_drain(sglr_exchange_t *x)
+{
+    fwd_t *f = x->data;
+    if (f->req)
+        sglr_upreq_throttle(f->req, 0);
+}
+
+static void fwd_on_head(sglr_upreq_t *r)
+{
+    fwd_t *f = r->data;
+    if (f->mode == FWD_REQUEST) {
+        sglr_upreq_continue(r);
+        return;
+    }
+    f->mode = FWD_READY;
+    fwd_wake(f, push_response);
+}
+
+static void fwd_on_body(sglr_upreq_t *r, const char *d, size_t n)
+{
+    fwd_t *f = r->data;
+    if (f->mode == FWD_PIPE) {
+        if (!f->x)
+            return;
+        /* a failed write closes the client, which wakes Lua, which may
+         * drop (and collect) this response: keep f alive meanwhile */
+        f->busy++;
+        sglr_exchange_write(f->x, d, n);
+        f->busy--;
+        if (f->zombie) {
+            if (!f->busy) {
+                sglr_buf_free(&f->body);
+                free(f);
+            }
+            return;
+        }
+        if (f->x && sglr_exchange_write_queue(f->x) > SGLR_WRITE_HIGH)
+            sglr_upreq_throttle(r, 1);
+        return;
+    }
+    if (f->max_body >= 0 && (long long)(f->body.len + n) > f->max_body) {
+        f->err = SGLR_UP_EPROTO;
+        sglr_upreq_abort(r);
+        return;
+    }
+    if (sglr_buf_append(&f->body, d, n))
+        sglr_upreq_abort(r);
+}
+
+static void fwd_on_done(sglr_upreq_t *r, int err)
+{
+    fwd_t *f = r->data;
+    if (f->done)
+        return;
+    f->done = 1;
+    f->err = err;
+    int mode = f->mode;
+    if (mode == FWD_PIPE && f->x) {
+        if (err == 0)
+            sglr_exchange_finish(f->x);
+        /* on error the stream stays open: the caller may add an error event
+         * (x:write) and then end it (x:finish or x:abort) */
+    }
+    fwd_detach_x(f);
+    if (f->in_call) {
+        f->sync_done = 1;
+        return;
+    }
+    switch (mode) {
+    case FWD_HEAD: fwd_wake(f, push_err); break;
+    case FWD_PIPE: fwd_wake(f, push_pipe_result); break;
+    case FWD_READ: fwd_wake(f, push_read_result); break;
+    case FWD_REQUEST: fwd_wake(f, push_request_result); break;
+    default: break;
+    }
+}
+
+/* Build and start the upstream request for f; the response userdata (with
+ * ud_ref) must already exist. Returns an error message or NULL. */
+static const char *fwd_start(lua_State *L, fwd_t *f, sglr_pool_t *pool, int opts,
+                             sglr_exchange_t *x)
+{
+    const char *method = x ? sglr_exchange_method(x) : "GET";
+    const char *path = x ? x->head.buf.data + x->head.url_off : "/";
+    size_t plen = x ? x->head.url_len : 1;
+    const char *body = x ? x->body.data : NULL;
+    size_t blen = x ? x->body.len : 0;
+    unsigned connect_ms = 5000, timeout_ms = 600000;
+    int hidx = 0;
+    if (opts) {
+        lua_getfield(L, opts, "method");
+        if (lua_isstring(L, -1))
+            method = lua_tostring(L, -1);
+        lua_getfield(L, opts, "path");
+        if (lua_isstring(L, -1))
+            path = lua_tolstring(L, -1, &plen);
+        lua_getfield(L, opts, "body");
+        if (lua_isstring(L, -1))
+            body = lua_tolstring(L, -1, &blen);
+        lua_getfield(L, opts, "connect_timeout_ms");
+        if (lua_isnumber(L, -1))
+            connect_ms = (unsigned)lua_tonumber(L, -1);
+        lua_getfield(L, opts, "timeout_ms");
+        if (lua_isnumber(L, -1))
+            timeout_ms = (unsigned)lua_tonumber(L, -1);
+        lua_getfield(L, opts, "max_body");
+        if (lua_isnumber(L, -1))
+            f->max_body = (long long)lua_tonumber(L, -1);
+        lua_getfield(L, opts, "headers");
+        hidx = lua_gettop(L);
+        /* strings above stay on the stack (anchored) until we return */
+    }
+    sglr_upreq_t *r = sglr_upreq_new(pool);
+    if (!r)
+        return "out of memory";
+    r->data = f;
+    r->on_head = fwd_on_head;
+    r->on_body = fwd_on_body;
+    r->on_done = fwd_on_done;
+    f->req = r;
+    sglr_buf_t hb = { 0 };
+    const char *err = NULL;
+    if (x && copy_headers(L, &x->head, hidx, &hb))
+        err = "out of memory";
+    if (!err && hidx)
+        err = table_headers(L, hidx, &hb);
+    if (!err && sglr_upreq_build(r, method, path, plen, hb.data ? hb.data : "", hb.len,
+                                 body, blen))
+        err = "out of memory";
+    sglr_buf_free(&hb);
+    if (err)
+        return err;
+    sglr_upreq_start(r, connect_ms, timeout_ms);
+    return NULL;
+}
+
+static fwd_t *new_response(lua_State *L)
+{
+    fwd_t *f = calloc(1, sizeof *f);
+    if (!f)
+        return NULL;
+    f->co_ref = LUA_NOREF;
+    f->max_body = -1;
+    new_box(L, RESPONSE_MT, f);
+    lua_pushvalue(L, -1);
+    f->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return f;
+}
+
+/* Wait for f's outcome: return at once if it came during the call. */
+static int fwd_wait(lua_State *L, fwd_t *f, int (*push)(lua_State *, fwd_t *))
+{
+    f->in_call = 0;
+    if (f->sync_done) {
+        f->sync_done = 0;
+        int n = f->mode == FWD_HEAD ? push_err(L, f) : push(L, f);
+        fwd_unref(f);
+        return n;
+    }
+    f->co = L;
+    f->co_ref = sglr_co_pin(L);
+    return lua_yield(L, 0);
+}
+
+/* x:forward(pool, opts) -> response | nil, err */
+static int x_forward(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    sglr_pool_t *pool = check_box(L, 2, POOL_MT);
+    int opts = lua_istable(L, 3) ? 3 : 0;
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "forward after the response started");
+    if (x->on_close)
+        return luaL_error(L, "another forward is in flight on this exchange");
+    if (!lua_pushthread(L)) {
+        lua_pop(L, 1);
+    } else {
+        return luaL_error(L, "forward must run inside a coroutine");
+    }
+    if (sglr_exchange_closed(x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        return 2;
+    }
+    fwd_t *f = new_response(L);
+    if (!f)
+        return luaL_error(L, "out of memory");
+    f->mode = FWD_HEAD;
+    f->x = x;
+    sglr_exchange_hold(x);
+    x->data = f;
+    x->on_close = fwd_on_client_close;
+    x->on_drain = fwd_on_drain;
+    f->in_call = 1;
+    const char *err = fwd_start(L, f, pool, opts, x);
+    if (err) {
+        f->in_call = 0;
+        f->done = 1;
+        fwd_detach_x(f);
+        fwd_unref(f);
+        return luaL_error(L, "%s", err);
+    }
+    return fwd_wait(L, f, push_response);
+}
+
+/* core.request(pool, opts) -> {status, headers, body, ttfb_ms, total_ms} | nil, err */
+static int l_request(lua_State *L)
+{
+    sglr_pool_t *pool = check_box(L, 1, POOL_MT);
+    int opts = lua_istable(L, 2) ? 2 : 0;
+    if (lua_pushthread(L))
+        return luaL_error(L, "core.request must run inside a coroutine");
+    lua_pop(L, 1);
+    fwd_t *f = new_response(L);
+    if (!f)
+        return luaL_error(L, "out of memory");
+    f->mode = FWD_REQUEST;
+    f->in_call = 1;
+    const char *err = fwd_start(L, f, pool, opts, NULL);
+    if (err) {
+        f->in_call = 0;
+        f->done = 1;
+        fwd_unref(f);
+        return luaL_error(L, "%s", err);
+    }
+    return fwd_wait(L, f, push_request_result);
+}
+
+static fwd_t *check_resp(lua_State *L)
+{
+    return check_box(L, 1, RESPONSE_MT);
+}
+
+static int resp_status(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    lua_pushinteger(L, f->req ? f->req->status : 0);
+    return 1;
+}
+
+static int resp_headers(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    if (!f->req)
+        return 0;
+    push_head_table(L, &f->req->head);
+    return 1;
+}
+
+static int resp_header(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    size_t n;
+    const char *v = f->req ? sglr_head_get(&f->req->head, luaL_checkstring(L, 2), &n) : NULL;
+    if (v)
+        lua_pushlstring(L, v, n);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int resp_ttfb(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    lua_pushnumber(L, f->req ? f->req->t_head - f->req->t_start : 0);
+    return 1;
+}
+
+/* resp:pipe([extra_headers]) -> true | nil, err: stream the response to the
+ * client; returns when it ended. */
+static int resp_pipe(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    if (f->mode != FWD_READY)
+        return luaL_error(L, "pipe: response is not waiting to be consumed");
+    if (f->done || !f->x || sglr_exchange_closed(f->x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        return 2;
+    }
+    sglr_upreq_t *r = f->req;
+    sglr_buf_t hb = { 0 };
+    const char *err = NULL;
+    /* the worker's headers, minus framing, plus the caller's */
+    if (copy_headers(L, &r->head, lua_istable(L, 2) ? 2 : 0, &hb))
+        err = "out of memory";
+    if (!err)
+        err = table_headers(L, 2, &hb);
+    if (err) {
+        sglr_buf_free(&hb);
+        return luaL_error(L, "%s", err);
+    }
+    f->mode = FWD_PIPE;
+    f->in_call = 1;
+    sglr_exchange_start(f->x, r->status, hb.data ? hb.data : "", hb.len, r->content_length);
+    sglr_buf_free(&hb);
+    sglr_upreq_continue(r);
+    return fwd_wait(L, f, push_pipe_result);
+}
+
+/* resp:read() -> body | nil, err: buffer the rest of the response. */
+static int resp_read(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    if (f->mode != FWD_READY)
+        return luaL_error(L, "read: response is not waiting to be consumed");
+    if (f->done)
+        return push_read_result(L, f);
+    f->mode = FWD_READ;
+    f->in_call = 1;
+    sglr_upreq_continue(f->req);
+    return fwd_wait(L, f, push_read_result);
+}
+
+static void fwd_close(fwd_t *f)
+{
+    fwd_detach_x(f);
+    if (f->req) {
+        sglr_upreq_free(f->req);
+        f->req = NULL;
+    }
+}
+
+/* resp:close(): drop the response (the worker connection is closed unless the
+ * response was complete). */
+static int resp_close(lua_State *L)
+{
+    fwd_t *f = check_resp(L);
+    f->done = 1;
+    if (f->co)
+        return luaL_error(L, "close: a coroutine is waiting on this response");
+    fwd_close(f);
+    return 0;
+}
+
+static int resp_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, RESPONSE_MT);
+    fwd_t *f = *box;
+    if (!f)
+        return 0;
+    *box = NULL;
+    fwd_close(f);
+    if (f->busy) {
+        f->zombie = 1;
+        return 0;
+    }
+    sglr_buf_free(&f->body);
+    free(f);
+    return 0;
+}
+
+/* --- module ------------------------------------------------------------------------- */
+
+static void new_mt(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc)
+{
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    if (gc) {
+        lua_pushcfunction(L, gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+}
+
+int luaopen_sglr_core(lua_State *L)
+{
+    static const luaL_Reg server_m[] = {
+        { "port", server_port }, { "close", server_close }, { "connections", server_conns },
+        { NULL, NULL } };
+    static const luaL_Reg x_m[] = {
+        { "method", x_method }, { "url", x_url }, { "path", x_path }, { "header", x_header },
+        { "headers", x_headers }, { "body", x_body }, { "body_size", x_body_size },
+        { "respond", x_respond }, { "start", x_start }, { "write", x_write },
+        { "finish", x_finish }, { "abort", x_abort }, { "closed", x_closed },
+        { "state", x_state }, { "status", x_status }, { "started", x_started },
+        { "bytes_out", x_bytes_out }, { "forward", x_forward }, { NULL, NULL } };
+    static const luaL_Reg pool_m[] = {
+        { "url", pool_url }, { "stats", pool_stats }, { "close", pool_gc }, { NULL, NULL } };
+    static const luaL_Reg resp_m[] = {
+        { "status", resp_status }, { "headers", resp_headers }, { "header", resp_header },
+        { "ttfb_ms", resp_ttfb }, { "pipe", resp_pipe }, { "read", resp_read },
+        { "close", resp_close }, { NULL, NULL } };
+    static const luaL_Reg fns[] = {
+        { "now", l_now }, { "wall", l_wall }, { "sleep", l_sleep }, { "spawn", l_spawn },
+        { "exit", l_exit }, { "active", l_active }, { "log", l_log },
+        { "set_log_level", l_set_log_level }, { "on_signal", l_on_signal },
+        { "listen", l_listen }, { "upstream", l_upstream }, { "request", l_request },
+        { NULL, NULL } };
+    new_mt(L, SERVER_MT, server_m, server_gc);
+    new_mt(L, EXCHANGE_MT, x_m, x_gc);
+    new_mt(L, POOL_MT, pool_m, pool_gc);
+    new_mt(L, RESPONSE_MT, resp_m, resp_gc);
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    return 1;
+}

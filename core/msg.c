@@ -1,0 +1,147 @@
+/* msg.c: growing buffers and parsed HTTP heads (see msg.h). */
+#include "msg.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static int buf_reserve(sglr_buf_t *b, size_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *p = realloc(b->data, cap);
+    if (!p)
+        return -ENOMEM;
+    b->data = p;
+    b->cap = cap;
+    return 0;
+}
+
+int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n)
+{
+    if (buf_reserve(b, n + 1))
+        return -ENOMEM;
+    if (n)
+        memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = 0;   /* always terminated, so C string helpers work */
+    return 0;
+}
+
+int sglr_buf_printf(sglr_buf_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || buf_reserve(b, (size_t)n + 1))
+        return -ENOMEM;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return 0;
+}
+
+void sglr_buf_free(sglr_buf_t *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+void sglr_head_reset(sglr_head_t *h)
+{
+    h->buf.len = 0;
+    h->url_off = h->url_len = 0;
+    h->nhdrs = 0;
+    h->in_value = 0;
+}
+
+void sglr_head_free(sglr_head_t *h)
+{
+    sglr_buf_free(&h->buf);
+    free(h->hdrs);
+    h->hdrs = NULL;
+    h->nhdrs = h->cap_hdrs = 0;
+}
+
+int sglr_head_url(sglr_head_t *h, const char *p, size_t n)
+{
+    if (h->url_len == 0)
+        h->url_off = (uint32_t)h->buf.len;
+    h->url_len += (uint32_t)n;
+    return sglr_buf_append(&h->buf, p, n);
+}
+
+int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
+{
+    if (h->nhdrs == 0 || h->in_value) {
+        if (h->nhdrs == h->cap_hdrs) {
+            int cap = h->cap_hdrs ? h->cap_hdrs * 2 : 16;
+            sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)cap);
+            if (!nh)
+                return -ENOMEM;
+            h->hdrs = nh;
+            h->cap_hdrs = cap;
+        }
+        sglr_hdr_t *hd = &h->hdrs[h->nhdrs++];
+        hd->name_off = (uint32_t)h->buf.len;
+        hd->name_len = 0;
+        hd->value_off = 0;
+        hd->value_len = 0;
+        h->in_value = 0;
+    }
+    sglr_hdr_t *hd = &h->hdrs[h->nhdrs - 1];
+    /* Names are stored lowercased: lookups and Lua tables use that form. */
+    size_t at = h->buf.len;
+    if (sglr_buf_append(&h->buf, p, n))
+        return -ENOMEM;
+    for (size_t i = at; i < h->buf.len; i++) {
+        char c = h->buf.data[i];
+        if (c >= 'A' && c <= 'Z')
+            h->buf.data[i] = (char)(c + 32);
+    }
+    hd->name_len += (uint32_t)n;
+    return 0;
+}
+
+int sglr_head_field_done(sglr_head_t *h)
+{
+    if (h->nhdrs == 0)
+        return -EINVAL;
+    /* terminate the name so it can be used as a C string */
+    if (sglr_buf_append(&h->buf, "", 1))
+        return -ENOMEM;
+    h->hdrs[h->nhdrs - 1].value_off = (uint32_t)h->buf.len;
+    h->in_value = 1;
+    return 0;
+}
+
+int sglr_head_value(sglr_head_t *h, const char *p, size_t n)
+{
+    if (h->nhdrs == 0 || !h->in_value)
+        return -EINVAL;
+    h->hdrs[h->nhdrs - 1].value_len += (uint32_t)n;
+    return sglr_buf_append(&h->buf, p, n);
+}
+
+const char *sglr_head_get(const sglr_head_t *h, const char *name, size_t *len)
+{
+    size_t nl = strlen(name);
+    for (int i = 0; i < h->nhdrs; i++) {
+        const sglr_hdr_t *hd = &h->hdrs[i];
+        if (hd->name_len == nl && strncasecmp(h->buf.data + hd->name_off, name, nl) == 0) {
+            if (len)
+                *len = hd->value_len;
+            return h->buf.data + hd->value_off;
+        }
+    }
+    return NULL;
+}

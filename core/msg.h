@@ -1,0 +1,55 @@
+/*
+ * msg.h: the parsed head of an HTTP message (request or response), shared by
+ * the server (core/server.c) and the upstream client (core/upstream.c).
+ *
+ * llhttp hands over header names and values in pieces that may be split
+ * across reads, so everything is appended to one growing byte buffer and
+ * headers are kept as (offset, length) pairs into it:
+ *
+ *     buf:  GET/generate?x=1 | content-type | application/json | ...
+ *           ^url              ^hdr[0].name   ^hdr[0].value
+ *
+ * Offsets, not pointers, because the buffer moves when it grows.
+ */
+#ifndef SGLR_MSG_H
+#define SGLR_MSG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} sglr_buf_t;
+
+int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n);   /* 0 or -ENOMEM */
+int sglr_buf_printf(sglr_buf_t *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void sglr_buf_free(sglr_buf_t *b);
+static inline void sglr_buf_reset(sglr_buf_t *b) { b->len = 0; }
+
+typedef struct {
+    uint32_t name_off, name_len, value_off, value_len;
+} sglr_hdr_t;
+
+typedef struct {
+    sglr_buf_t buf;          /* url bytes, then header names and values */
+    uint32_t url_off, url_len;
+    sglr_hdr_t *hdrs;
+    int nhdrs, cap_hdrs;
+    int in_value;            /* last callback was a header value */
+} sglr_head_t;
+
+void sglr_head_reset(sglr_head_t *h);
+void sglr_head_free(sglr_head_t *h);
+int sglr_head_url(sglr_head_t *h, const char *p, size_t n);
+int sglr_head_field(sglr_head_t *h, const char *p, size_t n);
+int sglr_head_field_done(sglr_head_t *h);   /* on_header_field_complete */
+int sglr_head_value(sglr_head_t *h, const char *p, size_t n);
+/* Case-insensitive lookup of the first header called name; NULL if absent. */
+const char *sglr_head_get(const sglr_head_t *h, const char *name, size_t *len);
+
+#define SGLR_HDR_NAME(h, i) ((h)->buf.data + (h)->hdrs[i].name_off)
+#define SGLR_HDR_VALUE(h, i) ((h)->buf.data + (h)->hdrs[i].value_off)
+
+#endif

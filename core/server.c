@@ -1,0 +1,651 @@
+/*
+ * server.c: HTTP/1.1 server (see server.h for the shape).
+ *
+ * Parsing pauses at the end of each request (on_message_complete returns
+ * HPE_PAUSED), so a connection never has two exchanges in flight; bytes that
+ * arrive meanwhile are kept in conn->pending and parsed once the response is
+ * done. Dispatch happens after llhttp_execute returns, never from inside a
+ * parser callback, and a response finished synchronously by the handler is
+ * picked up by the dispatch loop rather than by recursion.
+ */
+#include "server.h"
+#include "sglr.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <llhttp.h>
+
+struct sglr_conn_s {
+    uv_tcp_t tcp;
+    sglr_server_t *srv;
+    llhttp_t parser;
+    sglr_exchange_t *x;         /* exchange being read or handled */
+    sglr_buf_t pending;         /* bytes not parsed yet */
+    size_t header_bytes;
+    int reject_status;          /* 413/431 decided inside a parser callback */
+    int closing;
+    int close_after;            /* close once the current response is written */
+    int dispatching;            /* inside the dispatch loop */
+    int reading;
+    int shutting;               /* shutdown requested: no more requests */
+    sglr_conn_t *prev, *next;
+};
+
+typedef struct {
+    uv_write_t req;
+    sglr_conn_t *conn;
+    uv_buf_t buf;
+    char data[];
+} write_req_t;
+
+int sglr_exchanges_active;
+
+static llhttp_settings_t parser_settings;
+static char read_buf[64 * 1024];
+
+static void conn_close(sglr_conn_t *c);
+static void conn_shutdown(sglr_conn_t *c);
+static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len);
+static void conn_start_read(sglr_conn_t *c);
+
+const char *sglr_status_text(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 411: return "Length Required";
+    case 413: return "Payload Too Large";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Unknown";
+    }
+}
+
+/* --- exchanges ----------------------------------------------------------- */
+
+static sglr_exchange_t *exchange_new(sglr_conn_t *c)
+{
+    sglr_exchange_t *x = calloc(1, sizeof *x);
+    if (!x)
+        return NULL;
+    x->conn = c;
+    x->server = c->srv;
+    x->holds = 1;              /* the connection's */
+    x->start_ms = sglr_now_ms();
+    return x;
+}
+
+static void exchange_free(sglr_exchange_t *x)
+{
+    sglr_head_free(&x->head);
+    sglr_buf_free(&x->body);
+    free(x);
+}
+
+void sglr_exchange_hold(sglr_exchange_t *x)
+{
+    x->holds++;
+}
+
+void sglr_exchange_release(sglr_exchange_t *x)
+{
+    if (--x->holds == 0)
+        exchange_free(x);
+}
+
+/* The exchange reached its end (answered or abandoned): counted once. */
+static void exchange_settle(sglr_exchange_t *x)
+{
+    if (x->state == SGLR_X_HANDLING || x->state == SGLR_X_STREAMING)
+        sglr_exchanges_active--;
+    x->state = SGLR_X_DONE;
+}
+
+const char *sglr_exchange_method(const sglr_exchange_t *x)
+{
+    return llhttp_method_name((llhttp_method_t)x->method);
+}
+
+size_t sglr_exchange_write_queue(const sglr_exchange_t *x)
+{
+    return x->conn ? x->conn->tcp.write_queue_size : 0;
+}
+
+/* --- writing -------------------------------------------------------------- */
+
+static void write_cb(uv_write_t *req, int status)
+{
+    write_req_t *w = (write_req_t *)req;
+    sglr_conn_t *c = w->conn;
+    free(w);
+    if (status < 0) {
+        conn_close(c);
+        return;
+    }
+    sglr_exchange_t *x = c->x;
+    if (x && x->on_drain && c->tcp.write_queue_size < SGLR_WRITE_LOW)
+        x->on_drain(x);
+}
+
+/* Queue a write of up to three pieces as one buffer. */
+static int conn_write3(sglr_conn_t *c, const char *a, size_t na, const char *b, size_t nb,
+                       const char *d, size_t nd)
+{
+    if (c->closing)
+        return -EPIPE;
+    write_req_t *w = malloc(sizeof *w + na + nb + nd);
+    if (!w)
+        return -ENOMEM;
+    w->conn = c;
+    if (na) memcpy(w->data, a, na);
+    if (nb) memcpy(w->data + na, b, nb);
+    if (nd) memcpy(w->data + na + nb, d, nd);
+    w->buf = uv_buf_init(w->data, (unsigned)(na + nb + nd));
+    int r = uv_write(&w->req, (uv_stream_t *)&c->tcp, &w->buf, 1, write_cb);
+    if (r < 0) {
+        free(w);
+        conn_close(c);
+        return r;
+    }
+    return 0;
+}
+
+static int head_keep_alive(sglr_exchange_t *x)
+{
+    sglr_conn_t *c = x->conn;
+    return x->keep_alive && !c->close_after && !c->srv->closing;
+}
+
+/* The response is complete: release the connection for the next request. */
+static void exchange_done(sglr_exchange_t *x)
+{
+    sglr_conn_t *c = x->conn;
+    exchange_settle(x);
+    if (!c)
+        return;
+    int keep = head_keep_alive(x);
+    c->x = NULL;
+    x->conn = NULL;
+    sglr_exchange_release(x);
+    if (!keep) {
+        conn_shutdown(c);
+        return;
+    }
+    if (!c->dispatching)
+        conn_dispatch(c, NULL, 0);
+}
+
+int sglr_exchange_respond(sglr_exchange_t *x, int status, const char *hdrs, size_t hlen,
+                          const char *body, size_t blen)
+{
+    if (x->state != SGLR_X_HANDLING)
+        return -EINVAL;
+    x->status = status;
+    if (!x->conn) {
+        exchange_settle(x);
+        return 0;
+    }
+    char head[256];
+    int keep = head_keep_alive(x);
+    int n = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\n", status, sglr_status_text(status));
+    char tail[128];
+    int m = snprintf(tail, sizeof tail, "content-length: %zu\r\n%s\r\n", blen,
+                     keep ? "" : "connection: close\r\n");
+    if (x->method == HTTP_HEAD)
+        blen = 0;
+    /* one buffer: status line + given headers + framing headers + body */
+    sglr_buf_t b = { 0 };
+    if (sglr_buf_append(&b, head, (size_t)n) || sglr_buf_append(&b, hdrs, hlen) ||
+        sglr_buf_append(&b, tail, (size_t)m)) {
+        sglr_buf_free(&b);
+        return -ENOMEM;
+    }
+    int r = conn_write3(x->conn, b.data, b.len, body, blen, NULL, 0);
+    sglr_buf_free(&b);
+    x->bytes_out += blen;
+    exchange_done(x);
+    return r;
+}
+
+int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t hlen,
+                        long long content_length)
+{
+    if (x->state != SGLR_X_HANDLING)
+        return -EINVAL;
+    x->status = status;
+    x->state = SGLR_X_STREAMING;
+    if (!x->conn)
+        return -EPIPE;
+    sglr_conn_t *c = x->conn;
+    char tail[160];
+    int m;
+    if (content_length >= 0) {
+        m = snprintf(tail, sizeof tail, "content-length: %lld\r\n%s\r\n", content_length,
+                     head_keep_alive(x) ? "" : "connection: close\r\n");
+    } else if (x->http_minor == 0) {
+        /* HTTP/1.0 has no chunked encoding: the end is the connection's end */
+        c->close_after = 1;
+        m = snprintf(tail, sizeof tail, "connection: close\r\n\r\n");
+    } else {
+        x->chunked = 1;
+        m = snprintf(tail, sizeof tail, "transfer-encoding: chunked\r\n%s\r\n",
+                     head_keep_alive(x) ? "" : "connection: close\r\n");
+    }
+    char head[128];
+    int n = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\n", status, sglr_status_text(status));
+    return conn_write3(c, head, (size_t)n, hdrs, hlen, tail, (size_t)m);
+}
+
+int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len)
+{
+    if (x->state != SGLR_X_STREAMING)
+        return -EINVAL;
+    if (!x->conn)
+        return -EPIPE;
+    if (len == 0)
+        return 0;
+    x->bytes_out += len;
+    if (!x->chunked)
+        return conn_write3(x->conn, data, len, NULL, 0, NULL, 0);
+    char size[24];
+    int n = snprintf(size, sizeof size, "%zx\r\n", len);
+    return conn_write3(x->conn, size, (size_t)n, data, len, "\r\n", 2);
+}
+
+int sglr_exchange_finish(sglr_exchange_t *x)
+{
+    if (x->state != SGLR_X_STREAMING)
+        return -EINVAL;
+    int r = 0;
+    if (x->conn && x->chunked)
+        r = conn_write3(x->conn, "0\r\n\r\n", 5, NULL, 0, NULL, 0);
+    exchange_done(x);
+    return r;
+}
+
+void sglr_exchange_abort(sglr_exchange_t *x)
+{
+    sglr_conn_t *c = x->conn;
+    if (c)
+        c->close_after = 1;
+    if (x->state == SGLR_X_HANDLING || x->state == SGLR_X_STREAMING)
+        exchange_done(x);
+}
+
+/* --- parser callbacks ------------------------------------------------------ */
+
+static int on_message_begin(llhttp_t *p)
+{
+    sglr_conn_t *c = p->data;
+    c->header_bytes = 0;
+    c->x = exchange_new(c);
+    return c->x ? 0 : -1;
+}
+
+static int count_header(sglr_conn_t *c, size_t n)
+{
+    c->header_bytes += n;
+    if (c->header_bytes > c->srv->opts.max_header) {
+        c->reject_status = 431;
+        return -1;
+    }
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_conn_t *c = p->data;
+    if (count_header(c, n))
+        return -1;
+    return sglr_head_url(&c->x->head, at, n) ? -1 : 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_conn_t *c = p->data;
+    if (count_header(c, n + 4))
+        return -1;
+    return sglr_head_field(&c->x->head, at, n) ? -1 : 0;
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    sglr_conn_t *c = p->data;
+    return sglr_head_field_done(&c->x->head) ? -1 : 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_conn_t *c = p->data;
+    if (count_header(c, n))
+        return -1;
+    return sglr_head_value(&c->x->head, at, n) ? -1 : 0;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    sglr_conn_t *c = p->data;
+    sglr_exchange_t *x = c->x;
+    x->method = p->method;
+    x->http_minor = p->http_minor;
+    if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->opts.max_body) {
+        c->reject_status = 413;
+        return -1;
+    }
+    size_t elen;
+    const char *expect = sglr_head_get(&x->head, "expect", &elen);
+    if (expect && elen == 12 && strncasecmp(expect, "100-continue", 12) == 0)
+        conn_write3(c, "HTTP/1.1 100 Continue\r\n\r\n", 25, NULL, 0, NULL, 0);
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_conn_t *c = p->data;
+    sglr_exchange_t *x = c->x;
+    if (x->body.len + n > c->srv->opts.max_body) {
+        c->reject_status = 413;
+        return -1;
+    }
+    return sglr_buf_append(&x->body, at, n) ? -1 : 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    sglr_conn_t *c = p->data;
+    c->x->keep_alive = llhttp_should_keep_alive(p);
+    c->x->state = SGLR_X_HANDLING;
+    return HPE_PAUSED;
+}
+
+/* --- connections ----------------------------------------------------------- */
+
+static void conn_close_cb(uv_handle_t *h)
+{
+    sglr_conn_t *c = h->data;
+    sglr_server_t *s = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->nconns--;
+    sglr_buf_free(&c->pending);
+    free(c);
+}
+
+static void conn_close(sglr_conn_t *c)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    sglr_exchange_t *x = c->x;
+    if (x) {
+        c->x = NULL;
+        x->conn = NULL;
+        int was_active = x->state == SGLR_X_HANDLING || x->state == SGLR_X_STREAMING;
+        exchange_settle(x);
+        if (was_active && x->on_close)
+            x->on_close(x);
+        sglr_exchange_release(x);
+    }
+    uv_close((uv_handle_t *)&c->tcp, conn_close_cb);
+}
+
+static void shutdown_cb(uv_shutdown_t *req, int status)
+{
+    sglr_conn_t *c = req->data;
+    free(req);
+    conn_close(c);
+}
+
+/* Close after the queued writes have gone out. */
+static void conn_shutdown(sglr_conn_t *c)
+{
+    if (c->closing || c->shutting)
+        return;
+    c->shutting = 1;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+    uv_shutdown_t *req = malloc(sizeof *req);
+    if (!req || uv_shutdown(req, (uv_stream_t *)&c->tcp, shutdown_cb) < 0) {
+        free(req);
+        conn_close(c);
+        return;
+    }
+    req->data = c;
+}
+
+/* Answer a request the parser refused and close the connection. */
+static void conn_reject(sglr_conn_t *c, int status, const char *msg)
+{
+    char body[512];
+    int n = snprintf(body, sizeof body,
+                     "{\"error\":{\"message\":\"%s\",\"type\":\"invalid_request_error\"}}", msg);
+    char head[256];
+    int m = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                     "content-length: %d\r\nconnection: close\r\n\r\n",
+                     status, sglr_status_text(status), n);
+    if (c->x) {
+        sglr_exchange_t *x = c->x;
+        c->x = NULL;
+        x->conn = NULL;
+        sglr_exchange_release(x);
+    }
+    conn_write3(c, head, (size_t)m, body, (size_t)n, NULL, 0);
+    conn_shutdown(c);
+}
+
+/* Parse data (after any pending bytes) and dispatch complete requests. */
+static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
+{
+    if (data && len && sglr_buf_append(&c->pending, data, len)) {
+        conn_close(c);
+        return;
+    }
+    c->dispatching = 1;
+    while (!c->closing && !c->shutting && (!c->x || c->x->state == SGLR_X_READING) &&
+           c->pending.len) {
+        /* parse from a private copy: pending is refilled by what is left */
+        sglr_buf_t in = c->pending;
+        c->pending = (sglr_buf_t){ 0 };
+        llhttp_errno_t err = llhttp_execute(&c->parser, in.data, in.len);
+        if (err == HPE_PAUSED) {
+            const char *pos = llhttp_get_error_pos(&c->parser);
+            size_t used = pos ? (size_t)(pos - in.data) : in.len;
+            sglr_buf_append(&c->pending, in.data + used, in.len - used);
+            sglr_buf_free(&in);
+            llhttp_resume(&c->parser);
+            sglr_exchange_t *x = c->x;
+            sglr_exchanges_active++;
+            sglr_exchange_hold(x);
+            c->srv->on_request(x);
+            /* the handler may have answered already; then x->conn is NULL
+             * and the loop goes on with the next pipelined request */
+            sglr_exchange_release(x);
+            continue;
+        }
+        sglr_buf_free(&in);
+        if (err != HPE_OK) {
+            if (c->reject_status == 413)
+                conn_reject(c, 413, "request body exceeds --max-payload-size");
+            else if (c->reject_status == 431)
+                conn_reject(c, 431, "request headers too large");
+            else {
+                char msg[160];
+                snprintf(msg, sizeof msg, "malformed HTTP request: %s",
+                         llhttp_errno_name(err));
+                conn_reject(c, 400, msg);
+            }
+        }
+    }
+    c->dispatching = 0;
+    if (c->closing || c->shutting)
+        return;
+    /* reading stops while too many pipelined bytes wait; resume here */
+    if (!c->reading && c->pending.len < (1 << 20))
+        conn_start_read(c);
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    *buf = uv_buf_init(read_buf, sizeof read_buf);
+}
+
+static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+{
+    sglr_conn_t *c = stream->data;
+    if (nread < 0) {
+        conn_close(c);
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (c->x && c->x->state != SGLR_X_READING) {
+        /* pipelined bytes while a request is handled: keep them for later */
+        if (sglr_buf_append(&c->pending, buf->base, (size_t)nread)) {
+            conn_close(c);
+            return;
+        }
+        if (c->pending.len > (1 << 20)) {
+            uv_read_stop(stream);
+            c->reading = 0;
+        }
+        return;
+    }
+    conn_dispatch(c, buf->base, (size_t)nread);
+}
+
+static void conn_start_read(sglr_conn_t *c)
+{
+    if (uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb) == 0)
+        c->reading = 1;
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    sglr_server_t *s = server->data;
+    if (status < 0 || s->closing)
+        return;
+    sglr_conn_t *c = calloc(1, sizeof *c);
+    if (!c)
+        return;
+    c->srv = s;
+    uv_tcp_init(server->loop, &c->tcp);
+    c->tcp.data = c;
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    s->nconns++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+        conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
+    c->parser.data = c;
+    conn_start_read(c);
+}
+
+/* --- server ---------------------------------------------------------------- */
+
+static void server_close_cb(uv_handle_t *h)
+{
+    sglr_server_t *s = h->data;
+    if (s->on_closed)
+        s->on_closed(s);
+}
+
+int sglr_server_init(sglr_server_t *s, const char *host, int port,
+                     const sglr_server_opts_t *opts, sglr_request_cb cb, void *data)
+{
+    static int settings_ready;
+    if (!settings_ready) {
+        llhttp_settings_init(&parser_settings);
+        parser_settings.on_message_begin = on_message_begin;
+        parser_settings.on_url = on_url;
+        parser_settings.on_header_field = on_header_field;
+        parser_settings.on_header_field_complete = on_header_field_complete;
+        parser_settings.on_header_value = on_header_value;
+        parser_settings.on_headers_complete = on_headers_complete;
+        parser_settings.on_body = on_body;
+        parser_settings.on_message_complete = on_message_complete;
+        settings_ready = 1;
+    }
+    memset(s, 0, sizeof *s);
+    s->opts = *opts;
+    s->on_request = cb;
+    s->data = data;
+    struct sockaddr_storage addr;
+    int r = uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
+    if (r < 0)
+        r = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr);
+    if (r < 0)
+        return r;
+    uv_tcp_init(sglr_loop, &s->tcp);
+    s->tcp.data = s;
+    r = uv_tcp_bind(&s->tcp, (struct sockaddr *)&addr, 0);
+    if (r == 0)
+        r = uv_listen((uv_stream_t *)&s->tcp, 4096, on_connection);
+    if (r < 0) {
+        /* the handle is closed; the caller frees s after the loop has run
+         * the close (it must not be freed before) */
+        s->closing = 1;
+        uv_close((uv_handle_t *)&s->tcp, server_close_cb);
+        return r;
+    }
+    return 0;
+}
+
+int sglr_server_port(sglr_server_t *s)
+{
+    struct sockaddr_storage addr;
+    int len = sizeof addr;
+    if (uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&addr, &len) < 0)
+        return -1;
+    if (addr.ss_family == AF_INET6)
+        return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
+    return ntohs(((struct sockaddr_in *)&addr)->sin_port);
+}
+
+void sglr_server_stop(sglr_server_t *s, void (*close_cb)(sglr_server_t *))
+{
+    if (s->closing)
+        return;
+    s->closing = 1;
+    s->on_closed = close_cb;
+    uv_close((uv_handle_t *)&s->tcp, server_close_cb);
+    for (sglr_conn_t *c = s->conns, *next; c; c = next) {
+        next = c->next;
+        if (!c->x || c->x->state == SGLR_X_READING)
+            conn_close(c);
+        else
+            c->close_after = 1;
+    }
+}

@@ -1,0 +1,619 @@
+/*
+ * upstream.c: keep-alive HTTP/1.1 client for the proxy path (see upstream.h).
+ */
+#include "upstream.h"
+#include "sglr.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <llhttp.h>
+
+enum { UP_NEW, UP_CONNECTING, UP_WAIT_HEAD, UP_HEAD, UP_BODY, UP_DONE, UP_ABORTED };
+
+struct sglr_upconn_s {
+    uv_tcp_t tcp;
+    uv_connect_t creq;
+    uv_write_t wreq;
+    uv_buf_t wbuf;
+    sglr_pool_t *pool;
+    sglr_upreq_t *req;       /* NULL while idle */
+    sglr_upconn_t *next;     /* idle list */
+    llhttp_t parser;
+    int closing;
+    int idle;
+};
+
+static llhttp_settings_t settings;
+static char read_buf[64 * 1024];
+
+static void req_fail(sglr_upreq_t *r, int err);
+static void req_feed(sglr_upreq_t *r, const char *data, size_t len);
+static void req_dial(sglr_upreq_t *r);
+
+const char *sglr_up_errname(int err)
+{
+    switch (err) {
+    case SGLR_UP_OK: return "ok";
+    case SGLR_UP_ECONNECT: return "connect";
+    case SGLR_UP_ERESET: return "reset";
+    case SGLR_UP_ETIMEOUT: return "timeout";
+    case SGLR_UP_EPROTO: return "protocol";
+    case SGLR_UP_ENOMEM: return "nomem";
+    default: return "unknown";
+    }
+}
+
+/* --- pools ------------------------------------------------------------------- */
+
+sglr_pool_t *sglr_pool_new(const char *url, const char **err)
+{
+    const char *p;
+    int port = 80;
+    if (strncmp(url, "http://", 7) == 0) {
+        p = url + 7;
+    } else {
+        *err = "only http:// workers can use the native client";
+        return NULL;
+    }
+    const char *hend = p;
+    char host[256];
+    if (*p == '[') {                      /* [v6]:port */
+        const char *close = strchr(p, ']');
+        if (!close || (size_t)(close - p - 1) >= sizeof host) {
+            *err = "bad IPv6 address";
+            return NULL;
+        }
+        memcpy(host, p + 1, (size_t)(close - p - 1));
+        host[close - p - 1] = 0;
+        hend = close + 1;
+    } else {
+        while (*hend && *hend != ':' && *hend != '/')
+            hend++;
+        if (hend == p || (size_t)(hend - p) >= sizeof host) {
+            *err = "missing host";
+            return NULL;
+        }
+        memcpy(host, p, (size_t)(hend - p));
+        host[hend - p] = 0;
+    }
+    const char *rest = hend;
+    if (*rest == ':') {
+        char *end;
+        long v = strtol(rest + 1, &end, 10);
+        if (end == rest + 1 || v <= 0 || v > 65535 || (*end && *end != '/')) {
+            *err = "bad port";
+            return NULL;
+        }
+        port = (int)v;
+        rest = end;
+    }
+    sglr_pool_t *pool = calloc(1, sizeof *pool);
+    if (!pool) {
+        *err = "out of memory";
+        return NULL;
+    }
+    if (uv_ip4_addr(host, port, (struct sockaddr_in *)&pool->addr) != 0 &&
+        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&pool->addr) != 0) {
+        /* A name: resolved once, when the worker is added (a blocking
+         * lookup, rare and off the request path). */
+        struct addrinfo hints = { 0 }, *res = NULL;
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        char ps[8];
+        snprintf(ps, sizeof ps, "%d", port);
+        if (getaddrinfo(host, ps, &hints, &res) != 0 || !res) {
+            free(pool);
+            *err = "cannot resolve host";
+            return NULL;
+        }
+        memcpy(&pool->addr, res->ai_addr, res->ai_addrlen);
+        freeaddrinfo(res);
+    }
+    size_t ulen = strlen(url);
+    while (ulen > 0 && url[ulen - 1] == '/')
+        ulen--;
+    pool->url = strndup(url, ulen);
+    pool->hostport = strndup(p, (size_t)(rest - p));
+    const char *bp = rest;
+    size_t blen = strlen(bp);
+    while (blen > 0 && bp[blen - 1] == '/')
+        blen--;
+    pool->base_path = strndup(bp, blen);
+    pool->refs = 1;
+    pool->max_idle = 512;
+    if (!pool->url || !pool->hostport || !pool->base_path) {
+        free(pool->url);
+        free(pool->hostport);
+        free(pool->base_path);
+        free(pool);
+        *err = "out of memory";
+        return NULL;
+    }
+    return pool;
+}
+
+void sglr_pool_ref(sglr_pool_t *p)
+{
+    p->refs++;
+}
+
+static void conn_close(sglr_upconn_t *c);
+
+void sglr_pool_unref(sglr_pool_t *p)
+{
+    if (--p->refs > 0) {
+        /* only idle connections hold the pool otherwise: drop them */
+        if (p->refs == p->nidle) {
+            while (p->idle) {
+                sglr_upconn_t *c = p->idle;
+                p->idle = c->next;
+                p->nidle--;
+                c->idle = 0;
+                conn_close(c);
+            }
+        }
+        return;
+    }
+    free(p->url);
+    free(p->hostport);
+    free(p->base_path);
+    free(p);
+}
+
+/* --- connections ------------------------------------------------------------ */
+
+static void conn_close_cb(uv_handle_t *h)
+{
+    sglr_upconn_t *c = h->data;
+    sglr_pool_t *p = c->pool;
+    p->nconns--;
+    free(c);
+    sglr_pool_unref(p);
+}
+
+static void conn_close(sglr_upconn_t *c)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    if (c->idle) {
+        sglr_upconn_t **pp = &c->pool->idle;
+        while (*pp && *pp != c)
+            pp = &(*pp)->next;
+        if (*pp)
+            *pp = c->next;
+        c->pool->nidle--;
+        c->idle = 0;
+    }
+    c->req = NULL;
+    uv_close((uv_handle_t *)&c->tcp, conn_close_cb);
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    *buf = uv_buf_init(read_buf, sizeof read_buf);
+}
+
+static void idle_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    /* an idle connection has nothing to say: data or EOF both end it */
+    if (nread != 0)
+        conn_close(s->data);
+}
+
+static void conn_make_idle(sglr_upconn_t *c)
+{
+    sglr_pool_t *p = c->pool;
+    c->req = NULL;
+    if (p->nidle >= p->max_idle || p->refs == p->nidle + 1) {
+        conn_close(c);
+        return;
+    }
+    llhttp_init(&c->parser, HTTP_RESPONSE, &settings);
+    c->parser.data = c;
+    c->idle = 1;
+    c->next = p->idle;
+    p->idle = c;
+    p->nidle++;
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, idle_read_cb);
+}
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    sglr_upconn_t *c = s->data;
+    sglr_upreq_t *r = c->req;
+    if (!r) {
+        if (nread != 0)
+            conn_close(c);
+        return;
+    }
+    if (nread > 0) {
+        r->got_bytes = 1;
+        req_feed(r, buf->base, (size_t)nread);
+        return;
+    }
+    if (nread == 0)
+        return;
+    /* EOF or error */
+    if (nread == UV_EOF && r->state == UP_BODY && llhttp_message_needs_eof(&c->parser)) {
+        r->in_parse = 1;
+        llhttp_errno_t e = llhttp_finish(&c->parser);
+        r->in_parse = 0;
+        (void)e;
+        if (r->state == UP_DONE) {
+            conn_close(c);
+            r->conn = NULL;
+            r->on_done(r, SGLR_UP_OK);
+            return;
+        }
+    }
+    req_fail(r, SGLR_UP_ERESET);
+}
+
+static void write_cb(uv_write_t *w, int status)
+{
+    sglr_upconn_t *c = w->data;
+    if (status < 0 && c->req)
+        req_fail(c->req, SGLR_UP_ERESET);
+}
+
+static void conn_send(sglr_upconn_t *c, sglr_upreq_t *r)
+{
+    /* The bytes stay in r->out (kept for a retry on a fresh connection).
+     * r is freed only from its timer's close callback, after any abort has
+     * closed this connection and so cancelled the write. */
+    c->wbuf = uv_buf_init(r->out.data, (unsigned)r->out.len);
+    c->wreq.data = c;
+    r->state = UP_WAIT_HEAD;
+    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &c->wbuf, 1, write_cb) < 0) {
+        req_fail(r, SGLR_UP_ERESET);
+        return;
+    }
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+}
+
+static void connect_cb(uv_connect_t *creq, int status)
+{
+    sglr_upconn_t *c = creq->data;
+    sglr_upreq_t *r = c->req;
+    if (c->closing || !r)
+        return;
+    if (status < 0) {
+        req_fail(r, SGLR_UP_ECONNECT);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    conn_send(c, r);
+}
+
+/* --- parser callbacks ------------------------------------------------------------ */
+
+static int on_status(llhttp_t *p, const char *at, size_t n) { return 0; }
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_upconn_t *c = p->data;
+    return c->req && sglr_head_field(&c->req->head, at, n) == 0 ? 0 : -1;
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    sglr_upconn_t *c = p->data;
+    return c->req && sglr_head_field_done(&c->req->head) == 0 ? 0 : -1;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_upconn_t *c = p->data;
+    return c->req && sglr_head_value(&c->req->head, at, n) == 0 ? 0 : -1;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    sglr_upconn_t *c = p->data;
+    sglr_upreq_t *r = c->req;
+    if (!r)
+        return -1;
+    if (p->status_code < 200)      /* 1xx: wait for the real head */
+        return 0;
+    r->status = p->status_code;
+    r->content_length = (p->flags & F_CONTENT_LENGTH) ? (long long)p->content_length : -1;
+    r->state = UP_HEAD;
+    return HPE_PAUSED;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    sglr_upconn_t *c = p->data;
+    sglr_upreq_t *r = c->req;
+    if (!r || r->abort_pending)
+        return -1;
+    r->on_body(r, at, n);
+    return r->abort_pending ? -1 : 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    sglr_upconn_t *c = p->data;
+    sglr_upreq_t *r = c->req;
+    if (!r)
+        return -1;
+    if (r->state == UP_WAIT_HEAD) {
+        /* a 1xx response ended: reset the head for the real one */
+        sglr_head_reset(&r->head);
+        return 0;
+    }
+    r->keep_alive = llhttp_should_keep_alive(p);
+    r->state = UP_DONE;
+    return HPE_PAUSED;
+}
+
+/* --- requests ------------------------------------------------------------------ */
+
+static void timer_close_cb(uv_handle_t *h)
+{
+    sglr_upreq_t *r = h->data;
+    sglr_buf_free(&r->out);
+    sglr_buf_free(&r->pending);
+    sglr_head_free(&r->head);
+    sglr_pool_unref(r->pool);
+    free(r);
+}
+
+sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p)
+{
+    static int ready;
+    if (!ready) {
+        llhttp_settings_init(&settings);
+        settings.on_status = on_status;
+        settings.on_header_field = on_header_field;
+        settings.on_header_field_complete = on_header_field_complete;
+        settings.on_header_value = on_header_value;
+        settings.on_headers_complete = on_headers_complete;
+        settings.on_body = on_body;
+        settings.on_message_complete = on_message_complete;
+        ready = 1;
+    }
+    sglr_upreq_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->pool = p;
+    sglr_pool_ref(p);
+    r->content_length = -1;
+    uv_timer_init(sglr_loop, &r->timer);
+    r->timer.data = r;
+    return r;
+}
+
+int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
+                     const char *hdrs, size_t hlen, const char *body, size_t blen)
+{
+    sglr_buf_t *b = &r->out;
+    b->len = 0;
+    int e = sglr_buf_printf(b, "%s %s", method, r->pool->base_path);
+    e = e || sglr_buf_append(b, path, plen);
+    e = e || sglr_buf_printf(b, " HTTP/1.1\r\nhost: %s\r\n", r->pool->hostport);
+    e = e || sglr_buf_append(b, hdrs, hlen);
+    if (body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0)
+        e = e || sglr_buf_printf(b, "content-length: %zu\r\n", blen);
+    e = e || sglr_buf_append(b, "\r\n", 2);
+    e = e || sglr_buf_append(b, body, blen);
+    return e ? -ENOMEM : 0;
+}
+
+static void timer_cb(uv_timer_t *t)
+{
+    sglr_upreq_t *r = t->data;
+    uint64_t now = uv_now(sglr_loop);
+    if (r->state == UP_CONNECTING && r->connect_deadline && now >= r->connect_deadline) {
+        req_fail(r, SGLR_UP_ECONNECT);
+        return;
+    }
+    if (r->deadline && now >= r->deadline) {
+        req_fail(r, SGLR_UP_ETIMEOUT);
+        return;
+    }
+    uint64_t next = r->deadline ? r->deadline - now : 0;
+    if (next)
+        uv_timer_start(&r->timer, timer_cb, next, 0);
+}
+
+static void arm_timer(sglr_upreq_t *r)
+{
+    uint64_t now = uv_now(sglr_loop), next = 0;
+    if (r->state == UP_CONNECTING && r->connect_deadline)
+        next = r->connect_deadline;
+    if (r->deadline && (!next || r->deadline < next))
+        next = r->deadline;
+    if (next)
+        uv_timer_start(&r->timer, timer_cb, next > now ? next - now : 0, 0);
+    else
+        uv_timer_stop(&r->timer);
+}
+
+static void req_dial(sglr_upreq_t *r)
+{
+    sglr_pool_t *p = r->pool;
+    if (p->idle && !r->retried) {
+        sglr_upconn_t *c = p->idle;
+        p->idle = c->next;
+        p->nidle--;
+        c->idle = 0;
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->req = r;
+        r->conn = c;
+        r->reused = 1;
+        arm_timer(r);
+        conn_send(c, r);
+        return;
+    }
+    sglr_upconn_t *c = calloc(1, sizeof *c);
+    if (!c) {
+        req_fail(r, SGLR_UP_ENOMEM);
+        return;
+    }
+    c->pool = p;
+    sglr_pool_ref(p);
+    p->nconns++;
+    uv_tcp_init(sglr_loop, &c->tcp);
+    c->tcp.data = c;
+    c->creq.data = c;
+    llhttp_init(&c->parser, HTTP_RESPONSE, &settings);
+    c->parser.data = c;
+    c->req = r;
+    r->conn = c;
+    r->reused = 0;
+    r->state = UP_CONNECTING;
+    arm_timer(r);
+    int e = uv_tcp_connect(&c->creq, &c->tcp, (struct sockaddr *)&p->addr, connect_cb);
+    if (e < 0)
+        req_fail(r, SGLR_UP_ECONNECT);
+}
+
+int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms)
+{
+    uint64_t now = uv_now(sglr_loop);
+    r->connect_deadline = connect_timeout_ms ? now + connect_timeout_ms : 0;
+    r->deadline = timeout_ms ? now + timeout_ms : 0;
+    r->t_start = sglr_now_ms();
+    req_dial(r);
+    return 0;
+}
+
+/* Detach the request from its connection; keep the connection if it is
+ * clean for another request. */
+static void req_release_conn(sglr_upreq_t *r, int reusable)
+{
+    sglr_upconn_t *c = r->conn;
+    if (!c)
+        return;
+    r->conn = NULL;
+    c->req = NULL;
+    uv_timer_stop(&r->timer);
+    if (reusable && !c->closing)
+        conn_make_idle(c);
+    else
+        conn_close(c);
+}
+
+static void req_fail(sglr_upreq_t *r, int err)
+{
+    if (r->state == UP_DONE || r->state == UP_ABORTED)
+        return;
+    if (r->in_parse) {
+        /* inside llhttp_execute: finish once it has returned */
+        r->err = err;
+        r->abort_pending = 1;
+        return;
+    }
+    int stale = r->reused && !r->got_bytes && !r->retried &&
+                (err == SGLR_UP_ERESET) && r->state == UP_WAIT_HEAD;
+    req_release_conn(r, 0);
+    if (stale) {
+        r->retried = 1;
+        sglr_head_reset(&r->head);
+        req_dial(r);
+        return;
+    }
+    r->state = UP_DONE;
+    r->err = err;
+    uv_timer_stop(&r->timer);
+    r->on_done(r, err);
+}
+
+static void req_complete(sglr_upreq_t *r)
+{
+    req_release_conn(r, r->keep_alive && r->pending.len == 0);
+    r->on_done(r, SGLR_UP_OK);
+}
+
+static void req_feed(sglr_upreq_t *r, const char *data, size_t len)
+{
+    sglr_upconn_t *c = r->conn;
+    r->in_parse = 1;
+    llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
+    r->in_parse = 0;
+    if (r->abort_pending) {
+        if (r->state == UP_ABORTED) {
+            req_release_conn(r, 0);
+            return;
+        }
+        r->abort_pending = 0;
+        req_fail(r, r->err ? r->err : SGLR_UP_ERESET);
+        return;
+    }
+    if (e == HPE_PAUSED) {
+        const char *pos = llhttp_get_error_pos(&c->parser);
+        size_t used = pos ? (size_t)(pos - data) : len;
+        llhttp_resume(&c->parser);
+        if (r->state == UP_HEAD) {
+            sglr_buf_append(&r->pending, data + used, len - used);
+            uv_read_stop((uv_stream_t *)&c->tcp);
+            r->t_head = sglr_now_ms();
+            r->on_head(r);
+            return;
+        }
+        if (r->state == UP_DONE) {
+            /* bytes after a complete response: the connection is not clean */
+            if (used < len)
+                r->keep_alive = 0;
+            req_complete(r);
+            return;
+        }
+        return;
+    }
+    if (e != HPE_OK)
+        req_fail(r, SGLR_UP_EPROTO);
+}
+
+void sglr_upreq_continue(sglr_upreq_t *r)
+{
+    if (r->state != UP_HEAD)
+        return;
+    r->state = UP_BODY;
+    sglr_upconn_t *c = r->conn;
+    sglr_buf_t in = r->pending;
+    r->pending = (sglr_buf_t){ 0 };
+    if (in.len)
+        req_feed(r, in.data, in.len);
+    sglr_buf_free(&in);
+    if (r->state == UP_BODY && r->conn == c && c && !r->throttled)
+        uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+}
+
+void sglr_upreq_throttle(sglr_upreq_t *r, int on)
+{
+    r->throttled = on;
+    if (!r->conn || r->state != UP_BODY)
+        return;
+    if (on)
+        uv_read_stop((uv_stream_t *)&r->conn->tcp);
+    else
+        uv_read_start((uv_stream_t *)&r->conn->tcp, alloc_cb, read_cb);
+}
+
+void sglr_upreq_abort(sglr_upreq_t *r)
+{
+    if (r->state == UP_DONE || r->state == UP_ABORTED)
+        return;
+    r->state = UP_ABORTED;
+    uv_timer_stop(&r->timer);
+    if (r->in_parse) {
+        r->abort_pending = 1;
+        return;
+    }
+    req_release_conn(r, 0);
+}
+
+void sglr_upreq_free(sglr_upreq_t *r)
+{
+    if (r->state != UP_DONE && r->state != UP_ABORTED)
+        sglr_upreq_abort(r);
+    if (r->conn && !r->in_parse)
+        req_release_conn(r, 0);
+    uv_close((uv_handle_t *)&r->timer, timer_close_cb);
+}

@@ -1,0 +1,94 @@
+/*
+ * upstream.h: the native HTTP/1.1 client of the proxy path.
+ *
+ *   pool (one per worker) ---- idle keep-alive connections (LIFO)
+ *     |
+ *   upreq --take or dial--> upconn --write request, parse response-->
+ *     on_head (parser paused) ... caller: sglr_upreq_continue
+ *     on_body* ... on_done(err)
+ *
+ * The response head is handed over with parsing paused, so the caller can
+ * still decide (retry elsewhere, or stream to the client) before any body
+ * byte is consumed. Every callback runs after llhttp_execute has returned,
+ * or from on_body while it runs; an abort from inside on_body is deferred
+ * until the parser is out of the way.
+ *
+ * A request that fails on a reused keep-alive connection before any response
+ * byte arrived is retried once on a fresh connection: the worker closed an
+ * idle connection, which is not the request's fault.
+ */
+#ifndef SGLR_UPSTREAM_H
+#define SGLR_UPSTREAM_H
+
+#include <uv.h>
+#include "msg.h"
+
+typedef struct sglr_pool_s sglr_pool_t;
+typedef struct sglr_upconn_s sglr_upconn_t;
+typedef struct sglr_upreq_s sglr_upreq_t;
+
+enum {
+    SGLR_UP_OK = 0,
+    SGLR_UP_ECONNECT = 1,   /* could not connect (refused, unreachable, connect timeout) */
+    SGLR_UP_ERESET = 2,     /* connection closed or reset before the response ended */
+    SGLR_UP_ETIMEOUT = 3,   /* total timeout */
+    SGLR_UP_EPROTO = 4,     /* malformed response */
+    SGLR_UP_ENOMEM = 5,
+};
+const char *sglr_up_errname(int err);
+
+struct sglr_pool_s {
+    char *url;               /* as given, without trailing slash */
+    char *hostport;          /* for the Host header */
+    char *base_path;         /* path prefix ("" for none) */
+    struct sockaddr_storage addr;
+    int refs;
+    int nidle, nconns;
+    int max_idle;
+    sglr_upconn_t *idle;
+};
+
+struct sglr_upreq_s {
+    sglr_pool_t *pool;
+    sglr_upconn_t *conn;
+    sglr_buf_t out;          /* the serialized request */
+    sglr_head_t head;        /* response: headers, names lowercased */
+    int status;
+    long long content_length; /* -1 when unknown */
+    int keep_alive;
+    int state;
+    int err;
+    int reused, retried;
+    int got_bytes;           /* any response byte arrived */
+    int in_parse, abort_pending, throttled;
+    sglr_buf_t pending;      /* bytes after the head, parsed on continue */
+    uv_timer_t timer;
+    uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */
+    double t_start, t_head;  /* ms */
+    void (*on_head)(sglr_upreq_t *);
+    void (*on_body)(sglr_upreq_t *, const char *, size_t);
+    void (*on_done)(sglr_upreq_t *, int err);
+    void *data;
+};
+
+/* Parse "http://host[:port][/base]"; NULL and *err set on failure. */
+sglr_pool_t *sglr_pool_new(const char *url, const char **err);
+void sglr_pool_ref(sglr_pool_t *p);
+void sglr_pool_unref(sglr_pool_t *p);
+
+sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p);
+/* Serialize the request into req->out. hdrs: "name: value\r\n" lines without
+ * host/content-length (added here). */
+int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
+                     const char *hdrs, size_t hlen, const char *body, size_t blen);
+int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms);
+/* After on_head: deliver the body (on_body*, then on_done). */
+void sglr_upreq_continue(sglr_upreq_t *r);
+/* Backpressure: stop / restart reading the worker's socket. */
+void sglr_upreq_throttle(sglr_upreq_t *r, int on);
+/* Give up: the connection is closed, no callback runs any more. */
+void sglr_upreq_abort(sglr_upreq_t *r);
+/* Release a request that is done or aborted. */
+void sglr_upreq_free(sglr_upreq_t *r);
+
+#endif

@@ -1,0 +1,76 @@
+-- sglr entry point: dispatches the subcommand. Runs inside a coroutine
+-- started by core/main.c, so every subcommand may wait on the loop.
+local core = require "sglr.core"
+
+local USAGE = [[
+usage: sglr <command> [options]
+
+commands:
+  run          run the router (sglr run --help for its flags)
+  sim-worker   run a simulated SGLang worker (sglr sim-worker --help)
+  bench        replay a workload against a URL (sglr bench --help)
+  test         run busted specs inside the runtime (sglr test spec/unit)
+  lua FILE     run a Lua script with the native primitives available
+  version      print the version
+]]
+
+local VERSION = "0.1.0"
+
+local function run_busted(args)
+  -- busted reads the global arg; it raises (not exits) on failures when
+  -- not standalone, which the pcall below turns into exit status 1
+  _G.arg = { [0] = "sglr test" }
+  for i = 1, #args do _G.arg[i] = args[i] end
+  local ok, err = pcall(function()
+    require "busted.runner" ({ standalone = false })
+  end)
+  if not ok and err ~= nil then io.stderr:write(tostring(err), "\n") end
+  io.stdout:flush()
+  core.exit(ok and 0 or 1)
+end
+
+local function run_lua(args)
+  local file = args[1]
+  if not file then
+    io.stderr:write("usage: sglr lua FILE [args...]\n")
+    return core.exit(2)
+  end
+  _G.arg = { [0] = file }
+  for i = 2, #args do _G.arg[i - 1] = args[i] end
+  local chunk, err = loadfile(file)
+  if not chunk then
+    io.stderr:write("sglr: ", err, "\n")
+    return core.exit(2)
+  end
+  chunk(unpack(_G.arg))
+end
+
+local commands = {
+  run = function(args) return require("sglr.router").main(args) end,
+  ["sim-worker"] = function(args) return require("sglr.sim").main(args) end,
+  bench = function(args) return require("sglr.bench").main(args) end,
+  test = run_busted,
+  lua = run_lua,
+  version = function() print("sglr " .. VERSION) end,
+}
+
+return function(...)
+  local args = { ... }
+  local name = table.remove(args, 1)
+  if name == nil or name == "help" or name == "--help" or name == "-h" then
+    io.stdout:write(USAGE)
+    return core.exit(name and 0 or 2)
+  end
+  if name == "--version" then name = "version" end
+  local cmd = commands[name]
+  if not cmd then
+    io.stderr:write("sglr: unknown command '", name, "'\n", USAGE)
+    return core.exit(2)
+  end
+  local ok, err = xpcall(cmd, debug.traceback, args)
+  if not ok then
+    io.stderr:write("sglr: ", tostring(err), "\n")
+    io.stderr:flush()
+    core.exit(1)
+  end
+end
