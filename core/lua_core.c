@@ -1124,6 +1124,119 @@ static int resp_gc(lua_State *L)
     return 0;
 }
 
+
+/* --- events: one coroutine waits, anyone sets ---------------------------------- */
+
+#define EVENT_MT "sglr.event"
+
+typedef struct {
+    uv_timer_t timer;         /* timeout, or the deferred wake after set() */
+    lua_State *co;
+    int co_ref;
+    int val_ref;              /* value given to set() */
+    int is_set;
+    int waking;
+    int closed;
+} event_t;
+
+static void event_close_cb(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void event_fire(uv_timer_t *t)
+{
+    event_t *e = t->data;
+    lua_State *co = e->co;
+    if (!co)
+        return;
+    int ref = e->co_ref;
+    e->co = NULL;
+    e->co_ref = LUA_NOREF;
+    e->waking = 0;
+    int n;
+    if (e->is_set) {
+        lua_pushboolean(co, 1);
+        lua_rawgeti(co, LUA_REGISTRYINDEX, e->val_ref);
+        n = 2;
+    } else {
+        lua_pushnil(co);
+        lua_pushliteral(co, "timeout");
+        n = 2;
+    }
+    sglr_co_resume(co, ref, n);
+}
+
+static int l_event(lua_State *L)
+{
+    event_t *e = calloc(1, sizeof *e);
+    if (!e)
+        return luaL_error(L, "out of memory");
+    e->co_ref = LUA_NOREF;
+    e->val_ref = LUA_NOREF;
+    uv_timer_init(sglr_loop, &e->timer);
+    e->timer.data = e;
+    new_box(L, EVENT_MT, e);
+    return 1;
+}
+
+/* ev:wait([timeout_ms]) -> true, value | nil, "timeout" */
+static int event_wait(lua_State *L)
+{
+    event_t *e = check_box(L, 1, EVENT_MT);
+    double ms = luaL_optnumber(L, 2, -1);
+    if (e->co)
+        return luaL_error(L, "another coroutine is waiting on this event");
+    if (e->is_set) {
+        lua_pushboolean(L, 1);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, e->val_ref);
+        return 2;
+    }
+    e->co_ref = sglr_co_pin(L);
+    e->co = L;
+    if (ms >= 0)
+        uv_timer_start(&e->timer, event_fire, (uint64_t)ms, 0);
+    return lua_yield(L, 0);
+}
+
+/* ev:set([value]): wake the waiter (from the loop, never inside this call) */
+static int event_set(lua_State *L)
+{
+    event_t *e = check_box(L, 1, EVENT_MT);
+    if (e->is_set)
+        return 0;
+    e->is_set = 1;
+    lua_settop(L, 2);
+    e->val_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (e->co) {
+        e->waking = 1;
+        uv_timer_start(&e->timer, event_fire, 0, 0);
+    }
+    return 0;
+}
+
+static int event_is_set(lua_State *L)
+{
+    event_t *e = check_box(L, 1, EVENT_MT);
+    lua_pushboolean(L, e->is_set);
+    return 1;
+}
+
+static int event_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, EVENT_MT);
+    event_t *e = *box;
+    if (!e)
+        return 0;
+    *box = NULL;
+    /* a pinned waiter keeps its coroutine and so this userdata alive: here
+     * nobody waits any more */
+    if (e->val_ref != LUA_NOREF)
+        luaL_unref(L, LUA_REGISTRYINDEX, e->val_ref);
+    uv_close((uv_handle_t *)&e->timer, event_close_cb);
+    return 0;
+}
+
 /* --- module ------------------------------------------------------------------------- */
 
 static void new_mt(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc)
@@ -1162,11 +1275,16 @@ int luaopen_sglr_core(lua_State *L)
         { "exit", l_exit }, { "active", l_active }, { "log", l_log },
         { "set_log_level", l_set_log_level }, { "on_signal", l_on_signal },
         { "listen", l_listen }, { "upstream", l_upstream }, { "request", l_request },
+        { "event", l_event },
         { NULL, NULL } };
     new_mt(L, SERVER_MT, server_m, server_gc);
     new_mt(L, EXCHANGE_MT, x_m, x_gc);
     new_mt(L, POOL_MT, pool_m, pool_gc);
     new_mt(L, RESPONSE_MT, resp_m, resp_gc);
+    static const luaL_Reg event_m[] = {
+        { "wait", event_wait }, { "set", event_set }, { "is_set", event_is_set },
+        { NULL, NULL } };
+    new_mt(L, EVENT_MT, event_m, event_gc);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;

@@ -10,6 +10,7 @@
  *   4. the usual package.path / cpath (Debian's busted, cjson, argparse ...)
  */
 #include "sglr.h"
+#include "httpc.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -206,7 +207,9 @@ int main(int argc, char **argv)
     fflush(stderr);
     /* Close what is left so pending close callbacks run, then leave without
      * lua_close: finalizers of live objects would touch closed handles. */
+    sglr_httpc_shutdown();
     uv_walk(sglr_loop, close_walk_cb, NULL);
     uv_run(sglr_loop, UV_RUN_NOWAIT);
+    sglr_httpc_global_cleanup();
     return sglr_exit_code;
 }

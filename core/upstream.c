@@ -244,7 +244,7 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         llhttp_errno_t e = llhttp_finish(&c->parser);
         r->in_parse = 0;
         (void)e;
-        if (r->state == UP_DONE) {
+        if (r->complete) {
             conn_close(c);
             r->conn = NULL;
             r->on_done(r, SGLR_UP_OK);
@@ -323,6 +323,10 @@ static int on_headers_complete(llhttp_t *p)
     r->status = p->status_code;
     r->content_length = (p->flags & F_CONTENT_LENGTH) ? (long long)p->content_length : -1;
     r->state = UP_HEAD;
+    /* Without a body the parser completes the message without needing
+     * another byte: let it run into on_message_complete, which pauses. */
+    if (r->content_length == 0 || r->status == 204 || r->status == 304)
+        return 0;
     return HPE_PAUSED;
 }
 
@@ -348,7 +352,9 @@ static int on_message_complete(llhttp_t *p)
         return 0;
     }
     r->keep_alive = llhttp_should_keep_alive(p);
-    r->state = UP_DONE;
+    r->complete = 1;
+    if (r->state != UP_HEAD)
+        r->state = UP_DONE;
     return HPE_PAUSED;
 }
 
@@ -575,6 +581,11 @@ void sglr_upreq_continue(sglr_upreq_t *r)
     if (r->state != UP_HEAD)
         return;
     r->state = UP_BODY;
+    if (r->complete) {       /* a response without body */
+        r->state = UP_DONE;
+        req_complete(r);
+        return;
+    }
     sglr_upconn_t *c = r->conn;
     sglr_buf_t in = r->pending;
     r->pending = (sglr_buf_t){ 0 };

@@ -60,6 +60,7 @@ struct sglr_upreq_s {
     int err;
     int reused, retried;
     int got_bytes;           /* any response byte arrived */
+    int complete;            /* the parser saw the end of the response */
     int in_parse, abort_pending, throttled;
     sglr_buf_t pending;      /* bytes after the head, parsed on continue */
     uv_timer_t timer;

@@ -1,0 +1,295 @@
+/*
+ * lua_metrics.c: the "sglr.metrics" module over the default registry.
+ *
+ *   local metrics = require "sglr.metrics"
+ *   local reqs = metrics.counter("sgl_router_requests_total", "Requests", { "route" })
+ *   reqs:inc(1, "generate")          -- value optional: reqs:inc("generate")
+ *
+ * A metric is a userdata boxing its sglr_metric_t (metrics live as long as
+ * the registry, so the box needs no __gc). Label values are looked up on
+ * every call through the metric's hash in C, hashing the argument strings
+ * where they lie: an update allocates nothing once its series exists.
+ * Whether the leading value is given is decided by the argument count, so
+ * a numeric label value is never mistaken for it.
+ */
+#include "metrics.h"
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define METRIC_MT "sglr.metric"
+#define TEXTGUARD_MT "sglr.metrics.text"
+
+static sglr_metric_t *check_metric(lua_State *L)
+{
+    sglr_metric_t **box = luaL_checkudata(L, 1, METRIC_MT);
+    if (!*box)
+        luaL_argerror(L, 1, "metric is closed");
+    return *box;
+}
+
+/* Collect label values from stack slots first..top; raises on misuse. */
+static void check_values(lua_State *L, sglr_metric_t *m, int first, const char *what,
+                         const char **values, size_t *lens)
+{
+    int n = lua_gettop(L) - first + 1;
+    int want = sglr_metrics_nlabels(m);
+    if (n < 0)
+        n = 0;
+    if (n != want)
+        luaL_error(L, "%s: metric '%s' has %d label(s), got %d label value(s)", what,
+                   sglr_metrics_name(m), want, n);
+    for (int i = 0; i < n; i++) {
+        int t = lua_type(L, first + i);
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            luaL_error(L, "%s: metric '%s': value for label '%s' must be a string, got %s",
+                       what, sglr_metrics_name(m), sglr_metrics_label(m, i),
+                       lua_typename(L, t));
+        values[i] = lua_tolstring(L, first + i, &lens[i]);
+    }
+}
+
+static sglr_series_t *series_for(lua_State *L, sglr_metric_t *m, int first, const char *what,
+                                 int create)
+{
+    const char *values[SGLR_METRICS_MAX_LABELS];
+    size_t lens[SGLR_METRICS_MAX_LABELS];
+    check_values(L, m, first, what, values, lens);
+    sglr_series_t *s = sglr_metrics_find(m, values, lens, sglr_metrics_nlabels(m), create);
+    if (!s && create)
+        luaL_error(L, "%s: out of memory", what);
+    return s;
+}
+
+static void check_type(lua_State *L, sglr_metric_t *m, const char *what, int ok)
+{
+    if (!ok)
+        luaL_error(L, "%s: metric '%s' is a %s", what, sglr_metrics_name(m),
+                   sglr_metrics_type_name(sglr_metrics_type(m)));
+}
+
+/* m:inc([v=1], labelvalues...) */
+static int l_inc(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    sglr_metric_type_t t = sglr_metrics_type(m);
+    check_type(L, m, "inc", t != SGLR_METRIC_HISTOGRAM);
+    double v = 1;
+    int first = 2;
+    int nargs = lua_gettop(L) - 1, nlabels = sglr_metrics_nlabels(m);
+    if (nargs == nlabels + 1) {
+        v = luaL_optnumber(L, 2, 1);
+        first = 3;
+    } else if (nargs != nlabels) {
+        luaL_error(L, "inc: metric '%s' has %d label(s): expected [value,] and %d label "
+                   "value(s), got %d argument(s)", sglr_metrics_name(m), nlabels, nlabels, nargs);
+    }
+    if (t == SGLR_METRIC_COUNTER && !(v >= 0))
+        luaL_error(L, "inc: counter '%s' cannot decrease (got %f)", sglr_metrics_name(m), v);
+    sglr_metrics_inc(series_for(L, m, first, "inc", 1), v);
+    return 0;
+}
+
+/* m:set(v, labelvalues...) */
+static int l_set(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    check_type(L, m, "set", sglr_metrics_type(m) == SGLR_METRIC_GAUGE);
+    double v = luaL_checknumber(L, 2);
+    sglr_metrics_set(series_for(L, m, 3, "set", 1), v);
+    return 0;
+}
+
+/* m:observe(v, labelvalues...) */
+static int l_observe(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    check_type(L, m, "observe", sglr_metrics_type(m) == SGLR_METRIC_HISTOGRAM);
+    double v = luaL_checknumber(L, 2);
+    sglr_metrics_observe(series_for(L, m, 3, "observe", 1), v);
+    return 0;
+}
+
+/* m:get(labelvalues...) -> value | count, sum; a missing series reads 0. */
+static int l_get(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    sglr_series_t *s = series_for(L, m, 2, "get", 0);
+    if (sglr_metrics_type(m) == SGLR_METRIC_HISTOGRAM) {
+        uint64_t count = 0;
+        double sum = 0;
+        if (s)
+            sglr_metrics_hist_get(s, &count, &sum);
+        lua_pushnumber(L, (lua_Number)count);
+        lua_pushnumber(L, sum);
+        return 2;
+    }
+    lua_pushnumber(L, s ? sglr_metrics_get(s) : 0);
+    return 1;
+}
+
+/* m:remove(labelvalues...) -> true if a series went */
+static int l_remove(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    const char *values[SGLR_METRICS_MAX_LABELS];
+    size_t lens[SGLR_METRICS_MAX_LABELS];
+    check_values(L, m, 2, "remove", values, lens);
+    lua_pushboolean(L, sglr_metrics_remove(m, values, lens, sglr_metrics_nlabels(m)) == 0);
+    return 1;
+}
+
+static int l_tostring(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    lua_pushfstring(L, "sglr.metric %s (%s)", sglr_metrics_name(m),
+                    sglr_metrics_type_name(sglr_metrics_type(m)));
+    return 1;
+}
+
+static int l_name(lua_State *L)
+{
+    lua_pushstring(L, sglr_metrics_name(check_metric(L)));
+    return 1;
+}
+
+static void push_metric(lua_State *L, sglr_metric_t *m)
+{
+    sglr_metric_t **box = lua_newuserdata(L, sizeof *box);
+    *box = m;
+    luaL_getmetatable(L, METRIC_MT);
+    lua_setmetatable(L, -2);
+}
+
+/* metrics.counter|gauge|histogram(name, help, {labelnames...}[, {buckets...}]) */
+static int do_register(lua_State *L, sglr_metric_type_t type)
+{
+    const char *labels[SGLR_METRICS_MAX_LABELS];
+    double buckets[SGLR_METRICS_MAX_BUCKETS];
+    sglr_metric_spec_t spec = { .type = type };
+    spec.name = luaL_checkstring(L, 1);
+    spec.help = luaL_optstring(L, 2, "");
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        int n = (int)lua_objlen(L, 3);
+        if (n > SGLR_METRICS_MAX_LABELS)
+            return luaL_error(L, "metric '%s': at most %d labels", spec.name,
+                              SGLR_METRICS_MAX_LABELS);
+        /* The names stay referenced by the table at slot 3 while we use them. */
+        for (int i = 0; i < n; i++) {
+            lua_rawgeti(L, 3, i + 1);
+            if (lua_type(L, -1) != LUA_TSTRING)
+                return luaL_error(L, "metric '%s': label name #%d must be a string",
+                                  spec.name, i + 1);
+            labels[i] = lua_tostring(L, -1);
+            lua_pop(L, 1);
+        }
+        spec.labels = labels;
+        spec.nlabels = n;
+    }
+    if (type == SGLR_METRIC_HISTOGRAM && !lua_isnoneornil(L, 4)) {
+        luaL_checktype(L, 4, LUA_TTABLE);
+        int n = (int)lua_objlen(L, 4);
+        if (n > SGLR_METRICS_MAX_BUCKETS)
+            return luaL_error(L, "metric '%s': at most %d buckets", spec.name,
+                              SGLR_METRICS_MAX_BUCKETS);
+        for (int i = 0; i < n; i++) {
+            lua_rawgeti(L, 4, i + 1);
+            if (lua_type(L, -1) != LUA_TNUMBER)
+                return luaL_error(L, "metric '%s': bucket #%d must be a number",
+                                  spec.name, i + 1);
+            buckets[i] = lua_tonumber(L, -1);
+            lua_pop(L, 1);
+        }
+        spec.buckets = buckets;
+        spec.nbuckets = n;
+    }
+    char err[256];
+    sglr_metric_t *m;
+    if (sglr_metrics_register(sglr_metrics_default(), &spec, &m, err, sizeof err) != 0)
+        return luaL_error(L, "%s", err);
+    push_metric(L, m);
+    return 1;
+}
+
+static int l_counter(lua_State *L) { return do_register(L, SGLR_METRIC_COUNTER); }
+static int l_gauge(lua_State *L) { return do_register(L, SGLR_METRIC_GAUGE); }
+static int l_histogram(lua_State *L) { return do_register(L, SGLR_METRIC_HISTOGRAM); }
+
+/* Frees a render buffer if pushing it raises (out of memory). */
+static int textguard_gc(lua_State *L)
+{
+    char **box = lua_touserdata(L, 1);
+    free(*box);
+    *box = NULL;
+    return 0;
+}
+
+/* metrics.render() -> the default registry in text format 0.0.4 */
+static int l_render(lua_State *L)
+{
+    /* The guard exists before the text does, so no raise leaks it. */
+    char **box = lua_newuserdata(L, sizeof *box);
+    *box = NULL;
+    luaL_getmetatable(L, TEXTGUARD_MT);
+    lua_setmetatable(L, -2);
+    size_t len;
+    *box = sglr_metrics_render(sglr_metrics_default(), &len);
+    if (!*box)
+        return luaL_error(L, "render: out of memory");
+    lua_pushlstring(L, *box, len);
+    free(*box);
+    *box = NULL;
+    return 1;
+}
+
+/* metrics.remove_label(label, value) -> count of series removed everywhere */
+static int l_remove_label(lua_State *L)
+{
+    size_t len;
+    const char *label = luaL_checkstring(L, 1);
+    const char *value = luaL_checklstring(L, 2, &len);
+    lua_pushinteger(L, sglr_metrics_remove_label(sglr_metrics_default(), label, value, len));
+    return 1;
+}
+
+int luaopen_sglr_metrics(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        { "inc", l_inc }, { "set", l_set }, { "observe", l_observe },
+        { "get", l_get }, { "remove", l_remove }, { "name", l_name },
+        { NULL, NULL },
+    };
+    static const luaL_Reg funcs[] = {
+        { "counter", l_counter }, { "gauge", l_gauge }, { "histogram", l_histogram },
+        { "render", l_render }, { "remove_label", l_remove_label },
+        { NULL, NULL },
+    };
+    if (luaL_newmetatable(L, METRIC_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_tostring);
+        lua_setfield(L, -2, "__tostring");
+        lua_pushliteral(L, "sglr.metric");
+        lua_setfield(L, -2, "__metatable");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, TEXTGUARD_MT)) {
+        lua_pushcfunction(L, textguard_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    lua_newtable(L);
+    for (int i = 0; i < sglr_metrics_default_nbuckets; i++) {
+        lua_pushnumber(L, sglr_metrics_default_buckets[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "default_buckets");
+    return 1;
+}

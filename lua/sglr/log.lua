@@ -1,0 +1,105 @@
+-- Logging: human-readable lines on stderr or JSON lines (--log-json), and
+-- optionally daily files in --log-dir (sglr.log.YYYY-MM-DD). File writes go
+-- through libuv's thread pool (luv fs calls with callbacks), so a slow disk
+-- never blocks the loop; lines queue in memory meanwhile (bounded).
+local core = require "sglr.core"
+
+local M = {}
+
+local LEVELS = { debug = 0, info = 1, warn = 2, warning = 2, error = 3, critical = 3 }
+local NAMES = { [0] = "debug", "info", "warn", "error" }
+local level = 1
+local json_mode = false
+local cjson
+local dir, file_day, fd, opening
+local queue, queued_bytes, writing = {}, 0, false
+local MAX_QUEUE = 8 * 1024 * 1024
+local dropped = 0
+
+function M.configure(opts)
+  level = LEVELS[opts.log_level or "info"] or 1
+  core.set_log_level(level)
+  json_mode = opts.log_json and true or false
+  if json_mode then cjson = require "cjson" end
+  dir = opts.log_dir
+  if dir then
+    local uv = require "luv"
+    uv.fs_mkdir(dir, tonumber("755", 8))
+  end
+end
+
+function M.enabled(lvl) return (LEVELS[lvl] or 1) >= level end
+
+local function flush_file()
+  if writing or #queue == 0 or not fd then return end
+  writing = true
+  local data = table.concat(queue)
+  queue, queued_bytes = {}, 0
+  local uv = require "luv"
+  uv.fs_write(fd, data, -1, function()
+    writing = false
+    flush_file()
+  end)
+end
+
+local function to_file(line)
+  local day = os.date("!%Y-%m-%d")
+  if queued_bytes + #line > MAX_QUEUE then
+    dropped = dropped + 1
+    return
+  end
+  queue[#queue + 1] = line
+  queued_bytes = queued_bytes + #line
+  if day ~= file_day and not opening then
+    opening = true
+    local uv = require "luv"
+    local old = fd
+    uv.fs_open(dir .. "/sglr.log." .. day, "a", tonumber("644", 8), function(err, newfd)
+      opening = false
+      if newfd then
+        fd, file_day = newfd, day
+        if old then uv.fs_close(old, function() end) end
+      else
+        io.stderr:write("sglr: cannot open log file in ", dir, ": ", tostring(err), "\n")
+        dir = nil
+      end
+      flush_file()
+    end)
+    return
+  end
+  flush_file()
+end
+
+-- log(level, msg [, fields]): fields is a flat table added to JSON lines and
+-- appended as key=value pairs to text lines.
+function M.log(lvl, msg, fields)
+  local n = LEVELS[lvl] or 1
+  if n < level then return end
+  local line
+  if json_mode then
+    local rec = { ts = os.date("!%Y-%m-%dT%H:%M:%SZ"), level = NAMES[n], msg = msg }
+    if fields then for k, v in pairs(fields) do rec[k] = v end end
+    line = cjson.encode(rec) .. "\n"
+  else
+    local parts = { os.date("!%Y-%m-%dT%H:%M:%SZ"), " ", string.format("%-5s", NAMES[n]), " ", msg }
+    if fields then
+      local keys = {}
+      for k in pairs(fields) do keys[#keys + 1] = k end
+      table.sort(keys)
+      for _, k in ipairs(keys) do
+        parts[#parts + 1] = " " .. k .. "=" .. tostring(fields[k])
+      end
+    end
+    parts[#parts + 1] = "\n"
+    line = table.concat(parts)
+  end
+  io.stderr:write(line)
+  if dir then to_file(line) end
+end
+
+function M.debug(msg, f) M.log("debug", msg, f) end
+function M.info(msg, f) M.log("info", msg, f) end
+function M.warn(msg, f) M.log("warn", msg, f) end
+function M.error(msg, f) M.log("error", msg, f) end
+
+return M

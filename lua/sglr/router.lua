@@ -1,0 +1,756 @@
+-- The router: HTTP surface, request flow (policy, forward, retry, breaker),
+-- admin endpoints and lifecycle. Each request runs in its own coroutine; the
+-- waits below (forward, sleep, queue) are native primitives that yield.
+local core = require "sglr.core"
+local cjson = require "cjson.safe"
+local log = require "sglr.log"
+local stats = require "sglr.stats"
+local http = require "sglr.http"
+local retry = require "sglr.retry"
+local ratelimit = require "sglr.ratelimit"
+local workers_mod = require "sglr.workers"
+local health_mod = require "sglr.health"
+local policy_mod = require "sglr.policy"
+
+local ok_extract, extract = pcall(require, "sglr.extract")
+
+local floor, min, max = math.floor, math.min, math.max
+local concat = table.concat
+
+local M = {}
+M.__index = M
+
+local ROUTES = {
+  ["/generate"] = "generate",
+  ["/v1/chat/completions"] = "chat",
+  ["/v1/completions"] = "completions",
+}
+local ID_PREFIX = { generate = "gnt-", chat = "chatcmpl-", completions = "cmpl-" }
+local ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+local JSON_HDR = { ["content-type"] = "application/json" }
+
+-- --- small helpers --------------------------------------------------------------
+
+local function random_id(prefix)
+  local t = { prefix }
+  for i = 2, 25 do
+    local k = math.random(1, 62)
+    t[i] = ALNUM:sub(k, k)
+  end
+  return concat(t)
+end
+
+local function merge(a, b)
+  local out = {}
+  if a then for k, v in pairs(a) do out[k] = v end end
+  if b then for k, v in pairs(b) do out[k] = v end end
+  return out
+end
+
+local function error_body(status, message, etype)
+  return cjson.encode({ error = { message = message, type = etype or "router_error", code = status } })
+end
+
+local function query_param(q, key)
+  if not q then return nil end
+  for part in q:gmatch("[^&]+") do
+    local k, v = part:match("^([^=]*)=?(.*)$")
+    if k == key then
+      return (v:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+    end
+  end
+end
+
+-- --- construction ---------------------------------------------------------------------
+
+function M.new(conf)
+  local self = setmetatable({ conf = conf, started = core.now() }, M)
+  self.retry = retry.new(conf)
+  self.limiter = ratelimit.new(conf)
+  self.request_id_headers = conf.request_id_headers or
+    { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
+  for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
+  self.cors = {}
+  self.cors_any = false
+  for _, o in ipairs(conf.cors_allowed_origins or {}) do
+    if o == "*" then self.cors_any = true end
+    self.cors[o] = true
+  end
+  self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
+
+  self.workers = workers_mod.new(conf, {
+    added = function(w)
+      stats.worker_health:set(w.healthy and 1 or 0, w.url)
+      stats.cb_state:set(0, w.url)
+      stats.running:set(0, w.url)
+      if self.policy and self.policy.on_add then self.policy:on_add(w) end
+      stats.active_workers:set(#self.workers.list)
+    end,
+    removed = function(w)
+      if self.policy and self.policy.on_remove then self.policy:on_remove(w) end
+      for _, m in ipairs({ stats.worker_health, stats.cb_state, stats.running, stats.tree_size,
+                           stats.worker_load }) do
+        pcall(m.remove, m, w.url)
+      end
+      stats.active_workers:set(#self.workers.list)
+      log.info("worker removed", { worker = w.url })
+    end,
+    breaker_change = function(w, from, to)
+      stats.cb_state:set(require("sglr.breaker").STATES[to], w.url)
+      stats.cb_transitions:inc(1, w.url, from, to)
+      local lvl = to == "open" and "warn" or "info"
+      log.log(lvl, "circuit breaker " .. from .. " -> " .. to, { worker = w.url })
+    end,
+  })
+  self.health = health_mod.new(conf, self.workers, {
+    changed = function(w, healthy, err)
+      stats.worker_health:set(healthy and 1 or 0, w.url)
+      if healthy then
+        log.info("worker healthy again", { worker = w.url })
+      else
+        log.warn("worker unhealthy", { worker = w.url, error = err })
+      end
+    end,
+  })
+  return self
+end
+
+-- The runtime API handed to policies: the only way a policy touches the world.
+function M:runtime()
+  local uv = require "luv"
+  local rt = {
+    now = core.now,
+    random = function(n) return math.random(n) end,
+    log = function(level, msg, fields) log.log(level, msg, fields) end,
+    metrics = stats.enabled and stats.metrics or nil,
+    stats = stats,
+    http = http.request,
+  }
+  rt.radix = function()
+    return require("sglr.radix").new()
+  end
+  rt.every = function(ms, fn)
+    local t = uv.new_timer()
+    t:start(ms, ms, function() core.spawn(fn, core.now()) end)
+    t:unref()
+    return t
+  end
+  return rt
+end
+
+function M:load_policy()
+  local conf = self.conf
+  local P, err = policy_mod.load(conf.policy or "cache_aware")
+  if not P then return nil, err end
+  local inst
+  inst, err = policy_mod.instantiate(P, conf.policy_options or conf, self:runtime())
+  if not inst then return nil, err end
+  self.policy = inst
+  self.policy_name = P.name or conf.policy
+  return true
+end
+
+-- --- responses --------------------------------------------------------------------
+
+function M:cors_headers(x, h)
+  local origin = x:header("origin")
+  if not origin then return h end
+  if not self.cors_enabled or self.cors_any or self.cors[origin] then
+    h = h or {}
+    h["access-control-allow-origin"] = self.cors_enabled and not self.cors_any and origin or "*"
+    h["access-control-expose-headers"] = "x-request-id"
+    if self.cors_enabled then h["vary"] = "origin" end
+  end
+  return h
+end
+
+function M:send_error(x, status, message, etype, extra)
+  if x:state() ~= "handling" then return end
+  x:respond(status, merge(JSON_HDR, extra), error_body(status, message, etype))
+end
+
+function M:send_json(x, status, obj, extra)
+  x:respond(status, merge(JSON_HDR, extra), cjson.encode(obj))
+end
+
+-- --- inference ------------------------------------------------------------------------
+
+function M:request_id(x, route)
+  for _, h in ipairs(self.request_id_headers) do
+    local v = x:header(h)
+    if v and v ~= "" then return v end
+  end
+  return random_id(ID_PREFIX[route] or "req-")
+end
+
+local req_mt = {
+  __index = function(t, k)
+    if k == "text" then
+      local s = ok_extract and extract.route_text(t.route, t.body) or ""
+      rawset(t, "text", s)
+      return s
+    end
+  end,
+}
+
+-- Validate the body before anything is routed: bad JSON and wrong field
+-- types are the client's error (400) and never reach a worker.
+local function inspect(route, body)
+  if ok_extract then return extract.inspect(route, body) end
+  local obj, err = cjson.decode(body)
+  if type(obj) ~= "table" then return nil, "invalid JSON body: " .. tostring(err or "not an object") end
+  if route == "chat" and type(obj.messages) ~= "table" then return nil, "field 'messages' must be an array" end
+  if route == "completions" and obj.prompt == nil then return nil, "field 'prompt' is required" end
+  return { stream = obj.stream == true, model = obj.model }
+end
+
+local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeout","code":504}}\n\n'
+
+function M:infer(x, route)
+  local t0 = core.now()
+  local rid = self:request_id(x, route)
+  local extra = self:cors_headers(x, { ["x-request-id"] = rid })
+  stats.requests:inc(1, route)
+  local acc = { rid = rid, route = route, retries = 0 }
+
+  local ok, status, msg = self.limiter:acquire()
+  stats.queue_depth:set(self.limiter:depth())
+  if not ok then
+    stats.rejections:inc(1, status == 429 and "queue_full" or "queue_timeout")
+    stats.errors:inc(1, route, status == 429 and "rate_limited" or "queue_timeout")
+    self:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
+    return self:access(x, acc, t0)
+  end
+  stats.inflight:set(self.limiter.inflight)
+  local okr, err = pcall(self.route_request, self, x, route, extra, acc, t0)
+  self.limiter:release()
+  stats.inflight:set(self.limiter.inflight)
+  stats.queue_depth:set(self.limiter:depth())
+  if not okr then
+    stats.script_errors:inc()
+    log.error("request failed in script", { request_id = rid, error = tostring(err) })
+    self:send_error(x, 500, "internal router error", "internal_error", extra)
+  end
+  self:access(x, acc, t0)
+end
+
+function M:access(x, acc, t0)
+  local dur = (core.now() - t0) / 1000
+  stats.duration:observe(dur, acc.route)
+  local st = x:status()
+  if log.enabled("info") then
+    log.info("request", { request_id = acc.rid, route = acc.route, worker = acc.worker or "-",
+      status = st, duration_ms = floor(dur * 1e4) / 10, retries = acc.retries,
+      stream = acc.stream or false, error = acc.error })
+  end
+end
+
+function M:route_request(x, route, extra, acc, t0)
+  local body = x:body()
+  local info, perr = inspect(route, body)
+  if not info then
+    stats.errors:inc(1, route, "bad_request")
+    acc.error = "bad_request"
+    return self:send_error(x, 400, perr, "invalid_request_error", extra)
+  end
+  acc.stream = info.stream
+  local req = setmetatable({ route = route, body = body, stream = info.stream, model = info.model,
+    id = acc.rid, headers = nil }, req_mt)
+
+  local conf = self.conf
+  local deadline = t0 + (conf.request_timeout_secs or 600) * 1000
+  local attempts = self.retry:attempts()
+  local failed = {}
+  local last_status, last_body, last_ctype, last_err
+  local fwd_headers = { ["x-request-id"] = acc.rid }
+
+  for attempt = 1, attempts do
+    local now = core.now()
+    local avail = self.workers:available(now, failed)
+    if #avail == 0 then break end
+    local w, why = self.policy:select(req, avail)
+    if not w then
+      last_err = why or "policy selected no worker"
+      break
+    end
+    acc.worker = w.url
+    stats.decisions:inc(1, self.policy_name, w.url)
+    if req.decision then self:record_decision(req) end
+    w.breaker:dispatched()
+    w.load = w.load + 1
+    w.processed = w.processed + 1
+    stats.running:set(w.load, w.url)
+    stats.processed:inc(1, w.url)
+    local released = false
+    local function release(outcome)
+      if released then return end
+      released = true
+      w.load = w.load - 1
+      stats.running:set(w.load, w.url)
+      local n = core.now()
+      if outcome == "success" then w.breaker:success(n) elseif outcome == "failure" then w.breaker:failure(n) end
+      if outcome then stats.cb_outcomes:inc(1, w.url, outcome) end
+      if self.policy.on_done then self.policy:on_done(req, w, x:status(), n - t0) end
+    end
+
+    local left = deadline - now
+    if left <= 0 then release(nil); last_err = "timeout"; break end
+    local a0 = core.now()
+    local resp, ferr = x:forward(w.pool, {
+      headers = fwd_headers, timeout_ms = left,
+      connect_timeout_ms = min(conf.connect_timeout_ms or 5000, left),
+    })
+    if not resp then
+      if ferr == "client_closed" then
+        release(nil)
+        acc.error = "client_closed"
+        return
+      end
+      release("failure")
+      stats.upstream:observe((core.now() - a0) / 1000, route)
+      last_err = ferr
+      last_status = ferr == "timeout" and 504 or 502
+      last_body, last_ctype = nil, nil
+      log.warn("worker request failed", { request_id = acc.rid, worker = w.url, error = ferr, attempt = attempt })
+      if ferr == "timeout" or not retry.retryable_error(ferr) then break end
+      failed[w.url] = true
+    else
+      local st = resp:status()
+      stats.ttfb:observe((core.now() - t0) / 1000, route)
+      if retry.retryable_status(st) and attempt < attempts then
+        -- not sent to the client yet: drain it and try elsewhere
+        last_body = resp:read()
+        last_ctype = resp:header("content-type")
+        last_status, last_err = st, nil
+        resp:close()
+        release("failure")
+        failed[w.url] = true
+        log.warn("worker answered " .. st .. ", retrying", { request_id = acc.rid, worker = w.url, attempt = attempt })
+      else
+        -- commit: from here on the client sees this worker's response
+        local okp, perr = resp:pipe(extra)
+        stats.upstream:observe((core.now() - a0) / 1000, route)
+        local outcome = (st >= 500 or not okp and perr ~= "client_closed") and "failure" or "success"
+        release(outcome)
+        if st >= 400 then
+          stats.errors:inc(1, route, "worker_" .. st)
+          if retry.retryable_status(st) and self.retry.max_retries > 0 then
+            stats.retries_exhausted:inc(1, route)
+          end
+        end
+        if not okp then
+          acc.error = perr
+          if perr == "timeout" then
+            stats.errors:inc(1, route, "timeout")
+            if x:state() == "streaming" then
+              if acc.stream then x:write(SSE_TIMEOUT) end
+              x:finish()
+            end
+          elseif perr ~= "client_closed" then
+            stats.errors:inc(1, route, "worker_reset")
+            x:abort()
+          end
+        end
+        resp:close()
+        return
+      end
+    end
+    if attempt < attempts then
+      acc.retries = acc.retries + 1
+      stats.retries:inc(1, route)
+      local wait = self.retry:backoff_ms(attempt - 1)
+      wait = min(wait, max(0, deadline - core.now()))
+      stats.retry_backoff:observe(wait / 1000, tostring(attempt))
+      if wait > 0 then core.sleep(wait) end
+      if x:closed() then acc.error = "client_closed"; return end
+    end
+  end
+
+  -- every attempt failed, or nothing could be tried
+  if last_status and last_body then
+    stats.errors:inc(1, route, "worker_" .. last_status)
+    stats.retries_exhausted:inc(1, route)
+    acc.error = "retries_exhausted"
+    return x:respond(last_status, merge(extra, { ["content-type"] = last_ctype or "application/json" }), last_body)
+  end
+  if last_status then
+    stats.errors:inc(1, route, last_err == "timeout" and "timeout" or "worker_unreachable")
+    if acc.retries > 0 then stats.retries_exhausted:inc(1, route) end
+    acc.error = last_err
+    local msg = last_err == "timeout" and "worker did not answer within --request-timeout-secs"
+      or ("worker unreachable (" .. tostring(last_err) .. ")")
+    return self:send_error(x, last_status, msg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
+  end
+  stats.errors:inc(1, route, "no_workers")
+  acc.error = "no_workers"
+  local msg
+  if #self.workers.list == 0 then
+    msg = "no workers are registered"
+  elseif self.workers:healthy_count() == 0 then
+    msg = "no healthy workers available"
+  elseif last_err then
+    msg = "no worker available: " .. tostring(last_err)
+  else
+    msg = "no available workers (all circuits open or unhealthy)"
+  end
+  return self:send_error(x, 503, msg, "no_workers", extra)
+end
+
+function M:record_decision(req)
+  local d = req.decision
+  if d == "hit" then stats.cache_hits:inc()
+  elseif d == "miss" then stats.cache_misses:inc()
+  elseif d == "balance" then stats.lb_events:inc() end
+  if req.match_ratio and d ~= "balance" then
+    stats.match_ratio:observe(req.match_ratio)
+    local n = #req.text
+    local hit = floor(n * req.match_ratio + 0.5)
+    if d == "hit" then
+      stats.prefix_chars:inc(hit, "hit")
+      stats.prefix_chars:inc(n - hit, "miss")
+    else
+      stats.prefix_chars:inc(n, "miss")
+    end
+  end
+  if req.max_load then stats.max_load:set(req.max_load) end
+  if req.min_load then stats.min_load:set(req.min_load) end
+end
+
+-- --- other endpoints ---------------------------------------------------------------------
+
+-- Proxy a GET to the first healthy worker that answers (next one on a
+-- connect failure).
+function M:first_worker(x, path)
+  local tried = 0
+  for _, w in ipairs(self.workers.list) do
+    if w.healthy then
+      tried = tried + 1
+      local resp, err = x:forward(w.pool, { method = "GET", path = path, body = "",
+        timeout_ms = (self.conf.request_timeout_secs or 600) * 1000,
+        connect_timeout_ms = self.conf.connect_timeout_ms or 5000 })
+      if resp then
+        resp:pipe(self:cors_headers(x, nil))
+        resp:close()
+        return
+      end
+      if err == "client_closed" then return end
+    end
+  end
+  if tried == 0 then return self:send_error(x, 503, "no healthy workers available", "no_workers") end
+  self:send_error(x, 502, "no worker answered", "worker_unreachable")
+end
+
+-- Run fn(w) for every worker concurrently; returns the results by index.
+function M:fan_out(list, fn)
+  local results, pending = {}, #list
+  if pending == 0 then return results end
+  local done = core.event()
+  for i, w in ipairs(list) do
+    core.spawn(function()
+      local ok, a, b = pcall(fn, w)
+      results[i] = ok and { a, b } or { nil, a }
+      pending = pending - 1
+      if pending == 0 then done:set(true) end
+    end)
+  end
+  done:wait()
+  return results
+end
+
+function M:flush_cache(x)
+  local list = self.workers.list
+  local results = self:fan_out(list, function(w)
+    local st, body = http.request({ method = "POST", url = w.url .. "/flush_cache", body = "",
+      timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
+    return st, body
+  end)
+  local failed = {}
+  for i, w in ipairs(list) do
+    local st = results[i][1]
+    if not st or st < 200 or st >= 300 then
+      failed[#failed + 1] = { worker = w.url, status = st, error = st and nil or tostring(results[i][2]) }
+    end
+  end
+  if #failed == 0 then
+    return x:respond(200, { ["content-type"] = "text/plain" }, "Cache flushed on all servers\n")
+  end
+  self:send_json(x, 500, { error = { message = "cache flush failed on " .. #failed .. " worker(s)",
+    type = "flush_failed", workers = failed } })
+end
+
+function M:get_loads(x)
+  local list = self.workers.list
+  local results = self:fan_out(list, function(w)
+    local st, body = http.request({ method = "GET", url = w.url .. "/get_load",
+      timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
+    if st ~= 200 then return -1 end
+    local obj = cjson.decode(body or "")
+    if type(obj) == "table" then
+      if type(obj.load) == "number" then return obj.load end
+      if type(obj[1]) == "table" then   -- a list of per-rank entries
+        local sum = 0
+        for _, e in ipairs(obj) do sum = sum + (tonumber(e.num_reqs or e.load) or 0) end
+        return sum
+      end
+    end
+    return -1
+  end)
+  local out = {}
+  for i, w in ipairs(list) do
+    local load = results[i][1] or -1
+    out[i] = { worker = w.url, load = load }
+    if load >= 0 then stats.worker_load:set(load, w.url) end
+  end
+  self:send_json(x, 200, { workers = setmetatable(out, cjson.array_mt) })
+end
+
+function M:worker_view(w)
+  return { url = w.url, healthy = w.healthy, load = w.load, processed = w.processed,
+    role = w.role, circuit = w.breaker.state, last_health_error = w.last_health_error }
+end
+
+function M:list_workers(x)
+  local urls, details = {}, {}
+  for i, w in ipairs(self.workers.list) do
+    urls[i] = w.url
+    details[i] = self:worker_view(w)
+  end
+  self:send_json(x, 200, { urls = setmetatable(urls, cjson.array_mt),
+    workers = setmetatable(details, cjson.array_mt), policy = self.policy_name })
+end
+
+function M:add_worker(x, query)
+  local url = query_param(query, "url")
+  if not url or url == "" then
+    return self:send_error(x, 400, "missing url parameter: POST /add_worker?url=http://host:port", "invalid_request_error")
+  end
+  local norm, err = workers_mod.check_url(url)
+  if not norm then return self:send_error(x, 400, err, "invalid_request_error") end
+  if self.workers:get(norm) or (self.pending_adds or {})[norm] then
+    return self:send_error(x, 400, "worker " .. norm .. " is already registered", "invalid_request_error")
+  end
+  self.pending_adds = self.pending_adds or {}
+  self.pending_adds[norm] = true
+  local ok, herr = self.health:wait_ready(norm)
+  self.pending_adds[norm] = nil
+  if not ok then
+    return self:send_error(x, 400, "worker " .. norm .. " did not become healthy within --worker-startup-timeout-secs: "
+      .. tostring(herr), "worker_not_ready")
+  end
+  local w, aerr = self.workers:add(norm)
+  if not w then return self:send_error(x, 400, aerr, "invalid_request_error") end
+  log.info("worker added", { worker = norm })
+  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. norm .. "\n")
+end
+
+function M:remove_worker(x, query)
+  local url = query_param(query, "url")
+  if not url or url == "" then
+    return self:send_error(x, 400, "missing url parameter: POST /remove_worker?url=http://host:port", "invalid_request_error")
+  end
+  local w, err = self.workers:remove(url)
+  if not w then return self:send_error(x, 404, err, "not_found") end
+  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully removed worker: " .. w.url .. "\n")
+end
+
+function M:health_endpoint(x)
+  local bad = {}
+  for _, w in ipairs(self.workers.list) do
+    if not w.healthy then bad[#bad + 1] = w.url end
+  end
+  if #self.workers.list == 0 then
+    return self:send_error(x, 503, "no workers are registered", "no_workers")
+  end
+  if #bad == 0 then
+    return x:respond(200, { ["content-type"] = "text/plain" }, "All servers healthy\n")
+  end
+  self:send_json(x, 503, { error = { message = "Unhealthy servers: " .. concat(bad, ", "),
+    type = "unhealthy_workers", unhealthy = bad } })
+end
+
+function M:readiness(x)
+  local healthy, total = 0, #self.workers.list
+  local now = core.now()
+  for _, w in ipairs(self.workers.list) do
+    if w.healthy and w.breaker:allow(now) then healthy = healthy + 1 end
+  end
+  local ready = healthy > 0
+  self:send_json(x, ready and 200 or 503, { status = ready and "ready" or "not_ready",
+    healthy_workers = healthy, total_workers = total })
+end
+
+function M:preflight(x)
+  local origin = x:header("origin")
+  if not origin then return self:send_error(x, 400, "CORS preflight without an Origin header", "invalid_request_error") end
+  if self.cors_enabled and not self.cors_any and not self.cors[origin] then
+    return self:send_error(x, 403, "origin " .. origin .. " is not allowed", "cors_forbidden")
+  end
+  x:respond(204, {
+    ["access-control-allow-origin"] = (self.cors_enabled and not self.cors_any) and origin or "*",
+    ["access-control-allow-methods"] = "GET, POST, OPTIONS",
+    ["access-control-allow-headers"] = x:header("access-control-request-headers") or "content-type, authorization",
+    ["access-control-expose-headers"] = "x-request-id",
+    ["access-control-max-age"] = "3600",
+    ["vary"] = "origin",
+  }, "")
+end
+
+local GET_PROXIED = {
+  ["/health_generate"] = true, ["/get_server_info"] = true, ["/get_model_info"] = true,
+  ["/v1/models"] = true,
+}
+
+-- method -> handler, per path; a known path with another method is a 405
+function M:handle(x)
+  local path, query = x:path()
+  local method = x:method()
+  if method == "OPTIONS" then return self:preflight(x) end
+  local route = ROUTES[path]
+  if route then
+    if method ~= "POST" then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
+    return self:infer(x, route)
+  end
+  if GET_PROXIED[path] then
+    if method ~= "GET" then return self:send_error(x, 405, "use GET for " .. path, "method_not_allowed") end
+    return self:first_worker(x, path)
+  end
+  local get = {
+    ["/health"] = self.health_endpoint,
+    ["/liveness"] = function(s, xx) xx:respond(200, { ["content-type"] = "text/plain" }, "OK\n") end,
+    ["/readiness"] = self.readiness,
+    ["/get_loads"] = self.get_loads,
+    ["/list_workers"] = self.list_workers,
+  }
+  local post = {
+    ["/flush_cache"] = self.flush_cache,
+    ["/add_worker"] = self.add_worker,
+    ["/remove_worker"] = self.remove_worker,
+  }
+  local h = (method == "GET" and get[path]) or (method == "POST" and post[path])
+  if h then return h(self, x, query) end
+  if get[path] or post[path] then
+    return self:send_error(x, 405, "use " .. (get[path] and "GET" or "POST") .. " for " .. path, "method_not_allowed")
+  end
+  self:send_error(x, 404, "no route for " .. method .. " " .. path, "not_found")
+end
+
+-- --- lifecycle -------------------------------------------------------------------------
+
+function M:serve_metrics()
+  if not stats.enabled then
+    log.warn("this build has no metrics primitive; /metrics is not served")
+    return true
+  end
+  local conf = self.conf
+  local srv, err = core.listen(conf.prometheus_host or "127.0.0.1", conf.prometheus_port or 29000, {}, function(x)
+    local path = x:path()
+    if path == "/metrics" then
+      local now = core.now()
+      for _, w in ipairs(self.workers.list) do
+        stats.running:set(w.load, w.url)
+        if self.policy.tree_size then stats.tree_size:set(self.policy:tree_size(w.url) or 0, w.url) end
+        w.breaker:allow(now)
+      end
+      x:respond(200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, stats.render())
+    else
+      x:respond(404, { ["content-type"] = "text/plain" }, "not found; try /metrics\n")
+    end
+  end)
+  if not srv then return nil, err end
+  self.metrics_server = srv
+  log.info("metrics on http://" .. (conf.prometheus_host or "127.0.0.1") .. ":" .. srv:port() .. "/metrics")
+  return true
+end
+
+function M:start()
+  local conf = self.conf
+  local ok, err = self:load_policy()
+  if not ok then return nil, err end
+
+  -- wait for the listed workers (in parallel), then serve with the healthy ones
+  local urls = conf.worker_urls or {}
+  if #urls > 0 then
+    log.info("waiting for " .. #urls .. " worker(s) to become healthy")
+  end
+  local ready, failed = self.health:wait_all(urls)
+  local ready_set = {}
+  for _, u in ipairs(ready) do ready_set[u] = true end
+  for _, u in ipairs(urls) do
+    local w, aerr = self.workers:add(u, { healthy = ready_set[u] == true })
+    if not w then return nil, aerr end
+    if not ready_set[u] then
+      log.warn("worker did not become healthy; it stays registered as unhealthy", { worker = u, error = failed[u] })
+    end
+  end
+  if #urls > 0 and #ready == 0 and not conf.service_discovery then
+    return nil, "none of the workers became healthy within --worker-startup-timeout-secs: " .. concat(urls, ", ")
+  end
+
+  local srv
+  srv, err = core.listen(conf.host or "127.0.0.1", conf.port or 30000, {
+    max_body = conf.max_payload_size or 256 * 1024 * 1024,
+  }, function(x)
+    local okh, herr = xpcall(self.handle, debug.traceback, self, x)
+    if not okh then
+      stats.script_errors:inc()
+      log.error("handler error", { error = tostring(herr) })
+      self:send_error(x, 500, "internal router error", "internal_error")
+    end
+  end)
+  if not srv then return nil, err end
+  self.server = srv
+  ok, err = self:serve_metrics()
+  if not ok then return nil, err end
+  self.health:start()
+  log.info(string.format("sglr router listening on http://%s:%d (policy %s, %d worker(s))",
+    conf.host or "127.0.0.1", srv:port(), self.policy_name, #self.workers.list), { port = srv:port() })
+  return true
+end
+
+-- Graceful shutdown: stop accepting, let requests in flight finish for up
+-- to the grace period, then exit 0.
+function M:shutdown(signame)
+  if self.stopping then return end
+  self.stopping = true
+  log.info("shutting down on " .. tostring(signame) .. ", draining " .. core.active() .. " request(s)")
+  if self.server then self.server:close() end
+  if self.metrics_server then self.metrics_server:close() end
+  self.health:stop()
+  local deadline = core.now() + (self.conf.shutdown_grace_secs or 30) * 1000
+  while core.active() > 0 and core.now() < deadline do core.sleep(20) end
+  if core.active() > 0 then
+    log.warn("grace period over with " .. core.active() .. " request(s) still in flight")
+  end
+  log.info("bye")
+  core.exit(0)
+end
+
+function M.main(args)
+  local cli = require "sglr.cli"
+  local conf, err, kind = cli.parse_run(args)
+  if not conf then
+    if kind == "help" then
+      io.stdout:write(err)
+      return core.exit(0)
+    end
+    io.stderr:write("sglr run: ", tostring(err), "\n")
+    return core.exit(2)
+  end
+  if conf.lua_path then
+    package.sglr_path = conf.lua_path .. "/?.lua;" .. conf.lua_path .. "/?/init.lua;" .. (package.sglr_path or "")
+  end
+  log.configure(conf)
+  math.randomseed(os.time() + floor(core.now()))
+  local r = M.new(conf)
+  core.on_signal(function(sig) r:shutdown(sig) end)
+  local ok, serr = r:start()
+  if not ok then
+    log.error(serr)
+    io.stderr:write("sglr run: ", tostring(serr), "\n")
+    return core.exit(1)
+  end
+  M.current = r
+end
+
+return M

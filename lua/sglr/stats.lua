@@ -1,0 +1,54 @@
+-- The router's Prometheus metrics, named after the SGLang router's so that
+-- existing dashboards work. Backed by the native sglr.metrics registry.
+local ok, metrics = pcall(require, "sglr.metrics")
+
+local M = { enabled = ok }
+
+local LAT = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 45,
+  60, 90, 120, 180, 240 }
+local RATIO = { 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1 }
+
+if not ok then
+  -- a build without the metrics primitive: every update is a no-op
+  local nop = setmetatable({}, { __index = function() return function() end end })
+  return setmetatable(M, { __index = function() return nop end })
+end
+
+local function c(name, help, labels) return metrics.counter("sgl_router_" .. name, help, labels or {}) end
+local function g(name, help, labels) return metrics.gauge("sgl_router_" .. name, help, labels or {}) end
+local function h(name, help, labels, b) return metrics.histogram("sgl_router_" .. name, help, labels or {}, b or LAT) end
+
+M.requests = c("requests_total", "Requests received, by route.", { "route" })
+M.duration = h("request_duration_seconds", "Time from request to the end of the response.", { "route" })
+M.errors = c("request_errors_total", "Requests answered with an error, by route and error type.", { "route", "error_type" })
+M.retries = c("retries_total", "Attempts that were retried, by route.", { "route" })
+M.retry_backoff = h("retry_backoff_duration_seconds", "Backoff waited before a retry.", { "attempt" })
+M.retries_exhausted = c("retries_exhausted_total", "Requests that failed after every attempt.", { "route" })
+M.cb_state = g("cb_state", "Circuit breaker state per worker (0 closed, 1 open, 2 half-open).", { "worker" })
+M.cb_transitions = c("cb_state_transitions_total", "Circuit breaker state changes.", { "worker", "from", "to" })
+M.cb_outcomes = c("cb_outcomes_total", "Request outcomes recorded by the circuit breakers.", { "worker", "outcome" })
+M.active_workers = g("active_workers", "Workers registered with the router.")
+M.worker_health = g("worker_health", "Worker health (1 healthy, 0 unhealthy).", { "worker" })
+M.worker_load = g("worker_load", "Load reported by the worker's /get_load.", { "worker" })
+M.running = g("running_requests", "Requests in flight per worker.", { "worker" })
+M.processed = c("processed_requests_total", "Requests sent to each worker.", { "worker" })
+M.decisions = c("policy_decisions_total", "Routing decisions by policy and chosen worker.", { "policy", "worker" })
+M.cache_hits = c("cache_hits_total", "cache_aware decisions that followed a prefix match.")
+M.cache_misses = c("cache_misses_total", "cache_aware decisions without a usable prefix match.")
+M.tree_size = g("tree_size", "Characters in the approximate radix tree per worker.", { "worker" })
+M.lb_events = c("load_balancing_events_total", "cache_aware decisions that fell back to least load.")
+M.max_load = g("max_load", "Highest in-flight count among workers at the last decision.")
+M.min_load = g("min_load", "Lowest in-flight count among workers at the last decision.")
+M.match_ratio = h("cache_match_ratio", "Matched prefix share of the routing text per cache_aware decision.", {}, RATIO)
+M.prefix_chars = c("cache_prefix_chars_total", "Routing-text characters expected to hit (matched) or miss the worker's cache.", { "result" })
+M.ttfb = h("time_to_first_byte_seconds", "Time from request to the worker's response head.", { "route" })
+M.upstream = h("upstream_duration_seconds", "Duration of each attempt against a worker.", { "route" })
+M.queue_depth = g("rate_limit_queue_depth", "Requests waiting for a concurrency slot.")
+M.rejections = c("rate_limit_rejections_total", "Requests refused by the concurrency limiter.", { "reason" })
+M.inflight = g("inflight_requests", "Inference requests holding a concurrency slot.")
+M.script_errors = c("script_errors_total", "Lua errors raised while handling requests.")
+
+function M.render() return metrics.render() end
+M.metrics = metrics
+
+return M

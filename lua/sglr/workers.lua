@@ -1,0 +1,101 @@
+-- The worker registry: every worker the router knows, with its upstream
+-- pool, in-flight load, health and breaker.
+local core = require "sglr.core"
+local breaker = require "sglr.breaker"
+
+local M = {}
+M.__index = M
+
+-- URL check shared by the CLI and /add_worker: http(s)://host[:port][/path]
+function M.check_url(url)
+  if type(url) ~= "string" or url == "" then return nil, "worker URL is empty" end
+  local scheme, rest = url:match("^(https?)://(.+)$")
+  if not scheme then return nil, "invalid worker URL '" .. url .. "': must start with http:// or https://" end
+  if rest:find("[%s?#]") then return nil, "invalid worker URL '" .. url .. "': no spaces, query or fragment allowed" end
+  local host = rest:match("^%[[^%]]+%]") or rest:match("^[^:/]+")
+  if not host or host == "" then return nil, "invalid worker URL '" .. url .. "': missing host" end
+  local port = rest:sub(#host + 1):match("^:(%d*)")
+  if port ~= nil then
+    local p = tonumber(port)
+    if not p or p < 1 or p > 65535 then return nil, "invalid worker URL '" .. url .. "': bad port" end
+  end
+  return (url:gsub("/+$", ""))
+end
+
+function M.new(conf, hooks)
+  return setmetatable({ conf = conf, list = {}, by_url = {}, hooks = hooks or {} }, M)
+end
+
+function M:get(url) return self.by_url[(url or ""):gsub("/+$", "")] end
+
+-- add(url, {role=, healthy=, bootstrap_port=}) -> worker | nil, err
+function M:add(url, opts)
+  local norm, err = M.check_url(url)
+  if not norm then return nil, err end
+  if self.by_url[norm] then return nil, "worker " .. norm .. " is already registered" end
+  opts = opts or {}
+  if not norm:match("^http://") then
+    return nil, "worker " .. norm .. ": only http:// workers can be proxied (https is used for discovery only)"
+  end
+  local pool
+  pool, err = core.upstream(norm)
+  if not pool then return nil, err end
+  local w = {
+    url = norm, pool = pool, load = 0, processed = 0,
+    role = opts.role or "regular", bootstrap_port = opts.bootstrap_port, dp_rank = opts.dp_rank,
+    healthy = opts.healthy ~= false,
+    health_failures = 0, health_successes = 0,
+  }
+  w.breaker = breaker.new(self.conf, function(from, to)
+    if self.hooks.breaker_change then self.hooks.breaker_change(w, from, to) end
+  end)
+  self.list[#self.list + 1] = w
+  self.by_url[norm] = w
+  if self.hooks.added then self.hooks.added(w) end
+  return w
+end
+
+function M:remove(url)
+  local w = self:get(url)
+  if not w then return nil, "worker " .. tostring(url) .. " is not registered" end
+  for i, v in ipairs(self.list) do
+    if v == w then table.remove(self.list, i) break end
+  end
+  self.by_url[w.url] = nil
+  w.removed = true
+  if self.hooks.removed then self.hooks.removed(w) end
+  return w
+end
+
+-- Workers that may take a request now. `exclude` (url -> true) drops the
+-- workers that already failed this request, unless nothing else is left.
+function M:available(now, exclude, role)
+  local out, excluded = {}, 0
+  for _, w in ipairs(self.list) do
+    if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then
+      if exclude and exclude[w.url] then
+        excluded = excluded + 1
+      else
+        out[#out + 1] = w
+      end
+    end
+  end
+  if #out == 0 and excluded > 0 then
+    for _, w in ipairs(self.list) do
+      if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then out[#out + 1] = w end
+    end
+  end
+  return out
+end
+
+function M:healthy_count()
+  local n = 0
+  for _, w in ipairs(self.list) do if w.healthy then n = n + 1 end end
+  return n
+end
+
+function M:first_healthy()
+  for _, w in ipairs(self.list) do if w.healthy then return w end end
+end
+
+return M

@@ -1,0 +1,184 @@
+-- Cache-aware routing (the default policy; DESIGN.md section 5).
+--
+-- An approximate prefix tree over the routing text records which worker was
+-- sent which prefixes, so a request goes where its prompt is most likely
+-- still in the KV cache. Per request:
+--
+--   1. balance: when the loads are skewed (max - min > balance_abs_threshold
+--      and max > balance_rel_threshold * min), the least loaded worker takes
+--      it, cache or not;
+--   2. otherwise match the text: if more than cache_threshold of it is held
+--      by one worker, that worker ("hit"); else the worker with the smallest
+--      tree, i.e. the most free cache ("miss");
+--   3. the text is recorded under the chosen worker.
+--
+-- Ties (equal loads, equal tree sizes) are broken by a rotating cursor so
+-- that idle workers share the work instead of the first one taking all of
+-- it. Every eviction_interval seconds each worker's tree is cut back to
+-- max_tree_size characters, least recently used leaves first.
+--
+-- The decision is left on the request for metrics and logs:
+-- req.decision = "balance" | "hit" | "miss", req.match_ratio = 0..1.
+
+local setmetatable, type = setmetatable, type
+
+local P = {
+  name = "cache_aware",
+  version = "1.0.0",
+  description = "Send requests sharing a prompt prefix to the worker that has it cached; "
+             .. "fall back to the emptiest worker, and to the least loaded one under skew.",
+}
+
+P.options = {
+  cache_threshold = {
+    type = "number", default = 0.5, min = 0, max = 1,
+    description = "Fraction of the text a worker must already hold for a cache hit "
+               .. "(strictly more than this).",
+  },
+  balance_abs_threshold = {
+    type = "number", default = 32, min = 0,
+    description = "Loads are skewed when max - min exceeds this (and the relative threshold).",
+  },
+  balance_rel_threshold = {
+    type = "number", default = 1.0001, min = 0,
+    description = "Loads are skewed when max exceeds min times this (and the absolute threshold).",
+  },
+  eviction_interval = {
+    type = "number", default = 60, min = 0,
+    description = "Seconds between evictions of least recently used prefixes (0: never).",
+  },
+  max_tree_size = {
+    type = "number", default = 16777216, min = 0,
+    description = "Characters of routing text kept per worker after an eviction.",
+  },
+}
+
+local mt = { __index = P }
+
+local function opt(conf, key)
+  local v = conf and conf[key]
+  if v == nil then v = P.options[key].default end
+  return v
+end
+
+function P.new(conf, rt)
+  local self = setmetatable({
+    rt = rt,
+    tree = rt.radix(),
+    cache_threshold = opt(conf, "cache_threshold"),
+    balance_abs = opt(conf, "balance_abs_threshold"),
+    balance_rel = opt(conf, "balance_rel_threshold"),
+    eviction_interval = opt(conf, "eviction_interval"),
+    max_tree_size = opt(conf, "max_tree_size"),
+    cursor = 0,               -- rotates among tied candidates
+    cand = {},                -- scratch list of tied candidates, reused
+    counts = { hit = 0, miss = 0, balance = 0 },
+    evicted = 0,
+  }, mt)
+  if self.eviction_interval > 0 and rt.every then
+    rt.every(self.eviction_interval * 1000, function() self:evict() end)
+  end
+  return self
+end
+
+-- Drop least recently used prefixes until every worker is within budget.
+function P:evict()
+  local removed = self.tree:evict(self.max_tree_size)
+  self.evicted = self.evicted + removed
+  if removed > 0 and self.rt.log then
+    self.rt.log("debug", "cache_aware: evicted " .. removed .. " chars")
+  end
+  return removed
+end
+
+-- The next of n tied candidates (in self.cand), rotating.
+local function rotate(self, n)
+  self.cursor = self.cursor + 1
+  return self.cand[(self.cursor - 1) % n + 1]
+end
+
+-- Least loaded worker; ties rotate.
+local function least_loaded(self, workers, min_load)
+  local cand, n = self.cand, 0
+  for i = 1, #workers do
+    local w = workers[i]
+    if (w.load or 0) == min_load then
+      n = n + 1
+      cand[n] = w
+    end
+  end
+  return rotate(self, n)
+end
+
+-- Worker with the smallest tree (most free cache); among equal sizes the
+-- lower load, then rotate.
+local function emptiest(self, workers)
+  local tree, cand = self.tree, self.cand
+  local n, best_size, best_load = 0, nil, nil
+  for i = 1, #workers do
+    local w = workers[i]
+    local size, load = tree:size(w.url), w.load or 0
+    if best_size == nil or size < best_size or (size == best_size and load < best_load) then
+      best_size, best_load, n = size, load, 1
+      cand[1] = w
+    elseif size == best_size and load == best_load then
+      n = n + 1
+      cand[n] = w
+    end
+  end
+  return rotate(self, n)
+end
+
+local function by_url(workers, url)
+  for i = 1, #workers do
+    if workers[i].url == url then return workers[i] end
+  end
+end
+
+function P:select(req, workers)
+  local n = #workers
+  if n == 0 then return nil, "no workers" end
+
+  local min_load, max_load = math.huge, -math.huge
+  for i = 1, n do
+    local l = workers[i].load or 0
+    if l < min_load then min_load = l end
+    if l > max_load then max_load = l end
+  end
+
+  local text = req.text or ""
+  local chosen, decision, ratio
+  if max_load - min_load > self.balance_abs and max_load > self.balance_rel * min_load then
+    chosen, decision = least_loaded(self, workers, min_load), "balance"
+  else
+    local len = #text
+    local matched, url = 0, nil
+    if len > 0 then matched, url = self.tree:match(text, workers) end
+    ratio = len > 0 and matched / len or 0
+    if ratio > self.cache_threshold and url then
+      chosen, decision = by_url(workers, url), "hit"
+    end
+    if not chosen then
+      chosen, decision = emptiest(self, workers), "miss"
+    end
+  end
+
+  if #text > 0 then self.tree:insert(text, chosen.url) end
+  self.counts[decision] = self.counts[decision] + 1
+  req.decision, req.match_ratio = decision, ratio
+  return chosen
+end
+
+function P:on_remove(w)
+  self.tree:remove_worker(type(w) == "table" and w.url or w)
+end
+
+function P:stats()
+  local st = self.tree:stats()
+  return {
+    hits = self.counts.hit, misses = self.counts.miss, balanced = self.counts.balance,
+    tree_nodes = st.nodes, tree_chars = st.chars, evicted_chars = self.evicted,
+  }
+end
+
+return P
