@@ -188,6 +188,8 @@ static int l_sleep(lua_State *L)
     s->ref = ref;
     uv_timer_init(sglr_loop, &s->timer);
     s->timer.data = s;
+    /* the loop's cached clock may be stale after a long stretch of Lua */
+    uv_update_time(sglr_loop);
     uv_timer_start(&s->timer, sleep_cb, ms > 0 ? (uint64_t)ms : 0, 0);
     return lua_yield(L, 0);
 }
@@ -662,6 +664,7 @@ typedef struct {
     int busy;                 /* inside a callback that may run Lua */
     int zombie;               /* collected while busy: free when not */
     sglr_buf_t body;          /* read / request modes */
+    double t_body;            /* first body byte (ms) */
     long long max_body;
 } fwd_t;
 
@@ -745,6 +748,8 @@ static int push_request_result(lua_State *L, fwd_t *f)
     lua_setfield(L, -2, "body");
     lua_pushnumber(L, r->t_head - r->t_start);
     lua_setfield(L, -2, "ttfb_ms");
+    lua_pushnumber(L, f->t_body ? f->t_body - r->t_start : -1);
+    lua_setfield(L, -2, "first_body_ms");
     lua_pushnumber(L, sglr_now_ms() - r->t_start);
     lua_setfield(L, -2, "total_ms");
     return 1;
@@ -793,6 +798,8 @@ static void fwd_on_head(sglr_upreq_t *r)
 static void fwd_on_body(sglr_upreq_t *r, const char *d, size_t n)
 {
     fwd_t *f = r->data;
+    if (f->t_body == 0)
+        f->t_body = sglr_now_ms();
     if (f->mode == FWD_PIPE) {
         if (!f->x)
             return;
@@ -1194,8 +1201,10 @@ static int event_wait(lua_State *L)
     }
     e->co_ref = sglr_co_pin(L);
     e->co = L;
-    if (ms >= 0)
+    if (ms >= 0) {
+        uv_update_time(sglr_loop);
         uv_timer_start(&e->timer, event_fire, (uint64_t)ms, 0);
+    }
     return lua_yield(L, 0);
 }
 

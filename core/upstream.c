@@ -482,6 +482,7 @@ static void req_dial(sglr_upreq_t *r)
 
 int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms)
 {
+    uv_update_time(sglr_loop);
     uint64_t now = uv_now(sglr_loop);
     r->connect_deadline = connect_timeout_ms ? now + connect_timeout_ms : 0;
     r->deadline = timeout_ms ? now + timeout_ms : 0;

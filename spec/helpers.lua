@@ -1,0 +1,207 @@
+-- Helpers for functional specs: start the real sglr binary (router and sim
+-- workers) on loopback, talk HTTP to it, and stop everything in teardown.
+-- Specs run inside `sglr test`, i.e. in a coroutine on the runtime's loop,
+-- so the waits below yield instead of blocking.
+local core = require "sglr.core"
+local uv = require "luv"
+local cjson = require "cjson.safe"
+
+local H = {}
+
+H.bin = os.getenv("SGLR_BIN") or "build/sglr"
+local procs = {}
+
+-- spawn(args) -> proc { pid, out (stdout+stderr so far), code (after exit) }
+function H.spawn(args, opts)
+  opts = opts or {}
+  local proc = { out = "", args = args }
+  local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
+  local handle, pid = uv.spawn(opts.bin or H.bin, { args = args, stdio = { nil, stdout, stderr },
+    env = opts.env }, function(code, signal)
+    proc.code, proc.signal = code, signal
+    proc.exited = true
+  end)
+  assert(handle, "cannot start " .. (opts.bin or H.bin) .. ": " .. tostring(pid))
+  proc.handle, proc.pid = handle, pid
+  local function reader(err, data)
+    if data then
+      proc.out = proc.out .. data
+      if os.getenv("SGLR_SPEC_VERBOSE") then io.stderr:write(data) end
+    end
+  end
+  stdout:read_start(reader)
+  stderr:read_start(reader)
+  proc.pipes = { stdout, stderr }
+  procs[#procs + 1] = proc
+  return proc
+end
+
+-- Wait until pred() is true, polling; fails the spec after timeout_ms.
+function H.wait_for(pred, timeout_ms, what)
+  local deadline = core.now() + (timeout_ms or 5000)
+  while true do
+    local v = pred()
+    if v then return v end
+    if core.now() > deadline then error("timed out waiting for " .. (what or "condition"), 2) end
+    core.sleep(10)
+  end
+end
+
+function H.wait_output(proc, pattern, timeout_ms)
+  return H.wait_for(function()
+    if proc.exited then error("process exited (" .. tostring(proc.code) .. "): " .. proc.out, 0) end
+    return proc.out:match(pattern)
+  end, timeout_ms or 10000, "output " .. pattern .. " from " .. table.concat(proc.args, " "))
+end
+
+function H.kill(proc, sig)
+  if proc.exited then return end
+  uv.process_kill(proc.handle, sig or "sigterm")
+end
+
+function H.wait_exit(proc, timeout_ms)
+  H.wait_for(function() return proc.exited end, timeout_ms or 10000, "process exit")
+  return proc.code, proc.signal
+end
+
+function H.stop(proc)
+  if not proc.exited then
+    H.kill(proc, "sigkill")
+    pcall(H.wait_exit, proc, 5000)
+  end
+  for _, p in ipairs(proc.pipes) do if not p:is_closing() then p:close() end end
+  if not proc.handle:is_closing() then proc.handle:close() end
+end
+
+function H.stop_all()
+  for _, p in ipairs(procs) do H.stop(p) end
+  procs = {}
+end
+
+-- sim(extra_args) -> { url, port, proc }
+function H.sim(extra)
+  local args = { "sim-worker", "--port", "0" }
+  for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+  local proc = H.spawn(args)
+  local port = tonumber(H.wait_output(proc, "listening on http://127%.0%.0%.1:(%d+)"))
+  return { url = "http://127.0.0.1:" .. port, port = port, proc = proc }
+end
+
+-- router(args) -> { url, port, metrics_port, proc }; waits until it serves.
+function H.router(extra, opts)
+  local args = { "run", "--port", "0", "--prometheus-port", "0",
+    "--worker-startup-check-interval", "0.1", "--log-level", "info" }
+  for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+  local proc = H.spawn(args, opts)
+  local port = tonumber(H.wait_output(proc, "router listening on http://127%.0%.0%.1:(%d+)",
+    (opts and opts.timeout_ms) or 15000))
+  local mport = tonumber(proc.out:match("metrics on http://[%d%.]+:(%d+)"))
+  return { url = "http://127.0.0.1:" .. port, port = port, metrics_port = mport, proc = proc }
+end
+
+local pools = {}
+local function pool_for(base)
+  local p = pools[base]
+  if not p then
+    p = assert(core.upstream(base))
+    pools[base] = p
+  end
+  return p
+end
+
+-- request(base, method, path, body, headers, timeout_ms) -> res | nil, err
+-- res: { status, headers, body, json (decoded or nil), ttfb_ms, first_body_ms, total_ms }
+function H.request(base, method, path, body, headers, timeout_ms)
+  if type(body) == "table" then body = cjson.encode(body) end
+  local h = headers or {}
+  if body and not h["content-type"] then h["content-type"] = "application/json" end
+  local res, err = core.request(pool_for(base), { method = method, path = path, body = body,
+    headers = h, timeout_ms = timeout_ms or 20000 })
+  if not res then return nil, err end
+  res.json = cjson.decode(res.body)
+  return res
+end
+
+function H.get(base, path, headers) return H.request(base, "GET", path, nil, headers) end
+function H.post(base, path, body, headers) return H.request(base, "POST", path, body or "", headers) end
+
+-- Raw TCP exchange: send bytes, collect what comes back until the peer
+-- closes, `until_pattern` is seen, or timeout_ms passes. close_after_ms
+-- closes the socket early (a client going away mid-response).
+function H.raw(port, bytes, opts)
+  opts = opts or {}
+  local tcp = uv.new_tcp()
+  local state = { data = "", done = false }
+  tcp:connect("127.0.0.1", port, function(err)
+    if err then state.err = err; state.done = true; return end
+    if type(bytes) == "table" then
+      -- pieces written with a pause between them (split reads on the server)
+      core.spawn(function()
+        for _, piece in ipairs(bytes) do
+          if tcp:is_closing() then return end
+          tcp:write(piece)
+          core.sleep(opts.gap_ms or 20)
+        end
+      end)
+    else
+      tcp:write(bytes)
+    end
+    tcp:read_start(function(rerr, chunk)
+      if chunk then
+        state.data = state.data .. chunk
+        if opts.until_pattern and state.data:find(opts.until_pattern, 1, true) then state.done = true end
+      else
+        state.done = true
+      end
+    end)
+  end)
+  local deadline = core.now() + (opts.timeout_ms or 5000)
+  local close_at = opts.close_after_ms and core.now() + opts.close_after_ms
+  while not state.done and core.now() < deadline do
+    if close_at and core.now() >= close_at then break end
+    core.sleep(5)
+  end
+  if not tcp:is_closing() then tcp:close() end
+  return state.data, state.err
+end
+
+function H.gen_body(text, extra)
+  local t = { text = text, sampling_params = { max_new_tokens = 4 } }
+  if extra then for k, v in pairs(extra) do t[k] = v end end
+  return cjson.encode(t)
+end
+
+-- Run fns concurrently, wait for all; returns their first results.
+function H.parallel(fns)
+  local results, left = {}, #fns
+  local done = core.event()
+  for i, fn in ipairs(fns) do
+    core.spawn(function()
+      local ok, r = pcall(fn)
+      results[i] = ok and r or { error = r }
+      left = left - 1
+      if left == 0 then done:set(true) end
+    end)
+  end
+  if left > 0 then done:wait(60000) end
+  return results
+end
+
+function H.worker_of(res)
+  return res and res.headers and res.headers["x-sim-worker"]
+end
+
+function H.list_workers(router)
+  local res = assert(H.get(router.url, "/list_workers"))
+  return res.json
+end
+
+function H.tmpfile(content, suffix)
+  local name = os.tmpname() .. (suffix or "")
+  local f = assert(io.open(name, "w"))
+  f:write(content)
+  f:close()
+  return name
+end
+
+return H
