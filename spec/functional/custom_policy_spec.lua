@@ -1,0 +1,51 @@
+-- A policy file given by path is used as is, without rebuilding anything.
+local H = require "spec.helpers"
+
+describe("custom policy file", function()
+  local w1, w2, r, file
+  setup(function()
+    w1 = H.sim({ "--id", "w1" })
+    w2 = H.sim({ "--id", "w2" })
+    file = H.tmpfile(([[
+local P = { name = "marker", version = "1.0.0", options = {} }
+function P.new(conf, rt) return setmetatable({}, { __index = P }) end
+function P:select(req, workers)
+  for _, w in ipairs(workers) do
+    if w.url:find(":%d", 1, true) then return w end
+  end
+  return nil, "marker worker not available"
+end
+return P
+]]):format(w2.port), ".lua")
+    r = H.router({ "--worker-urls", w1.url, w2.url, "--policy", file })
+  end)
+  teardown(function()
+    H.stop_all()
+    os.remove(file)
+  end)
+
+  it("sends every request to the worker the script picks", function()
+    for i = 1, 6 do
+      local res = assert(H.post(r.url, "/generate", H.gen_body("q" .. i)))
+      assert.equal(200, res.status)
+      assert.equal("w2", H.worker_of(res))
+    end
+    assert.equal("marker", H.list_workers(r).policy)
+  end)
+
+  it("answers 503 with the script's reason when it picks nothing", function()
+    assert.equal(200, assert(H.post(r.url, "/remove_worker?url=" .. w2.url)).status)
+    local res = assert(H.post(r.url, "/generate", H.gen_body("q")))
+    assert.equal(503, res.status)
+    assert.truthy(res.json.error.message:find("marker worker not available", 1, true))
+  end)
+
+  it("refuses to start with a policy file that is not a policy", function()
+    local bad = H.tmpfile("return 42\n", ".lua")
+    local p = H.spawn({ "run", "--port", "0", "--prometheus-port", "0", "--policy", bad })
+    local code = H.wait_exit(p, 10000)
+    os.remove(bad)
+    assert.is_not.equal(0, code)
+    assert.truthy(p.out:find("policy", 1, true))
+  end)
+end)
