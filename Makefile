@@ -34,7 +34,7 @@ test-asan: deps
 	cd build-asan && ctest --output-on-failure -L unit
 
 demo: deps all
-	./examples/demo.sh
+	$(BUILD)/sglr lua examples/demo.lua
 
 clean:
 	rm -rf $(BUILD) build-asan

@@ -44,8 +44,9 @@ local function json_response(x, status, obj, extra)
   x:respond(status, h, cjson.encode(obj))
 end
 
-local function err(x, status, msg)
-  json_response(x, status, { error = { message = msg, type = "sim_error", code = status } })
+local function err(x, status, msg, id)
+  json_response(x, status, { error = { message = msg, type = "sim_error", code = status } },
+    id and { ["x-sim-worker"] = id } or nil)
 end
 
 local function rand_id(n)
@@ -147,7 +148,7 @@ function M:infer(x, route)
   end
   if self.opts.latency_ms > 0 then core.sleep(self.opts.latency_ms) end
   if self:inject_failure() then
-    return err(x, self.opts.fail_status, "injected failure")
+    return err(x, self.opts.fail_status, "injected failure", self.id)
   end
   local text = prompt_text(route, req)
   local ptoks, cached = self:touch_cache(text)
@@ -160,7 +161,7 @@ function M:infer(x, route)
   local prefill_ms = (ptoks - cached) * self.opts.prefill_us_per_token / 1000
   local decode_ms = self.opts.decode_ms_per_token
   local started = core.now()
-  local hdrs = { ["x-sim-worker"] = self.id }
+  local hdrs = { ["x-sim-worker"] = self.id, ["x-sim-request-id"] = x:header("x-request-id") }
   local rank = req.data_parallel_rank
   if req.stream then
     if prefill_ms > 0 then core.sleep(prefill_ms) end
@@ -246,6 +247,7 @@ local function query_param(q, key)
   for k, v in q:gmatch("([^&=]+)=([^&]*)") do
     if k == key then return v end
   end
+  return nil
 end
 
 function M:handle(x)
