@@ -93,9 +93,10 @@ function H.router(extra, opts)
     "--worker-startup-check-interval", "0.1", "--log-level", "info" }
   for _, a in ipairs(extra or {}) do args[#args + 1] = a end
   local proc = H.spawn(args, opts)
-  local port = tonumber(H.wait_output(proc, "router listening on http://127%.0%.0%.1:(%d+)",
+  -- (JSON log lines escape the slashes)
+  local port = tonumber(H.wait_output(proc, "router listening on http:\\?/\\?/127%.0%.0%.1:(%d+)",
     (opts and opts.timeout_ms) or 15000))
-  local mport = tonumber(proc.out:match("metrics on http://[%d%.]+:(%d+)"))
+  local mport = tonumber(proc.out:match("metrics on http:\\?/\\?/[%d%.]+:(%d+)"))
   return { url = "http://127.0.0.1:" .. port, port = port, metrics_port = mport, proc = proc }
 end
 

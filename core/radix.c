@@ -1,0 +1,662 @@
+/*
+ * radix.c: the approximate prefix tree (see radix.h for the picture and
+ * the invariants).
+ *
+ * A node's children are keyed by the first byte of their edge. They live in
+ * one block: capkids child pointers followed by capkids key bytes, unsorted;
+ * memchr over at most 256 keys beats keeping them sorted. Tenants are a
+ * small array of (worker, stamp, nkids), where nkids counts the children
+ * that worker also holds: a tenancy with nkids == 0 is one of the worker's
+ * leaves, which is what eviction needs to know in O(1).
+ *
+ * Walks over the whole tree (remove, evict, free) are post-order and use
+ * the parent pointers instead of a stack, so a tree of any depth (a long
+ * conversation inserted turn by turn) needs no allocation to be freed.
+ */
+#include "radix.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int32_t worker;
+    uint32_t nkids;     /* children also held by this worker */
+    uint64_t stamp;     /* logical time of the last insert/match through here */
+} tenant_t;
+
+typedef struct node node_t;
+struct node {
+    node_t *parent;
+    uint8_t *edge;
+    node_t **kids;      /* capkids pointers, then capkids first bytes */
+    tenant_t *ten;
+    uint32_t len;
+    uint16_t nkids, capkids;
+    uint32_t nten, capten;
+};
+
+struct sglr_radix {
+    node_t root;        /* empty edge, never has tenants */
+    uint64_t clock;
+    size_t *sizes;      /* bytes attributed to each worker id */
+    size_t nsizes;
+    size_t nodes, chars, tenancies;
+};
+
+/* An edge is at most this long; longer text is chained over several nodes
+ * so that lengths fit the node's 32-bit field. */
+#define MAX_EDGE (1u << 30)
+
+#define KEYS(n) ((uint8_t *)((n)->kids + (n)->capkids))
+
+/* ---- small helpers ------------------------------------------------------ */
+
+/* Length of the common prefix of a and b, both at least n bytes. */
+static size_t lcp(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    if (memcmp(a, b, n) == 0)
+        return n;
+    size_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    while (i + 8 <= n) {
+        uint64_t x, y;
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        if (x != y)
+            return i + ((size_t)__builtin_ctzll(x ^ y) >> 3);
+        i += 8;
+    }
+#endif
+    while (i < n && a[i] == b[i])
+        i++;
+    return i;
+}
+
+static inline int kid_index(const node_t *n, uint8_t b)
+{
+    if (n->nkids == 0)
+        return -1;
+    const uint8_t *k = KEYS(n);
+    const uint8_t *hit = memchr(k, b, n->nkids);
+    return hit ? (int)(hit - k) : -1;
+}
+
+static inline node_t *find_kid(const node_t *n, uint8_t b)
+{
+    int i = kid_index(n, b);
+    return i < 0 ? NULL : n->kids[i];
+}
+
+static int add_kid(node_t *n, node_t *c)
+{
+    if (n->nkids == n->capkids) {
+        unsigned cap = n->capkids ? n->capkids * 2u : 2u;
+        if (cap > 256)
+            cap = 256;
+        node_t **k = malloc(cap * (sizeof(node_t *) + 1));
+        if (!k)
+            return -ENOMEM;
+        if (n->nkids) {
+            memcpy(k, n->kids, n->nkids * sizeof(node_t *));
+            memcpy((uint8_t *)(k + cap), KEYS(n), n->nkids);
+        }
+        free(n->kids);
+        n->kids = k;
+        n->capkids = (uint16_t)cap;
+    }
+    n->kids[n->nkids] = c;
+    KEYS(n)[n->nkids] = c->edge[0];
+    n->nkids++;
+    return 0;
+}
+
+/* Swap-remove: the order of children carries no meaning. */
+static void del_kid(node_t *n, int i)
+{
+    int last = n->nkids - 1;
+    n->kids[i] = n->kids[last];
+    KEYS(n)[i] = KEYS(n)[last];
+    n->nkids--;
+    if (n->nkids == 0) {
+        free(n->kids);
+        n->kids = NULL;
+        n->capkids = 0;
+    }
+}
+
+static inline tenant_t *find_tenant(const node_t *n, int w)
+{
+    for (uint32_t i = 0; i < n->nten; i++)
+        if (n->ten[i].worker == w)
+            return &n->ten[i];
+    return NULL;
+}
+
+static inline int is_allowed(int w, const uint8_t *allowed, size_t nbits)
+{
+    return !allowed || ((size_t)w < nbits && (allowed[w >> 3] >> (w & 7)) & 1);
+}
+
+static node_t *node_new(const uint8_t *s, size_t len, uint32_t capten)
+{
+    node_t *n = calloc(1, sizeof *n);
+    if (!n)
+        return NULL;
+    n->edge = malloc(len);
+    n->ten = malloc((capten ? capten : 1) * sizeof(tenant_t));
+    if (!n->edge || !n->ten) {
+        free(n->edge);
+        free(n->ten);
+        free(n);
+        return NULL;
+    }
+    memcpy(n->edge, s, len);
+    n->len = (uint32_t)len;
+    n->capten = capten ? capten : 1;
+    return n;
+}
+
+static void node_free(node_t *n)
+{
+    free(n->edge);
+    free(n->kids);
+    free(n->ten);
+    free(n);
+}
+
+static int ensure_sizes(sglr_radix_t *t, int w)
+{
+    if ((size_t)w < t->nsizes)
+        return 0;
+    size_t cap = t->nsizes ? t->nsizes : 16;
+    while (cap <= (size_t)w)
+        cap *= 2;
+    size_t *s = realloc(t->sizes, cap * sizeof *s);
+    if (!s)
+        return -ENOMEM;
+    memset(s + t->nsizes, 0, (cap - t->nsizes) * sizeof *s);
+    t->sizes = s;
+    t->nsizes = cap;
+    return 0;
+}
+
+/* Make w a tenant of n (whose parent w already holds). */
+static int add_tenant(sglr_radix_t *t, node_t *n, int w, uint64_t stamp)
+{
+    if (n->nten == n->capten) {
+        uint32_t cap = n->capten * 2;
+        tenant_t *x = realloc(n->ten, cap * sizeof *x);
+        if (!x)
+            return -ENOMEM;
+        n->ten = x;
+        n->capten = cap;
+    }
+    n->ten[n->nten++] = (tenant_t){ .worker = w, .nkids = 0, .stamp = stamp };
+    t->sizes[w] += n->len;
+    t->tenancies++;
+    if (n->parent != &t->root) {
+        tenant_t *pt = find_tenant(n->parent, w);
+        if (pt)
+            pt->nkids++;
+    }
+    return 0;
+}
+
+static void remove_tenant(sglr_radix_t *t, node_t *n, tenant_t *x)
+{
+    int w = x->worker;
+    t->sizes[w] -= n->len;
+    t->tenancies--;
+    *x = n->ten[--n->nten];
+    if (n->parent != &t->root) {
+        tenant_t *pt = find_tenant(n->parent, w);
+        if (pt && pt->nkids)
+            pt->nkids--;
+    }
+}
+
+/* Unlink and free n, which nobody holds and which has no children left. */
+static void prune(sglr_radix_t *t, node_t *n)
+{
+    node_t *p = n->parent;
+    del_kid(p, kid_index(p, n->edge[0]));
+    t->nodes--;
+    t->chars -= n->len;
+    node_free(n);
+}
+
+/* Split c after its first k bytes: the new node m takes c's place under
+ * c's parent, holds the first k bytes and the same tenants, and c hangs
+ * below it with the rest. Returns m, or NULL when out of memory (nothing
+ * changed). */
+static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
+{
+    node_t *m = node_new(c->edge, k, c->nten);
+    if (!m)
+        return NULL;
+    if (add_kid(m, c) < 0) {
+        node_free(m);
+        return NULL;
+    }
+    /* add_kid read c->edge[0], which is also m's first byte: fix the key
+     * once c's edge has moved. */
+    for (uint32_t i = 0; i < c->nten; i++) {
+        m->ten[i] = c->ten[i];
+        m->ten[i].nkids = 1;
+    }
+    m->nten = c->nten;
+    t->tenancies += c->nten;
+    node_t *p = c->parent;
+    p->kids[kid_index(p, c->edge[0])] = m;
+    m->parent = p;
+
+    memmove(c->edge, c->edge + k, c->len - k);
+    c->len -= (uint32_t)k;
+    uint8_t *e = realloc(c->edge, c->len);
+    if (e)
+        c->edge = e;
+    c->parent = m;
+    KEYS(m)[0] = c->edge[0];
+    t->nodes++;
+    return m;
+}
+
+/* Merge n with its only child c when both have the same tenants (c's are
+ * always a subset of n's, so equal counts mean equal sets). Keeps n's
+ * stamps, which are the more recent. */
+static void try_merge(sglr_radix_t *t, node_t *n)
+{
+    if (n->nkids != 1)
+        return;
+    node_t *c = n->kids[0];
+    if (c->nten != n->nten || (size_t)n->len + c->len > MAX_EDGE)
+        return;
+    uint8_t *e = realloc(n->edge, (size_t)n->len + c->len);
+    if (!e)
+        return;
+    memcpy(e + n->len, c->edge, c->len);
+    n->edge = e;
+    n->len += c->len;
+    for (uint32_t i = 0; i < n->nten; i++) {
+        tenant_t *ct = find_tenant(c, n->ten[i].worker);
+        n->ten[i].nkids = ct ? ct->nkids : 0;
+    }
+    free(n->kids);
+    n->kids = c->kids;
+    n->nkids = c->nkids;
+    n->capkids = c->capkids;
+    for (int i = 0; i < n->nkids; i++)
+        n->kids[i]->parent = n;
+    c->kids = NULL;
+    t->tenancies -= c->nten;
+    t->nodes--;
+    node_free(c);
+}
+
+/* Post-order walk over every node but the root, without a stack. visit may
+ * free its node (after unlinking it) or merge it with its child: the
+ * sibling still to visit is at a lower index, which swap-removal keeps. */
+typedef void (*visit_fn)(sglr_radix_t *t, node_t *n, void *ud);
+
+static node_t *deepest_last(node_t *n)
+{
+    while (n->nkids)
+        n = n->kids[n->nkids - 1];
+    return n;
+}
+
+static void walk_post(sglr_radix_t *t, visit_fn visit, void *ud)
+{
+    node_t *n = deepest_last(&t->root);
+    while (n != &t->root) {
+        node_t *p = n->parent;
+        int i = kid_index(p, n->edge[0]);
+        visit(t, n, ud);
+        n = i > 0 ? deepest_last(p->kids[i - 1]) : p;
+    }
+}
+
+/* ---- public API --------------------------------------------------------- */
+
+sglr_radix_t *sglr_radix_new(void)
+{
+    return calloc(1, sizeof(sglr_radix_t));
+}
+
+static void free_visit(sglr_radix_t *t, node_t *n, void *ud)
+{
+    (void)t; (void)ud;
+    node_free(n);    /* the parent's child array is read again, not written */
+}
+
+void sglr_radix_free(sglr_radix_t *t)
+{
+    if (!t)
+        return;
+    walk_post(t, free_visit, NULL);
+    free(t->root.kids);
+    free(t->sizes);
+    free(t);
+}
+
+int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int w)
+{
+    if (w < 0 || w > SGLR_RADIX_MAX_WORKER)
+        return -EINVAL;
+    if (n == 0)
+        return 0;
+    if (ensure_sizes(t, w) < 0)
+        return -ENOMEM;
+    const uint8_t *p = (const uint8_t *)s;
+    uint64_t stamp = ++t->clock;
+    node_t *node = &t->root;
+    size_t pos = 0;
+    while (pos < n) {
+        node_t *c = find_kid(node, p[pos]);
+        if (!c) {
+            size_t len = n - pos < MAX_EDGE ? n - pos : MAX_EDGE;
+            c = node_new(p + pos, len, 1);
+            if (!c)
+                return -ENOMEM;
+            c->parent = node;
+            if (add_kid(node, c) < 0) {
+                node_free(c);
+                return -ENOMEM;
+            }
+            t->nodes++;
+            t->chars += len;
+            add_tenant(t, c, w, stamp);     /* capacity 1 is free: cannot fail */
+            pos += len;
+            node = c;
+            continue;
+        }
+        size_t room = n - pos < c->len ? n - pos : c->len;
+        size_t k = lcp(c->edge, p + pos, room);
+        if (k < c->len && !(c = split(t, c, k)))
+            return -ENOMEM;
+        tenant_t *x = find_tenant(c, w);
+        if (x)
+            x->stamp = stamp;
+        else if (add_tenant(t, c, w, stamp) < 0)
+            return -ENOMEM;
+        pos += k;
+        node = c;
+    }
+    return 0;
+}
+
+size_t sglr_radix_match(sglr_radix_t *t, const char *s, size_t n,
+                        const uint8_t *allowed, size_t nbits, int *worker_out)
+{
+    const uint8_t *p = (const uint8_t *)s;
+    node_t *node = &t->root, *deep = NULL;
+    size_t pos = 0;
+    *worker_out = -1;
+    while (pos < n) {
+        node_t *c = find_kid(node, p[pos]);
+        if (!c)
+            break;
+        uint32_t i = 0;
+        while (i < c->nten && !is_allowed(c->ten[i].worker, allowed, nbits))
+            i++;
+        if (i == c->nten)
+            break;      /* only workers that may not take traffic hold it */
+        size_t room = n - pos < c->len ? n - pos : c->len;
+        size_t k = lcp(c->edge, p + pos, room);
+        pos += k;
+        deep = c;
+        if (k < c->len)
+            break;
+        node = c;
+    }
+    /* Never cut a character in two: back up over continuation bytes (at
+     * most three; more means the text is not UTF-8, so leave it). */
+    if (pos < n) {
+        size_t q = pos;
+        while (q > 0 && pos - q < 3 && (p[q] & 0xC0) == 0x80)
+            q--;
+        if ((p[q] & 0xC0) != 0x80)
+            pos = q;
+    }
+    if (!deep || pos == 0)
+        return 0;
+
+    tenant_t *best = NULL;
+    for (uint32_t i = 0; i < deep->nten; i++) {
+        tenant_t *x = &deep->ten[i];
+        if (is_allowed(x->worker, allowed, nbits) && (!best || x->stamp > best->stamp))
+            best = x;
+    }
+    int w = best->worker;
+    uint64_t stamp = ++t->clock;
+    for (node_t *x = deep; x != &t->root; x = x->parent) {
+        tenant_t *y = find_tenant(x, w);
+        if (y)
+            y->stamp = stamp;
+    }
+    *worker_out = w;
+    return pos;
+}
+
+static void remove_visit(sglr_radix_t *t, node_t *n, void *ud)
+{
+    tenant_t *x = find_tenant(n, *(int *)ud);
+    if (x)
+        remove_tenant(t, n, x);
+    if (n->nten == 0)
+        prune(t, n);
+    else
+        try_merge(t, n);
+}
+
+void sglr_radix_remove_worker(sglr_radix_t *t, int w)
+{
+    if (w < 0 || (size_t)w >= t->nsizes || t->sizes[w] == 0)
+        return;
+    walk_post(t, remove_visit, &w);
+}
+
+size_t sglr_radix_size(const sglr_radix_t *t, int w)
+{
+    return w >= 0 && (size_t)w < t->nsizes ? t->sizes[w] : 0;
+}
+
+void sglr_radix_stats(const sglr_radix_t *t, sglr_radix_stats_t *out)
+{
+    out->nodes = t->nodes;
+    out->chars = t->chars;
+    out->tenancies = t->tenancies;
+}
+
+/* ---- eviction ----------------------------------------------------------- */
+
+/* A worker's leaf tenancy, ordered by stamp in a binary min-heap. Stamps
+ * along a path only grow towards the root, so when a leaf goes its parent
+ * (which may become a leaf) sorts after it: one heap over all the workers
+ * that are over budget yields each one's entries in LRU order. */
+typedef struct {
+    uint64_t stamp;
+    node_t *node;
+    int32_t worker;
+} victim_t;
+
+typedef struct {
+    victim_t *v;
+    size_t n, cap;
+    size_t max;
+} heap_t;
+
+static void sift_down(victim_t *v, size_t n, size_t i)
+{
+    victim_t x = v[i];
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && v[c + 1].stamp < v[c].stamp)
+            c++;
+        if (v[c].stamp >= x.stamp)
+            break;
+        v[i] = v[c];
+        i = c;
+    }
+    v[i] = x;
+}
+
+static void heap_push(heap_t *h, victim_t x)
+{
+    size_t i = h->n++;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (h->v[p].stamp <= x.stamp)
+            break;
+        h->v[i] = h->v[p];
+        i = p;
+    }
+    h->v[i] = x;
+}
+
+static victim_t heap_pop(heap_t *h)
+{
+    victim_t top = h->v[0];
+    h->v[0] = h->v[--h->n];
+    if (h->n)
+        sift_down(h->v, h->n, 0);
+    return top;
+}
+
+static void collect_visit(sglr_radix_t *t, node_t *n, void *ud)
+{
+    heap_t *h = ud;
+    for (uint32_t i = 0; i < n->nten; i++) {
+        tenant_t *x = &n->ten[i];
+        if (x->nkids == 0 && t->sizes[x->worker] > h->max) {
+            if (h->v)
+                h->v[h->n] = (victim_t){ x->stamp, n, x->worker };
+            h->n++;
+        }
+    }
+}
+
+static void merge_visit(sglr_radix_t *t, node_t *n, void *ud)
+{
+    (void)ud;
+    try_merge(t, n);
+}
+
+size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
+{
+    size_t over = 0;
+    for (size_t w = 0; w < t->nsizes; w++)
+        over += t->sizes[w] > max;
+    if (over == 0)
+        return 0;
+
+    /* Count the leaves first, then fill: each (node, worker) enters the
+     * heap at most once and a push always follows a pop, so the initial
+     * count bounds the heap. */
+    heap_t h = { .max = max };
+    walk_post(t, collect_visit, &h);
+    h.cap = h.n;
+    h.v = malloc((h.cap ? h.cap : 1) * sizeof(victim_t));
+    if (!h.v)
+        return 0;
+    h.n = 0;
+    walk_post(t, collect_visit, &h);
+    for (size_t i = h.n / 2; i-- > 0;)
+        sift_down(h.v, h.n, i);
+
+    size_t removed = 0;
+    while (h.n && over) {
+        victim_t e = heap_pop(&h);
+        int w = e.worker;
+        if (t->sizes[w] <= max)
+            continue;
+        node_t *n = e.node, *p = n->parent;
+        removed += n->len;
+        remove_tenant(t, n, find_tenant(n, w));
+        if (t->sizes[w] <= max)
+            over--;
+        if (n->nten == 0)
+            prune(t, n);
+        if (p != &t->root && t->sizes[w] > max) {
+            tenant_t *pt = find_tenant(p, w);
+            if (pt && pt->nkids == 0)
+                heap_push(&h, (victim_t){ pt->stamp, p, w });
+        }
+    }
+    free(h.v);
+    /* Leaves gone leave chains of single children behind: fold them so
+     * later walks stay short. */
+    if (removed)
+        walk_post(t, merge_visit, NULL);
+    return removed;
+}
+
+/* ---- self-check (tests) ------------------------------------------------- */
+
+typedef struct {
+    int err;
+    size_t nodes, chars, tenancies;
+    size_t *sizes;
+} check_t;
+
+#define VERIFY(c) do { if (!(c) && !k->err) k->err = -__LINE__; } while (0)
+
+static void check_visit(sglr_radix_t *t, node_t *n, void *ud)
+{
+    check_t *k = ud;
+    node_t *p = n->parent;
+    k->nodes++;
+    k->chars += n->len;
+    k->tenancies += n->nten;
+    VERIFY(n->len > 0);
+    VERIFY(n->nten > 0);
+    VERIFY(p && kid_index(p, n->edge[0]) >= 0 && p->kids[kid_index(p, n->edge[0])] == n);
+    for (int i = 0; i < n->nkids; i++) {
+        VERIFY(n->kids[i]->parent == n);
+        VERIFY(KEYS(n)[i] == n->kids[i]->edge[0]);
+        for (int j = 0; j < i; j++)
+            VERIFY(KEYS(n)[j] != KEYS(n)[i]);
+    }
+    for (uint32_t i = 0; i < n->nten; i++) {
+        tenant_t *x = &n->ten[i];
+        VERIFY(x->worker >= 0 && (size_t)x->worker < t->nsizes);
+        if (k->err)
+            return;
+        k->sizes[x->worker] += n->len;
+        for (uint32_t j = 0; j < i; j++)
+            VERIFY(n->ten[j].worker != x->worker);
+        uint32_t held = 0;
+        for (int j = 0; j < n->nkids; j++) {
+            tenant_t *y = find_tenant(n->kids[j], x->worker);
+            if (y) {
+                held++;
+                VERIFY(y->stamp <= x->stamp);
+            }
+        }
+        VERIFY(held == x->nkids);
+        if (p != &t->root)
+            VERIFY(find_tenant(p, x->worker) != NULL);
+    }
+}
+
+int sglr_radix_check(const sglr_radix_t *ct)
+{
+    sglr_radix_t *t = (sglr_radix_t *)ct;     /* the visit only reads */
+    check_t k = { 0 };
+    k.sizes = calloc(t->nsizes ? t->nsizes : 1, sizeof(size_t));
+    if (!k.sizes)
+        return -ENOMEM;
+    if (t->root.nten != 0 || t->root.len != 0)
+        k.err = -__LINE__;
+    walk_post(t, check_visit, &k);
+    if (!k.err && (k.nodes != t->nodes || k.chars != t->chars || k.tenancies != t->tenancies))
+        k.err = -__LINE__;
+    for (size_t w = 0; !k.err && w < t->nsizes; w++)
+        if (k.sizes[w] != t->sizes[w])
+            k.err = -__LINE__;
+    free(k.sizes);
+    return k.err;
+}

@@ -1,0 +1,480 @@
+/*
+ * test_radix.c: the approximate prefix tree (core/radix.c).
+ */
+#include "test.h"
+#include "radix.h"
+
+#include <time.h>
+
+static size_t ins(sglr_radix_t *t, const char *s, int w)
+{
+    return (size_t)sglr_radix_insert(t, s, strlen(s), w);
+}
+
+static size_t match(sglr_radix_t *t, const char *s, int *w)
+{
+    return sglr_radix_match(t, s, strlen(s), NULL, 0, w);
+}
+
+static size_t match_only(sglr_radix_t *t, const char *s, const int *allowed, int n, int *w)
+{
+    uint8_t bits[8] = { 0 };
+    for (int i = 0; i < n; i++)
+        bits[allowed[i] >> 3] |= (uint8_t)(1u << (allowed[i] & 7));
+    return sglr_radix_match(t, s, strlen(s), bits, 64, w);
+}
+
+static sglr_radix_stats_t stats(sglr_radix_t *t)
+{
+    sglr_radix_stats_t st;
+    sglr_radix_stats(t, &st);
+    return st;
+}
+
+TEST(split_edges)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    CHECK_EQ_INT(ins(t, "hello world", 0), 0);
+    CHECK_EQ_INT(stats(t).nodes, 1);
+    CHECK_EQ_INT(ins(t, "hello there", 1), 0);
+    /* "hello " {0,1} -> "world" {0}, "there" {1} */
+    CHECK_EQ_INT(stats(t).nodes, 3);
+    CHECK_EQ_INT(stats(t).chars, 16);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 11);
+    CHECK_EQ_INT(sglr_radix_size(t, 1), 11);
+    CHECK_EQ_INT(match(t, "hello world, again", &w), 11);
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(match(t, "hello th", &w), 8);
+    CHECK_EQ_INT(w, 1);
+    CHECK_EQ_INT(match(t, "help", &w), 3);
+    CHECK_EQ_INT(match(t, "xyz", &w), 0);
+    CHECK_EQ_INT(w, -1);
+    CHECK_EQ_INT(match(t, "", &w), 0);
+    /* A text ending inside an edge splits it too. */
+    CHECK_EQ_INT(ins(t, "hel", 2), 0);
+    CHECK_EQ_INT(stats(t).nodes, 4);
+    CHECK_EQ_INT(sglr_radix_size(t, 2), 3);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 11);
+    CHECK_EQ_INT(stats(t).chars, 16);
+    /* Re-inserting changes nothing but stamps. */
+    CHECK_EQ_INT(ins(t, "hello world", 0), 0);
+    CHECK_EQ_INT(stats(t).nodes, 4);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 11);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK(sglr_radix_insert(t, "x", 1, -1) < 0);
+    CHECK(sglr_radix_insert(t, "x", 1, SGLR_RADIX_MAX_WORKER + 1) < 0);
+    sglr_radix_free(t);
+}
+
+TEST(many_workers_overlap)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    char buf[64];
+    for (int w = 0; w < 40; w++) {
+        snprintf(buf, sizeof buf, "system prompt: be brief. user %d asks", w);
+        CHECK_EQ_INT(ins(t, buf, w), 0);
+        CHECK_EQ_INT(ins(t, "system prompt: be brief.", w), 0);
+    }
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    int w;
+    CHECK_EQ_INT(match(t, "system prompt: be brief. user 17 asks more", &w), 37);
+    CHECK_EQ_INT(w, 17);
+    CHECK_EQ_INT(match(t, "system prompt: be brief. user 3 asks", &w), 36);
+    CHECK_EQ_INT(w, 3);
+    /* Every worker holds the shared part; the last one to touch it wins. */
+    CHECK_EQ_INT(match(t, "system prompt: be brief. other", &w), 25);
+    CHECK_EQ_INT(w, 3);
+    for (int i = 0; i < 40; i++) {
+        snprintf(buf, sizeof buf, "system prompt: be brief. user %d asks", i);
+        CHECK_EQ_INT(sglr_radix_size(t, i), strlen(buf));
+    }
+    sglr_radix_free(t);
+}
+
+TEST(allowed_filter)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "abcdef", 0);
+    ins(t, "abc", 1);
+    ins(t, "abcdxy", 2);
+    int only1[] = { 1 }, only12[] = { 1, 2 }, only0[] = { 0 }, none[] = { 9 };
+    CHECK_EQ_INT(match_only(t, "abcdefg", only1, 1, &w), 3);
+    CHECK_EQ_INT(w, 1);
+    CHECK_EQ_INT(match_only(t, "abcdefg", only12, 2, &w), 4);
+    CHECK_EQ_INT(w, 2);
+    CHECK_EQ_INT(match_only(t, "abcdefg", only0, 1, &w), 6);
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(match_only(t, "abcdefg", none, 1, &w), 0);
+    CHECK_EQ_INT(w, -1);
+    /* Worker ids past the bitset are not allowed. */
+    ins(t, "zzz", 63);
+    CHECK_EQ_INT(sglr_radix_match(t, "zzz", 3, (const uint8_t *)"\xff", 8, &w), 0);
+    CHECK_EQ_INT(match(t, "zzz", &w), 3);
+    CHECK_EQ_INT(w, 63);
+    sglr_radix_free(t);
+}
+
+TEST(ties_go_to_most_recent)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "same text", 0);
+    ins(t, "same text", 1);
+    CHECK_EQ_INT(match(t, "same text", &w), 9);
+    CHECK_EQ_INT(w, 1);
+    ins(t, "same text", 0);
+    CHECK_EQ_INT(match(t, "same text", &w), 9);
+    CHECK_EQ_INT(w, 0);
+    /* A match refreshes the worker it returns. */
+    int only1[] = { 1 };
+    CHECK_EQ_INT(match_only(t, "same", only1, 1, &w), 4);
+    CHECK_EQ_INT(w, 1);
+    CHECK_EQ_INT(match(t, "same text", &w), 9);
+    CHECK_EQ_INT(w, 1);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
+TEST(remove_worker)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "hello world", 0);
+    ins(t, "hello there", 1);
+    ins(t, "goodbye", 1);
+    CHECK_EQ_INT(stats(t).nodes, 4);
+    sglr_radix_remove_worker(t, 1);
+    CHECK_EQ_INT(sglr_radix_size(t, 1), 0);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 11);
+    /* "hello " and "world" fold back into one node. */
+    CHECK_EQ_INT(stats(t).nodes, 1);
+    CHECK_EQ_INT(stats(t).chars, 11);
+    CHECK_EQ_INT(match(t, "hello there", &w), 6);
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(match(t, "goodbye", &w), 0);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_remove_worker(t, 0);
+    sglr_radix_remove_worker(t, 7);     /* unknown: no-op */
+    CHECK_EQ_INT(stats(t).nodes, 0);
+    CHECK_EQ_INT(stats(t).chars, 0);
+    CHECK_EQ_INT(stats(t).tenancies, 0);
+    CHECK_EQ_INT(match(t, "hello", &w), 0);
+    ins(t, "again", 1);
+    CHECK_EQ_INT(match(t, "again", &w), 5);
+    CHECK_EQ_INT(w, 1);
+    sglr_radix_free(t);
+}
+
+TEST(evict_lru_leaves_first)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "shared/aaaa", 0);   /* stamp 1 */
+    ins(t, "shared/bbbb", 0);   /* 2 */
+    ins(t, "shared/cccc", 0);   /* 3 */
+    ins(t, "other", 1);         /* 4: worker 1 is under budget throughout */
+    CHECK_EQ_INT(match(t, "shared/aaaa", &w), 11);   /* 5: aaaa is now recent */
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 7 + 12);
+    CHECK_EQ_INT(sglr_radix_evict(t, 100), 0);
+    /* Over by one: the least recently used leaf (bbbb) goes. */
+    CHECK_EQ_INT(sglr_radix_evict(t, 18), 4);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 15);
+    CHECK_EQ_INT(match(t, "shared/bbbb", &w), 7);
+    CHECK_EQ_INT(match(t, "shared/cccc", &w), 11);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    /* Leaves go before the prefix they hang from, even a fresher prefix:
+     * down to 7 leaves only "shared/". */
+    CHECK_EQ_INT(sglr_radix_evict(t, 7), 8);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 7);
+    CHECK_EQ_INT(match(t, "shared/cccc", &w), 7);
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(sglr_radix_size(t, 1), 5);
+    CHECK_EQ_INT(sglr_radix_evict(t, 0), 12);
+    CHECK_EQ_INT(stats(t).nodes, 0);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
+TEST(evict_keeps_nodes_other_workers_hold)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "prefix one", 0);
+    ins(t, "prefix one", 1);
+    ins(t, "prefix two", 0);
+    /* Worker 0's oldest leaf is "one", which worker 1 keeps. */
+    CHECK_EQ_INT(sglr_radix_evict(t, 10), 3);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 10);
+    CHECK_EQ_INT(sglr_radix_size(t, 1), 10);
+    int only0[] = { 0 }, only1[] = { 1 };
+    CHECK_EQ_INT(match_only(t, "prefix one", only0, 1, &w), 7);
+    CHECK_EQ_INT(match_only(t, "prefix one", only1, 1, &w), 10);
+    CHECK_EQ_INT(match_only(t, "prefix two", only0, 1, &w), 10);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
+TEST(utf8_boundaries)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "h\xc3\xa9llo", 0);                                  /* héllo */
+    CHECK_EQ_INT(match(t, "h\xc3\xa8llo", &w), 1);              /* hèllo */
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(match(t, "h\xc3\xa9", &w), 3);
+    ins(t, "\xc3\xa9t\xc3\xa9", 1);                             /* été */
+    CHECK_EQ_INT(match(t, "\xc3\xa8", &w), 0);                  /* è */
+    CHECK_EQ_INT(w, -1);
+    ins(t, "x\xf0\x9f\x98\x80y", 2);                            /* x😀y */
+    CHECK_EQ_INT(match(t, "x\xf0\x9f\x98\x81y", &w), 1);        /* x😁y */
+    CHECK_EQ_INT(match(t, "x\xf0\x9f\x98\x80z", &w), 5);
+    /* Not UTF-8 at all: bytes are matched as they are. */
+    ins(t, "\x80\x80\x80\x80\x80\x80", 3);
+    CHECK_EQ_INT(match(t, "\x80\x80\x80\x80\x80\x81", &w), 5);
+    sglr_radix_free(t);
+}
+
+TEST(deep_chains)
+{
+    /* A conversation inserted turn by turn nests one node per turn; walks
+     * over the tree must not recurse. */
+    static char text[20000];
+    memset(text, 'q', sizeof text);
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    for (size_t n = 4; n <= sizeof text; n += 4)
+        CHECK_EQ_INT(sglr_radix_insert(t, text, n, 0), 0);
+    CHECK_EQ_INT(stats(t).nodes, sizeof text / 4);
+    CHECK_EQ_INT(match(t, "qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq", &w), 61);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    /* Another worker sharing the first half, then an eviction and a
+     * removal that fold the chain back together. */
+    CHECK_EQ_INT(sglr_radix_insert(t, text, sizeof text / 2, 1), 0);
+    CHECK_EQ_INT(sglr_radix_evict(t, sizeof text / 2), sizeof text / 2);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_remove_worker(t, 1);
+    CHECK_EQ_INT(stats(t).nodes, 1);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), sizeof text / 2);
+    sglr_radix_free(t);
+}
+
+TEST(memory_bounded_under_unique_prompts)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    char buf[256];
+    unsigned x = 12345;
+    size_t peak = 0;
+    for (int i = 0; i < 20000; i++) {
+        int n = snprintf(buf, sizeof buf, "You are a helpful assistant. Request %d:", i);
+        for (int j = 0; j < 60; j++) {
+            x = x * 1103515245u + 12345u;
+            buf[n++] = (char)('a' + (x >> 16) % 26);
+        }
+        CHECK_EQ_INT(sglr_radix_insert(t, buf, (size_t)n, i % 4), 0);
+        if (i % 500 == 499)
+            sglr_radix_evict(t, 10000);
+        if (stats(t).chars > peak)
+            peak = stats(t).chars;
+    }
+    CHECK(peak < 4 * (10000 + 500 * 110));
+    sglr_radix_evict(t, 10000);
+    for (int w = 0; w < 4; w++)
+        CHECK(sglr_radix_size(t, w) <= 10000);
+    CHECK(stats(t).chars <= 4 * 10000);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
+TEST(evict_is_fast)
+{
+    /* 4M chars over 16 workers, then drop 1M: must not be quadratic. */
+    sglr_radix_t *t = sglr_radix_new();
+    static char buf[1024];
+    unsigned x = 7;
+    for (int i = 0; i < 4096; i++) {
+        for (int j = 0; j < 1024; j++) {
+            x = x * 1103515245u + 12345u;
+            buf[j] = (char)('a' + (x >> 16) % 26);
+        }
+        memcpy(buf, "shared system prompt number ", 28);
+        buf[28] = (char)('A' + i % 8);
+        sglr_radix_insert(t, buf, sizeof buf, i % 16);
+    }
+    size_t before = stats(t).chars;
+    clock_t c0 = clock();
+    size_t removed = sglr_radix_evict(t, (before - (1u << 20)) / 16);
+    double ms = (double)(clock() - c0) * 1000.0 / CLOCKS_PER_SEC;
+    fprintf(stderr, "     evicted %zu chars of %zu in %.2f ms\n", removed, before, ms);
+    CHECK(removed >= (1u << 20) - 16 * 1024);
+    CHECK(ms < 250);     /* well under 50 ms in a release build; ASan is slower */
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
+/* ---- randomized comparison with a brute-force model --------------------- */
+
+#define NW 6
+#define MAXS 400
+
+typedef struct {
+    char s[MAXS][40];
+    int n;
+} model_t;
+
+static size_t raw_lcp(const char *a, const char *b)
+{
+    size_t i = 0;
+    while (a[i] && a[i] == b[i])
+        i++;
+    return i;
+}
+
+static size_t utf8_floor(const char *s, size_t pos)
+{
+    size_t n = strlen(s);
+    size_t q = pos;
+    while (q > 0 && q < n && ((unsigned char)s[q] & 0xC0) == 0x80)
+        q--;
+    return q;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+/* Distinct non-empty prefixes of a worker's strings = bytes it holds. */
+static size_t model_size(model_t *m)
+{
+    static char sorted[MAXS][40];
+    memcpy(sorted, m->s, sizeof(m->s[0]) * (size_t)m->n);
+    qsort(sorted, (size_t)m->n, sizeof sorted[0], cmp_str);
+    size_t total = 0;
+    for (int i = 0; i < m->n; i++)
+        total += strlen(sorted[i]) - (i ? raw_lcp(sorted[i], sorted[i - 1]) : 0);
+    return total;
+}
+
+TEST(randomized_against_model)
+{
+    static const char *alpha[] = { "a", "b", "\xc3\xa9", "\xc3\xa8", "\xe2\x82\xac" };
+    static model_t model[NW];
+    memset(model, 0, sizeof model);
+    sglr_radix_t *t = sglr_radix_new();
+    unsigned x = 2024;
+#define RND(n) ((x = x * 1103515245u + 12345u), (int)((x >> 8) % (unsigned)(n)))
+    for (int op = 0; op < 20000; op++) {
+        char s[40] = { 0 };
+        int len = RND(10);
+        for (int i = 0; i < len; i++)
+            strcat(s, alpha[RND(5)]);
+        int r = RND(100);
+        if (r < 45) {
+            int w = RND(NW);
+            if (model[w].n < MAXS && *s) {
+                CHECK_EQ_INT(sglr_radix_insert(t, s, strlen(s), w), 0);
+                strcpy(model[w].s[model[w].n++], s);
+            }
+        } else if (r < 97) {
+            uint8_t bits = 0;
+            int use_filter = RND(2);
+            for (int w = 0; w < NW; w++)
+                if (!use_filter || RND(2))
+                    bits |= (uint8_t)(1u << w);
+            size_t best = 0;
+            for (int w = 0; w < NW; w++) {
+                if (!(bits >> w & 1))
+                    continue;
+                for (int i = 0; i < model[w].n; i++) {
+                    size_t l = raw_lcp(s, model[w].s[i]);
+                    if (l > best)
+                        best = l;
+                }
+            }
+            int got;
+            size_t n = sglr_radix_match(t, s, strlen(s), use_filter ? &bits : NULL,
+                                        use_filter ? 8 : 0, &got);
+            CHECK_EQ_INT(n, utf8_floor(s, best));
+            if (n == 0) {
+                CHECK_EQ_INT(got, -1);
+            } else {
+                /* The returned worker holds a string sharing the whole raw match. */
+                CHECK(got >= 0 && got < NW && (bits >> got & 1));
+                size_t mine = 0;
+                for (int i = 0; i < model[got].n; i++) {
+                    size_t l = raw_lcp(s, model[got].s[i]);
+                    if (l > mine)
+                        mine = l;
+                }
+                CHECK_EQ_INT(mine, best);
+            }
+        } else {
+            int w = RND(NW);
+            sglr_radix_remove_worker(t, w);
+            model[w].n = 0;
+        }
+        if (op % 500 == 0) {
+            CHECK_EQ_INT(sglr_radix_check(t), 0);
+            for (int w = 0; w < NW; w++)
+                CHECK_EQ_INT(sglr_radix_size(t, w), model_size(&model[w]));
+        }
+    }
+    /* Eviction keeps the tree sound and every worker within budget, and
+     * whatever a worker still holds is a prefix of something it was sent. */
+    CHECK(sglr_radix_evict(t, 20) > 0);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    for (int w = 0; w < NW; w++)
+        CHECK(sglr_radix_size(t, w) <= 20);
+    sglr_radix_free(t);
+#undef RND
+}
+
+TEST(randomized_with_eviction_stays_sound)
+{
+    static const char *alpha[] = { "ab", "b", "\xc3\xa9", "c", "xyz" };
+    sglr_radix_t *t = sglr_radix_new();
+    unsigned x = 99;
+#define RND(n) ((x = x * 1103515245u + 12345u), (int)((x >> 8) % (unsigned)(n)))
+    for (int op = 0; op < 30000; op++) {
+        char s[80] = { 0 };
+        int len = RND(20);
+        for (int i = 0; i < len; i++)
+            strcat(s, alpha[RND(5)]);
+        int r = RND(100), w = RND(12), got;
+        if (r < 60)
+            CHECK_EQ_INT(sglr_radix_insert(t, s, strlen(s), w), 0);
+        else if (r < 90)
+            sglr_radix_match(t, s, strlen(s), NULL, 0, &got);
+        else if (r < 99) {
+            size_t max = (size_t)RND(200);
+            sglr_radix_evict(t, max);
+            for (int i = 0; i < 12; i++)
+                CHECK(sglr_radix_size(t, i) <= max);
+        } else
+            sglr_radix_remove_worker(t, w);
+        if (op % 100 == 0)
+            CHECK_EQ_INT(sglr_radix_check(t), 0);
+    }
+    sglr_radix_free(t);
+#undef RND
+}
+
+int main(void)
+{
+    RUN(split_edges);
+    RUN(many_workers_overlap);
+    RUN(allowed_filter);
+    RUN(ties_go_to_most_recent);
+    RUN(remove_worker);
+    RUN(evict_lru_leaves_first);
+    RUN(evict_keeps_nodes_other_workers_hold);
+    RUN(utf8_boundaries);
+    RUN(deep_chains);
+    RUN(memory_bounded_under_unique_prompts);
+    RUN(evict_is_fast);
+    RUN(randomized_against_model);
+    RUN(randomized_with_eviction_stays_sound);
+    TEST_EXIT();
+}

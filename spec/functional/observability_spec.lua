@@ -1,0 +1,141 @@
+-- Metrics and logs: counters move by exactly what a known sequence of
+-- requests should cause; promtool accepts the exposition; logs land in
+-- --log-dir, one access line per request, valid JSON with --log-json.
+local H = require "spec.helpers"
+local core = require "sglr.core"
+local cjson = require "cjson.safe"
+
+local function scrape(r)
+  local res = assert(H.get("http://127.0.0.1:" .. r.metrics_port, "/metrics"))
+  assert.equal(200, res.status)
+  return res.body
+end
+
+-- value of one series, e.g. metric(text, 'sgl_router_requests_total{route="generate"}')
+local function metric(text, series)
+  for line in text:gmatch("[^\n]+") do
+    if line:sub(1, #series + 1) == series .. " " then return tonumber(line:sub(#series + 2)) end
+  end
+  return 0
+end
+
+describe("metrics", function()
+  local good, bad, r, dir
+  setup(function()
+    good = H.sim({ "--id", "good" })
+    bad = H.sim({ "--id", "bad", "--fail-first", "1", "--fail-status", "500" })
+    r = H.router({ "--worker-urls", good.url, bad.url, "--policy", "round_robin",
+      "--retry-initial-backoff-ms", "1", "--cb-failure-threshold", "2", "--cb-timeout-duration-secs", "60" })
+  end)
+  teardown(H.stop_all)
+
+  it("count requests, retries, errors and breaker transitions exactly", function()
+    local before = scrape(r)
+    -- 1: good worker; 2: bad worker fails once -> retried on good
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("a"))).status)
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("b"))).status)
+    -- a client error
+    assert.equal(400, assert(H.post(r.url, "/generate", "{bad")).status)
+    -- open the bad worker's breaker: make it fail twice more
+    assert.equal(200, assert(H.get(bad.url, "/sim/set?fail_rate=1")).status)
+    for i = 1, 4 do H.post(r.url, "/v1/completions", { prompt = "c" .. i }) end
+    local after = scrape(r)
+    local d = function(s) return metric(after, s) - metric(before, s) end
+    assert.equal(3, d('sgl_router_requests_total{route="generate"}'))
+    assert.equal(4, d('sgl_router_requests_total{route="completions"}'))
+    assert.equal(1, d('sgl_router_request_errors_total{route="generate",error_type="bad_request"}'))
+    assert.is_true(d('sgl_router_retries_total{route="generate"}') == 1)
+    assert.equal(1, d(('sgl_router_cb_state_transitions_total{worker="%s",from="closed",to="open"}'):format(bad.url)))
+    assert.equal(1, metric(after, ('sgl_router_cb_state{worker="%s"}'):format(bad.url)))
+    assert.equal(0, metric(after, ('sgl_router_cb_state{worker="%s"}'):format(good.url)))
+    assert.equal(2, metric(after, "sgl_router_active_workers"))
+    assert.equal(1, metric(after, ('sgl_router_worker_health{worker="%s"}'):format(good.url)))
+    assert.equal(0, metric(after, ('sgl_router_running_requests{worker="%s"}'):format(good.url)))
+    assert.equal(3, d('sgl_router_request_duration_seconds_count{route="generate"}'))
+    assert.is_true(d(('sgl_router_processed_requests_total{worker="%s"}'):format(good.url)) >= 5)
+    assert.is_true(d(('sgl_router_policy_decisions_total{policy="round_robin",worker="%s"}'):format(good.url)) >= 5)
+  end)
+
+  it("pass promtool check metrics", function()
+    local text = scrape(r)
+    local file = H.tmpfile(text, ".prom")
+    local ok, _, code = os.execute("promtool check metrics < " .. file .. " > " .. file .. ".out 2>&1")
+    local out = io.open(file .. ".out"):read("*a")
+    os.remove(file)
+    os.remove(file .. ".out")
+    assert.is_true(ok == true or ok == 0, "promtool: " .. out .. tostring(code))
+  end)
+
+  it("serve only /metrics on the metrics listener", function()
+    local res = assert(H.get("http://127.0.0.1:" .. r.metrics_port, "/other"))
+    assert.equal(404, res.status)
+  end)
+end)
+
+describe("logs", function()
+  local dir
+  setup(function()
+    dir = os.tmpname()
+    os.remove(dir)
+  end)
+  teardown(function()
+    H.stop_all()
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("write one JSON access line per request to the daily file in --log-dir", function()
+    local w = H.sim({ "--id", "w" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--log-json", "--log-dir", dir })
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("x"), { ["x-request-id"] = "req-one" })).status)
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("x", { stream = true }),
+      { ["x-request-id"] = "req-two" })).status)
+    assert.equal(404, assert(H.get(r.url, "/nope")).status)
+    local file = dir .. "/sglr.log." .. os.date("!%Y-%m-%d")
+    local lines
+    H.wait_for(function()
+      local f = io.open(file)
+      if not f then return false end
+      local text = f:read("*a")
+      f:close()
+      lines = {}
+      for l in text:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      local n = 0
+      for _, l in ipairs(lines) do if l:find('"msg":"request"', 1, true) then n = n + 1 end end
+      return n >= 2
+    end, 5000, "access lines in " .. file)
+    local access = {}
+    for _, l in ipairs(lines) do
+      local rec = cjson.decode(l)
+      assert.is_table(rec, "not JSON: " .. l)
+      assert.is_string(rec.level)
+      if rec.msg == "request" then access[#access + 1] = rec end
+    end
+    assert.equal(2, #access)
+    assert.equal("req-one", access[1].request_id)
+    assert.equal("generate", access[1].route)
+    assert.equal(w.url, access[1].worker)
+    assert.equal(200, access[1].status)
+    assert.equal(false, access[1].stream)
+    assert.equal(0, access[1].retries)
+    assert.is_number(access[1].duration_ms)
+    assert.equal(true, access[2].stream)
+  end)
+
+  it("print human-readable lines on stderr by default", function()
+    local w = H.sim({ "--id", "w" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin" })
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("x"), { ["x-request-id"] = "visible-id" })).status)
+    H.wait_for(function() return r.proc.out:find("request_id=visible-id", 1, true) end, 3000, "access line")
+    assert.truthy(r.proc.out:match("info%s+request .*status=200"))
+  end)
+
+  it("log worker state changes", function()
+    local w = H.sim({ "--id", "w" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--health-check-interval-secs", "0.1",
+      "--health-failure-threshold", "1" })
+    H.get(w.url, "/sim/set?healthy=0")
+    H.wait_for(function() return r.proc.out:find("worker unhealthy", 1, true) end, 3000, "unhealthy log")
+    assert.equal(200, assert(H.post(r.url, "/remove_worker?url=" .. w.url)).status)
+    H.wait_for(function() return r.proc.out:find("worker removed", 1, true) end, 3000, "removed log")
+  end)
+end)
