@@ -166,11 +166,17 @@ function P:select(req, workers)
   if #text > 0 then self.tree:insert(text, chosen.url) end
   self.counts[decision] = self.counts[decision] + 1
   req.decision, req.match_ratio = decision, ratio
+  req.max_load, req.min_load = max_load, min_load
   return chosen
 end
 
 function P:on_remove(w)
   self.tree:remove_worker(type(w) == "table" and w.url or w)
+end
+
+-- Characters of routing text recorded for a worker (the tree_size metric).
+function P:tree_size(url)
+  return self.tree:size(url)
 end
 
 function P:stats()

@@ -144,7 +144,11 @@ function M:load_policy()
   local P, err = policy_mod.load(conf.policy or "cache_aware")
   if not P then return nil, err end
   local inst
-  inst, err = policy_mod.instantiate(P, conf.policy_options or conf, self:runtime())
+  -- power_of_two polls /get_load on the startup check interval, as SGLang's
+  -- router does
+  local opts = merge(conf.policy_options, nil)
+  if opts.load_check_interval == nil then opts.load_check_interval = conf.worker_startup_check_interval end
+  inst, err = policy_mod.instantiate(P, opts, self:runtime())
   if not inst then return nil, err end
   self.policy = inst
   self.policy_name = P.name or conf.policy
@@ -516,8 +520,9 @@ function M:list_workers(x)
     urls[i] = w.url
     details[i] = self:worker_view(w)
   end
+  local pstats = self.policy.stats and self.policy:stats() or nil
   self:send_json(x, 200, { urls = setmetatable(urls, cjson.array_mt),
-    workers = setmetatable(details, cjson.array_mt), policy = self.policy_name })
+    workers = setmetatable(details, cjson.array_mt), policy = self.policy_name, policy_stats = pstats })
 end
 
 function M:add_worker(x, query)
