@@ -97,6 +97,14 @@ function M.log(lvl, msg, fields)
   if dir then to_file(line) end
 end
 
+-- Startup and shutdown lines: printed whatever the level, tagged info.
+function M.always(msg, f)
+  local saved = level
+  level = 0
+  M.log("info", msg, f)
+  level = saved
+end
+
 function M.debug(msg, f) M.log("debug", msg, f) end
 function M.info(msg, f) M.log("info", msg, f) end
 function M.warn(msg, f) M.log("warn", msg, f) end

@@ -664,7 +664,7 @@ function M:serve_metrics()
   end)
   if not srv then return nil, err end
   self.metrics_server = srv
-  log.info("metrics on http://" .. (conf.prometheus_host or "127.0.0.1") .. ":" .. srv:port() .. "/metrics")
+  log.always("metrics on http://" .. (conf.prometheus_host or "127.0.0.1") .. ":" .. srv:port() .. "/metrics")
   return true
 end
 
@@ -708,7 +708,7 @@ function M:start()
   ok, err = self:serve_metrics()
   if not ok then return nil, err end
   self.health:start()
-  log.info(string.format("sglr router listening on http://%s:%d (policy %s, %d worker(s))",
+  log.always(string.format("sglr router listening on http://%s:%d (policy %s, %d worker(s))",
     conf.host or "127.0.0.1", srv:port(), self.policy_name, #self.workers.list), { port = srv:port() })
   return true
 end
