@@ -24,8 +24,8 @@
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
 
-local floor, ceil, max, min, log = math.floor, math.ceil, math.max, math.min, math.log
-local concat, sort, insert = table.concat, table.sort, table.insert
+local floor, max, min, log = math.floor, math.max, math.min, math.log
+local concat, sort = table.concat, table.sort
 local fmt = string.format
 
 local M = {}
@@ -719,6 +719,13 @@ function M.run(opts)
       w:set(true)
     end
   end
+  -- The waiter keeps its own reference: a yielded C call does not anchor
+  -- its arguments, and an event collected while waited on never fires.
+  local function wait_for_change()
+    local ev = core.event()
+    wake = ev
+    ev:wait()
+  end
 
   local function runner(item)
     local session, i, history = item[1], item[2], item[3]
@@ -770,8 +777,7 @@ function M.run(opts)
     -- flight and nothing is ready (conversations ended by errors)
     while inflight >= cap or head > tail do
       if head > tail and inflight == 0 then break end
-      wake = core.event()
-      wake:wait()
+      wait_for_change()
     end
     if head > tail then break end
     local item = ready[head]
@@ -783,8 +789,7 @@ function M.run(opts)
     core.spawn(runner, item)
   end
   while inflight > 0 do
-    wake = core.event()
-    wake:wait()
+    wait_for_change()
   end
   local duration = (core.now() - t_start) / 1000
   finished = true

@@ -188,12 +188,18 @@ function M:request_id(x, route)
   return random_id(ID_PREFIX[route] or "req-")
 end
 
+-- req.text and req.headers are computed on first read only: most policies
+-- need neither.
 local req_mt = {
   __index = function(t, k)
     if k == "text" then
       local s = ok_extract and extract.route_text(t.route, t.body) or ""
       rawset(t, "text", s)
       return s
+    elseif k == "headers" then
+      local h = t._x:headers()
+      rawset(t, "headers", h)
+      return h
     end
   end,
 }
@@ -260,7 +266,7 @@ function M:route_request(x, route, extra, acc, t0)
   end
   acc.stream = info.stream
   local req = setmetatable({ route = route, body = body, stream = info.stream, model = info.model,
-    id = acc.rid, headers = nil }, req_mt)
+    id = acc.rid, _x = x }, req_mt)
 
   local conf = self.conf
   local deadline = t0 + (conf.request_timeout_secs or 600) * 1000
@@ -741,6 +747,14 @@ function M.main(args)
     end
     io.stderr:write("sglr run: ", tostring(err), "\n")
     return core.exit(2)
+  end
+  -- parsed for command-line compatibility, not served yet: refuse rather
+  -- than route differently from what the operator asked for
+  for _, k in ipairs({ "pd_disaggregation", "service_discovery", "dp_aware" }) do
+    if conf[k] then
+      io.stderr:write("sglr run: --", (k:gsub("_", "-")), " is not supported by this version of sglr yet\n")
+      return core.exit(2)
+    end
   end
   if conf.lua_path then
     package.sglr_path = conf.lua_path .. "/?.lua;" .. conf.lua_path .. "/?/init.lua;" .. (package.sglr_path or "")

@@ -49,3 +49,21 @@ return P
     assert.truthy(p.out:find("policy", 1, true))
   end)
 end)
+
+describe("examples/custom_policy.lua in the real router", function()
+  teardown(H.stop_all)
+
+  it("keeps a session on one worker through request headers", function()
+    local w1, w2 = H.sim({ "--id", "w1" }), H.sim({ "--id", "w2" })
+    local r = H.router({ "--worker-urls", w1.url, w2.url, "--policy", "examples/custom_policy.lua" })
+    for _, session in ipairs({ "alice", "bob", "carol" }) do
+      local first
+      for i = 1, 4 do
+        local res = assert(H.post(r.url, "/generate", H.gen_body("q" .. i), { ["x-session-id"] = session }))
+        assert.equal(200, res.status)
+        first = first or H.worker_of(res)
+        assert.equal(first, H.worker_of(res))
+      end
+    end
+  end)
+end)
