@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <malloc.h>
 #include <sys/resource.h>
 #include <lualib.h>
 #include <luv/luv.h>
@@ -136,6 +137,24 @@ static int open_embedded(lua_State *L)
     return 1;
 }
 
+/* Lua allocations go through malloc: LuaJIT's own allocator maps and unmaps
+ * every block over 128 KB (a long prompt string), and on a VM each fresh
+ * page costs a fault; glibc reuses freed memory instead. */
+static void *lua_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    if (nsize == 0) {
+        free(ptr);
+        return NULL;
+    }
+    return realloc(ptr, nsize);
+}
+
+static int lua_panic(lua_State *L)
+{
+    fprintf(stderr, "sglr: unprotected Lua error: %s\n", lua_tostring(L, -1));
+    return 0;
+}
+
 static void close_walk_cb(uv_handle_t *h, void *arg)
 {
     if (!uv_is_closing(h))
@@ -150,8 +169,15 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
+    /* Keep freed memory mapped and serve large blocks from the heap, so the
+     * steady state (request bodies, prompt strings, radix nodes recycled by
+     * eviction) does not fault pages in again and again. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
     sglr_loop = uv_default_loop();
-    lua_State *L = luaL_newstate();
+    lua_State *L = lua_newstate(lua_alloc, NULL);
+    if (L)
+        lua_atpanic(L, lua_panic);
     if (!L) {
         fprintf(stderr, "sglr: cannot create the Lua state\n");
         return 1;
