@@ -29,6 +29,7 @@ local function parser()
   p:option("--fail-first", "Answer the first N inference requests with --fail-status.", "0"):convert(tonumber)
   p:option("--fail-rate", "Answer this fraction of inference requests with --fail-status.", "0"):convert(tonumber)
   p:option("--fail-status", "HTTP status of injected failures.", "500"):convert(tonumber)
+  p:option("--reset-rate", "Drop this fraction of inference connections without answering.", "0"):convert(tonumber)
   p:option("--crash-after-tokens", "Drop the connection after N streamed tokens (0 = never).", "0"):convert(tonumber)
   p:flag("--hang", "Never answer inference requests (for timeout tests).")
   p:flag("--unhealthy", "Answer /health with 503.")
@@ -147,6 +148,9 @@ function M:infer(x, route)
     return
   end
   if self.opts.latency_ms > 0 then core.sleep(self.opts.latency_ms) end
+  if self.opts.reset_rate and self.opts.reset_rate > 0 and math.random() < self.opts.reset_rate then
+    return x:abort()   -- drop the connection without an answer
+  end
   if self:inject_failure() then
     return err(x, self.opts.fail_status, "injected failure", self.id)
   end
@@ -282,7 +286,7 @@ function M:handle(x)
     -- runtime fault switches for tests: /sim/set?healthy=0&fail_rate=1&fail_first=3
     local h = query_param(query, "healthy")
     if h then self.healthy = h == "1" or h == "true" end
-    for _, key in ipairs({ "fail_rate", "fail_status", "latency_ms", "load_offset",
+    for _, key in ipairs({ "fail_rate", "fail_status", "latency_ms", "load_offset", "reset_rate",
                            "decode_ms_per_token", "crash_after_tokens" }) do
       local v = tonumber(query_param(query, key))
       if v then self.opts[key] = v end

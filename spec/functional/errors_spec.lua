@@ -76,6 +76,29 @@ describe("router errors", function()
   end)
 end)
 
+describe("router with a worker that resets connections", function()
+  teardown(H.stop_all)
+
+  it("answers 502 when the worker drops the request", function()
+    local w = H.sim({ "--id", "w", "--reset-rate", "1" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--disable-retries" })
+    local res = assert(H.post(r.url, "/generate", H.gen_body("x")))
+    assert.equal(502, res.status)
+    assert.equal("worker_unreachable", res.json.error.type)
+    assert.truthy(res.json.error.message:find("reset", 1, true))
+  end)
+
+  it("cuts the client's stream when the worker dies mid-stream", function()
+    local w = H.sim({ "--id", "w", "--crash-after-tokens", "2", "--decode-ms-per-token", "5" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin" })
+    local res, err = H.post(r.url, "/generate", H.gen_body("x", { stream = true }))
+    -- the response started (200) and then ended without its terminator
+    assert.is_nil(res)
+    assert.equal("reset", err)
+    assert.equal(200, assert(H.get(r.url, "/liveness")).status)
+  end)
+end)
+
 describe("router without workers", function()
   local r
   setup(function() r = H.router({ "--policy", "round_robin" }) end)

@@ -72,6 +72,52 @@ describe("metrics", function()
   end)
 end)
 
+describe("cache_aware decision metrics", function()
+  teardown(H.stop_all)
+
+  it("count a cache miss and a hit, and the matched prefix share", function()
+    local a, b = H.sim({ "--id", "a" }), H.sim({ "--id", "b" })
+    local r = H.router({ "--worker-urls", a.url, b.url, "--policy", "cache_aware" })
+    local before = scrape(r)
+    local text = string.rep("shared prefix text ", 20)
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body(text))).status)   -- miss
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body(text))).status)   -- hit
+    local after = scrape(r)
+    local d = function(s) return metric(after, s) - metric(before, s) end
+    assert.equal(1, d("sgl_router_cache_misses_total"))
+    assert.equal(1, d("sgl_router_cache_hits_total"))
+    assert.equal(2, d("sgl_router_cache_match_ratio_count"))
+    assert.equal(#text, d('sgl_router_cache_prefix_chars_total{result="hit"}'))
+    assert.equal(#text, d('sgl_router_cache_prefix_chars_total{result="miss"}'))
+    assert.equal(1, d('sgl_router_cache_match_ratio_bucket{le="0.05"}'))
+    -- tree size per worker: the text was recorded under one worker
+    local sa = metric(after, ('sgl_router_tree_size{worker="%s"}'):format(a.url))
+    local sb = metric(after, ('sgl_router_tree_size{worker="%s"}'):format(b.url))
+    assert.equal(#text, sa + sb)
+  end)
+
+  it("let a policy register its own metrics through rt.metrics", function()
+    local w = H.sim({ "--id", "w" })
+    local file = H.tmpfile([[
+local P = { name = "counting", version = "1.0.0", options = {} }
+function P.new(conf, rt)
+  local self = setmetatable({}, { __index = P })
+  self.picks = rt.metrics.counter("my_policy_picks_total", "Picks by my policy.", { "route" })
+  return self
+end
+function P:select(req, workers)
+  self.picks:inc(1, req.route)
+  return workers[1]
+end
+return P
+]], ".lua")
+    local r = H.router({ "--worker-urls", w.url, "--policy", file })
+    for i = 1, 3 do assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("x" .. i))).status) end
+    os.remove(file)
+    assert.equal(3, metric(scrape(r), 'my_policy_picks_total{route="generate"}'))
+  end)
+end)
+
 describe("logs", function()
   local dir
   setup(function()
