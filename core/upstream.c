@@ -25,12 +25,16 @@ struct sglr_upconn_s {
     llhttp_t parser;
     int closing;
     int idle;
+    int reading;             /* uv_read_start is in effect */
+    int writing;             /* wreq is with libuv until write_cb runs */
+    int park;                /* become idle once write_cb has run */
 };
 
 static llhttp_settings_t settings;
 static char read_buf[64 * 1024];
 
 static void req_fail(sglr_upreq_t *r, int err);
+static void req_eof(sglr_upreq_t *r, int err);
 static void req_feed(sglr_upreq_t *r, const char *data, size_t len);
 static void req_dial(sglr_upreq_t *r);
 
@@ -198,11 +202,20 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     *buf = uv_buf_init(read_buf, sizeof read_buf);
 }
 
-static void idle_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+/* A connection reads from connect to close, so that no request pays for
+ * epoll_ctl calls; bytes that arrive while the request is paused (head
+ * handed to Lua, or throttled) wait in r->pending. */
+static void conn_read(sglr_upconn_t *c, int on)
 {
-    /* an idle connection has nothing to say: data or EOF both end it */
-    if (nread != 0)
-        conn_close(s->data);
+    if (on && !c->reading && !c->closing) {
+        if (uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb) == 0)
+            c->reading = 1;
+    } else if (!on && c->reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
+    }
 }
 
 static void conn_make_idle(sglr_upconn_t *c)
@@ -219,7 +232,7 @@ static void conn_make_idle(sglr_upconn_t *c)
     c->next = p->idle;
     p->idle = c;
     p->nidle++;
-    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, idle_read_cb);
+    conn_read(c, 1);   /* an idle connection that speaks or closes is closed */
 }
 
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -233,11 +246,35 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread > 0) {
         r->got_bytes = 1;
+        if (r->state == UP_HEAD || r->throttled) {
+            /* paused: keep the bytes; stop reading if too many wait */
+            if (sglr_buf_append(&r->pending, buf->base, (size_t)nread)) {
+                req_fail(r, SGLR_UP_ENOMEM);
+                return;
+            }
+            if (r->pending.len > (1u << 20))
+                conn_read(c, 0);
+            return;
+        }
         req_feed(r, buf->base, (size_t)nread);
         return;
     }
     if (nread == 0)
         return;
+    if (r->state == UP_HEAD || r->throttled) {
+        /* the end arrived while paused: handled when the caller goes on */
+        r->eof_pending = nread == UV_EOF ? 1 : 2;
+        conn_read(c, 0);
+        return;
+    }
+    req_eof(r, (int)nread);
+}
+
+/* The worker closed the connection (err = UV_EOF) or it failed. */
+static void req_eof(sglr_upreq_t *r, int err)
+{
+    sglr_upconn_t *c = r->conn;
+    int nread = err;
     /* EOF or error */
     if (nread == UV_EOF && r->state == UP_BODY && llhttp_message_needs_eof(&c->parser)) {
         r->in_parse = 1;
@@ -257,6 +294,16 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 static void write_cb(uv_write_t *w, int status)
 {
     sglr_upconn_t *c = w->data;
+    c->writing = 0;
+    if (c->park) {
+        /* the response came in before libuv reported the write done */
+        c->park = 0;
+        if (status < 0 || c->closing)
+            conn_close(c);
+        else
+            conn_make_idle(c);
+        return;
+    }
     if (status < 0 && c->req)
         req_fail(c->req, SGLR_UP_ERESET);
 }
@@ -273,7 +320,8 @@ static void conn_send(sglr_upconn_t *c, sglr_upreq_t *r)
         req_fail(r, SGLR_UP_ERESET);
         return;
     }
-    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+    c->writing = 1;
+    conn_read(c, 1);
 }
 
 static void connect_cb(uv_connect_t *creq, int status)
@@ -449,7 +497,6 @@ static void req_dial(sglr_upreq_t *r)
         p->idle = c->next;
         p->nidle--;
         c->idle = 0;
-        uv_read_stop((uv_stream_t *)&c->tcp);
         c->req = r;
         r->conn = c;
         r->reused = 1;
@@ -501,6 +548,17 @@ static void req_release_conn(sglr_upreq_t *r, int reusable)
     r->conn = NULL;
     c->req = NULL;
     uv_timer_stop(&r->timer);
+    if (reusable && !c->closing && c->writing) {
+        /* The worker answered while our write request is still with libuv:
+         * wreq may not be reused before write_cb, and unsent bytes would be
+         * read from r->out after r is gone. Park the connection if every
+         * byte went out, close it otherwise. */
+        if (c->tcp.write_queue_size == 0)
+            c->park = 1;
+        else
+            conn_close(c);
+        return;
+    }
     if (reusable && !c->closing)
         conn_make_idle(c);
     else
@@ -559,7 +617,6 @@ static void req_feed(sglr_upreq_t *r, const char *data, size_t len)
         llhttp_resume(&c->parser);
         if (r->state == UP_HEAD) {
             sglr_buf_append(&r->pending, data + used, len - used);
-            uv_read_stop((uv_stream_t *)&c->tcp);
             r->t_head = sglr_now_ms();
             r->on_head(r);
             return;
@@ -577,6 +634,8 @@ static void req_feed(sglr_upreq_t *r, const char *data, size_t len)
         req_fail(r, SGLR_UP_EPROTO);
 }
 
+static void req_drain(sglr_upreq_t *r);
+
 void sglr_upreq_continue(sglr_upreq_t *r)
 {
     if (r->state != UP_HEAD)
@@ -587,25 +646,42 @@ void sglr_upreq_continue(sglr_upreq_t *r)
         req_complete(r);
         return;
     }
+    req_drain(r);
+}
+
+/* Parse what waited while the request was paused, then read on. */
+static void req_drain(sglr_upreq_t *r)
+{
     sglr_upconn_t *c = r->conn;
+    if (!c)
+        return;
     sglr_buf_t in = r->pending;
     r->pending = (sglr_buf_t){ 0 };
     if (in.len)
         req_feed(r, in.data, in.len);
     sglr_buf_free(&in);
-    if (r->state == UP_BODY && r->conn == c && c && !r->throttled)
-        uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+    if (r->state != UP_BODY || r->conn != c || r->throttled)
+        return;
+    if (r->eof_pending) {
+        int err = r->eof_pending == 1 ? UV_EOF : UV_ECONNRESET;
+        r->eof_pending = 0;
+        req_eof(r, err);
+        return;
+    }
+    conn_read(c, 1);
 }
 
 void sglr_upreq_throttle(sglr_upreq_t *r, int on)
 {
+    if (r->throttled == on)
+        return;
     r->throttled = on;
     if (!r->conn || r->state != UP_BODY)
         return;
     if (on)
-        uv_read_stop((uv_stream_t *)&r->conn->tcp);
+        conn_read(r->conn, 0);
     else
-        uv_read_start((uv_stream_t *)&r->conn->tcp, alloc_cb, read_cb);
+        req_drain(r);
 }
 
 void sglr_upreq_abort(sglr_upreq_t *r)

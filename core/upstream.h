@@ -62,6 +62,7 @@ struct sglr_upreq_s {
     int got_bytes;           /* any response byte arrived */
     int complete;            /* the parser saw the end of the response */
     int in_parse, abort_pending, throttled;
+    int eof_pending;         /* the connection ended while paused: 1 EOF, 2 error */
     sglr_buf_t pending;      /* bytes after the head, parsed on continue */
     uv_timer_t timer;
     uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */

@@ -7,15 +7,18 @@
 # Everything listens on 127.0.0.1; every process started here is stopped by
 # its pid on exit.
 #
-# usage: examples/benchmarks/proxy.sh [-d DURATION] [-c CONNECTIONS] [-t THREADS]
-# env:   SGLR_BIN (build/sglr), DURATION (10s), CONNECTIONS (64), THREADS (2),
+# Two passes by default: 64 connections (throughput, saturated) and 1
+# connection (the latency a proxy adds to one request, without queueing).
+#
+# usage: examples/benchmarks/proxy.sh [-d DURATION] [-c "CONNECTIONS..."] [-t THREADS]
+# env:   SGLR_BIN (build/sglr), DURATION (10s), CONNECTIONS ("64 1"), THREADS (2),
 #        NGINX_WORKERS (1), WORKER_PORT (31801), ROUTER_PORT (31802),
 #        NGINX_PORT (31803), TARGETS ("direct sglr nginx")
 set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
 DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-64}
+CONNECTIONS=${CONNECTIONS:-64 1}
 THREADS=${THREADS:-2}
 NGINX_WORKERS=${NGINX_WORKERS:-1}
 WORKER_PORT=${WORKER_PORT:-31801}
@@ -23,7 +26,7 @@ ROUTER_PORT=${ROUTER_PORT:-31802}
 NGINX_PORT=${NGINX_PORT:-31803}
 TARGETS=${TARGETS:-direct sglr nginx}
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:c:t:h" opt; do
   case $opt in
     d) DURATION=$OPTARG ;;
@@ -59,8 +62,7 @@ done
 
 # wait_http URL NAME PID: until URL answers 200, or fail if PID died
 wait_http() {
-  local i
-  for i in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = 200 ]; then return 0; fi
     kill -0 "$3" 2>/dev/null || { echo "proxy.sh: $2 exited; its log:" >&2; cat "$TMP/$2.log" >&2; exit 1; }
     sleep 0.1
@@ -126,35 +128,46 @@ to_us() {
     printf "%.0f", u }'
 }
 
-declare -A RPS P50 P90 P99 ERRS
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, POST /generate (max_new_tokens 1), $(nproc) cores" >&2
-for target in $TARGETS; do
-  case $target in
-    direct) port=$WORKER_PORT ;;
-    sglr) port=$ROUTER_PORT ;;
-    nginx) port=$NGINX_PORT ;;
-    *) echo "proxy.sh: unknown target $target" >&2; exit 2 ;;
-  esac
-  echo "running $target ..." >&2
-  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$TMP/post.lua" --latency \
-    "http://127.0.0.1:$port/generate")
-  echo "$out" >"$TMP/wrk-$target.txt"
-  RPS[$target]=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-  P50[$target]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-  P90[$target]=$(to_us "$(awk '$1 == "90%" {print $2}' <<<"$out")")
-  P99[$target]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-  non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
-  sockerr=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out")
-  ERRS[$target]=$(( ${non2xx:-0} + ${sockerr:-0} ))
-done
+# bench CONNS: one wrk pass per target at CONNS connections, then the table
+bench() {
+  local conns=$1 threads=$THREADS target port out non2xx sockerr added
+  [ "$threads" -gt "$conns" ] && threads=$conns
+  declare -A RPS P50 P90 P99 ERRS
+  echo "wrk -t$threads -c$conns -d$DURATION, POST /generate (max_new_tokens 1), $(nproc) cores" >&2
+  for target in $TARGETS; do
+    case $target in
+      direct) port=$WORKER_PORT ;;
+      sglr) port=$ROUTER_PORT ;;
+      nginx) port=$NGINX_PORT ;;
+      *) echo "proxy.sh: unknown target $target" >&2; exit 2 ;;
+    esac
+    echo "  $target ..." >&2
+    out=$(wrk -t"$threads" -c"$conns" -d"$DURATION" -s "$TMP/post.lua" --latency \
+      "http://127.0.0.1:$port/generate")
+    echo "$out" >"$TMP/wrk-$target-c$conns.txt"
+    RPS[$target]=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    P50[$target]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    P90[$target]=$(to_us "$(awk '$1 == "90%" {print $2}' <<<"$out")")
+    P99[$target]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
+    sockerr=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out")
+    ERRS[$target]=$(( ${non2xx:-0} + ${sockerr:-0} ))
+  done
+  printf '\n%d connections\n' "$conns"
+  printf '%-8s %12s %10s %10s %10s %12s %8s\n' target "requests/s" "p50 (us)" "p90 (us)" \
+    "p99 (us)" "+p50 (us)" errors
+  for target in $TARGETS; do
+    added="-"
+    if [ "$target" != direct ] && [ -n "${P50[direct]:-}" ]; then
+      added=$(( P50[$target] - P50[direct] ))
+    fi
+    printf '%-8s %12s %10s %10s %10s %12s %8s\n' "$target" "${RPS[$target]}" "${P50[$target]}" \
+      "${P90[$target]}" "${P99[$target]}" "$added" "${ERRS[$target]}"
+  done
+  echo
+}
 
-printf '\n%-8s %12s %10s %10s %10s %12s %8s\n' target "requests/s" "p50 (us)" "p90 (us)" "p99 (us)" "+p50 (us)" errors
-for target in $TARGETS; do
-  added="-"
-  if [ "$target" != direct ] && [ -n "${P50[direct]:-}" ]; then
-    added=$(( ${P50[$target]} - ${P50[direct]} ))
-  fi
-  printf '%-8s %12s %10s %10s %10s %12s %8s\n' "$target" "${RPS[$target]}" "${P50[$target]}" \
-    "${P90[$target]}" "${P99[$target]}" "$added" "${ERRS[$target]}"
-done
-echo "(+p50: the target's p50 minus direct's: what the proxy adds)"
+for conns in $CONNECTIONS; do bench "$conns"; done
+echo "+p50: the target's p50 minus direct's, what the proxy adds to a request. Under a"
+echo "saturating load it is mostly queueing (latency = connections / throughput);"
+echo "the 1-connection pass shows the per-request cost."

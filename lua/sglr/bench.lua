@@ -693,17 +693,18 @@ local function probe(pool)
 end
 
 -- Run a workload: opts as from bench.options / parse_args. Returns the
--- summary, or nil, err when the workload cannot be built or the URL is
--- unreachable. Must run inside a coroutine.
+-- summary, or nil, err, kind where kind is "unreachable" (the URL did not
+-- answer) or "options" (bad options or workload). Must run inside a
+-- coroutine.
 function M.run(opts)
   local o, oerr = M.options(opts)
-  if not o then return nil, oerr end
+  if not o then return nil, oerr, "options" end
   local wl, werr = M.workload(o)
-  if not wl then return nil, werr end
+  if not wl then return nil, werr, "options" end
   local pool, perr = core.upstream(o.url)
-  if not pool then return nil, perr end
+  if not pool then return nil, fmt("cannot reach %s: %s", o.url, perr), "unreachable" end
   local status, herr = probe(pool)
-  if not status then return nil, fmt("cannot reach %s: %s", o.url, herr) end
+  if not status then return nil, fmt("cannot reach %s: %s", o.url, herr), "unreachable" end
 
   local route, path = o.route, M.ROUTES[o.route]
   local ready = {}            -- FIFO of { session, turn index, history }
@@ -812,13 +813,11 @@ function M.main(args)
     io.stdout:flush()
     return core.exit(0)
   end
-  local s, rerr = M.run(o)
+  local s, rerr, kind = M.run(o)
   if not s then
     io.stderr:write("sglr bench: ", rerr, "\n")
     io.stderr:flush()
-    -- a workload that cannot be built is a usage error; the rest is reach
-    local reach = rerr:match("^cannot reach")
-    return core.exit(reach and 1 or 2)
+    return core.exit(kind == "unreachable" and 1 or 2)
   end
   if o.json then
     io.stdout:write(cjson.encode(s), "\n")
