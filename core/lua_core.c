@@ -117,22 +117,33 @@ static int is_hop_header(const char *n, size_t len)
 }
 
 /* Copy the headers of h that are not hop-by-hop and not overridden by the
- * Lua table at idx (keys must be lowercase there). */
+ * Lua table at idx (keys must be lowercase there). The override names are
+ * collected once, so no Lua string is made per header. */
 static int copy_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
 {
+    const char *skip[32];
+    size_t skiplen[32];
+    int nskip = 0;
+    if (idx && lua_istable(L, idx)) {
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            if (lua_type(L, -2) == LUA_TSTRING && nskip < 32) {
+                skip[nskip] = lua_tolstring(L, -2, &skiplen[nskip]);
+                nskip++;
+            }
+            lua_pop(L, 1);
+        }
+    }
     for (int i = 0; i < h->nhdrs; i++) {
         const sglr_hdr_t *hd = &h->hdrs[i];
         const char *n = h->buf.data + hd->name_off;
         if (is_hop_header(n, hd->name_len))
             continue;
-        if (idx && lua_istable(L, idx)) {
-            lua_pushlstring(L, n, hd->name_len);
-            lua_rawget(L, idx);
-            int overridden = !lua_isnil(L, -1);
-            lua_pop(L, 1);
-            if (overridden)
-                continue;
-        }
+        int overridden = 0;
+        for (int k = 0; k < nskip && !overridden; k++)
+            overridden = skiplen[k] == hd->name_len && memcmp(skip[k], n, skiplen[k]) == 0;
+        if (overridden)
+            continue;
         if (sglr_buf_append(b, n, hd->name_len) || sglr_buf_append(b, ": ", 2) ||
             sglr_buf_append(b, h->buf.data + hd->value_off, hd->value_len) ||
             sglr_buf_append(b, "\r\n", 2))
@@ -205,6 +216,32 @@ static int l_spawn(lua_State *L)
     int ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the thread */
     sglr_co_resume(co, ref, n - 1);
     return 0;
+}
+
+/* core.random_id(prefix) -> prefix .. 24 alphanumerics (request ids) */
+static int l_random_id(lua_State *L)
+{
+    static const char alnum[] =
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    static uint64_t state;
+    size_t plen;
+    const char *prefix = luaL_optlstring(L, 1, "", &plen);
+    if (plen > 64)
+        return luaL_argerror(L, 1, "prefix too long");
+    if (!state)
+        state = uv_hrtime() ^ 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&state;
+    char out[64 + 24];
+    memcpy(out, prefix, plen);
+    for (int i = 0; i < 24; i++) {
+        /* xorshift64*: ids need to be unlikely to collide, not secret */
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        uint64_t v = state * 0x2545F4914F6CDD1Dull;
+        out[plen + i] = alnum[(v >> 32) % 62];
+    }
+    lua_pushlstring(L, out, plen + 24);
+    return 1;
 }
 
 static int l_exit(lua_State *L)
@@ -442,6 +479,19 @@ static int x_body(lua_State *L)
     sglr_exchange_t *x = check_x(L);
     lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
     return 1;
+}
+
+const char *sglr_lua_body(lua_State *L, int idx, size_t *len)
+{
+    if (lua_type(L, idx) == LUA_TUSERDATA) {
+        void **box = luaL_testudata(L, idx, EXCHANGE_MT);
+        if (box && *box) {
+            sglr_exchange_t *x = *box;
+            *len = x->body.len;
+            return x->body.data ? x->body.data : "";
+        }
+    }
+    return luaL_checklstring(L, idx, len);
 }
 
 static int x_body_size(lua_State *L)
@@ -1073,9 +1123,15 @@ static int resp_pipe(lua_State *L)
     }
     f->mode = FWD_PIPE;
     f->in_call = 1;
-    sglr_exchange_start(f->x, r->status, hb.data ? hb.data : "", hb.len, r->content_length);
+    /* the head waits for what of the body is already here: one write */
+    sglr_exchange_t *x = f->x;
+    sglr_exchange_hold(x);
+    sglr_exchange_cork(x);
+    sglr_exchange_start(x, r->status, hb.data ? hb.data : "", hb.len, r->content_length);
     sglr_buf_free(&hb);
     sglr_upreq_continue(r);
+    sglr_exchange_uncork(x);
+    sglr_exchange_release(x);
     return fwd_wait(L, f, push_pipe_result);
 }
 
@@ -1284,7 +1340,7 @@ int luaopen_sglr_core(lua_State *L)
         { "exit", l_exit }, { "active", l_active }, { "log", l_log },
         { "set_log_level", l_set_log_level }, { "on_signal", l_on_signal },
         { "listen", l_listen }, { "upstream", l_upstream }, { "request", l_request },
-        { "event", l_event },
+        { "event", l_event }, { "random_id", l_random_id },
         { NULL, NULL } };
     new_mt(L, SERVER_MT, server_m, server_gc);
     new_mt(L, EXCHANGE_MT, x_m, x_gc);

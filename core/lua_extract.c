@@ -13,6 +13,8 @@
  */
 #include "extract.h"
 
+#include "sglr.h"
+
 #include <errno.h>
 #include <lua.h>
 #include <lauxlib.h>
@@ -39,7 +41,7 @@ static int run(lua_State *L, int flags)
 {
     sglr_route_t route = check_route(L);
     size_t n;
-    const char *body = luaL_checklstring(L, 2, &n);
+    const char *body = sglr_lua_body(L, 2, &n);
     sglr_extract_t *x = state(L);
     int r = sglr_extract_run(x, route, body, n, flags);
     if (r == -ENOMEM)

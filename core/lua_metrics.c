@@ -22,6 +22,12 @@
 
 #define METRIC_MT "sglr.metric"
 #define TEXTGUARD_MT "sglr.metrics.text"
+#define SERIES_MT "sglr.series"
+
+typedef struct {
+    sglr_series_t *s;
+    sglr_metric_type_t type;
+} lseries_t;
 
 static sglr_metric_t *check_metric(lua_State *L)
 {
@@ -142,6 +148,88 @@ static int l_remove(lua_State *L)
     return 1;
 }
 
+/* m:series(labelvalues...) -> handle: one series looked up once, then
+ * updated with no hashing (s:inc([v]), s:set(v), s:observe(v), s:get()).
+ * A handle keeps working after its series is removed; its updates are then
+ * simply not exported. */
+static int l_series(lua_State *L)
+{
+    sglr_metric_t *m = check_metric(L);
+    const char *values[SGLR_METRICS_MAX_LABELS];
+    size_t lens[SGLR_METRICS_MAX_LABELS];
+    check_values(L, m, 2, "series", values, lens);
+    lseries_t *h = lua_newuserdata(L, sizeof *h);
+    h->s = NULL;
+    h->type = sglr_metrics_type(m);
+    luaL_getmetatable(L, SERIES_MT);
+    lua_setmetatable(L, -2);
+    h->s = sglr_metrics_series(m, values, sglr_metrics_nlabels(m));
+    if (!h->s)
+        luaL_error(L, "series: out of memory");
+    return 1;
+}
+
+static lseries_t *check_series(lua_State *L)
+{
+    lseries_t *h = luaL_checkudata(L, 1, SERIES_MT);
+    if (!h->s)
+        luaL_argerror(L, 1, "series is released");
+    return h;
+}
+
+static int s_inc(lua_State *L)
+{
+    lseries_t *h = check_series(L);
+    double v = luaL_optnumber(L, 2, 1);
+    if (h->type == SGLR_METRIC_HISTOGRAM || (h->type == SGLR_METRIC_COUNTER && !(v >= 0)))
+        return luaL_error(L, "inc: not allowed on this series");
+    sglr_metrics_inc(h->s, v);
+    return 0;
+}
+
+static int s_set(lua_State *L)
+{
+    lseries_t *h = check_series(L);
+    if (h->type != SGLR_METRIC_GAUGE)
+        return luaL_error(L, "set: only gauges can be set");
+    sglr_metrics_set(h->s, luaL_checknumber(L, 2));
+    return 0;
+}
+
+static int s_observe(lua_State *L)
+{
+    lseries_t *h = check_series(L);
+    if (h->type != SGLR_METRIC_HISTOGRAM)
+        return luaL_error(L, "observe: only histograms observe");
+    sglr_metrics_observe(h->s, luaL_checknumber(L, 2));
+    return 0;
+}
+
+static int s_get(lua_State *L)
+{
+    lseries_t *h = check_series(L);
+    if (h->type == SGLR_METRIC_HISTOGRAM) {
+        uint64_t count = 0;
+        double sum = 0;
+        sglr_metrics_hist_get(h->s, &count, &sum);
+        lua_pushnumber(L, (lua_Number)count);
+        lua_pushnumber(L, sum);
+        return 2;
+    }
+    lua_pushnumber(L, sglr_metrics_get(h->s));
+    return 1;
+}
+
+static int s_gc(lua_State *L)
+{
+    lseries_t *h = luaL_checkudata(L, 1, SERIES_MT);
+    if (h->s) {
+        sglr_metrics_release(h->s);
+        h->s = NULL;
+    }
+    return 0;
+}
+
 static int l_tostring(lua_State *L)
 {
     sglr_metric_t *m = check_metric(L);
@@ -260,7 +348,7 @@ int luaopen_sglr_metrics(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         { "inc", l_inc }, { "set", l_set }, { "observe", l_observe },
-        { "get", l_get }, { "remove", l_remove }, { "name", l_name },
+        { "get", l_get }, { "remove", l_remove }, { "name", l_name }, { "series", l_series },
         { NULL, NULL },
     };
     static const luaL_Reg funcs[] = {
@@ -276,6 +364,18 @@ int luaopen_sglr_metrics(lua_State *L)
         lua_setfield(L, -2, "__tostring");
         lua_pushliteral(L, "sglr.metric");
         lua_setfield(L, -2, "__metatable");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, SERIES_MT)) {
+        static const luaL_Reg series_m[] = {
+            { "inc", s_inc }, { "set", s_set }, { "observe", s_observe }, { "get", s_get },
+            { NULL, NULL },
+        };
+        lua_newtable(L);
+        luaL_register(L, NULL, series_m);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, s_gc);
+        lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
     if (luaL_newmetatable(L, TEXTGUARD_MT)) {

@@ -12,7 +12,7 @@ static int buf_reserve(sglr_buf_t *b, size_t extra)
 {
     if (b->len + extra <= b->cap)
         return 0;
-    size_t cap = b->cap ? b->cap : 256;
+    size_t cap = b->cap ? b->cap : 1024;
     while (cap < b->len + extra)
         cap *= 2;
     char *p = realloc(b->data, cap);

@@ -100,6 +100,7 @@ static sglr_exchange_t *exchange_new(sglr_conn_t *c)
 
 static void exchange_free(sglr_exchange_t *x)
 {
+    sglr_buf_free(&x->cork);
     sglr_head_free(&x->head);
     sglr_buf_free(&x->body);
     free(x);
@@ -150,27 +151,93 @@ static void write_cb(uv_write_t *req, int status)
         x->on_drain(x);
 }
 
-/* Queue a write of up to three pieces as one buffer. */
+/* Write up to three pieces. Most writes go out at once with uv_try_write
+ * (one writev, no request, no callback, no epoll change); only what the
+ * socket did not take is copied into a queued uv_write. */
 static int conn_write3(sglr_conn_t *c, const char *a, size_t na, const char *b, size_t nb,
                        const char *d, size_t nd)
 {
-    if (c->closing)
+    if (c->closing || c->shutting)
         return -EPIPE;
-    write_req_t *w = malloc(sizeof *w + na + nb + nd);
-    if (!w)
+    const char *pieces[3] = { a, b, d };
+    size_t lens[3] = { na, nb, nd };
+    uv_buf_t bufs[3];
+    unsigned nbufs = 0;
+    size_t total = 0;
+    for (int i = 0; i < 3; i++) {
+        if (lens[i]) {
+            bufs[nbufs++] = uv_buf_init((char *)pieces[i], (unsigned)lens[i]);
+            total += lens[i];
+        }
+    }
+    if (total == 0)
+        return 0;
+    size_t done = 0;
+    int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
+    if (r >= 0)
+        done = (size_t)r;
+    else if (r != UV_EAGAIN) {
+        conn_close(c);
+        return r;
+    }
+    if (done == total)
+        return 0;
+    write_req_t *w = malloc(sizeof *w + (total - done));
+    if (!w) {
+        conn_close(c);
         return -ENOMEM;
+    }
     w->conn = c;
-    if (na) memcpy(w->data, a, na);
-    if (nb) memcpy(w->data + na, b, nb);
-    if (nd) memcpy(w->data + na + nb, d, nd);
-    w->buf = uv_buf_init(w->data, (unsigned)(na + nb + nd));
-    int r = uv_write(&w->req, (uv_stream_t *)&c->tcp, &w->buf, 1, write_cb);
+    size_t off = 0, skip = done;
+    for (unsigned i = 0; i < nbufs; i++) {
+        size_t len = bufs[i].len;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        memcpy(w->data + off, bufs[i].base + skip, len - skip);
+        off += len - skip;
+        skip = 0;
+    }
+    w->buf = uv_buf_init(w->data, (unsigned)off);
+    r = uv_write(&w->req, (uv_stream_t *)&c->tcp, &w->buf, 1, write_cb);
     if (r < 0) {
         free(w);
         conn_close(c);
         return r;
     }
     return 0;
+}
+
+/* Streamed writes of an exchange: while corked they collect in x->cork and
+ * go out as one write on uncork (status line, headers and a small body in
+ * one packet instead of three). */
+static int x_write3(sglr_exchange_t *x, const char *a, size_t na, const char *b, size_t nb,
+                    const char *d, size_t nd)
+{
+    if (!x->corked)
+        return conn_write3(x->conn, a, na, b, nb, d, nd);
+    if (sglr_buf_append(&x->cork, a, na) || sglr_buf_append(&x->cork, b, nb) ||
+        sglr_buf_append(&x->cork, d, nd))
+        return -ENOMEM;
+    return 0;
+}
+
+void sglr_exchange_cork(sglr_exchange_t *x)
+{
+    x->corked = 1;
+}
+
+int sglr_exchange_uncork(sglr_exchange_t *x)
+{
+    if (!x->corked)
+        return 0;
+    x->corked = 0;
+    int r = 0;
+    if (x->conn && x->cork.len)
+        r = conn_write3(x->conn, x->cork.data, x->cork.len, NULL, 0, NULL, 0);
+    sglr_buf_free(&x->cork);
+    return r;
 }
 
 static int head_keep_alive(sglr_exchange_t *x)
@@ -256,7 +323,7 @@ int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t
     }
     char head[128];
     int n = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\n", status, sglr_status_text(status));
-    return conn_write3(c, head, (size_t)n, hdrs, hlen, tail, (size_t)m);
+    return x_write3(x, head, (size_t)n, hdrs, hlen, tail, (size_t)m);
 }
 
 int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len)
@@ -269,10 +336,10 @@ int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len)
         return 0;
     x->bytes_out += len;
     if (!x->chunked)
-        return conn_write3(x->conn, data, len, NULL, 0, NULL, 0);
+        return x_write3(x, data, len, NULL, 0, NULL, 0);
     char size[24];
     int n = snprintf(size, sizeof size, "%zx\r\n", len);
-    return conn_write3(x->conn, size, (size_t)n, data, len, "\r\n", 2);
+    return x_write3(x, size, (size_t)n, data, len, "\r\n", 2);
 }
 
 int sglr_exchange_finish(sglr_exchange_t *x)
@@ -281,7 +348,9 @@ int sglr_exchange_finish(sglr_exchange_t *x)
         return -EINVAL;
     int r = 0;
     if (x->conn && x->chunked)
-        r = conn_write3(x->conn, "0\r\n\r\n", 5, NULL, 0, NULL, 0);
+        r = x_write3(x, "0\r\n\r\n", 5, NULL, 0, NULL, 0);
+    if (x->conn)
+        sglr_exchange_uncork(x);
     exchange_done(x);
     return r;
 }
@@ -289,6 +358,8 @@ int sglr_exchange_finish(sglr_exchange_t *x)
 void sglr_exchange_abort(sglr_exchange_t *x)
 {
     sglr_conn_t *c = x->conn;
+    if (c)
+        sglr_exchange_uncork(x);
     if (c)
         c->close_after = 1;
     if (x->state == SGLR_X_HANDLING || x->state == SGLR_X_STREAMING)
@@ -357,8 +428,13 @@ static int on_headers_complete(llhttp_t *p)
     }
     size_t elen;
     const char *expect = sglr_head_get(&x->head, "expect", &elen);
-    if (expect && elen == 12 && strncasecmp(expect, "100-continue", 12) == 0)
+    if (expect && elen == 12 && strncasecmp(expect, "100-continue", 12) == 0) {
         conn_write3(c, "HTTP/1.1 100 Continue\r\n\r\n", 25, NULL, 0, NULL, 0);
+        /* a failed write closed the connection and dropped c->x: stop the
+         * parser before it calls back into the exchange */
+        if (c->closing)
+            return -1;
+    }
     return 0;
 }
 

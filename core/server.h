@@ -54,6 +54,8 @@ struct sglr_exchange_s {
     int keep_alive;
     int state;               /* SGLR_X_* */
     int chunked;             /* response uses chunked transfer-encoding */
+    int corked;              /* streamed writes collect in cork until uncork */
+    sglr_buf_t cork;
     int holds;               /* owner references */
     int status;              /* response status once started */
     double start_ms;
@@ -95,6 +97,9 @@ int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t
                         long long content_length);
 int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len);
 int sglr_exchange_finish(sglr_exchange_t *x);
+/* Hold back streamed writes (start, write) until uncork or finish. */
+void sglr_exchange_cork(sglr_exchange_t *x);
+int sglr_exchange_uncork(sglr_exchange_t *x);
 /* End a started response abruptly (the body is incomplete): closes the
  * connection so the client sees the truncation. */
 void sglr_exchange_abort(sglr_exchange_t *x);

@@ -53,6 +53,10 @@ int sglr_pcall(lua_State *L, int nargs, int nresults);
 /* Milliseconds from a monotonic clock (uv_hrtime), with fractions. */
 double sglr_now_ms(void);
 
+/* The bytes of argument idx: a string, or the request body of an exchange
+ * (sglr.exchange userdata) without copying it into Lua. Raises otherwise. */
+const char *sglr_lua_body(lua_State *L, int idx, size_t *len);
+
 /* Register a module opener under package.preload[name]. */
 void sglr_preload(lua_State *L, const char *name, lua_CFunction open);
 

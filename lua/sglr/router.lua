@@ -26,20 +26,10 @@ local ROUTES = {
   ["/v1/completions"] = "completions",
 }
 local ID_PREFIX = { generate = "gnt-", chat = "chatcmpl-", completions = "cmpl-" }
-local ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 local JSON_HDR = { ["content-type"] = "application/json" }
 
 -- --- small helpers --------------------------------------------------------------
-
-local function random_id(prefix)
-  local t = { prefix }
-  for i = 2, 25 do
-    local k = math.random(1, 62)
-    t[i] = ALNUM:sub(k, k)
-  end
-  return concat(t)
-end
 
 local function merge(a, b)
   local out = {}
@@ -78,9 +68,13 @@ function M.new(conf)
     self.cors[o] = true
   end
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
+  self.cors_check = true
+  self.request_timeout_ms = (conf.request_timeout_secs or 600) * 1000
+  self.connect_timeout_ms = conf.connect_timeout_ms or 5000
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
+      w.m = stats.for_worker(w.url, self.policy_name)
       stats.worker_health:set(w.healthy and 1 or 0, w.url)
       stats.cb_state:set(0, w.url)
       stats.running:set(0, w.url)
@@ -185,17 +179,21 @@ function M:request_id(x, route)
     local v = x:header(h)
     if v and v ~= "" then return v end
   end
-  return random_id(ID_PREFIX[route] or "req-")
+  return core.random_id(ID_PREFIX[route] or "req-")
 end
 
--- req.text and req.headers are computed on first read only: most policies
--- need neither.
+-- req.text, req.body and req.headers are computed on first read only: most
+-- policies need none of them.
 local req_mt = {
   __index = function(t, k)
     if k == "text" then
-      local s = ok_extract and extract.route_text(t.route, t.body) or ""
+      local s = ok_extract and extract.route_text(t.route, t._x) or ""
       rawset(t, "text", s)
       return s
+    elseif k == "body" then
+      local b = t._x:body()
+      rawset(t, "body", b)
+      return b
     elseif k == "headers" then
       local h = t._x:headers()
       rawset(t, "headers", h)
@@ -206,9 +204,9 @@ local req_mt = {
 
 -- Validate the body before anything is routed: bad JSON and wrong field
 -- types are the client's error (400) and never reach a worker.
-local function inspect(route, body)
-  if ok_extract then return extract.inspect(route, body) end
-  local obj, err = cjson.decode(body)
+local function inspect(route, x)
+  if ok_extract then return extract.inspect(route, x) end
+  local obj, err = cjson.decode(x:body())
   if type(obj) ~= "table" then return nil, "invalid JSON body: " .. tostring(err or "not an object") end
   if route == "chat" and type(obj.messages) ~= "table" then return nil, "field 'messages' must be an array" end
   if route == "completions" and obj.prompt == nil then return nil, "field 'prompt' is required" end
@@ -220,141 +218,152 @@ local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeou
 function M:infer(x, route)
   local t0 = core.now()
   local rid = self:request_id(x, route)
-  local extra = self:cors_headers(x, { ["x-request-id"] = rid })
-  stats.requests:inc(1, route)
-  local acc = { rid = rid, route = route, retries = 0 }
+  local extra = { ["x-request-id"] = rid }
+  if self.cors_check then self:cors_headers(x, extra) end
+  local rs = stats.for_route(route)
+  rs.requests:inc()
+  -- one table per request: the policy's view and the access log's record
+  local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
+    extra = extra }, req_mt)
 
-  local ok, status, msg = self.limiter:acquire()
-  stats.queue_depth:set(self.limiter:depth())
+  local limiter = self.limiter
+  local ok, status, msg = limiter:acquire()
   if not ok then
+    stats.queue_depth_h:set(limiter:depth())
     stats.rejections:inc(1, status == 429 and "queue_full" or "queue_timeout")
     stats.errors:inc(1, route, status == 429 and "rate_limited" or "queue_timeout")
     self:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
-    return self:access(x, acc, t0)
+    return self:access(x, req)
   end
-  stats.inflight:set(self.limiter.inflight)
-  local okr, err = pcall(self.route_request, self, x, route, extra, acc, t0)
-  self.limiter:release()
-  stats.inflight:set(self.limiter.inflight)
-  stats.queue_depth:set(self.limiter:depth())
+  stats.inflight_h:set(limiter.inflight)
+  local okr, err = pcall(self.route_request, self, x, req)
+  limiter:release()
+  stats.inflight_h:set(limiter.inflight)
   if not okr then
     stats.script_errors:inc()
     log.error("request failed in script", { request_id = rid, error = tostring(err) })
     self:send_error(x, 500, "internal router error", "internal_error", extra)
   end
-  self:access(x, acc, t0)
+  self:access(x, req)
 end
 
-function M:access(x, acc, t0)
-  local dur = (core.now() - t0) / 1000
-  stats.duration:observe(dur, acc.route)
-  local st = x:status()
+function M:access(x, req)
+  local dur = (core.now() - req.t0) / 1000
+  req.rs.duration:observe(dur)
   if log.enabled("info") then
-    log.info("request", { request_id = acc.rid, route = acc.route, worker = acc.worker or "-",
-      status = st, duration_ms = floor(dur * 1e4) / 10, retries = acc.retries,
-      stream = acc.stream or false, error = acc.error })
+    log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
+      status = x:status(), duration_ms = floor(dur * 1e4) / 10, retries = req.retries,
+      stream = req.stream or false, error = req.error })
   end
 end
 
-function M:route_request(x, route, extra, acc, t0)
-  local body = x:body()
-  local info, perr = inspect(route, body)
+-- The end of one attempt on worker w: load and breaker bookkeeping, once.
+function M:release(req, w, outcome, status)
+  w.load = w.load - 1
+  local wm = w.m
+  wm.running:set(w.load)
+  local now = core.now()
+  if outcome == "success" then
+    w.breaker:success(now)
+    wm.success:inc()
+  elseif outcome == "failure" then
+    w.breaker:failure(now)
+    wm.failure:inc()
+  end
+  if self.policy.on_done then self.policy:on_done(req, w, status, now - req.t0) end
+end
+
+function M:route_request(x, req)
+  local route, extra, rs = req.route, req.extra, req.rs
+  local info, perr = inspect(route, x)
   if not info then
     stats.errors:inc(1, route, "bad_request")
-    acc.error = "bad_request"
+    req.error = "bad_request"
     return self:send_error(x, 400, perr, "invalid_request_error", extra)
   end
-  acc.stream = info.stream
-  local req = setmetatable({ route = route, body = body, stream = info.stream, model = info.model,
-    id = acc.rid, _x = x }, req_mt)
+  req.stream, req.model = info.stream, info.model
 
   local conf = self.conf
-  local deadline = t0 + (conf.request_timeout_secs or 600) * 1000
+  local t0 = req.t0
+  local deadline = t0 + self.request_timeout_ms
   local attempts = self.retry:attempts()
-  local failed = {}
+  local failed
   local last_status, last_body, last_ctype, last_err
-  local fwd_headers = { ["x-request-id"] = acc.rid }
+  local fwd_opts = { headers = { ["x-request-id"] = req.id } }
+  local policy = self.policy
 
   for attempt = 1, attempts do
     local now = core.now()
     local avail = self.workers:available(now, failed)
     if #avail == 0 then break end
-    local w, why = self.policy:select(req, avail)
+    local w, why = policy:select(req, avail)
     if not w then
       last_err = why or "policy selected no worker"
       break
     end
-    acc.worker = w.url
-    stats.decisions:inc(1, self.policy_name, w.url)
+    req.worker = w.url
+    local wm = w.m
+    wm.decisions:inc()
     if req.decision then self:record_decision(req) end
     w.breaker:dispatched()
     w.load = w.load + 1
     w.processed = w.processed + 1
-    stats.running:set(w.load, w.url)
-    stats.processed:inc(1, w.url)
-    local released = false
-    local function release(outcome)
-      if released then return end
-      released = true
-      w.load = w.load - 1
-      stats.running:set(w.load, w.url)
-      local n = core.now()
-      if outcome == "success" then w.breaker:success(n) elseif outcome == "failure" then w.breaker:failure(n) end
-      if outcome then stats.cb_outcomes:inc(1, w.url, outcome) end
-      if self.policy.on_done then self.policy:on_done(req, w, x:status(), n - t0) end
-    end
+    wm.running:set(w.load)
+    wm.processed:inc()
 
     local left = deadline - now
-    if left <= 0 then release(nil); last_err = "timeout"; break end
-    local a0 = core.now()
-    local resp, ferr = x:forward(w.pool, {
-      headers = fwd_headers, timeout_ms = left,
-      connect_timeout_ms = min(conf.connect_timeout_ms or 5000, left),
-    })
+    if left <= 0 then
+      self:release(req, w, nil, 504)
+      last_err = "timeout"
+      break
+    end
+    fwd_opts.timeout_ms = left
+    fwd_opts.connect_timeout_ms = min(self.connect_timeout_ms, left)
+    local a0 = now
+    local resp, ferr = x:forward(w.pool, fwd_opts)
     if not resp then
       if ferr == "client_closed" then
-        release(nil)
-        acc.error = "client_closed"
+        self:release(req, w, nil, 499)
+        req.error = "client_closed"
         return
       end
-      release("failure")
-      stats.upstream:observe((core.now() - a0) / 1000, route)
+      self:release(req, w, "failure", 502)
+      rs.upstream:observe((core.now() - a0) / 1000)
       last_err = ferr
       last_status = ferr == "timeout" and 504 or 502
       last_body, last_ctype = nil, nil
-      log.warn("worker request failed", { request_id = acc.rid, worker = w.url, error = ferr, attempt = attempt })
+      log.warn("worker request failed", { request_id = req.id, worker = w.url, error = ferr, attempt = attempt })
       if ferr == "timeout" or not retry.retryable_error(ferr) then break end
+      failed = failed or {}
       failed[w.url] = true
     else
       local st = resp:status()
-      stats.ttfb:observe((core.now() - t0) / 1000, route)
-      if retry.retryable_status(st) and attempt < attempts then
+      rs.ttfb:observe((core.now() - t0) / 1000)
+      if st >= 400 and retry.retryable_status(st) and attempt < attempts then
         -- not sent to the client yet: drain it and try elsewhere
         last_body = resp:read()
         last_ctype = resp:header("content-type")
         last_status, last_err = st, nil
         resp:close()
-        release("failure")
+        self:release(req, w, "failure", st)
+        failed = failed or {}
         failed[w.url] = true
-        log.warn("worker answered " .. st .. ", retrying", { request_id = acc.rid, worker = w.url, attempt = attempt })
+        log.warn("worker answered " .. st .. ", retrying", { request_id = req.id, worker = w.url, attempt = attempt })
       else
         -- commit: from here on the client sees this worker's response
         local okp, perr = resp:pipe(extra)
-        stats.upstream:observe((core.now() - a0) / 1000, route)
-        local outcome = (st >= 500 or not okp and perr ~= "client_closed") and "failure" or "success"
-        release(outcome)
+        rs.upstream:observe((core.now() - a0) / 1000)
+        self:release(req, w, (st >= 500 or not okp and perr ~= "client_closed") and "failure" or "success", st)
         if st >= 400 then
           stats.errors:inc(1, route, "worker_" .. st)
-          if retry.retryable_status(st) and self.retry.max_retries > 0 then
-            stats.retries_exhausted:inc(1, route)
-          end
+          if retry.retryable_status(st) and self.retry.max_retries > 0 then rs.exhausted:inc() end
         end
         if not okp then
-          acc.error = perr
+          req.error = perr
           if perr == "timeout" then
             stats.errors:inc(1, route, "timeout")
             if x:state() == "streaming" then
-              if acc.stream then x:write(SSE_TIMEOUT) end
+              if req.stream then x:write(SSE_TIMEOUT) end
               x:finish()
             end
           elseif perr ~= "client_closed" then
@@ -367,44 +376,44 @@ function M:route_request(x, route, extra, acc, t0)
       end
     end
     if attempt < attempts then
-      acc.retries = acc.retries + 1
-      stats.retries:inc(1, route)
+      req.retries = req.retries + 1
+      rs.retries:inc()
       local wait = self.retry:backoff_ms(attempt - 1)
       wait = min(wait, max(0, deadline - core.now()))
       stats.retry_backoff:observe(wait / 1000, tostring(attempt))
       if wait > 0 then core.sleep(wait) end
-      if x:closed() then acc.error = "client_closed"; return end
+      if x:closed() then req.error = "client_closed"; return end
     end
   end
 
   -- every attempt failed, or nothing could be tried
   if last_status and last_body then
     stats.errors:inc(1, route, "worker_" .. last_status)
-    stats.retries_exhausted:inc(1, route)
-    acc.error = "retries_exhausted"
+    rs.exhausted:inc()
+    req.error = "retries_exhausted"
     return x:respond(last_status, merge(extra, { ["content-type"] = last_ctype or "application/json" }), last_body)
   end
   if last_status then
     stats.errors:inc(1, route, last_err == "timeout" and "timeout" or "worker_unreachable")
-    if acc.retries > 0 then stats.retries_exhausted:inc(1, route) end
-    acc.error = last_err
-    local msg = last_err == "timeout" and "worker did not answer within --request-timeout-secs"
+    if req.retries > 0 then rs.exhausted:inc() end
+    req.error = last_err
+    local emsg = last_err == "timeout" and "worker did not answer within --request-timeout-secs"
       or ("worker unreachable (" .. tostring(last_err) .. ")")
-    return self:send_error(x, last_status, msg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
+    return self:send_error(x, last_status, emsg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
   end
   stats.errors:inc(1, route, "no_workers")
-  acc.error = "no_workers"
-  local msg
+  req.error = "no_workers"
+  local emsg
   if #self.workers.list == 0 then
-    msg = "no workers are registered"
+    emsg = "no workers are registered"
   elseif self.workers:healthy_count() == 0 then
-    msg = "no healthy workers available"
+    emsg = "no healthy workers available"
   elseif last_err then
-    msg = "no worker available: " .. tostring(last_err)
+    emsg = "no worker available: " .. tostring(last_err)
   else
-    msg = "no available workers (all circuits open or unhealthy)"
+    emsg = "no available workers (all circuits open or unhealthy)"
   end
-  return self:send_error(x, 503, msg, "no_workers", extra)
+  return self:send_error(x, 503, emsg, "no_workers", extra)
 end
 
 function M:record_decision(req)

@@ -10,8 +10,9 @@ local RATIO = { 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1 }
 
 if not ok then
   -- a build without the metrics primitive: every update is a no-op
-  local nop = setmetatable({}, { __index = function() return function() end end })
-  return setmetatable(M, { __index = function() return nop end })
+  local nop
+  nop = setmetatable({}, { __index = function() return function() return nop end end })
+  return setmetatable(M, { __index = function() return function() return nop end end })
 end
 
 local function c(name, help, labels) return metrics.counter("sgl_router_" .. name, help, labels or {}) end
@@ -47,6 +48,33 @@ M.queue_depth = g("rate_limit_queue_depth", "Requests waiting for a concurrency 
 M.rejections = c("rate_limit_rejections_total", "Requests refused by the concurrency limiter.", { "reason" })
 M.inflight = g("inflight_requests", "Inference requests holding a concurrency slot.")
 M.script_errors = c("script_errors_total", "Lua errors raised while handling requests.")
+
+-- Handles of the per-route and per-worker series, looked up once: the
+-- request path updates them with no label hashing.
+local route_cache = {}
+function M.for_route(route)
+  local h = route_cache[route]
+  if not h then
+    h = {
+      requests = M.requests:series(route), duration = M.duration:series(route),
+      ttfb = M.ttfb:series(route), upstream = M.upstream:series(route),
+      retries = M.retries:series(route), exhausted = M.retries_exhausted:series(route),
+    }
+    route_cache[route] = h
+  end
+  return h
+end
+
+function M.for_worker(url, policy)
+  return {
+    running = M.running:series(url), processed = M.processed:series(url),
+    decisions = M.decisions:series(policy or "unknown", url),
+    success = M.cb_outcomes:series(url, "success"), failure = M.cb_outcomes:series(url, "failure"),
+  }
+end
+
+M.inflight_h = M.inflight:series()
+M.queue_depth_h = M.queue_depth:series()
 
 function M.render() return metrics.render() end
 M.metrics = metrics

@@ -9,7 +9,7 @@ describe("examples/grafana/sglr-dashboard.json", function()
     f:close()
     local exported = {}
     for _, m in pairs(stats) do
-      if type(m) == "userdata" then exported[m:name()] = true end
+      if type(m) == "userdata" and m.name then exported[m:name()] = true end
     end
     local used = 0
     for _, p in ipairs(dash.panels) do
