@@ -26,10 +26,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SERVER_MT "sglr.server"
-#define EXCHANGE_MT "sglr.exchange"
-#define POOL_MT "sglr.pool"
-#define RESPONSE_MT "sglr.response"
+/* Type names double as type tags: each box records the address of its
+ * name, so a type check is a pointer compare instead of a registry lookup
+ * (luaL_checkudata) on every method call. */
+static const char SERVER_MT[] = "sglr.server";
+static const char EXCHANGE_MT[] = "sglr.exchange";
+static const char POOL_MT[] = "sglr.pool";
+static const char RESPONSE_MT[] = "sglr.response";
+static const char EVENT_MT[] = "sglr.event";
+
+typedef struct {
+    void *p;                  /* first: __gc functions read it as void ** */
+    const char *type;
+} box_t;
 
 int sglr_exit_code;
 
@@ -37,19 +46,22 @@ int sglr_exit_code;
 
 static void *check_box(lua_State *L, int idx, const char *mt)
 {
-    void **box = luaL_checkudata(L, idx, mt);
-    if (!*box)
+    box_t *b = lua_touserdata(L, idx);
+    if (!b || lua_objlen(L, idx) != sizeof *b || b->type != mt)
+        luaL_typerror(L, idx, mt);
+    if (!b->p)
         luaL_error(L, "%s is closed", mt);
-    return *box;
+    return b->p;
 }
 
 static void **new_box(lua_State *L, const char *mt, void *p)
 {
-    void **box = lua_newuserdata(L, sizeof(void *));
-    *box = p;
+    box_t *b = lua_newuserdata(L, sizeof *b);
+    b->p = p;
+    b->type = mt;
     luaL_getmetatable(L, mt);
     lua_setmetatable(L, -2);
-    return box;
+    return &b->p;
 }
 
 /* Append a Lua table of headers {name = value} as "name: value\r\n" lines.
@@ -484,9 +496,9 @@ static int x_body(lua_State *L)
 const char *sglr_lua_body(lua_State *L, int idx, size_t *len)
 {
     if (lua_type(L, idx) == LUA_TUSERDATA) {
-        void **box = luaL_testudata(L, idx, EXCHANGE_MT);
-        if (box && *box) {
-            sglr_exchange_t *x = *box;
+        box_t *b = lua_touserdata(L, idx);
+        if (lua_objlen(L, idx) == sizeof *b && b->type == EXCHANGE_MT && b->p) {
+            sglr_exchange_t *x = b->p;
             *len = x->body.len;
             return x->body.data ? x->body.data : "";
         }
@@ -1190,7 +1202,6 @@ static int resp_gc(lua_State *L)
 
 /* --- events: one coroutine waits, anyone sets ---------------------------------- */
 
-#define EVENT_MT "sglr.event"
 
 typedef struct {
     uv_timer_t timer;         /* timeout, or the deferred wake after set() */

@@ -151,23 +151,20 @@ static void write_cb(uv_write_t *req, int status)
         x->on_drain(x);
 }
 
-/* Write up to three pieces. Most writes go out at once with uv_try_write
- * (one writev, no request, no callback, no epoll change); only what the
- * socket did not take is copied into a queued uv_write. */
-static int conn_write3(sglr_conn_t *c, const char *a, size_t na, const char *b, size_t nb,
-                       const char *d, size_t nd)
+/* Write pieces in order. Most writes go out at once with uv_try_write (one
+ * writev, no request, no callback, no epoll change); only what the socket
+ * did not take is copied into a queued uv_write. */
+static int conn_writev(sglr_conn_t *c, uv_buf_t *in, unsigned nin)
 {
     if (c->closing || c->shutting)
         return -EPIPE;
-    const char *pieces[3] = { a, b, d };
-    size_t lens[3] = { na, nb, nd };
-    uv_buf_t bufs[3];
+    uv_buf_t bufs[8];
     unsigned nbufs = 0;
     size_t total = 0;
-    for (int i = 0; i < 3; i++) {
-        if (lens[i]) {
-            bufs[nbufs++] = uv_buf_init((char *)pieces[i], (unsigned)lens[i]);
-            total += lens[i];
+    for (unsigned i = 0; i < nin && nbufs < 8; i++) {
+        if (in[i].len) {
+            bufs[nbufs++] = in[i];
+            total += in[i].len;
         }
     }
     if (total == 0)
@@ -207,6 +204,58 @@ static int conn_write3(sglr_conn_t *c, const char *a, size_t na, const char *b, 
         return r;
     }
     return 0;
+}
+
+static int conn_write3(sglr_conn_t *c, const char *a, size_t na, const char *b, size_t nb,
+                       const char *d, size_t nd)
+{
+    uv_buf_t bufs[3] = { uv_buf_init((char *)a, (unsigned)na),
+                         uv_buf_init((char *)b, (unsigned)nb),
+                         uv_buf_init((char *)d, (unsigned)nd) };
+    return conn_writev(c, bufs, 3);
+}
+
+/* "HTTP/1.1 200 OK\r\n" into out (>= 64 bytes); returns its length. */
+static size_t status_line(char *out, int status)
+{
+    const char *text = sglr_status_text(status);
+    memcpy(out, "HTTP/1.1 ", 9);
+    out[9] = (char)('0' + (status / 100) % 10);
+    out[10] = (char)('0' + (status / 10) % 10);
+    out[11] = (char)('0' + status % 10);
+    out[12] = ' ';
+    size_t tl = strlen(text);
+    memcpy(out + 13, text, tl);
+    memcpy(out + 13 + tl, "\r\n", 2);
+    return 15 + tl;
+}
+
+/* Decimal digits of v at out; returns the count. */
+static size_t put_u64(char *out, unsigned long long v)
+{
+    char tmp[24];
+    size_t n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
+/* "content-length: N\r\n" [+ "connection: close\r\n"] + "\r\n" */
+static size_t length_tail(char *out, unsigned long long len, int keep)
+{
+    size_t n = 0;
+    memcpy(out, "content-length: ", 16);
+    n = 16 + put_u64(out + 16, len);
+    if (!keep) {
+        memcpy(out + n, "\r\nconnection: close", 19);
+        n += 19;
+    }
+    memcpy(out + n, "\r\n\r\n", 4);
+    return n + 4;
 }
 
 /* Streamed writes of an exchange: while corked they collect in x->cork and
@@ -275,23 +324,15 @@ int sglr_exchange_respond(sglr_exchange_t *x, int status, const char *hdrs, size
         exchange_settle(x);
         return 0;
     }
-    char head[256];
-    int keep = head_keep_alive(x);
-    int n = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\n", status, sglr_status_text(status));
-    char tail[128];
-    int m = snprintf(tail, sizeof tail, "content-length: %zu\r\n%s\r\n", blen,
-                     keep ? "" : "connection: close\r\n");
+    char head[64], tail[96];
+    size_t n = status_line(head, status);
+    size_t m = length_tail(tail, blen, head_keep_alive(x));
     if (x->method == HTTP_HEAD)
         blen = 0;
-    /* one buffer: status line + given headers + framing headers + body */
-    sglr_buf_t b = { 0 };
-    if (sglr_buf_append(&b, head, (size_t)n) || sglr_buf_append(&b, hdrs, hlen) ||
-        sglr_buf_append(&b, tail, (size_t)m)) {
-        sglr_buf_free(&b);
-        return -ENOMEM;
-    }
-    int r = conn_write3(x->conn, b.data, b.len, body, blen, NULL, 0);
-    sglr_buf_free(&b);
+    /* one writev: status line, given headers, framing headers, body */
+    uv_buf_t bufs[4] = { uv_buf_init(head, (unsigned)n), uv_buf_init((char *)hdrs, (unsigned)hlen),
+                         uv_buf_init(tail, (unsigned)m), uv_buf_init((char *)body, (unsigned)blen) };
+    int r = conn_writev(x->conn, bufs, 4);
     x->bytes_out += blen;
     exchange_done(x);
     return r;
@@ -310,8 +351,7 @@ int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t
     char tail[160];
     int m;
     if (content_length >= 0) {
-        m = snprintf(tail, sizeof tail, "content-length: %lld\r\n%s\r\n", content_length,
-                     head_keep_alive(x) ? "" : "connection: close\r\n");
+        m = (int)length_tail(tail, (unsigned long long)content_length, head_keep_alive(x));
     } else if (x->http_minor == 0) {
         /* HTTP/1.0 has no chunked encoding: the end is the connection's end */
         c->close_after = 1;
@@ -321,9 +361,9 @@ int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t
         m = snprintf(tail, sizeof tail, "transfer-encoding: chunked\r\n%s\r\n",
                      head_keep_alive(x) ? "" : "connection: close\r\n");
     }
-    char head[128];
-    int n = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\n", status, sglr_status_text(status));
-    return x_write3(x, head, (size_t)n, hdrs, hlen, tail, (size_t)m);
+    char head[64];
+    size_t n = status_line(head, status);
+    return x_write3(x, head, n, hdrs, hlen, tail, (size_t)m);
 }
 
 int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len)
@@ -338,8 +378,16 @@ int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len)
     if (!x->chunked)
         return x_write3(x, data, len, NULL, 0, NULL, 0);
     char size[24];
-    int n = snprintf(size, sizeof size, "%zx\r\n", len);
-    return x_write3(x, size, (size_t)n, data, len, "\r\n", 2);
+    static const char hex[] = "0123456789abcdef";
+    char tmp[20];
+    size_t k = 0, n = 0;
+    for (size_t v = len; v; v >>= 4)
+        tmp[k++] = hex[v & 15];
+    while (k)
+        size[n++] = tmp[--k];
+    size[n++] = '\r';
+    size[n++] = '\n';
+    return x_write3(x, size, n, data, len, "\r\n", 2);
 }
 
 int sglr_exchange_finish(sglr_exchange_t *x)

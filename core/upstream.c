@@ -462,12 +462,27 @@ int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size
 {
     sglr_buf_t *b = &r->out;
     b->len = 0;
-    int e = sglr_buf_printf(b, "%s %s", method, r->pool->base_path);
+    size_t ml = strlen(method);
+    const sglr_pool_t *p = r->pool;
+    int e = sglr_buf_append(b, method, ml) || sglr_buf_append(b, " ", 1);
+    e = e || sglr_buf_append(b, p->base_path, strlen(p->base_path));
     e = e || sglr_buf_append(b, path, plen);
-    e = e || sglr_buf_printf(b, " HTTP/1.1\r\nhost: %s\r\n", r->pool->hostport);
+    e = e || sglr_buf_append(b, " HTTP/1.1\r\nhost: ", 17);
+    e = e || sglr_buf_append(b, p->hostport, strlen(p->hostport));
+    e = e || sglr_buf_append(b, "\r\n", 2);
     e = e || sglr_buf_append(b, hdrs, hlen);
-    if (body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0)
-        e = e || sglr_buf_printf(b, "content-length: %zu\r\n", blen);
+    if (body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
+        char num[24], tmp[24];
+        size_t n = 0, k = 0, v = blen;
+        do {
+            tmp[k++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        while (k)
+            num[n++] = tmp[--k];
+        e = e || sglr_buf_append(b, "content-length: ", 16) || sglr_buf_append(b, num, n) ||
+            sglr_buf_append(b, "\r\n", 2);
+    }
     e = e || sglr_buf_append(b, "\r\n", 2);
     e = e || sglr_buf_append(b, body, blen);
     return e ? -ENOMEM : 0;
