@@ -64,6 +64,30 @@ static void **new_box(lua_State *L, const char *mt, void *p)
     return &b->p;
 }
 
+/* One reusable buffer for header blocks built during a call: everything
+ * that uses it copies the bytes before returning, and the loop runs one
+ * call at a time. Taken and given back so a nested use cannot clobber it. */
+static sglr_buf_t scratch;
+
+static sglr_buf_t scratch_take(void)
+{
+    sglr_buf_t b = scratch;
+    scratch = (sglr_buf_t){ 0 };
+    b.len = 0;
+    return b;
+}
+
+static void scratch_give(sglr_buf_t *b)
+{
+    if (!scratch.data && b->cap <= (64u << 10)) {
+        scratch = *b;
+        scratch.len = 0;
+    } else {
+        sglr_buf_free(b);
+    }
+    *b = (sglr_buf_t){ 0 };
+}
+
 /* Append a Lua table of headers {name = value} as "name: value\r\n" lines.
  * Names or values with CR/LF are refused (header injection). */
 static const char *table_headers(lua_State *L, int idx, sglr_buf_t *b)
@@ -119,11 +143,13 @@ static void push_head_table(lua_State *L, const sglr_head_t *h)
 
 static int is_hop_header(const char *n, size_t len)
 {
-    static const char *const hop[] = { "connection", "keep-alive", "proxy-connection",
-        "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length", "expect",
-        NULL };
-    for (int i = 0; hop[i]; i++)
-        if (strlen(hop[i]) == len && memcmp(hop[i], n, len) == 0)
+    static const struct { const char *name; size_t len; } hop[] = {
+        { "connection", 10 }, { "keep-alive", 10 }, { "proxy-connection", 16 },
+        { "transfer-encoding", 17 }, { "te", 2 }, { "trailer", 7 }, { "upgrade", 7 },
+        { "host", 4 }, { "content-length", 14 }, { "expect", 6 },
+    };
+    for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
+        if (hop[i].len == len && n[0] == hop[i].name[0] && memcmp(hop[i].name, n, len) == 0)
             return 1;
     return 0;
 }
@@ -520,14 +546,14 @@ static int x_respond(lua_State *L)
     const char *body = luaL_optlstring(L, 4, "", &blen);
     if (x->state != SGLR_X_HANDLING)
         return luaL_error(L, "response already started");
-    sglr_buf_t hb = { 0 };
+    sglr_buf_t hb = scratch_take();
     const char *err = table_headers(L, 3, &hb);
     if (err) {
-        sglr_buf_free(&hb);
+        scratch_give(&hb);
         return luaL_error(L, "%s", err);
     }
     int r = sglr_exchange_respond(x, status, hb.data ? hb.data : "", hb.len, body, blen);
-    sglr_buf_free(&hb);
+    scratch_give(&hb);
     lua_pushboolean(L, r == 0);
     return 1;
 }
@@ -539,14 +565,14 @@ static int x_start(lua_State *L)
     long long clen = (long long)luaL_optnumber(L, 4, -1);
     if (x->state != SGLR_X_HANDLING)
         return luaL_error(L, "response already started");
-    sglr_buf_t hb = { 0 };
+    sglr_buf_t hb = scratch_take();
     const char *err = table_headers(L, 3, &hb);
     if (err) {
-        sglr_buf_free(&hb);
+        scratch_give(&hb);
         return luaL_error(L, "%s", err);
     }
     int r = sglr_exchange_start(x, status, hb.data ? hb.data : "", hb.len, clen);
-    sglr_buf_free(&hb);
+    scratch_give(&hb);
     lua_pushboolean(L, r == 0);
     return 1;
 }
@@ -961,7 +987,7 @@ static const char *fwd_start(lua_State *L, fwd_t *f, sglr_pool_t *pool, int opts
     r->on_body = fwd_on_body;
     r->on_done = fwd_on_done;
     f->req = r;
-    sglr_buf_t hb = { 0 };
+    sglr_buf_t hb = scratch_take();
     const char *err = NULL;
     if (x && copy_headers(L, &x->head, hidx, &hb))
         err = "out of memory";
@@ -970,7 +996,7 @@ static const char *fwd_start(lua_State *L, fwd_t *f, sglr_pool_t *pool, int opts
     if (!err && sglr_upreq_build(r, method, path, plen, hb.data ? hb.data : "", hb.len,
                                  body, blen))
         err = "out of memory";
-    sglr_buf_free(&hb);
+    scratch_give(&hb);
     if (err)
         return err;
     sglr_upreq_start(r, connect_ms, timeout_ms);
@@ -1122,7 +1148,7 @@ static int resp_pipe(lua_State *L)
         return 2;
     }
     sglr_upreq_t *r = f->req;
-    sglr_buf_t hb = { 0 };
+    sglr_buf_t hb = scratch_take();
     const char *err = NULL;
     /* the worker's headers, minus framing, plus the caller's */
     if (copy_headers(L, &r->head, lua_istable(L, 2) ? 2 : 0, &hb))
@@ -1130,7 +1156,7 @@ static int resp_pipe(lua_State *L)
     if (!err)
         err = table_headers(L, 2, &hb);
     if (err) {
-        sglr_buf_free(&hb);
+        scratch_give(&hb);
         return luaL_error(L, "%s", err);
     }
     f->mode = FWD_PIPE;
@@ -1140,7 +1166,7 @@ static int resp_pipe(lua_State *L)
     sglr_exchange_hold(x);
     sglr_exchange_cork(x);
     sglr_exchange_start(x, r->status, hb.data ? hb.data : "", hb.len, r->content_length);
-    sglr_buf_free(&hb);
+    scratch_give(&hb);
     sglr_upreq_continue(r);
     sglr_exchange_uncork(x);
     sglr_exchange_release(x);

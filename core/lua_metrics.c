@@ -27,7 +27,10 @@
 typedef struct {
     sglr_series_t *s;
     sglr_metric_type_t type;
+    const char *tag;          /* SERIES_MT's address: a cheap type check */
 } lseries_t;
+
+static const char series_tag[] = SERIES_MT;
 
 static sglr_metric_t *check_metric(lua_State *L)
 {
@@ -161,6 +164,7 @@ static int l_series(lua_State *L)
     lseries_t *h = lua_newuserdata(L, sizeof *h);
     h->s = NULL;
     h->type = sglr_metrics_type(m);
+    h->tag = series_tag;
     luaL_getmetatable(L, SERIES_MT);
     lua_setmetatable(L, -2);
     h->s = sglr_metrics_series(m, values, sglr_metrics_nlabels(m));
@@ -171,7 +175,9 @@ static int l_series(lua_State *L)
 
 static lseries_t *check_series(lua_State *L)
 {
-    lseries_t *h = luaL_checkudata(L, 1, SERIES_MT);
+    lseries_t *h = lua_touserdata(L, 1);
+    if (!h || lua_objlen(L, 1) != sizeof *h || h->tag != series_tag)
+        luaL_typerror(L, 1, SERIES_MT);
     if (!h->s)
         luaL_argerror(L, 1, "series is released");
     return h;
