@@ -494,15 +494,21 @@ static int x_path(lua_State *L)
     return 2;
 }
 
+/* x:header(name [, name2 ...]) -> the value of the first present (names
+ * lowercase), or nil */
 static int x_header(lua_State *L)
 {
     sglr_exchange_t *x = check_x(L);
-    size_t n;
-    const char *v = sglr_head_get(&x->head, luaL_checkstring(L, 2), &n);
-    if (v)
-        lua_pushlstring(L, v, n);
-    else
-        lua_pushnil(L);
+    int top = lua_gettop(L);
+    for (int i = 2; i <= top; i++) {
+        size_t n;
+        const char *v = sglr_head_get(&x->head, luaL_checkstring(L, i), &n);
+        if (v && n) {
+            lua_pushlstring(L, v, n);
+            return 1;
+        }
+    }
+    lua_pushnil(L);
     return 1;
 }
 

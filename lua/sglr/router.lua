@@ -15,6 +15,7 @@ local policy_mod = require "sglr.policy"
 local ok_extract, extract = pcall(require, "sglr.extract")
 
 local floor, min, max = math.floor, math.min, math.max
+local unpack = unpack or table.unpack
 local concat = table.concat
 
 local M = {}
@@ -175,10 +176,8 @@ end
 -- --- inference ------------------------------------------------------------------------
 
 function M:request_id(x, route)
-  for _, h in ipairs(self.request_id_headers) do
-    local v = x:header(h)
-    if v and v ~= "" then return v end
-  end
+  local v = x:header(unpack(self.request_id_headers))
+  if v then return v end
   return core.random_id(ID_PREFIX[route] or "req-")
 end
 
@@ -235,10 +234,8 @@ function M:infer(x, route)
     self:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
     return self:access(x, req)
   end
-  stats.inflight_h:set(limiter.inflight)
   local okr, err = pcall(self.route_request, self, x, req)
   limiter:release()
-  stats.inflight_h:set(limiter.inflight)
   if not okr then
     stats.script_errors:inc()
     log.error("request failed in script", { request_id = rid, error = tostring(err) })
@@ -261,7 +258,6 @@ end
 function M:release(req, w, outcome, status)
   w.load = w.load - 1
   local wm = w.m
-  wm.running:set(w.load)
   local now = core.now()
   if outcome == "success" then
     w.breaker:success(now)
@@ -308,7 +304,6 @@ function M:route_request(x, req)
     w.breaker:dispatched()
     w.load = w.load + 1
     w.processed = w.processed + 1
-    wm.running:set(w.load)
     wm.processed:inc()
 
     local left = deadline - now
@@ -667,8 +662,11 @@ function M:serve_metrics()
     local path = x:path()
     if path == "/metrics" then
       local now = core.now()
+      -- gauges of the moment are read here, not kept up per request
+      stats.inflight_h:set(self.limiter.inflight)
+      stats.queue_depth_h:set(self.limiter:depth())
       for _, w in ipairs(self.workers.list) do
-        stats.running:set(w.load, w.url)
+        w.m.running:set(w.load)
         if self.policy.tree_size then stats.tree_size:set(self.policy:tree_size(w.url) or 0, w.url) end
         w.breaker:allow(now)
       end
