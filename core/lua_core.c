@@ -587,6 +587,7 @@ static int x_start(lua_State *L)
 typedef struct {
     lua_State *co;
     int ref;
+    int xref;                 /* the exchange userdata, pinned while waiting */
 } drain_wait_t;
 
 static void x_drain_wake(sglr_exchange_t *x)
@@ -599,6 +600,7 @@ static void x_drain_wake(sglr_exchange_t *x)
         return;
     lua_State *co = w->co;
     int ref = w->ref;
+    luaL_unref(sglr_L, LUA_REGISTRYINDEX, w->xref);
     free(w);
     lua_pushboolean(co, x->conn != NULL);
     sglr_co_resume(co, ref, 1);
@@ -622,6 +624,8 @@ static int x_write(lua_State *L)
             return luaL_error(L, "out of memory");
         w->co = L;
         w->ref = sglr_co_pin(L);
+        lua_pushvalue(L, 1);
+        w->xref = luaL_ref(L, LUA_REGISTRYINDEX);
         x->data = w;
         x->on_drain = x_drain_wake;
         x->on_close = x_drain_wake;
@@ -1034,6 +1038,11 @@ static int fwd_wait(lua_State *L, fwd_t *f, int (*push)(lua_State *, fwd_t *))
     }
     f->co = L;
     f->co_ref = sglr_co_pin(L);
+    if (f->ud_ref == LUA_NOREF) {
+        /* pipe/read: keep the response alive while its coroutine waits */
+        lua_pushvalue(L, 1);
+        f->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     return lua_yield(L, 0);
 }
 
@@ -1240,6 +1249,7 @@ typedef struct {
     lua_State *co;
     int co_ref;
     int val_ref;              /* value given to set() */
+    int self_ref;             /* the userdata, pinned while a coroutine waits */
     int is_set;
     int waking;
     int closed;
@@ -1260,6 +1270,9 @@ static void event_fire(uv_timer_t *t)
     e->co = NULL;
     e->co_ref = LUA_NOREF;
     e->waking = 0;
+    /* the waiter's own stack holds the event from here on */
+    int self_ref = e->self_ref;
+    e->self_ref = LUA_NOREF;
     int n;
     if (e->is_set) {
         lua_pushboolean(co, 1);
@@ -1270,6 +1283,8 @@ static void event_fire(uv_timer_t *t)
         lua_pushliteral(co, "timeout");
         n = 2;
     }
+    if (self_ref != LUA_NOREF)
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, self_ref);
     sglr_co_resume(co, ref, n);
 }
 
@@ -1280,6 +1295,7 @@ static int l_event(lua_State *L)
         return luaL_error(L, "out of memory");
     e->co_ref = LUA_NOREF;
     e->val_ref = LUA_NOREF;
+    e->self_ref = LUA_NOREF;
     uv_timer_init(sglr_loop, &e->timer);
     e->timer.data = e;
     new_box(L, EVENT_MT, e);
@@ -1300,6 +1316,10 @@ static int event_wait(lua_State *L)
     }
     e->co_ref = sglr_co_pin(L);
     e->co = L;
+    /* a yielded call does not keep its arguments alive: pin the event so
+     * that `core.event():wait()` cannot lose it to the collector */
+    lua_pushvalue(L, 1);
+    e->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     if (ms >= 0) {
         uv_update_time(sglr_loop);
         uv_timer_start(&e->timer, event_fire, (uint64_t)ms, 0);
@@ -1337,8 +1357,7 @@ static int event_gc(lua_State *L)
     if (!e)
         return 0;
     *box = NULL;
-    /* a pinned waiter keeps its coroutine and so this userdata alive: here
-     * nobody waits any more */
+    /* a waiter pins the userdata (self_ref), so here nobody waits */
     if (e->val_ref != LUA_NOREF)
         luaL_unref(L, LUA_REGISTRYINDEX, e->val_ref);
     uv_close((uv_handle_t *)&e->timer, event_close_cb);

@@ -1,0 +1,80 @@
+-- The runtime primitives scripts build on (sglr.core): sleep, events,
+-- spawn, request ids, and the native client against the native server.
+local core = require "sglr.core"
+
+describe("sglr.core", function()
+  it("sleeps for at least the given time", function()
+    local t = core.now()
+    core.sleep(30)
+    assert.is_true(core.now() - t >= 29.5)
+  end)
+
+  it("wakes an event waiter with the value given to set", function()
+    local ev = core.event()
+    core.spawn(function() core.sleep(5); ev:set("hello") end)
+    local ok, v = ev:wait(1000)
+    assert.is_true(ok)
+    assert.equal("hello", v)
+    -- once set, later waits return at once
+    assert.is_true((ev:wait(0)))
+  end)
+
+  it("times out an event wait", function()
+    local ok, err = core.event():wait(20)
+    assert.is_nil(ok)
+    assert.equal("timeout", err)
+  end)
+
+  it("keeps an unreferenced event alive while a coroutine waits on it", function()
+    local got
+    core.spawn(function() got = { core.event():wait(40) } end)
+    for _ = 1, 3 do collectgarbage() end
+    core.sleep(80)
+    assert.same({ nil, "timeout" }, got)
+  end)
+
+  it("runs spawned coroutines until they wait, and survives their errors", function()
+    local order = {}
+    core.spawn(function() order[#order + 1] = "a"; core.sleep(1); order[#order + 1] = "c" end)
+    order[#order + 1] = "b"
+    core.spawn(function() error("boom (expected in this spec)") end)
+    core.sleep(10)
+    assert.same({ "a", "b", "c" }, order)
+  end)
+
+  it("makes request ids with a prefix and 24 alphanumerics", function()
+    local seen = {}
+    for _ = 1, 200 do
+      local id = core.random_id("gnt-")
+      assert.truthy(id:match("^gnt%-%w+$"))
+      assert.equal(28, #id)
+      assert.is_nil(seen[id])
+      seen[id] = true
+    end
+  end)
+
+  it("serves and fetches over loopback with keep-alive", function()
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local path, query = x:path()
+      x:respond(200, { ["content-type"] = "text/plain", ["x-q"] = query or "" },
+        x:method() .. " " .. path .. " " .. #x:body())
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    for i = 1, 3 do
+      local res = assert(core.request(pool, { method = "POST", path = "/p?i=" .. i, body = "abc" }))
+      assert.equal(200, res.status)
+      assert.equal("POST /p 3", res.body)
+      assert.equal("i=" .. i, res.headers["x-q"])
+    end
+    assert.equal(1, pool:stats().conns)
+    srv:close()
+  end)
+
+  it("reports connection failures as errors, not raises", function()
+    local pool = assert(core.upstream("http://127.0.0.1:1"))
+    local res, err = core.request(pool, { path = "/" })
+    assert.is_nil(res)
+    assert.equal("connect", err)
+    assert.is_nil(core.upstream("ftp://x"))
+  end)
+end)
