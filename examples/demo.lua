@@ -5,76 +5,17 @@
 --
 --   build/sglr lua examples/demo.lua [--quick]
 local core = require "sglr.core"
-local uv = require "luv"
 local cjson = require "cjson.safe"
+local fleet_mod = require "sglr.fleet"
+local bench = require "sglr.bench"
 
-local BIN = os.getenv("SGLR_BIN") or "build/sglr"
 local quick = arg and arg[1] == "--quick"
-local procs = {}
+local fleet = fleet_mod.new()
 
-local function spawn(args)
-  local p = { out = "", args = args }
-  local o, e = uv.new_pipe(false), uv.new_pipe(false)
-  p.handle, p.pid = uv.spawn(BIN, { args = args, stdio = { nil, o, e } }, function(code)
-    p.exited, p.code = true, code
-  end)
-  assert(p.handle, "cannot start " .. BIN .. ": " .. tostring(p.pid))
-  local function rd(_, d) if d then p.out = p.out .. d end end
-  o:read_start(rd)
-  e:read_start(rd)
-  p.pipes = { o, e }
-  procs[#procs + 1] = p
-  return p
-end
-
-local function wait_for(p, pattern)
-  local deadline = core.now() + 20000
-  while core.now() < deadline do
-    local m = p.out:match(pattern)
-    if m then return m end
-    if p.exited then break end
-    core.sleep(10)
-  end
-  error("timed out waiting for " .. table.concat(p.args, " ") .. ":\n" .. p.out)
-end
-
-local function stop_all()
-  for _, p in ipairs(procs) do
-    if not p.exited then uv.process_kill(p.handle, "sigterm") end
-  end
-  local deadline = core.now() + 5000
-  for _, p in ipairs(procs) do
-    while not p.exited and core.now() < deadline do core.sleep(10) end
-    if not p.exited then uv.process_kill(p.handle, "sigkill") end
-    for _, pipe in ipairs(p.pipes) do pipe:close() end
-    p.handle:close()
-  end
-  procs = {}
-end
-
-local function start_workers(n, extra)
-  local ws = {}
-  for i = 1, n do
-    local args = { "sim-worker", "--port", "0", "--id", "worker-" .. i }
-    for _, a in ipairs(extra or {}) do args[#args + 1] = a end
-    local p = spawn(args)
-    local port = wait_for(p, "listening on http://127%.0%.0%.1:(%d+)")
-    ws[i] = "http://127.0.0.1:" .. port
-  end
-  return ws
-end
-
-local function router_url(p)
-  return "http://127.0.0.1:" .. wait_for(p, "listening on http://127%.0%.0%.1:(%d+)")
-end
-
-local function main()
+local function part1()
   print("== sglr demo: 3 simulated workers behind the router (round_robin)")
-  local ws = start_workers(3, { "--decode-ms-per-token", "20" })
-  local args = { "run", "--port", "0", "--prometheus-port", "0", "--policy", "round_robin",
-    "--worker-startup-check-interval", "0.1", "--worker-urls", ws[1], ws[2], ws[3] }
-  local rp = spawn(args)
-  local base = router_url(rp)
+  local urls = fleet:workers(3, { "--decode-ms-per-token", "20" })
+  local base = fleet:router(urls, { "--policy", "round_robin" })
   print("router at " .. base .. "\n")
   local pool = assert(core.upstream(base))
   local function post(path, body)
@@ -104,33 +45,28 @@ local function main()
     print(string.format("  %-28s healthy=%s load=%d processed=%d circuit=%s", w.url, tostring(w.healthy),
       w.load, w.processed, w.circuit))
   end
-  stop_all()
+  fleet:stop()
+end
 
-  local ok_bench, bench = pcall(require, "sglr.bench")
-  if not ok_bench or not bench.run then
-    print("\n(sglr bench is not available in this build; skipping the policy comparison)")
-    return
-  end
+local function part2()
   local groups, per = quick and 8 or 32, quick and 4 or 8
   print(string.format("\n== round_robin vs cache_aware: %d groups x %d prompts sharing a 2048-token system prompt,", groups, per))
   print("   4 workers whose KV cache holds about a quarter of the prefixes")
   local summaries = {}
   for _, policy in ipairs({ "round_robin", "cache_aware" }) do
-    ws = start_workers(4, { "--kv-tokens", "20000", "--prefill-us-per-token", "50",
+    local urls = fleet:workers(4, { "--kv-tokens", "20000", "--prefill-us-per-token", "50",
       "--decode-ms-per-token", "0.2" })
-    local p = spawn({ "run", "--port", "0", "--prometheus-port", "0", "--policy", policy,
-      "--worker-startup-check-interval", "0.1", "--worker-urls", ws[1], ws[2], ws[3], ws[4] })
-    local url = router_url(p)
-    summaries[policy] = bench.run({ url = url, workload = "shared-prefix", groups = groups,
-      prompts_per_group = per, system_tokens = 2048, question_tokens = 128, output_tokens = 16,
-      concurrency = 16, seed = 1, quiet = true, route = "generate" })
-    stop_all()
+    local url = fleet:router(urls, { "--policy", policy, "--log-level", "warn" })
+    summaries[#summaries + 1] = { policy, assert(bench.run({ url = url, workload = "shared-prefix",
+      groups = groups, prompts_per_group = per, system_tokens = 2048, question_tokens = 128,
+      output_tokens = 16, concurrency = 16, seed = 1, quiet = true })) }
+    fleet:stop()
   end
-  print(bench.compare({ round_robin = summaries.round_robin, cache_aware = summaries.cache_aware }))
+  io.write(bench.compare(summaries))
 end
 
-local ok, err = xpcall(main, debug.traceback)
+local ok, err = xpcall(function() part1(); part2() end, debug.traceback)
 if not ok then io.stderr:write("demo failed: ", tostring(err), "\n") end
-stop_all()
+fleet:stop()
 io.stdout:flush()
 core.exit(ok and 0 or 1)

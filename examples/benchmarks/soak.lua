@@ -6,65 +6,28 @@
 -- Four sim workers on loopback; every 15 s one random worker is killed
 -- (SIGKILL) and restarted 5 s later on the same port, so at least three are
 -- up at any time. A non-streaming request is lost when the client gets
--- anything but 200.
+-- anything but 200. Exit status 0 when none was lost.
 local core = require "sglr.core"
-local uv = require "luv"
 local cjson = require "cjson.safe"
+local fleet_mod = require "sglr.fleet"
 
-local BIN = os.getenv("SGLR_BIN") or "build/sglr"
 local minutes = tonumber(arg and arg[1]) or 10
 local concurrency = tonumber(arg and arg[2]) or 16
-local procs = {}
-
-local function spawn(args)
-  local p = { out = "", args = args }
-  local o, e = uv.new_pipe(false), uv.new_pipe(false)
-  p.handle = uv.spawn(BIN, { args = args, stdio = { nil, o, e } }, function(code) p.exited, p.code = true, code end)
-  local function rd(_, d) if d then p.out = (p.out .. d):sub(-4096) end end
-  o:read_start(rd)
-  e:read_start(rd)
-  p.pipes = { o, e }
-  procs[#procs + 1] = p
-  return p
-end
-
-local function wait_for(p, pattern)
-  local deadline = core.now() + 20000
-  while core.now() < deadline do
-    local m = p.out:match(pattern)
-    if m then return m end
-    core.sleep(10)
-  end
-  error("timed out waiting for " .. table.concat(p.args, " "))
-end
-
-local function kill(p, sig)
-  if not p.exited then uv.process_kill(p.handle, sig or "sigterm") end
-end
+local fleet = fleet_mod.new()
+local SIM = { "--decode-ms-per-token", "1" }
 
 local workers = {}
 for i = 1, 4 do
-  local p = spawn({ "sim-worker", "--port", "0", "--id", "w" .. i, "--decode-ms-per-token", "1" })
-  local port = wait_for(p, "listening on http://127%.0%.0%.1:(%d+)")
-  workers[i] = { port = port, proc = p, url = "http://127.0.0.1:" .. port }
+  local args = { "--id", "w" .. i, unpack(SIM) }
+  local url, proc, port = fleet:worker(args)
+  workers[i] = { url = url, proc = proc, port = port }
 end
-local rp = spawn({ "run", "--port", "0", "--prometheus-port", "0", "--policy", "cache_aware", "--log-level", "warn",
+local urls = {}
+for i, w in ipairs(workers) do urls[i] = w.url end
+local rurl = fleet:router(urls, { "--policy", "cache_aware", "--log-level", "warn",
   "--health-check-interval-secs", "1", "--health-failure-threshold", "1", "--health-success-threshold", "1",
-  "--retry-initial-backoff-ms", "20", "--retry-max-retries", "5", "--cb-timeout-duration-secs", "2",
-  "--worker-urls", workers[1].url, workers[2].url, workers[3].url, workers[4].url })
--- the router logs its address at info, before switching to warn
-local rport
-do
-  local deadline = core.now() + 20000
-  local pool
-  while core.now() < deadline do
-    rport = rp.out:match("listening on http://127%.0%.0%.1:(%d+)")
-    if rport then break end
-    core.sleep(20)
-  end
-end
-assert(rport, "router did not start: " .. rp.out)
-local pool = assert(core.upstream("http://127.0.0.1:" .. rport))
+  "--retry-initial-backoff-ms", "20", "--retry-max-retries", "5", "--cb-timeout-duration-secs", "2" })
+local pool = assert(core.upstream(rurl))
 
 local stop_at = core.now() + minutes * 60000
 local sent, ok, lost, statuses, kills = 0, 0, 0, {}, 0
@@ -106,11 +69,12 @@ core.spawn(function()
   while core.now() < stop_at - 10000 do
     core.sleep(15000)
     local w = workers[math.random(1, #workers)]
-    kill(w.proc, "sigkill")
+    fleet_mod.kill(w.proc, "sigkill")
     kills = kills + 1
     io.stderr:write(("[soak] killed %s; %d sent, %d lost so far\n"):format(w.url, sent, lost))
     core.sleep(5000)
-    w.proc = spawn({ "sim-worker", "--port", tostring(w.port), "--id", "w-restarted", "--decode-ms-per-token", "1" })
+    local _, proc = fleet:worker({ "--id", "w-restarted", unpack(SIM) }, w.port)
+    w.proc = proc
     io.stderr:write(("[soak] restarted %s\n"):format(w.url))
   end
 end)
@@ -122,7 +86,5 @@ print(("soak: %.1f min, %d workers, %d clients, %d worker kills"):format(minutes
 print(("requests sent %d, ok %d, lost %d (%.4f%%)"):format(sent, ok, lost, sent > 0 and 100 * lost / sent or 0))
 print(("latency p50 %.1f ms, p99 %.1f ms"):format(pct(0.5), pct(0.99)))
 for st, n in pairs(statuses) do print(("  status %s: %d"):format(tostring(st), n)) end
-for _, p in ipairs(procs) do kill(p, "sigterm") end
-core.sleep(300)
-for _, p in ipairs(procs) do kill(p, "sigkill") end
+fleet:stop()
 core.exit(lost == 0 and 0 or 1)
