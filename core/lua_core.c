@@ -212,7 +212,8 @@ typedef struct {
     int ref;
 } sleeper_t;
 
-static void sleep_close_cb(uv_handle_t *h)
+/* Close callback of handles whose data is their malloc'd owner. */
+static void free_data_close_cb(uv_handle_t *h)
 {
     free(h->data);
 }
@@ -220,7 +221,7 @@ static void sleep_close_cb(uv_handle_t *h)
 static void sleep_cb(uv_timer_t *t)
 {
     sleeper_t *s = t->data;
-    uv_close((uv_handle_t *)&s->timer, sleep_close_cb);
+    uv_close((uv_handle_t *)&s->timer, free_data_close_cb);
     sglr_co_resume(s->co, s->ref, 0);
 }
 
@@ -1255,11 +1256,6 @@ typedef struct {
     int closed;
 } event_t;
 
-static void event_close_cb(uv_handle_t *h)
-{
-    free(h->data);
-}
-
 static void event_fire(uv_timer_t *t)
 {
     event_t *e = t->data;
@@ -1360,7 +1356,7 @@ static int event_gc(lua_State *L)
     /* a waiter pins the userdata (self_ref), so here nobody waits */
     if (e->val_ref != LUA_NOREF)
         luaL_unref(L, LUA_REGISTRYINDEX, e->val_ref);
-    uv_close((uv_handle_t *)&e->timer, event_close_cb);
+    uv_close((uv_handle_t *)&e->timer, free_data_close_cb);
     return 0;
 }
 
