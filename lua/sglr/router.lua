@@ -616,36 +616,47 @@ local GET_PROXIED = {
   ["/v1/models"] = true,
 }
 
--- method -> handler, per path; a known path with another method is a 405
+-- Non-inference endpoints: method -> handler per path (a known path with
+-- another method is a 405).
+local GET_HANDLERS = {
+  ["/health"] = function(s, x) return s:health_endpoint(x) end,
+  ["/liveness"] = function(_, x) x:respond(200, { ["content-type"] = "text/plain" }, "OK\n") end,
+  ["/readiness"] = function(s, x) return s:readiness(x) end,
+  ["/get_loads"] = function(s, x) return s:get_loads(x) end,
+  ["/list_workers"] = function(s, x) return s:list_workers(x) end,
+}
+local POST_HANDLERS = {
+  ["/flush_cache"] = function(s, x) return s:flush_cache(x) end,
+  ["/add_worker"] = function(s, x, q) return s:add_worker(x, q) end,
+  ["/remove_worker"] = function(s, x, q) return s:remove_worker(x, q) end,
+}
+
 function M:handle(x)
   local path, query = x:path()
   local method = x:method()
-  if method == "OPTIONS" then return self:preflight(x) end
   local route = ROUTES[path]
-  if route then
-    if method ~= "POST" then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
-    return self:infer(x, route)
+  if route and method == "POST" then return self:infer(x, route) end
+  -- everything else gets its access line here (inference logs its own)
+  local t0 = core.now()
+  self:dispatch_other(x, method, path, query, route)
+  if log.enabled("info") then
+    log.info("request", { route = path, method = method, status = x:status(),
+      duration_ms = floor((core.now() - t0) * 10) / 10, request_id = x:header("x-request-id") })
   end
+end
+
+function M:dispatch_other(x, method, path, query, route)
+  if method == "OPTIONS" then return self:preflight(x) end
+  if route then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
   if GET_PROXIED[path] then
     if method ~= "GET" then return self:send_error(x, 405, "use GET for " .. path, "method_not_allowed") end
     return self:first_worker(x, path)
   end
-  local get = {
-    ["/health"] = self.health_endpoint,
-    ["/liveness"] = function(s, xx) xx:respond(200, { ["content-type"] = "text/plain" }, "OK\n") end,
-    ["/readiness"] = self.readiness,
-    ["/get_loads"] = self.get_loads,
-    ["/list_workers"] = self.list_workers,
-  }
-  local post = {
-    ["/flush_cache"] = self.flush_cache,
-    ["/add_worker"] = self.add_worker,
-    ["/remove_worker"] = self.remove_worker,
-  }
-  local h = (method == "GET" and get[path]) or (method == "POST" and post[path])
+  local h = (method == "GET" and GET_HANDLERS[path]) or (method == "POST" and POST_HANDLERS[path])
   if h then return h(self, x, query) end
-  if get[path] or post[path] then
-    return self:send_error(x, 405, "use " .. (get[path] and "GET" or "POST") .. " for " .. path, "method_not_allowed")
+  if GET_HANDLERS[path] or POST_HANDLERS[path] then
+    return self:send_error(x, 405, "use " .. (GET_HANDLERS[path] and "GET" or "POST") .. " for " .. path,
+      "method_not_allowed")
   end
   self:send_error(x, 404, "no route for " .. method .. " " .. path, "not_found")
 end

@@ -147,7 +147,7 @@ describe("logs", function()
       for l in text:gmatch("[^\n]+") do lines[#lines + 1] = l end
       local n = 0
       for _, l in ipairs(lines) do if l:find('"msg":"request"', 1, true) then n = n + 1 end end
-      return n >= 2
+      return n >= 3
     end, 5000, "access lines in " .. file)
     local access = {}
     for _, l in ipairs(lines) do
@@ -156,7 +156,11 @@ describe("logs", function()
       assert.is_string(rec.level)
       if rec.msg == "request" then access[#access + 1] = rec end
     end
-    assert.equal(2, #access)
+    -- the two inference requests and the 404 (the startup health probes
+    -- are the router's own, not requests it served)
+    assert.equal(3, #access)
+    assert.equal("/nope", access[3].route)
+    assert.equal(404, access[3].status)
     assert.equal("req-one", access[1].request_id)
     assert.equal("generate", access[1].route)
     assert.equal(w.url, access[1].worker)
