@@ -11,6 +11,7 @@
  */
 #include "sglr.h"
 #include "httpc.h"
+#include "upstream.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -234,6 +235,7 @@ int main(int argc, char **argv)
     /* Close what is left so pending close callbacks run, then leave without
      * lua_close: finalizers of live objects would touch closed handles. */
     sglr_httpc_shutdown();
+    sglr_upstream_release_spares();
     uv_walk(sglr_loop, close_walk_cb, NULL);
     uv_run(sglr_loop, UV_RUN_NOWAIT);
     sglr_httpc_global_cleanup();

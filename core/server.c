@@ -86,11 +86,32 @@ const char *sglr_status_text(int status)
 
 /* --- exchanges ----------------------------------------------------------- */
 
+/* Finished exchanges are kept on a free list with their buffers (head,
+ * header index, body), so a steady stream of requests allocates nothing
+ * here. Big buffers are not kept; sanitizer builds keep nothing, so that a
+ * use after free is still caught. */
+#define SPARE_MAX 256
+#define SPARE_BUF_MAX (64u << 10)
+static sglr_exchange_t *spare[SPARE_MAX];
+static int nspare;
+
 static sglr_exchange_t *exchange_new(sglr_conn_t *c)
 {
-    sglr_exchange_t *x = calloc(1, sizeof *x);
-    if (!x)
-        return NULL;
+    sglr_exchange_t *x;
+    if (nspare > 0) {
+        x = spare[--nspare];
+        sglr_head_t head = x->head;
+        sglr_buf_t body = x->body;
+        memset(x, 0, sizeof *x);
+        sglr_head_reset(&head);
+        body.len = 0;
+        x->head = head;
+        x->body = body;
+    } else {
+        x = calloc(1, sizeof *x);
+        if (!x)
+            return NULL;
+    }
     x->conn = c;
     x->server = c->srv;
     x->holds = 1;              /* the connection's */
@@ -101,6 +122,12 @@ static sglr_exchange_t *exchange_new(sglr_conn_t *c)
 static void exchange_free(sglr_exchange_t *x)
 {
     sglr_buf_free(&x->cork);
+#ifndef SGLR_NO_FREELIST
+    if (nspare < SPARE_MAX && x->head.buf.cap <= SPARE_BUF_MAX && x->body.cap <= SPARE_BUF_MAX) {
+        spare[nspare++] = x;
+        return;
+    }
+#endif
     sglr_head_free(&x->head);
     sglr_buf_free(&x->body);
     free(x);

@@ -428,8 +428,38 @@ static void timer_close_cb(uv_handle_t *h)
     sglr_buf_free(&r->out);
     sglr_buf_free(&r->pending);
     sglr_head_free(&r->head);
-    sglr_pool_unref(r->pool);
+    if (r->pool)
+        sglr_pool_unref(r->pool);
     free(r);
+}
+
+/* Freed requests are recycled from a 0 ms timer (after whatever call chain
+ * freed them has unwound) onto a free list that keeps their timer and
+ * buffers. Sanitizer builds close and free instead, so that a use after
+ * free is still caught. */
+#define SPARE_MAX 256
+static sglr_upreq_t *spare[SPARE_MAX];
+static int nspare;
+
+static void recycle_cb(uv_timer_t *t)
+{
+    sglr_upreq_t *r = t->data;
+    sglr_pool_unref(r->pool);
+    r->pool = NULL;
+    if (nspare < SPARE_MAX && r->out.cap <= (64u << 10) && r->pending.cap <= (64u << 10) &&
+        r->head.buf.cap <= (64u << 10)) {
+        spare[nspare++] = r;
+        return;
+    }
+    uv_close((uv_handle_t *)&r->timer, timer_close_cb);
+}
+
+void sglr_upstream_release_spares(void)
+{
+    while (nspare > 0) {
+        sglr_upreq_t *r = spare[--nspare];
+        uv_close((uv_handle_t *)&r->timer, timer_close_cb);
+    }
 }
 
 sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p)
@@ -446,14 +476,30 @@ sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p)
         settings.on_message_complete = on_message_complete;
         ready = 1;
     }
-    sglr_upreq_t *r = calloc(1, sizeof *r);
-    if (!r)
-        return NULL;
+    sglr_upreq_t *r;
+    if (nspare > 0) {
+        /* a recycled request: its timer is initialized, its buffers kept */
+        r = spare[--nspare];
+        sglr_buf_t out = r->out, pending = r->pending;
+        sglr_head_t head = r->head;
+        uv_timer_t timer = r->timer;
+        memset(r, 0, sizeof *r);
+        out.len = pending.len = 0;
+        sglr_head_reset(&head);
+        r->out = out;
+        r->pending = pending;
+        r->head = head;
+        r->timer = timer;
+    } else {
+        r = calloc(1, sizeof *r);
+        if (!r)
+            return NULL;
+        uv_timer_init(sglr_loop, &r->timer);
+        r->timer.data = r;
+    }
     r->pool = p;
     sglr_pool_ref(p);
     r->content_length = -1;
-    uv_timer_init(sglr_loop, &r->timer);
-    r->timer.data = r;
     return r;
 }
 
@@ -488,6 +534,14 @@ int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size
     return e ? -ENOMEM : 0;
 }
 
+/* Stop the deadline timer, unless the request was freed: then the timer
+ * carries the recycling and must run. */
+static void deadline_stop(sglr_upreq_t *r)
+{
+    if (!r->freed)
+        uv_timer_stop(&r->timer);
+}
+
 static void timer_cb(uv_timer_t *t)
 {
     sglr_upreq_t *r = t->data;
@@ -515,7 +569,7 @@ static void arm_timer(sglr_upreq_t *r)
     if (next)
         uv_timer_start(&r->timer, timer_cb, next > now ? next - now : 0, 0);
     else
-        uv_timer_stop(&r->timer);
+        deadline_stop(r);
 }
 
 static void req_dial(sglr_upreq_t *r)
@@ -576,7 +630,7 @@ static void req_release_conn(sglr_upreq_t *r, int reusable)
         return;
     r->conn = NULL;
     c->req = NULL;
-    uv_timer_stop(&r->timer);
+    deadline_stop(r);
     if (reusable && !c->closing && c->writing) {
         /* The worker answered while our write request is still with libuv:
          * wreq may not be reused before write_cb, and unsent bytes would be
@@ -615,7 +669,7 @@ static void req_fail(sglr_upreq_t *r, int err)
     }
     r->state = UP_DONE;
     r->err = err;
-    uv_timer_stop(&r->timer);
+    deadline_stop(r);
     r->on_done(r, err);
 }
 
@@ -718,7 +772,7 @@ void sglr_upreq_abort(sglr_upreq_t *r)
     if (r->state == UP_DONE || r->state == UP_ABORTED)
         return;
     r->state = UP_ABORTED;
-    uv_timer_stop(&r->timer);
+    deadline_stop(r);
     if (r->in_parse) {
         r->abort_pending = 1;
         return;
@@ -732,5 +786,10 @@ void sglr_upreq_free(sglr_upreq_t *r)
         sglr_upreq_abort(r);
     if (r->conn && !r->in_parse)
         req_release_conn(r, 0);
+    r->freed = 1;
+#ifdef SGLR_NO_FREELIST
     uv_close((uv_handle_t *)&r->timer, timer_close_cb);
+#else
+    uv_timer_start(&r->timer, recycle_cb, 0, 0);
+#endif
 }

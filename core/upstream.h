@@ -62,6 +62,7 @@ struct sglr_upreq_s {
     int got_bytes;           /* any response byte arrived */
     int complete;            /* the parser saw the end of the response */
     int in_parse, abort_pending, throttled;
+    int freed;               /* sglr_upreq_free was called */
     int eof_pending;         /* the connection ended while paused: 1 EOF, 2 error */
     sglr_buf_t pending;      /* bytes after the head, parsed on continue */
     uv_timer_t timer;
@@ -92,5 +93,7 @@ void sglr_upreq_throttle(sglr_upreq_t *r, int on);
 void sglr_upreq_abort(sglr_upreq_t *r);
 /* Release a request that is done or aborted. */
 void sglr_upreq_free(sglr_upreq_t *r);
+/* Close the timers of recycled requests kept for reuse (at shutdown). */
+void sglr_upstream_release_spares(void);
 
 #endif

@@ -36,6 +36,8 @@ static uv_loop_t loop;
 /* --- waiting -------------------------------------------------------------- */
 
 static uv_timer_t guard;
+static int guard_left;
+static void guard_tick_cb(uv_timer_t *t);
 static int guard_fired;
 
 static void guard_cb(uv_timer_t *t)
@@ -43,9 +45,19 @@ static void guard_cb(uv_timer_t *t)
     guard_fired = 1;
 }
 
+static void guard_tick_cb(uv_timer_t *t)
+{
+    if (--guard_left <= 0)
+        guard_fired = 1;
+}
+
+/* The guard repeats every 5 ms so that a condition met by a timer callback
+ * (the engine recycles freed requests from a 0 ms timer) is seen at once
+ * instead of after the poll that follows it. */
 #define WAIT(cond, ms) do { \
     guard_fired = 0; \
-    uv_timer_start(&guard, guard_cb, (ms), 0); \
+    guard_left = (ms) / 5 + 1; \
+    uv_timer_start(&guard, guard_tick_cb, 5, 5); \
     while (!(cond) && !guard_fired) \
         uv_run(&loop, UV_RUN_ONCE); \
     uv_timer_stop(&guard); \
@@ -1207,6 +1219,9 @@ int main(void)
      * handles behind: close those bluntly rather than hang. */
     while (peers)
         peer_close(peers);
+    /* let freed requests reach the free list, then close what it keeps */
+    uv_run(&loop, UV_RUN_NOWAIT);
+    sglr_upstream_release_spares();
     uv_close((uv_handle_t *)&lsn, NULL);
     uv_close((uv_handle_t *)&aux, NULL);
     guard_fired = 0;
