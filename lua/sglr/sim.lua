@@ -50,14 +50,8 @@ local function err(x, status, msg, id)
     id and { ["x-sim-worker"] = id } or nil)
 end
 
-local function rand_id(n)
-  local t = {}
-  local chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-  for i = 1, n do
-    local k = math.random(1, #chars)
-    t[i] = chars:sub(k, k)
-  end
-  return concat(t)
+local function rand_id()
+  return core.random_id("")
 end
 
 -- Text of a request, as the worker would tokenize it.
@@ -175,7 +169,7 @@ function M:infer(x, route)
   if total > 0 then core.sleep(total) end
   local out = output_text(ntok)
   local e2e = (core.now() - started) / 1000
-  local id = rand_id(24)
+  local id = rand_id()
   if route == "generate" then
     json_response(x, 200, {
       text = out,
@@ -202,34 +196,57 @@ function M:infer(x, route)
   end
 end
 
+-- Stream ntok tokens, one SSE event each, paced at decode_ms per token.
+-- Tokens that fall due within the same millisecond (libuv timers have 1 ms
+-- resolution) go out in one write; events are formatted directly, since the
+-- token text needs no JSON escaping, so the simulator's own CPU use stays
+-- small next to what it simulates.
 function M:stream(x, route, req, ntok, ptoks, cached, decode_ms, hdrs, rank)
   hdrs["content-type"] = "text/event-stream"
   hdrs["cache-control"] = "no-cache"
   x:start(200, hdrs)
-  local id = rand_id(24)
+  local id = rand_id()
   local crash = self.opts.crash_after_tokens
-  local text = {}
-  for i = 1, ntok do
-    if decode_ms > 0 then core.sleep(decode_ms) end
+  local model = cjson.encode(req.model or self.opts.model)
+  local text, batch = {}, {}
+  local start = core.now()
+  local meta_tail = (',"cached_tokens":%d,"worker_id":%s%s}}'):format(cached, cjson.encode(self.id),
+    rank and (',"dp_rank":' .. tonumber(rank)) or "")
+  local i = 0
+  while i < ntok do
+    if decode_ms > 0 then
+      local wait = start + (i + 1) * decode_ms - core.now()
+      if wait >= 1 then core.sleep(wait) end
+    end
     if x:closed() then return end
-    if crash > 0 and i > crash then
-      x:abort()
-      return
+    -- every token due by now
+    local due = decode_ms > 0 and math.min(ntok, floor((core.now() - start) / decode_ms)) or ntok
+    if due <= i then due = i + 1 end
+    local nb = 0
+    while i < due do
+      i = i + 1
+      if crash > 0 and i > crash then
+        if nb > 0 then x:write(concat(batch, "", 1, nb)) end
+        x:abort()
+        return
+      end
+      local piece = (i > 1 and " " or "") .. "tok" .. (i % 10)
+      text[i] = piece
+      local ev
+      if route == "generate" then
+        ev = ('data: {"text":"%s","meta_info":{"id":"%s","prompt_tokens":%d,"completion_tokens":%d%s\n\n')
+          :format(concat(text, "", 1, i), id, ptoks, i, meta_tail)
+      elseif route == "chat" then
+        ev = ('data: {"id":"chatcmpl-%s","object":"chat.completion.chunk","model":%s,'
+          .. '"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}]}\n\n'):format(id, model, piece)
+      else
+        ev = ('data: {"id":"cmpl-%s","object":"text_completion","model":%s,'
+          .. '"choices":[{"index":0,"text":"%s","finish_reason":null}]}\n\n'):format(id, model, piece)
+      end
+      nb = nb + 1
+      batch[nb] = ev
     end
-    local piece = (i > 1 and " " or "") .. "tok" .. (i % 10)
-    text[#text + 1] = piece
-    local ev
-    if route == "generate" then
-      ev = { text = concat(text), meta_info = { id = id, prompt_tokens = ptoks,
-        completion_tokens = i, cached_tokens = cached, worker_id = self.id, dp_rank = rank } }
-    elseif route == "chat" then
-      ev = { id = "chatcmpl-" .. id, object = "chat.completion.chunk", model = req.model or self.opts.model,
-        choices = { { index = 0, delta = { content = piece }, finish_reason = cjson.null } } }
-    else
-      ev = { id = "cmpl-" .. id, object = "text_completion", model = req.model or self.opts.model,
-        choices = { { index = 0, text = piece, finish_reason = cjson.null } } }
-    end
-    x:write("data: " .. cjson.encode(ev) .. "\n\n")
+    x:write(concat(batch, "", 1, nb))
   end
   if route ~= "generate" then
     local final = {
