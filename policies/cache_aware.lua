@@ -47,6 +47,11 @@ P.options = {
     type = "number", default = 60, min = 0,
     description = "Seconds between evictions of least recently used prefixes (0: never).",
   },
+  eviction_slice = {
+    type = "number", default = 262144, min = 1,
+    description = "Characters removed per eviction step over all workers; the loop runs "
+               .. "between steps, so a large eviction never stalls streams for long.",
+  },
   max_tree_size = {
     type = "number", default = 16777216, min = 0,
     description = "Characters of routing text kept per worker after an eviction.",
@@ -70,9 +75,11 @@ function P.new(conf, rt)
     balance_rel = opt(conf, "balance_rel_threshold"),
     eviction_interval = opt(conf, "eviction_interval"),
     max_tree_size = opt(conf, "max_tree_size"),
+    evict_slice = opt(conf, "eviction_slice"),
     cursor = 0,               -- rotates among tied candidates
     cand = {},                -- scratch list of tied candidates, reused
     counts = { hit = 0, miss = 0, balance = 0 },
+    urls = {},                -- workers that have entries in the tree
     evicted = 0,
   }, mt)
   if self.eviction_interval > 0 and rt.every then
@@ -81,9 +88,26 @@ function P.new(conf, rt)
   return self
 end
 
--- Drop least recently used prefixes until every worker is within budget.
+-- Drop least recently used prefixes until every worker is within budget,
+-- lowering the cut step by step.
 function P:evict()
-  local removed = self.tree:evict(self.max_tree_size)
+  local tree, max = self.tree, self.max_tree_size
+  local n, largest = 0, 0
+  for url in pairs(self.urls) do
+    n = n + 1
+    local size = tree:size(url)
+    if size > largest then largest = size end
+  end
+  local removed = 0
+  if largest > max then
+    local step = math.max(1, math.floor(self.evict_slice / n))
+    local target = largest
+    repeat
+      target = math.max(max, target - step)
+      removed = removed + tree:evict(target)
+      if target > max and self.rt.sleep then self.rt.sleep(0) end
+    until target <= max
+  end
   self.evicted = self.evicted + removed
   if removed > 0 and self.rt.log then
     self.rt.log("debug", "cache_aware: evicted " .. removed .. " chars")
@@ -163,7 +187,10 @@ function P:select(req, workers)
     end
   end
 
-  if #text > 0 then self.tree:insert(text, chosen.url) end
+  if #text > 0 then
+    self.tree:insert(text, chosen.url)
+    self.urls[chosen.url] = true
+  end
   self.counts[decision] = self.counts[decision] + 1
   req.decision, req.match_ratio = decision, ratio
   req.max_load, req.min_load = max_load, min_load
@@ -171,7 +198,9 @@ function P:select(req, workers)
 end
 
 function P:on_remove(w)
-  self.tree:remove_worker(type(w) == "table" and w.url or w)
+  local url = type(w) == "table" and w.url or w
+  self.urls[url] = nil
+  self.tree:remove_worker(url)
 end
 
 -- Characters of routing text recorded for a worker (the tree_size metric).

@@ -121,6 +121,7 @@ function M:runtime()
     metrics = stats.enabled and stats.metrics or nil,
     stats = stats,
     http = http.request,
+    sleep = core.sleep,     -- only inside rt.every callbacks (they run in coroutines)
   }
   rt.radix = function()
     return require("sglr.radix").new()
