@@ -76,12 +76,14 @@ function M.log(lvl, msg, fields)
   local n = LEVELS[lvl] or 1
   if n < level then return end
   local line
+  local wall = core.wall()
+  local ts = os.date("!%Y-%m-%dT%H:%M:%S", math.floor(wall)) .. (".%03dZ"):format(math.floor(wall % 1 * 1000))
   if json_mode then
-    local rec = { ts = os.date("!%Y-%m-%dT%H:%M:%SZ"), level = NAMES[n], msg = msg }
+    local rec = { ts = ts, level = NAMES[n], msg = msg }
     if fields then for k, v in pairs(fields) do rec[k] = v end end
     line = cjson.encode(rec) .. "\n"
   else
-    local parts = { os.date("!%Y-%m-%dT%H:%M:%SZ"), " ", string.format("%-5s", NAMES[n]), " ", msg }
+    local parts = { ts, " ", string.format("%-5s", NAMES[n]), " ", msg }
     if fields then
       local keys = {}
       for k in pairs(fields) do keys[#keys + 1] = k end

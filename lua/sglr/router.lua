@@ -75,6 +75,7 @@ function M.new(conf)
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
+      log.info("worker added", { worker = w.url, healthy = w.healthy })
       w.m = stats.for_worker(w.url, self.policy_name)
       stats.worker_health:set(w.healthy and 1 or 0, w.url)
       stats.cb_state:set(0, w.url)
@@ -235,7 +236,12 @@ function M:infer(x, route)
     self:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
     return self:access(x, req)
   end
-  local okr, err = pcall(self.route_request, self, x, req)
+  local okr, err = true, nil
+  if x:closed() then
+    req.error = "client_closed"    -- gave up while queued: do not bother a worker
+  else
+    okr, err = pcall(self.route_request, self, x, req)
+  end
   limiter:release()
   if not okr then
     stats.script_errors:inc()
@@ -556,7 +562,6 @@ function M:add_worker(x, query)
   end
   local w, aerr = self.workers:add(norm)
   if not w then return self:send_error(x, 400, aerr, "invalid_request_error") end
-  log.info("worker added", { worker = norm })
   x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. norm .. "\n")
 end
 
