@@ -55,6 +55,23 @@ void sglr_co_unpin(int ref)
         luaL_unref(sglr_L, LUA_REGISTRYINDEX, ref);
 }
 
+/* Handler threads at rest. A pooled thread runs a small Lua loop that
+ * yields sglr_co_idle_token between requests; a primitive that waits yields
+ * nothing. So a yield of exactly the token means "done, reuse me". */
+char sglr_co_idle_token;
+#define CO_POOL_MAX 1024
+static struct { lua_State *co; int ref; } co_pool[CO_POOL_MAX];
+static int co_npool;
+
+int sglr_co_pool_take(lua_State **co)
+{
+    if (co_npool == 0)
+        return LUA_NOREF;
+    co_npool--;
+    *co = co_pool[co_npool].co;
+    return co_pool[co_npool].ref;
+}
+
 int sglr_co_resume(lua_State *co, int ref, int nargs)
 {
     /* Keep the thread referenced from the main stack while it runs: the
@@ -63,7 +80,15 @@ int sglr_co_resume(lua_State *co, int ref, int nargs)
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
     int st = lua_resume(co, nargs);
-    if (st != 0 && st != LUA_YIELD) {
+    if (st == LUA_YIELD && lua_gettop(co) == 1 && lua_touserdata(co, 1) == &sglr_co_idle_token) {
+        lua_settop(co, 0);
+        if (co_npool < CO_POOL_MAX) {
+            co_pool[co_npool].co = co;
+            co_pool[co_npool].ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the thread */
+            co_npool++;
+            return st;
+        }
+    } else if (st != 0 && st != LUA_YIELD) {
         const char *msg = lua_tostring(co, -1);
         luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
         sglr_log(SGLR_LOG_ERROR, "script error: %s", lua_tostring(L, -1));

@@ -364,15 +364,55 @@ static void push_exchange(lua_State *L, sglr_exchange_t *x)
     new_box(L, EXCHANGE_MT, x);
 }
 
+/* Each request runs in a thread from the pool (bridge.c): the runner loop
+ * below takes (handler, exchange) pairs and yields the idle token between
+ * them, so a thread and its stack are reused instead of made per request. */
+static const char runner_src[] =
+    "local yield, token = coroutine.yield, ...\n"
+    "while true do\n"
+    "  local handler, x = yield(token)\n"
+    "  handler(x)\n"
+    "  handler, x = nil, nil\n"
+    "end\n";
+static int runner_ref = LUA_NOREF;
+
+static int new_runner(lua_State *L, lua_State **out)
+{
+    if (runner_ref == LUA_NOREF) {
+        if (luaL_loadbuffer(L, runner_src, sizeof runner_src - 1, "=request runner"))
+            return LUA_NOREF;
+        runner_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_State *co = lua_newthread(L);
+    int ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, runner_ref);
+    lua_pushlightuserdata(co, &sglr_co_idle_token);
+    if (lua_resume(co, 1) != LUA_YIELD) {    /* runs up to its first yield */
+        luaL_unref(L, LUA_REGISTRYINDEX, ref);
+        return LUA_NOREF;
+    }
+    lua_settop(co, 0);
+    *out = co;
+    return ref;
+}
+
 static void on_request(sglr_exchange_t *x)
 {
     lserver_t *ls = x->server->data;
     lua_State *L = sglr_L;
-    lua_State *co = lua_newthread(L);
-    int ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_State *co = NULL;
+    int ref = sglr_co_pool_take(&co);
+    if (ref == LUA_NOREF)
+        ref = new_runner(L, &co);
+    if (ref == LUA_NOREF) {
+        static const char body[] =
+            "{\"error\":{\"message\":\"cannot start a request handler\",\"type\":\"internal_error\"}}";
+        sglr_exchange_respond(x, 500, "content-type: application/json\r\n", 32, body, sizeof body - 1);
+        return;
+    }
     lua_rawgeti(co, LUA_REGISTRYINDEX, ls->handler_ref);
     push_exchange(co, x);
-    sglr_co_resume(co, ref, 1);
+    sglr_co_resume(co, ref, 2);
 }
 
 static void server_closed(sglr_server_t *s)

@@ -72,6 +72,25 @@ static int l_inspect(lua_State *L)
     return 1;
 }
 
+/* extract.check(route, body) -> true, stream, model | nil, err: inspect
+ * without a result table (the router calls it per request). */
+static int l_check(lua_State *L)
+{
+    if (run(L, 0) < 0) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    sglr_extract_t *x = state(L);
+    lua_pushboolean(L, 1);
+    lua_pushboolean(L, x->stream);
+    if (x->has_model)
+        lua_pushlstring(L, x->model, x->model_len);
+    else
+        lua_pushnil(L);
+    return 3;
+}
+
 /* extract.route_text(route, body) -> text | "", err */
 static int l_route_text(lua_State *L)
 {
@@ -105,6 +124,9 @@ int luaopen_sglr_extract(lua_State *L)
     lua_pushvalue(L, -1);
     lua_pushcclosure(L, l_inspect, 1);
     lua_setfield(L, -3, "inspect");
+    lua_pushvalue(L, -1);
+    lua_pushcclosure(L, l_check, 1);
+    lua_setfield(L, -3, "check");
     lua_pushcclosure(L, l_route_text, 1);
     lua_setfield(L, -2, "route_text");
     return 1;

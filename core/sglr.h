@@ -43,6 +43,11 @@ int sglr_co_pin(lua_State *L);
  * lua_resume status (0 finished, LUA_YIELD waiting again, other = error). */
 int sglr_co_resume(lua_State *co, int ref, int nargs);
 
+/* Reusable handler threads (see bridge.c): take one at rest (returns its
+ * ref and sets *co), or LUA_NOREF when none is pooled. */
+extern char sglr_co_idle_token;
+int sglr_co_pool_take(lua_State **co);
+
 /* Drop a pinned coroutine without resuming it (its wait was abandoned). */
 void sglr_co_unpin(int ref);
 

@@ -205,13 +205,14 @@ local req_mt = {
 
 -- Validate the body before anything is routed: bad JSON and wrong field
 -- types are the client's error (400) and never reach a worker.
+-- -> true, stream, model | nil, message
 local function inspect(route, x)
-  if ok_extract then return extract.inspect(route, x) end
+  if ok_extract then return extract.check(route, x) end
   local obj, err = cjson.decode(x:body())
   if type(obj) ~= "table" then return nil, "invalid JSON body: " .. tostring(err or "not an object") end
   if route == "chat" and type(obj.messages) ~= "table" then return nil, "field 'messages' must be an array" end
   if route == "completions" and obj.prompt == nil then return nil, "field 'prompt' is required" end
-  return { stream = obj.stream == true, model = obj.model }
+  return true, obj.stream == true, obj.model
 end
 
 local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeout","code":504}}\n\n'
@@ -224,8 +225,11 @@ function M:infer(x, route)
   local rs = stats.for_route(route)
   rs.requests:inc()
   -- one table per request: the policy's view and the access log's record
+  -- all the fields set later are present from the start (false), so the
+  -- table is allocated once at its final size
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
-    extra = extra }, req_mt)
+    extra = extra, stream = false, model = false, worker = false, error = false,
+    decision = false, match_ratio = false, max_load = false, min_load = false }, req_mt)
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -257,7 +261,7 @@ function M:access(x, req)
   if log.enabled("info") then
     log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
       status = x:status(), duration_ms = floor(dur * 1e4) / 10, retries = req.retries,
-      stream = req.stream or false, error = req.error })
+      stream = req.stream or false, error = req.error or nil })
   end
 end
 
@@ -278,13 +282,13 @@ end
 
 function M:route_request(x, req)
   local route, extra, rs = req.route, req.extra, req.rs
-  local info, perr = inspect(route, x)
-  if not info then
+  local ok, perr, model = inspect(route, x)
+  if not ok then
     stats.errors:inc(1, route, "bad_request")
     req.error = "bad_request"
     return self:send_error(x, 400, perr, "invalid_request_error", extra)
   end
-  req.stream, req.model = info.stream, info.model
+  req.stream, req.model = perr, model or false
 
   local conf = self.conf
   local t0 = req.t0
