@@ -59,7 +59,7 @@ function H.kill(proc, sig)
   uv.process_kill(proc.handle, sig or "sigterm")
 end
 
-function H.wait_exit(proc, timeout_ms)
+function H.wait_stopped(proc, timeout_ms)
   H.wait_for(function() return proc.exited end, timeout_ms or 10000, "process exit")
   return proc.code, proc.signal
 end
@@ -67,7 +67,7 @@ end
 function H.stop(proc)
   if not proc.exited then
     H.kill(proc, "sigkill")
-    pcall(H.wait_exit, proc, 5000)
+    pcall(H.wait_stopped, proc, 5000)
   end
   for _, p in ipairs(proc.pipes) do if not p:is_closing() then p:close() end end
   if not proc.handle:is_closing() then proc.handle:close() end

@@ -43,7 +43,7 @@ return P
   it("refuses to start with a policy file that is not a policy", function()
     local bad = H.tmpfile("return 42\n", ".lua")
     local p = H.spawn({ "run", "--port", "0", "--prometheus-port", "0", "--policy", bad })
-    local code = H.wait_exit(p, 10000)
+    local code = H.wait_stopped(p, 10000)
     os.remove(bad)
     assert.is_not.equal(0, code)
     assert.truthy(p.out:find("policy", 1, true))

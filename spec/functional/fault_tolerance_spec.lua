@@ -193,7 +193,7 @@ describe("health checks", function()
   it("exit with a clear message when no worker comes up", function()
     local p = H.spawn({ "run", "--port", "0", "--prometheus-port", "0", "--worker-urls", "http://127.0.0.1:1",
       "--worker-startup-timeout-secs", "0.3", "--worker-startup-check-interval", "0.1" })
-    local code = H.wait_exit(p, 10000)
+    local code = H.wait_stopped(p, 10000)
     assert.equal(1, code)
     assert.truthy(p.out:find("none of the workers became healthy", 1, true))
   end)
