@@ -2,7 +2,7 @@
 BUILD ?= build
 JOBS  ?= $(shell nproc)
 DEB_PACKAGES = build-essential cmake pkg-config libluajit2-5.1-dev libuv1-dev lua-luv-dev lua-luv \
-  node-llhttp libcurl4-openssl-dev lua-cjson lua-busted lua-argparse curl wrk nginx-light prometheus
+  node-llhttp libcurl4-openssl-dev lua-cjson lua-busted lua-argparse lua-check curl wrk nginx-light prometheus
 
 .PHONY: all deps test test-asan demo bench clean
 

@@ -566,7 +566,7 @@ function M.options(t)
     local ok, err = positive_int(o, k, true)
     if not ok then return nil, err end
   end
-  if o.rate ~= nil and (type(o.rate) ~= "number" or not (o.rate > 0) or o.rate == math.huge) then
+  if o.rate ~= nil and (type(o.rate) ~= "number" or not (o.rate > 0) or o.rate == math.huge) then  -- luacheck: ignore (NaN-safe on purpose)
     return nil, "--rate must be a positive number of requests per second"
   end
   if o.workload == "trace" and not o.trace then

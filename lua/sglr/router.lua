@@ -282,15 +282,14 @@ end
 
 function M:route_request(x, req)
   local route, extra, rs = req.route, req.extra, req.rs
-  local ok, perr, model = inspect(route, x)
+  local ok, stream_or_err, model = inspect(route, x)
   if not ok then
     stats.errors:inc(1, route, "bad_request")
     req.error = "bad_request"
-    return self:send_error(x, 400, perr, "invalid_request_error", extra)
+    return self:send_error(x, 400, stream_or_err, "invalid_request_error", extra)
   end
-  req.stream, req.model = perr, model or false
+  req.stream, req.model = stream_or_err, model or false
 
-  local conf = self.conf
   local t0 = req.t0
   local deadline = t0 + self.request_timeout_ms
   local attempts = self.retry:attempts()

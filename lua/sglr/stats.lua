@@ -53,16 +53,16 @@ M.script_errors = c("script_errors_total", "Lua errors raised while handling req
 -- request path updates them with no label hashing.
 local route_cache = {}
 function M.for_route(route)
-  local h = route_cache[route]
-  if not h then
-    h = {
+  local handles = route_cache[route]
+  if not handles then
+    handles = {
       requests = M.requests:series(route), duration = M.duration:series(route),
       ttfb = M.ttfb:series(route), upstream = M.upstream:series(route),
       retries = M.retries:series(route), exhausted = M.retries_exhausted:series(route),
     }
-    route_cache[route] = h
+    route_cache[route] = handles
   end
-  return h
+  return handles
 end
 
 function M.for_worker(url, policy)

@@ -2,7 +2,6 @@
 -- requests should cause; promtool accepts the exposition; logs land in
 -- --log-dir, one access line per request, valid JSON with --log-json.
 local H = require "spec.helpers"
-local core = require "sglr.core"
 local cjson = require "cjson.safe"
 
 local function scrape(r)
@@ -20,7 +19,7 @@ local function metric(text, series)
 end
 
 describe("metrics", function()
-  local good, bad, r, dir
+  local good, bad, r
   setup(function()
     good = H.sim({ "--id", "good" })
     bad = H.sim({ "--id", "bad", "--fail-first", "1", "--fail-status", "500" })
