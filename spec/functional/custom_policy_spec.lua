@@ -67,3 +67,32 @@ describe("examples/custom_policy.lua in the real router", function()
     end
   end)
 end)
+
+describe("a policy script that fails", function()
+  teardown(H.stop_all)
+
+  it("costs the request a 500 and nothing else", function()
+    local w = H.sim({ "--id", "w" })
+    local file = H.tmpfile([[
+local P = { name = "flaky", version = "1.0.0", options = {} }
+function P.new(conf, rt) return setmetatable({ n = 0 }, { __index = P }) end
+function P:select(req, workers)
+  self.n = self.n + 1
+  if self.n % 2 == 0 then error("policy bug on every second request") end
+  return workers[1]
+end
+return P
+]], ".lua")
+    local r = H.router({ "--worker-urls", w.url, "--policy", file })
+    local statuses = {}
+    for i = 1, 4 do
+      local res = assert(H.post(r.url, "/generate", H.gen_body("q" .. i)))
+      statuses[#statuses + 1] = res.status
+      if res.status == 500 then assert.equal("internal_error", res.json.error.type) end
+    end
+    os.remove(file)
+    assert.same({ 200, 500, 200, 500 }, statuses)
+    assert.equal(0, H.list_workers(r).workers[1].load)
+    H.wait_for(function() return r.proc.out:find("policy bug on every second request", 1, true) end, 2000, "logged error")
+  end)
+end)
