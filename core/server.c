@@ -271,8 +271,10 @@ static size_t put_u64(char *out, unsigned long long v)
     return n;
 }
 
-/* "content-length: N\r\n" [+ "connection: close\r\n"] + "\r\n" */
-static size_t length_tail(char *out, unsigned long long len, int keep)
+/* "content-length: N\r\n" [+ "connection: close" or, for an HTTP/1.0
+ * client that asked to keep the connection, "connection: keep-alive"] +
+ * "\r\n" */
+static size_t length_tail(char *out, unsigned long long len, int keep, int http10)
 {
     size_t n = 0;
     memcpy(out, "content-length: ", 16);
@@ -280,6 +282,9 @@ static size_t length_tail(char *out, unsigned long long len, int keep)
     if (!keep) {
         memcpy(out + n, "\r\nconnection: close", 19);
         n += 19;
+    } else if (http10) {
+        memcpy(out + n, "\r\nconnection: keep-alive", 24);
+        n += 24;
     }
     memcpy(out + n, "\r\n\r\n", 4);
     return n + 4;
@@ -353,7 +358,7 @@ int sglr_exchange_respond(sglr_exchange_t *x, int status, const char *hdrs, size
     }
     char head[64], tail[96];
     size_t n = status_line(head, status);
-    size_t m = length_tail(tail, blen, head_keep_alive(x));
+    size_t m = length_tail(tail, blen, head_keep_alive(x), x->http_minor == 0);
     if (x->method == HTTP_HEAD)
         blen = 0;
     /* one writev: status line, given headers, framing headers, body */
@@ -378,7 +383,8 @@ int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t
     char tail[160];
     int m;
     if (content_length >= 0) {
-        m = (int)length_tail(tail, (unsigned long long)content_length, head_keep_alive(x));
+        m = (int)length_tail(tail, (unsigned long long)content_length, head_keep_alive(x),
+                             x->http_minor == 0);
     } else if (x->http_minor == 0) {
         /* HTTP/1.0 has no chunked encoding: the end is the connection's end */
         c->close_after = 1;

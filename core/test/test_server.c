@@ -930,6 +930,8 @@ TEST(http10_closes)
     client_send(cl, req3, sizeof req3 - 1);
     WAIT(NRESP(cl) == 2, 2000);
     CHECK_EQ_INT(cl->eof, 0);
+    /* an HTTP/1.0 client only keeps the connection when told it may */
+    CHECK(strstr(cl->in.data, "connection: keep-alive\r\n") != NULL);
     client_close(cl);
     SERVER_DOWN(s);
 }
