@@ -106,7 +106,12 @@ static const char *table_headers(lua_State *L, int idx, sglr_buf_t *b)
             return "header names and values must be strings";
         }
         const char *v = lua_tolstring(L, -1, &vl);
-        if (strpbrk(k, "\r\n:") || memchr(v, '\r', vl) || memchr(v, '\n', vl)) {
+        int bad = kl == 0;
+        for (size_t i = 0; i < kl && !bad; i++)
+            bad = k[i] == '\r' || k[i] == '\n' || k[i] == ':' || k[i] == 0 || k[i] == ' ';
+        for (size_t i = 0; i < vl && !bad; i++)
+            bad = v[i] == '\r' || v[i] == '\n' || v[i] == 0;
+        if (bad) {
             lua_pop(L, 2);
             return "header contains a forbidden character";
         }
@@ -368,12 +373,36 @@ static void push_exchange(lua_State *L, sglr_exchange_t *x)
  * below takes (handler, exchange) pairs and yields the idle token between
  * them, so a thread and its stack are reused instead of made per request. */
 static const char runner_src[] =
-    "local yield, token = coroutine.yield, ...\n"
+    "local token, traceback, failed = ...\n"
+    "local yield, xpcall = coroutine.yield, xpcall\n"
     "while true do\n"
     "  local handler, x = yield(token)\n"
-    "  handler(x)\n"
-    "  handler, x = nil, nil\n"
+    "  local ok, err = xpcall(handler, traceback, x)\n"
+    "  if not ok then failed(x, err) end\n"
+    "  handler, x, err = nil, nil, nil\n"
     "end\n";
+
+/* A handler raised: log it, and answer the client now rather than when the
+ * exchange happens to be collected. */
+static int handler_failed(lua_State *L)
+{
+    box_t *b = lua_touserdata(L, 1);
+    const char *err = lua_tostring(L, 2);
+    sglr_log(SGLR_LOG_ERROR, "request handler error: %s", err ? err : "(no message)");
+    if (b && lua_objlen(L, 1) == sizeof *b && b->type == EXCHANGE_MT && b->p) {
+        sglr_exchange_t *x = b->p;
+        if (x->state == SGLR_X_HANDLING) {
+            static const char body[] =
+                "{\"error\":{\"message\":\"internal error in the request handler\","
+                "\"type\":\"internal_error\"}}";
+            static const char hdr[] = "content-type: application/json\r\n";
+            sglr_exchange_respond(x, 500, hdr, sizeof hdr - 1, body, sizeof body - 1);
+        } else if (x->state == SGLR_X_STREAMING) {
+            sglr_exchange_abort(x);
+        }
+    }
+    return 0;
+}
 static int runner_ref = LUA_NOREF;
 
 static int new_runner(lua_State *L, lua_State **out)
@@ -387,7 +416,11 @@ static int new_runner(lua_State *L, lua_State **out)
     int ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_rawgeti(co, LUA_REGISTRYINDEX, runner_ref);
     lua_pushlightuserdata(co, &sglr_co_idle_token);
-    if (lua_resume(co, 1) != LUA_YIELD) {    /* runs up to its first yield */
+    lua_getglobal(co, "debug");
+    lua_getfield(co, -1, "traceback");
+    lua_remove(co, -2);
+    lua_pushcfunction(co, handler_failed);
+    if (lua_resume(co, 3) != LUA_YIELD) {    /* runs up to its first yield */
         luaL_unref(L, LUA_REGISTRYINDEX, ref);
         return LUA_NOREF;
     }
@@ -591,8 +624,13 @@ static int x_respond(lua_State *L)
     int status = (int)luaL_checkinteger(L, 2);
     size_t blen = 0;
     const char *body = luaL_optlstring(L, 4, "", &blen);
-    if (x->state != SGLR_X_HANDLING)
+    if (x->state != SGLR_X_HANDLING) {
+        if (!x->conn) {          /* the client left: nothing to answer */
+            lua_pushboolean(L, 0);
+            return 1;
+        }
         return luaL_error(L, "response already started");
+    }
     sglr_buf_t hb = scratch_take();
     const char *err = table_headers(L, 3, &hb);
     if (err) {
@@ -610,8 +648,13 @@ static int x_start(lua_State *L)
     sglr_exchange_t *x = check_x(L);
     int status = (int)luaL_checkinteger(L, 2);
     long long clen = (long long)luaL_optnumber(L, 4, -1);
-    if (x->state != SGLR_X_HANDLING)
+    if (x->state != SGLR_X_HANDLING) {
+        if (!x->conn) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
         return luaL_error(L, "response already started");
+    }
     sglr_buf_t hb = scratch_take();
     const char *err = table_headers(L, 3, &hb);
     if (err) {
@@ -660,11 +703,14 @@ static int x_write(lua_State *L)
     }
     if (sglr_exchange_write_queue(x) > SGLR_WRITE_HIGH && !x->on_drain) {
         /* slow client: wait until it has taken most of what is queued */
+        int ref = sglr_co_pin(L);        /* raises (before any allocation) */
         drain_wait_t *w = malloc(sizeof *w);
-        if (!w)
+        if (!w) {
+            sglr_co_unpin(ref);
             return luaL_error(L, "out of memory");
+        }
         w->co = L;
-        w->ref = sglr_co_pin(L);
+        w->ref = ref;
         lua_pushvalue(L, 1);
         w->xref = luaL_ref(L, LUA_REGISTRYINDEX);
         x->data = w;
@@ -804,11 +850,16 @@ typedef struct {
     int zombie;               /* collected while busy: free when not */
     sglr_buf_t body;          /* read / request modes */
     double t_body;            /* first body byte (ms) */
+    int x_ref;                /* the exchange userdata, pinned while attached */
     long long max_body;
 } fwd_t;
 
 static void fwd_detach_x(fwd_t *f)
 {
+    if (f->x_ref != LUA_NOREF) {
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, f->x_ref);
+        f->x_ref = LUA_NOREF;
+    }
     if (f->x) {
         if (f->x->data == f) {
             f->x->on_close = NULL;
@@ -959,12 +1010,11 @@ static void fwd_on_body(sglr_upreq_t *r, const char *d, size_t n)
         return;
     }
     if (f->max_body >= 0 && (long long)(f->body.len + n) > f->max_body) {
-        f->err = SGLR_UP_EPROTO;
-        sglr_upreq_abort(r);
+        sglr_upreq_fail(r, SGLR_UP_EPROTO);    /* on_done follows, with the error */
         return;
     }
     if (sglr_buf_append(&f->body, d, n))
-        sglr_upreq_abort(r);
+        sglr_upreq_fail(r, SGLR_UP_ENOMEM);
 }
 
 static void fwd_on_done(sglr_upreq_t *r, int err)
@@ -995,6 +1045,29 @@ static void fwd_on_done(sglr_upreq_t *r, int err)
     }
 }
 
+/* A timeout in ms from Lua: 0 means none, so a positive fraction of a
+ * millisecond rounds up to 1 rather than down to "no timeout". */
+static unsigned timeout_arg(double v)
+{
+    if (!(v > 0))
+        return 0;
+    if (v > 4e9)
+        return 4000000000u;
+    unsigned u = (unsigned)v;
+    return u < v ? u + 1 : u;
+}
+
+/* The request line must not carry CR, LF, spaces or control bytes. */
+static int bad_token(const char *p, size_t n)
+{
+    if (n == 0)
+        return 1;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)p[i] <= ' ' || p[i] == 0x7f)
+            return 1;
+    return 0;
+}
+
 /* Build and start the upstream request for f; the response userdata (with
  * ud_ref) must already exist. Returns an error message or NULL. */
 static const char *fwd_start(lua_State *L, fwd_t *f, sglr_pool_t *pool, int opts,
@@ -1019,10 +1092,10 @@ static const char *fwd_start(lua_State *L, fwd_t *f, sglr_pool_t *pool, int opts
             body = lua_tolstring(L, -1, &blen);
         lua_getfield(L, opts, "connect_timeout_ms");
         if (lua_isnumber(L, -1))
-            connect_ms = (unsigned)lua_tonumber(L, -1);
+            connect_ms = timeout_arg(lua_tonumber(L, -1));
         lua_getfield(L, opts, "timeout_ms");
         if (lua_isnumber(L, -1))
-            timeout_ms = (unsigned)lua_tonumber(L, -1);
+            timeout_ms = timeout_arg(lua_tonumber(L, -1));
         lua_getfield(L, opts, "max_body");
         if (lua_isnumber(L, -1))
             f->max_body = (long long)lua_tonumber(L, -1);
@@ -1030,6 +1103,8 @@ static const char *fwd_start(lua_State *L, fwd_t *f, sglr_pool_t *pool, int opts
         hidx = lua_gettop(L);
         /* strings above stay on the stack (anchored) until we return */
     }
+    if (bad_token(method, strlen(method)) || bad_token(path, plen))
+        return "invalid method or path for the upstream request";
     sglr_upreq_t *r = sglr_upreq_new(pool);
     if (!r)
         return "out of memory";
@@ -1060,6 +1135,7 @@ static fwd_t *new_response(lua_State *L)
     if (!f)
         return NULL;
     f->co_ref = LUA_NOREF;
+    f->x_ref = LUA_NOREF;
     f->max_body = -1;
     new_box(L, RESPONSE_MT, f);
     lua_pushvalue(L, -1);
@@ -1113,6 +1189,10 @@ static int x_forward(lua_State *L)
     f->mode = FWD_HEAD;
     f->x = x;
     sglr_exchange_hold(x);
+    /* while a forward is attached the exchange userdata must not be
+     * collected (its finalizer would answer 500 under the forward) */
+    lua_pushvalue(L, 1);
+    f->x_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     x->data = f;
     x->on_close = fwd_on_client_close;
     x->on_drain = fwd_on_drain;
@@ -1257,9 +1337,9 @@ static void fwd_close(fwd_t *f)
 static int resp_close(lua_State *L)
 {
     fwd_t *f = check_resp(L);
-    f->done = 1;
     if (f->co)
         return luaL_error(L, "close: a coroutine is waiting on this response");
+    f->done = 1;
     fwd_close(f);
     return 0;
 }

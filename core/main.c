@@ -12,6 +12,7 @@
 #include "sglr.h"
 #include "httpc.h"
 #include "upstream.h"
+#include "server.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -236,6 +237,7 @@ int main(int argc, char **argv)
      * lua_close: finalizers of live objects would touch closed handles. */
     sglr_httpc_shutdown();
     sglr_upstream_release_spares();
+    sglr_server_shutdown();
     uv_walk(sglr_loop, close_walk_cb, NULL);
     uv_run(sglr_loop, UV_RUN_NOWAIT);
     sglr_httpc_global_cleanup();

@@ -31,7 +31,9 @@ struct sglr_conn_s {
     int dispatching;            /* inside the dispatch loop */
     int reading;
     int shutting;               /* shutdown requested: no more requests */
+    int queued;                 /* on the deferred-dispatch list */
     sglr_conn_t *prev, *next;
+    sglr_conn_t *qnext;         /* deferred-dispatch list */
 };
 
 typedef struct {
@@ -327,6 +329,66 @@ static int head_keep_alive(sglr_exchange_t *x)
     return x->keep_alive && !c->close_after && !c->srv->closing;
 }
 
+/* Pipelined requests that wait behind a finished response are dispatched
+ * from an idle handle, never from inside the call that finished the
+ * response: that call may come from Lua, even from a finalizer (a collected
+ * exchange answers 500), where starting another request's Lua is unsafe. */
+static uv_idle_t dispatch_idle;
+static int dispatch_idle_ready;
+static sglr_conn_t *dispatch_head;
+
+static void dispatch_idle_cb(uv_idle_t *h)
+{
+    sglr_conn_t *list = dispatch_head;
+    dispatch_head = NULL;
+    uv_idle_stop(h);
+    while (list) {
+        sglr_conn_t *c = list;
+        list = c->qnext;
+        c->qnext = NULL;
+        c->queued = 0;
+        if (!c->closing && !c->shutting)
+            conn_dispatch(c, NULL, 0);
+    }
+}
+
+static void dispatch_later(sglr_conn_t *c)
+{
+    if (c->queued)
+        return;
+    if (!dispatch_idle_ready) {
+        uv_idle_init(sglr_loop, &dispatch_idle);
+        uv_unref((uv_handle_t *)&dispatch_idle);
+        dispatch_idle_ready = 1;
+    }
+    c->queued = 1;
+    c->qnext = dispatch_head;
+    dispatch_head = c;
+    uv_idle_start(&dispatch_idle, dispatch_idle_cb);
+}
+
+void sglr_server_shutdown(void)
+{
+    if (dispatch_idle_ready) {
+        uv_close((uv_handle_t *)&dispatch_idle, NULL);
+        dispatch_idle_ready = 0;
+        dispatch_head = NULL;
+    }
+}
+
+static void dispatch_unqueue(sglr_conn_t *c)
+{
+    if (!c->queued)
+        return;
+    for (sglr_conn_t **pp = &dispatch_head; *pp; pp = &(*pp)->qnext) {
+        if (*pp == c) {
+            *pp = c->qnext;
+            break;
+        }
+    }
+    c->queued = 0;
+}
+
 /* The response is complete: release the connection for the next request. */
 static void exchange_done(sglr_exchange_t *x)
 {
@@ -342,8 +404,12 @@ static void exchange_done(sglr_exchange_t *x)
         conn_shutdown(c);
         return;
     }
-    if (!c->dispatching)
-        conn_dispatch(c, NULL, 0);
+    if (c->pending.len) {
+        if (!c->dispatching)
+            dispatch_later(c);
+    } else if (!c->reading) {
+        conn_start_read(c);
+    }
 }
 
 int sglr_exchange_respond(sglr_exchange_t *x, int status, const char *hdrs, size_t hlen,
@@ -540,10 +606,22 @@ static int on_message_complete(llhttp_t *p)
 
 /* --- connections ----------------------------------------------------------- */
 
+/* The server's owner may free it once the listener and every connection
+ * are closed (connections point at their server until then). */
+static void server_maybe_closed(sglr_server_t *s)
+{
+    if (s->listener_closed && s->nconns == 0 && s->on_closed) {
+        void (*cb)(sglr_server_t *) = s->on_closed;
+        s->on_closed = NULL;
+        cb(s);
+    }
+}
+
 static void conn_close_cb(uv_handle_t *h)
 {
     sglr_conn_t *c = h->data;
     sglr_server_t *s = c->srv;
+    dispatch_unqueue(c);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -553,6 +631,7 @@ static void conn_close_cb(uv_handle_t *h)
     s->nconns--;
     sglr_buf_free(&c->pending);
     free(c);
+    server_maybe_closed(s);
 }
 
 static void conn_close(sglr_conn_t *c)
@@ -735,8 +814,8 @@ static void on_connection(uv_stream_t *server, int status)
 static void server_close_cb(uv_handle_t *h)
 {
     sglr_server_t *s = h->data;
-    if (s->on_closed)
-        s->on_closed(s);
+    s->listener_closed = 1;
+    server_maybe_closed(s);
 }
 
 int sglr_server_init(sglr_server_t *s, const char *host, int port,
@@ -759,15 +838,14 @@ int sglr_server_init(sglr_server_t *s, const char *host, int port,
     s->opts = *opts;
     s->on_request = cb;
     s->data = data;
+    uv_tcp_init(sglr_loop, &s->tcp);
+    s->tcp.data = s;
     struct sockaddr_storage addr;
     int r = uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
     if (r < 0)
         r = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr);
-    if (r < 0)
-        return r;
-    uv_tcp_init(sglr_loop, &s->tcp);
-    s->tcp.data = s;
-    r = uv_tcp_bind(&s->tcp, (struct sockaddr *)&addr, 0);
+    if (r == 0)
+        r = uv_tcp_bind(&s->tcp, (struct sockaddr *)&addr, 0);
     if (r == 0)
         r = uv_listen((uv_stream_t *)&s->tcp, 4096, on_connection);
     if (r < 0) {
@@ -801,7 +879,7 @@ void sglr_server_stop(sglr_server_t *s, void (*close_cb)(sglr_server_t *))
     for (sglr_conn_t *c = s->conns, *next; c; c = next) {
         next = c->next;
         if (!c->x || c->x->state == SGLR_X_READING)
-            conn_close(c);
+            conn_shutdown(c);      /* flushes what is queued, then closes */
         else
             c->close_after = 1;
     }

@@ -41,7 +41,10 @@ struct sglr_server_s {
     int closing;
     int nconns;
     sglr_conn_t *conns;      /* doubly linked list of open connections */
-    void (*on_closed)(sglr_server_t *);   /* listener handle closed */
+    int listener_closed;
+    /* called once the listener and every connection are closed: only then
+     * may the owner free the server */
+    void (*on_closed)(sglr_server_t *);
 };
 
 struct sglr_exchange_s {
@@ -77,6 +80,10 @@ int sglr_server_port(sglr_server_t *s);
 /* Stop accepting and close idle connections; busy ones close after their
  * response. close_cb runs once the listener handle is closed. */
 void sglr_server_stop(sglr_server_t *s, void (*close_cb)(sglr_server_t *));
+
+/* Close the engine's own handle (deferred dispatch) once every server is
+ * stopped, before the loop is closed. */
+void sglr_server_shutdown(void);
 
 /* Exchanges in flight across all servers (for graceful shutdown). */
 extern int sglr_exchanges_active;

@@ -719,6 +719,11 @@ static void req_feed(sglr_upreq_t *r, const char *data, size_t len)
 
 static void req_drain(sglr_upreq_t *r);
 
+void sglr_upreq_fail(sglr_upreq_t *r, int err)
+{
+    req_fail(r, err);
+}
+
 void sglr_upreq_continue(sglr_upreq_t *r)
 {
     if (r->state != UP_HEAD)

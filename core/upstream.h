@@ -89,6 +89,8 @@ int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned time
 void sglr_upreq_continue(sglr_upreq_t *r);
 /* Backpressure: stop / restart reading the worker's socket. */
 void sglr_upreq_throttle(sglr_upreq_t *r, int on);
+/* End the request with err: on_done(err) follows (deferred while parsing). */
+void sglr_upreq_fail(sglr_upreq_t *r, int err);
 /* Give up: the connection is closed, no callback runs any more. */
 void sglr_upreq_abort(sglr_upreq_t *r);
 /* Release a request that is done or aborted. */

@@ -1096,7 +1096,9 @@ TEST(stop_closes_idle)
 
     int closed = nserver_closed;
     sglr_server_stop(s, server_closed_cb);
-    WAIT(idle->eof != 0 && nserver_closed == closed + 1, 2000);
+    WAIT(idle->eof != 0, 2000);
+    /* the owner may free the server only after its last connection */
+    CHECK_EQ_INT(nserver_closed, closed);
     CHECK_EQ_INT(idle->in.len, idle_bytes);
     CHECK_EQ_INT(busy->eof, 0);
     CHECK_EQ_INT(nlater_fired, 0);
@@ -1116,7 +1118,7 @@ TEST(stop_closes_idle)
              resp_header(&r[0], "connection", v, sizeof v) && strcmp(v, "close") == 0;
     resp_free(r, 1);
     CHECK(ok);
-    WAIT(s->nconns == 0, 2000);
+    WAIT(s->nconns == 0 && nserver_closed == closed + 1, 2000);
     CHECK_EQ_INT(sglr_exchanges_active, 0);
     client_close(idle);
     client_close(busy);
@@ -1173,6 +1175,7 @@ int main(void)
     /* Drain: every handle closed, every close callback run, so that the
      * leak checker sees what the engine freed. A failed case may have left
      * handles behind: close those bluntly rather than hang. */
+    sglr_server_shutdown();
     guard_fired = 0;
     uv_timer_start(&guard, guard_cb, 2000, 0);
     while (handles_left() && !guard_fired)
@@ -1182,7 +1185,8 @@ int main(void)
         test_failures++;
         uv_walk(&loop, close_walk_cb, NULL);
     }
-    uv_close((uv_handle_t *)&guard, NULL);
+    if (!uv_is_closing((uv_handle_t *)&guard))
+        uv_close((uv_handle_t *)&guard, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&loop) != 0) {
         fprintf(stderr, "loop did not close\n");
