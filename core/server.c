@@ -448,9 +448,16 @@ int sglr_exchange_start(sglr_exchange_t *x, int status, const char *hdrs, size_t
     sglr_conn_t *c = x->conn;
     char tail[160];
     int m;
-    if (content_length >= 0) {
+    /* A response to HEAD and a 1xx/204/304 have no body: no framing for
+     * one, and nothing written after the head */
+    x->nobody = x->method == HTTP_HEAD || status < 200 || status == 204 || status == 304;
+    if (x->nobody && (status == 204 || status == 304 || status < 200)) {
+        m = snprintf(tail, sizeof tail, "%s\r\n", head_keep_alive(x) ? "" : "connection: close\r\n");
+    } else if (content_length >= 0) {
         m = (int)length_tail(tail, (unsigned long long)content_length, head_keep_alive(x),
                              x->http_minor == 0);
+    } else if (x->nobody) {
+        m = snprintf(tail, sizeof tail, "%s\r\n", head_keep_alive(x) ? "" : "connection: close\r\n");
     } else if (x->http_minor == 0) {
         /* HTTP/1.0 has no chunked encoding: the end is the connection's end */
         c->close_after = 1;
@@ -471,7 +478,7 @@ int sglr_exchange_write(sglr_exchange_t *x, const char *data, size_t len)
         return -EINVAL;
     if (!x->conn)
         return -EPIPE;
-    if (len == 0)
+    if (len == 0 || x->nobody)
         return 0;
     x->bytes_out += len;
     if (!x->chunked)

@@ -58,6 +58,7 @@ struct sglr_exchange_s {
     int state;               /* SGLR_X_* */
     int chunked;             /* response uses chunked transfer-encoding */
     int corked;              /* streamed writes collect in cork until uncork */
+    int nobody;              /* HEAD or 1xx/204/304: the response has no body */
     sglr_buf_t cork;
     int holds;               /* owner references */
     int status;              /* response status once started */

@@ -70,6 +70,49 @@ describe("sglr.core", function()
     srv:close()
   end)
 
+  it("proxies 204 and HEAD responses without a body, keeping the connection usable", function()
+    local uv = require "luv"
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      if x:path() == "/204" then
+        x:start(204, {})
+        x:finish()
+      else
+        x:start(200, { ["content-type"] = "text/plain" })
+        x:write("hello")
+        x:finish()
+      end
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local resp = assert(x:forward(pool, {}))
+      resp:pipe()
+      resp:close()
+    end))
+    local function raw(req)
+      local c, got = uv.new_tcp(), ""
+      c:connect("127.0.0.1", router:port(), function()
+        c:write(req)
+        c:read_start(function(_, d) if d then got = got .. d end end)
+      end)
+      local t = core.now()
+      while not got:find("0\r\n\r\n$") and core.now() - t < 2000 do core.sleep(5) end
+      c:close()
+      return got
+    end
+    local two = "GET /x HTTP/1.1\r\nhost: a\r\n\r\n"
+    local out = raw("GET /204 HTTP/1.1\r\nhost: a\r\n\r\n" .. two)
+    local want = "HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK"
+    assert.equal(want, out:sub(1, #want))
+    assert.truthy(out:find("5\r\nhello\r\n0\r\n\r\n$"))
+    out = raw("HEAD /x HTTP/1.1\r\nhost: a\r\n\r\n" .. two)
+    local first, second = out:match("^(.-\r\n\r\n)(HTTP/1.1 .*)$")
+    assert.truthy(first and first:find("^HTTP/1.1 200 OK"))
+    assert.is_nil(first:find("hello", 1, true))
+    assert.truthy(second:find("hello", 1, true))
+    router:close()
+    worker:close()
+  end)
+
   it("reports connection failures as errors, not raises", function()
     local pool = assert(core.upstream("http://127.0.0.1:1"))
     local res, err = core.request(pool, { path = "/" })
