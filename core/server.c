@@ -733,6 +733,16 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
             sglr_exchange_release(x);
             continue;
         }
+        if (err == HPE_PAUSED_UPGRADE) {
+            /* sglr upgrades nothing (h2c, websocket): the request was served
+             * as plain HTTP/1.1, so go on parsing plain HTTP/1.1 */
+            const char *pos = llhttp_get_error_pos(&c->parser);
+            size_t used = pos ? (size_t)(pos - in.data) : in.len;
+            sglr_buf_append(&c->pending, in.data + used, in.len - used);
+            sglr_buf_free(&in);
+            llhttp_resume_after_upgrade(&c->parser);
+            continue;
+        }
         sglr_buf_free(&in);
         if (err != HPE_OK) {
             if (c->reject_status == 413)

@@ -311,6 +311,7 @@ static void write_cb(uv_write_t *w, int status)
 static void conn_send(sglr_upconn_t *c, sglr_upreq_t *r)
 {
     r->state = UP_WAIT_HEAD;
+    r->sent_at = uv_now(sglr_loop);
     /* Usually the socket takes the whole request at once: no write request,
      * no callback. Otherwise the rest is queued from r->out, which stays
      * put: r is freed only from its timer's close callback, after an abort
@@ -352,10 +353,15 @@ static void connect_cb(uv_connect_t *creq, int status)
 
 static int on_status(llhttp_t *p, const char *at, size_t n) { return 0; }
 
+/* A worker's response head is capped like a client's request head. */
+#define MAX_RESPONSE_HEAD (64u << 10)
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     sglr_upconn_t *c = p->data;
-    return c->req && sglr_head_field(&c->req->head, at, n) == 0 ? 0 : -1;
+    if (!c->req || c->req->head.buf.len + n > MAX_RESPONSE_HEAD)
+        return -1;
+    return sglr_head_field(&c->req->head, at, n) == 0 ? 0 : -1;
 }
 
 static int on_header_field_complete(llhttp_t *p)
@@ -367,7 +373,9 @@ static int on_header_field_complete(llhttp_t *p)
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     sglr_upconn_t *c = p->data;
-    return c->req && sglr_head_value(&c->req->head, at, n) == 0 ? 0 : -1;
+    if (!c->req || c->req->head.buf.len + n > MAX_RESPONSE_HEAD)
+        return -1;
+    return sglr_head_value(&c->req->head, at, n) == 0 ? 0 : -1;
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -614,6 +622,7 @@ int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned time
 {
     uv_update_time(sglr_loop);
     uint64_t now = uv_now(sglr_loop);
+    r->connect_timeout_ms = connect_timeout_ms;
     r->connect_deadline = connect_timeout_ms ? now + connect_timeout_ms : 0;
     r->deadline = timeout_ms ? now + timeout_ms : 0;
     r->t_start = sglr_now_ms();
@@ -658,12 +667,18 @@ static void req_fail(sglr_upreq_t *r, int err)
         r->abort_pending = 1;
         return;
     }
+    /* A reused connection that fails at once, before any byte came back,
+     * was closed by the worker while idle: retry on a fresh one. Later than
+     * that the worker may have been working on the request: no retry. */
     int stale = r->reused && !r->got_bytes && !r->retried &&
-                (err == SGLR_UP_ERESET) && r->state == UP_WAIT_HEAD;
+                (err == SGLR_UP_ERESET) && r->state == UP_WAIT_HEAD &&
+                uv_now(sglr_loop) - r->sent_at <= 250;
     req_release_conn(r, 0);
     if (stale) {
         r->retried = 1;
         sglr_head_reset(&r->head);
+        if (r->connect_timeout_ms)
+            r->connect_deadline = uv_now(sglr_loop) + r->connect_timeout_ms;
         req_dial(r);
         return;
     }
@@ -675,7 +690,7 @@ static void req_fail(sglr_upreq_t *r, int err)
 
 static void req_complete(sglr_upreq_t *r)
 {
-    req_release_conn(r, r->keep_alive && r->pending.len == 0);
+    req_release_conn(r, r->keep_alive && r->pending.len == 0 && !r->eof_pending);
     r->on_done(r, SGLR_UP_OK);
 }
 

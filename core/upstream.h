@@ -67,6 +67,8 @@ struct sglr_upreq_s {
     sglr_buf_t pending;      /* bytes after the head, parsed on continue */
     uv_timer_t timer;
     uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */
+    uint64_t sent_at;        /* uv_now when the request was written */
+    unsigned connect_timeout_ms;
     double t_start, t_head;  /* ms */
     void (*on_head)(sglr_upreq_t *);
     void (*on_body)(sglr_upreq_t *, const char *, size_t);

@@ -756,7 +756,12 @@ function M:shutdown(signame)
   if self.metrics_server then self.metrics_server:close() end
   self.health:stop()
   local deadline = core.now() + (self.conf.shutdown_grace_secs or 30) * 1000
-  while core.active() > 0 and core.now() < deadline do core.sleep(20) end
+  -- in flight: requests still being answered, and connections still
+  -- flushing answers already given (the server closes them when done)
+  local function busy()
+    return core.active() > 0 or (self.server and self.server:connections() > 0)
+  end
+  while busy() and core.now() < deadline do core.sleep(20) end
   if core.active() > 0 then
     log.warn("grace period over with " .. core.active() .. " request(s) still in flight")
   end

@@ -113,6 +113,23 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("serves an Upgrade request as plain HTTP and keeps the connection", function()
+    local uv = require "luv"
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, {}, "ok " .. x:path()) end))
+    local c, got = uv.new_tcp(), ""
+    c:connect("127.0.0.1", srv:port(), function()
+      c:write("GET /a HTTP/1.1\r\nhost: a\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+        .. "http2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\nGET /b HTTP/1.1\r\nhost: a\r\n\r\n")
+      c:read_start(function(_, d) if d then got = got .. d end end)
+    end)
+    local t = core.now()
+    while not got:find("ok /b", 1, true) and core.now() - t < 2000 do core.sleep(5) end
+    c:close()
+    srv:close()
+    assert.truthy(got:find("ok /a", 1, true))
+    assert.truthy(got:find("ok /b", 1, true))
+  end)
+
   it("reports connection failures as errors, not raises", function()
     local pool = assert(core.upstream("http://127.0.0.1:1"))
     local res, err = core.request(pool, { path = "/" })
