@@ -24,9 +24,15 @@ for i = 1, 4 do
 end
 local urls = {}
 for i, w in ipairs(workers) do urls[i] = w.url end
-local rurl = fleet:router(urls, { "--policy", "cache_aware", "--log-level", "warn",
+local router_args = { "--policy", "cache_aware", "--log-level", "warn",
   "--health-check-interval-secs", "1", "--health-failure-threshold", "1", "--health-success-threshold", "1",
-  "--retry-initial-backoff-ms", "20", "--retry-max-retries", "5", "--cb-timeout-duration-secs", "2" })
+  "--retry-initial-backoff-ms", "20", "--retry-max-retries", "5", "--cb-timeout-duration-secs", "2" }
+-- SGLR_SOAK_LOG_DIR=DIR keeps the router's warnings in DIR for a look afterwards
+if os.getenv("SGLR_SOAK_LOG_DIR") then
+  router_args[#router_args + 1] = "--log-dir"
+  router_args[#router_args + 1] = os.getenv("SGLR_SOAK_LOG_DIR")
+end
+local rurl = fleet:router(urls, router_args)
 local pool = assert(core.upstream(rurl))
 
 local stop_at = core.now() + minutes * 60000
@@ -69,6 +75,7 @@ core.spawn(function()
   while core.now() < stop_at - 10000 do
     core.sleep(15000)
     local w = workers[math.random(1, #workers)]
+    w.proc.killed_by_soak = true
     fleet_mod.kill(w.proc, "sigkill")
     kills = kills + 1
     io.stderr:write(("[soak] killed %s; %d sent, %d lost so far\n"):format(w.url, sent, lost))
@@ -86,5 +93,14 @@ print(("soak: %.1f min, %d workers, %d clients, %d worker kills"):format(minutes
 print(("requests sent %d, ok %d, lost %d (%.4f%%)"):format(sent, ok, lost, sent > 0 and 100 * lost / sent or 0))
 print(("latency p50 %.1f ms, p99 %.1f ms"):format(pct(0.5), pct(0.99)))
 for st, n in pairs(statuses) do print(("  status %s: %d"):format(tostring(st), n)) end
+-- anything that died without being killed here is a finding of its own
+local died = 0
+for _, p in ipairs(fleet.procs) do
+  if p.exited and not p.killed_by_soak then
+    died = died + 1
+    print(("process `%s` exited on its own (code %s); its last output:\n%s")
+      :format(table.concat(p.args, " "), tostring(p.code), p.out:sub(-2000)))
+  end
+end
 fleet:stop()
-core.exit(lost == 0 and 0 or 1)
+core.exit((lost == 0 and died == 0) and 0 or 1)
