@@ -58,6 +58,12 @@ function M:dispatched()
   if self.state == "half_open" then self.probing = true end
 end
 
+-- The request ended without a verdict on the worker (the client left, the
+-- deadline passed first): a half-open breaker may send its next probe.
+function M:cancelled()
+  if self.state == "half_open" then self.probing = false end
+end
+
 function M:success(now)
   if self.disabled then return end
   if self.state == "half_open" then

@@ -276,6 +276,8 @@ function M:release(req, w, outcome, status)
   elseif outcome == "failure" then
     w.breaker:failure(now)
     wm.failure:inc()
+  else
+    w.breaker:cancelled()
   end
   if self.policy.on_done then self.policy:on_done(req, w, status, now - req.t0) end
 end

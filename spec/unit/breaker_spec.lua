@@ -48,6 +48,16 @@ describe("circuit breaker", function()
     assert.is_true(b:allow(3002))
   end)
 
+  it("admits a new probe when the last one ended without a verdict", function()
+    local b = breaker.new(conf)
+    for t = 1, 3 do b:failure(t) end
+    assert.is_true(b:allow(2000))
+    b:dispatched()
+    assert.is_false(b:allow(2000))
+    b:cancelled()
+    assert.is_true(b:allow(2001))
+  end)
+
   it("never blocks when disabled", function()
     local b = breaker.new({ disable_circuit_breaker = true, cb_failure_threshold = 1 })
     for t = 1, 10 do b:failure(t) end
