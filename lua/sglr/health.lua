@@ -17,12 +17,7 @@ local function endpoint(conf) return conf.health_check_endpoint or "/health" end
 
 -- One GET of the health endpoint: true or nil, reason.
 function M:probe(url, timeout_ms)
-  -- http:// workers are probed with the native client, the one the proxy
-  -- path runs on: in 10-minute soaks (workers killed every 15 s under load)
-  -- probes through the libcurl client occasionally timed out against live
-  -- workers, several at once, which took healthy workers out of rotation.
-  -- https workers still go through libcurl.
-  local status, _, err = http.request({ native = url:match("^http://") ~= nil,
+  local status, _, err = http.request({
     method = "GET", url = url .. endpoint(self.conf),
     timeout_ms = timeout_ms or (self.conf.health_check_timeout_secs or 5) * 1000,
   })
