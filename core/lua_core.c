@@ -230,9 +230,77 @@ static void sleep_cb(uv_timer_t *t)
     sglr_co_resume(s->co, s->ref, 0);
 }
 
+/* core.sleep(0): coroutines that only let the loop run. They are resumed
+ * from an idle handle, one batch per loop iteration, so the loop polls for
+ * I/O between a yield and its resumption. (A 0 ms timer would not do: libuv
+ * runs a timer that is already due within the same timer pass, so a chain
+ * of "work, sleep(0)" would never let I/O in.) */
+typedef struct yielder {
+    lua_State *co;
+    int ref;
+    struct yielder *next;
+} yielder_t;
+
+static yielder_t *yield_head;
+static yielder_t **yield_tail = &yield_head;
+static uv_idle_t yield_idle;
+static int yield_idle_ready;
+
+static void yield_cb(uv_idle_t *h)
+{
+    /* take this iteration's batch; those that yield again wait for the next */
+    yielder_t *y = yield_head;
+    yield_head = NULL;
+    yield_tail = &yield_head;
+    uv_idle_stop(h);
+    while (y) {
+        yielder_t *next = y->next;
+        lua_State *co = y->co;
+        int ref = y->ref;
+        free(y);
+        sglr_co_resume(co, ref, 0);
+        y = next;
+    }
+}
+
+static int yield_now(lua_State *L)
+{
+    yielder_t *y = malloc(sizeof *y);
+    if (!y)
+        return luaL_error(L, "out of memory");
+    if (!yield_idle_ready) {
+        uv_idle_init(sglr_loop, &yield_idle);
+        uv_unref((uv_handle_t *)&yield_idle);
+        yield_idle_ready = 1;
+    }
+    y->co = L;
+    y->ref = sglr_co_pin(L);
+    y->next = NULL;
+    *yield_tail = y;
+    yield_tail = &y->next;
+    uv_idle_start(&yield_idle, yield_cb);
+    return lua_yield(L, 0);
+}
+
+/* The libuv timeout for "ms from now in real time". libuv counts from the
+ * loop's cached clock, which falls behind during a stretch of Lua: add the
+ * lag, so the timer does not fire early, and never ask for less than 1 ms,
+ * so it is not due within the timer pass that may be running now.
+ * (Updating the cached clock instead would let timers that re-arm in turn
+ * run each other forever without the loop polling for I/O.) */
+static uint64_t timer_ms(double ms)
+{
+    double lag = (double)uv_hrtime() / 1e6 - (double)uv_now(sglr_loop);
+    double t = ms + (lag > 0 ? lag : 0);
+    return t >= 1 ? (uint64_t)(t + 0.999) : 1;
+}
+
 static int l_sleep(lua_State *L)
 {
     double ms = luaL_checknumber(L, 1);
+    if (!(ms > 0))
+        return yield_now(L);
+    uint64_t t = timer_ms(ms);
     int ref = sglr_co_pin(L);
     sleeper_t *s = malloc(sizeof *s);
     if (!s) {
@@ -243,9 +311,7 @@ static int l_sleep(lua_State *L)
     s->ref = ref;
     uv_timer_init(sglr_loop, &s->timer);
     s->timer.data = s;
-    /* the loop's cached clock may be stale after a long stretch of Lua */
-    uv_update_time(sglr_loop);
-    uv_timer_start(&s->timer, sleep_cb, ms > 0 ? (uint64_t)ms : 0, 0);
+    uv_timer_start(&s->timer, sleep_cb, t, 0);
     return lua_yield(L, 0);
 }
 
@@ -1436,10 +1502,8 @@ static int event_wait(lua_State *L)
      * that `core.event():wait()` cannot lose it to the collector */
     lua_pushvalue(L, 1);
     e->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    if (ms >= 0) {
-        uv_update_time(sglr_loop);
-        uv_timer_start(&e->timer, event_fire, (uint64_t)ms, 0);
-    }
+    if (ms >= 0)
+        uv_timer_start(&e->timer, event_fire, timer_ms(ms), 0);
     return lua_yield(L, 0);
 }
 

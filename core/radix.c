@@ -485,6 +485,7 @@ typedef struct {
     victim_t *v;
     size_t n, cap;
     size_t max;
+    int oom;
 } heap_t;
 
 static void sift_down(victim_t *v, size_t n, size_t i)
@@ -526,23 +527,41 @@ static victim_t heap_pop(heap_t *h)
     return top;
 }
 
+/* One walk does two jobs. It folds chains of single children that earlier
+ * evictions left behind (a merged node's only child was visited just
+ * before it, so that child's entries are the last ones collected: they
+ * are moved over to the merged node), and it collects the leaf tenancies
+ * of the workers over budget. */
 static void collect_visit(sglr_radix_t *t, node_t *n, void *ud)
 {
     heap_t *h = ud;
+    if (n->nkids == 1) {
+        node_t *c = n->kids[0];
+        try_merge(t, n);
+        if (n->nkids != 1 || n->kids[0] != c) {     /* merged: c is gone */
+            for (size_t i = h->n; i-- > 0 && h->v[i].node == c;) {
+                h->v[i].node = n;
+                h->v[i].stamp = find_tenant(n, h->v[i].worker)->stamp;
+            }
+            return;
+        }
+    }
     for (uint32_t i = 0; i < n->nten; i++) {
         tenant_t *x = &n->ten[i];
         if (x->nkids == 0 && t->sizes[x->worker] > h->max) {
-            if (h->v)
-                h->v[h->n] = (victim_t){ x->stamp, n, x->worker };
-            h->n++;
+            if (h->n == h->cap) {
+                size_t cap = h->cap ? h->cap * 2 : 1024;
+                victim_t *v = realloc(h->v, cap * sizeof *v);
+                if (!v) {
+                    h->oom = 1;
+                    return;
+                }
+                h->v = v;
+                h->cap = cap;
+            }
+            h->v[h->n++] = (victim_t){ x->stamp, n, x->worker };
         }
     }
-}
-
-static void merge_visit(sglr_radix_t *t, node_t *n, void *ud)
-{
-    (void)ud;
-    try_merge(t, n);
 }
 
 size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
@@ -553,16 +572,9 @@ size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
     if (over == 0)
         return 0;
 
-    /* Count the leaves first, then fill: each (node, worker) enters the
-     * heap at most once and a push always follows a pop, so the initial
-     * count bounds the heap. */
+    /* Each (node, worker) enters the heap at most once and a push always
+     * follows a pop, so the heap never outgrows what the walk collected. */
     heap_t h = { .max = max };
-    walk_post(t, collect_visit, &h);
-    h.cap = h.n;
-    h.v = malloc((h.cap ? h.cap : 1) * sizeof(victim_t));
-    if (!h.v)
-        return 0;
-    h.n = 0;
     walk_post(t, collect_visit, &h);
     for (size_t i = h.n / 2; i-- > 0;)
         sift_down(h.v, h.n, i);
@@ -587,10 +599,8 @@ size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
         }
     }
     free(h.v);
-    /* Leaves gone leave chains of single children behind: fold them so
-     * later walks stay short. */
-    if (removed)
-        walk_post(t, merge_visit, NULL);
+    /* Chains of single children left behind are folded by the next
+     * eviction's walk: a second walk here would double the cost. */
     return removed;
 }
 

@@ -620,7 +620,8 @@ static void req_dial(sglr_upreq_t *r)
 
 int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms)
 {
-    uv_update_time(sglr_loop);
+    /* the cached clock: updating it here could make timers due within a
+     * timer pass that is running now, and chain them without I/O */
     uint64_t now = uv_now(sglr_loop);
     r->connect_timeout_ms = connect_timeout_ms;
     r->connect_deadline = connect_timeout_ms ? now + connect_timeout_ms : 0;

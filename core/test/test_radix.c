@@ -197,6 +197,29 @@ TEST(evict_lru_leaves_first)
     sglr_radix_free(t);
 }
 
+/* A pruned sibling leaves a chain of single children behind; the next
+ * eviction's walk folds it, and the text still matches whole. */
+TEST(evict_folds_chains_left_behind)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "abcX", 0);
+    ins(t, "abcY", 0);
+    CHECK_EQ_INT(match(t, "abcX", &w), 4);     /* abcY is now the LRU leaf */
+    CHECK_EQ_INT(stats(t).nodes, 3);
+    CHECK_EQ_INT(sglr_radix_evict(t, 4), 1);
+    CHECK_EQ_INT(stats(t).nodes, 2);           /* "abc" -> "X" */
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    ins(t, "qqqqqqqq", 1);
+    CHECK_EQ_INT(sglr_radix_evict(t, 4), 8);
+    CHECK_EQ_INT(stats(t).nodes, 1);           /* "abcX" */
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK_EQ_INT(match(t, "abcX", &w), 4);
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), 4);
+    sglr_radix_free(t);
+}
+
 TEST(evict_keeps_nodes_other_workers_hold)
 {
     sglr_radix_t *t = sglr_radix_new();
@@ -469,6 +492,7 @@ int main(void)
     RUN(ties_go_to_most_recent);
     RUN(remove_worker);
     RUN(evict_lru_leaves_first);
+    RUN(evict_folds_chains_left_behind);
     RUN(evict_keeps_nodes_other_workers_hold);
     RUN(utf8_boundaries);
     RUN(deep_chains);

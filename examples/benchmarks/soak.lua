@@ -24,10 +24,11 @@ for i = 1, 4 do
 end
 local urls = {}
 for i, w in ipairs(workers) do urls[i] = w.url end
-local router_args = { "--policy", "cache_aware", "--log-level", "warn",
+local router_args = { "--policy", "cache_aware", "--log-level", os.getenv("SGLR_SOAK_LOG_LEVEL") or "warn",
   "--health-check-interval-secs", "1", "--health-failure-threshold", "1", "--health-success-threshold", "1",
   "--retry-initial-backoff-ms", "20", "--retry-max-retries", "5", "--cb-timeout-duration-secs", "2" }
--- SGLR_SOAK_LOG_DIR=DIR keeps the router's warnings in DIR for a look afterwards
+-- SGLR_SOAK_LOG_DIR=DIR keeps the router's log in DIR for a look afterwards
+-- (SGLR_SOAK_LOG_LEVEL=info for more than warnings)
 if os.getenv("SGLR_SOAK_LOG_DIR") then
   router_args[#router_args + 1] = "--log-dir"
   router_args[#router_args + 1] = os.getenv("SGLR_SOAK_LOG_DIR")

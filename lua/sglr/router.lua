@@ -743,9 +743,31 @@ function M:start()
   ok, err = self:serve_metrics()
   if not ok then return nil, err end
   self.health:start()
+  self:watch_loop()
   log.always(string.format("sglr router listening on http://%s:%d (policy %s, %d worker(s))",
     conf.host or "127.0.0.1", srv:port(), self.policy_name, #self.workers.list), { port = srv:port() })
   return true
+end
+
+-- The event loop's health: a 100 ms timer measures how late it fires. Lag
+-- is a histogram metric; a stall of a second or more is logged, since it
+-- delays every request and health check in flight.
+function M:watch_loop()
+  local uv = require "luv"
+  local period = 100
+  local last = core.now()
+  local series = stats.loop_lag:series()
+  local t = uv.new_timer()
+  t:start(period, period, function()
+    local now = core.now()
+    local lag = now - last - period
+    last = now
+    if lag < 0 then lag = 0 end
+    series:observe(lag / 1000)
+    if lag >= 1000 then log.warn("event loop blocked", { ms = floor(lag) }) end
+  end)
+  t:unref()
+  self.loop_timer = t
 end
 
 -- Graceful shutdown: stop accepting, let requests in flight finish for up

@@ -48,6 +48,7 @@ M.queue_depth = g("rate_limit_queue_depth", "Requests waiting for a concurrency 
 M.rejections = c("rate_limit_rejections_total", "Requests refused by the concurrency limiter.", { "reason" })
 M.inflight = g("inflight_requests", "Inference requests holding a concurrency slot.")
 M.script_errors = c("script_errors_total", "Lua errors raised while handling requests.")
+M.loop_lag = h("event_loop_lag_seconds", "How late a 100 ms timer fired: time the event loop spent busy without polling.")
 
 -- Handles of the per-route and per-worker series, looked up once: the
 -- request path updates them with no label hashing.

@@ -50,6 +50,42 @@ return P
   end)
 end)
 
+describe("a policy that blocks the event loop", function()
+  local r, file
+  setup(function()
+    local w = H.sim({ "--id", "w1" })
+    -- busy for 1.5 s when the prompt asks for it, like an eviction gone wrong
+    file = H.tmpfile([[
+local P = { name = "stall", version = "1.0.0", options = {} }
+function P.new(conf, rt) return setmetatable({ rt = rt }, { __index = P }) end
+function P:select(req, workers)
+  if (req.text or ""):find("STALL", 1, true) then
+    local t = self.rt.now()
+    while self.rt.now() - t < 1500 do end
+  end
+  return workers[1]
+end
+return P
+]], ".lua")
+    r = H.router({ "--worker-urls", w.url, "--policy", file })
+  end)
+  teardown(function()
+    H.stop_all()
+    os.remove(file)
+  end)
+
+  it("is reported in the log and in the loop lag metric", function()
+    local res = assert(H.post(r.url, "/generate", H.gen_body("STALL here")))
+    assert.equal(200, res.status)
+    H.wait_output(r.proc, "event loop blocked", 3000)
+    local m = assert(H.get("http://127.0.0.1:" .. r.metrics_port, "/metrics"))
+    -- one observation of at least a second: the +Inf count exceeds the 1 s bucket
+    local le1 = tonumber(m.body:match('sgl_router_event_loop_lag_seconds_bucket{le="1"} (%d+)'))
+    local inf = tonumber(m.body:match('sgl_router_event_loop_lag_seconds_bucket{le="%+Inf"} (%d+)'))
+    assert.is_true(inf - le1 >= 1, m.body:match("sgl_router_event_loop_lag[^\n]*"))
+  end)
+end)
+
 describe("examples/custom_policy.lua in the real router", function()
   teardown(H.stop_all)
 

@@ -314,16 +314,17 @@ describe("cache_aware policy", function()
         assert.equal("miss", req.decision)
       end)
 
-      it("evicts a large excess in slices, yielding to the loop between them", function()
-        local p, rt = new(make_tree, { eviction_interval = 1, max_tree_size = 300, eviction_slice = 500 })
-        local sleeps = 0
-        rt.sleep = function() sleeps = sleeps + 1 end
+      it("evicts a large excess in one pass, keeping the most recent prompts", function()
+        local p, rt = new(make_tree, { eviction_interval = 1, max_tree_size = 300 })
         local ws = workers({ 0 })
         for i = 1, 40 do route(p, ("prompt %03d "):format(i) .. string.rep("x", 100), ws) end
         assert.is_true(rt.tree:size("http://w1") > 4000)
         rt.timers[1].fn(0)
         assert.is_true(rt.tree:size("http://w1") <= 300)
-        assert.is_true(sleeps >= 7, "slept " .. sleeps .. " times")
+        local _, req = route(p, "prompt 040 " .. string.rep("x", 100), ws)
+        assert.equal("hit", req.decision)
+        _, req = route(p, "prompt 001 " .. string.rep("x", 100), ws)
+        assert.equal("miss", req.decision)
       end)
 
       it("schedules no eviction when the interval is 0", function()

@@ -42,6 +42,49 @@ describe("sglr.core", function()
     assert.same({ "a", "b", "c" }, order)
   end)
 
+  -- A coroutine that works in steps and sleeps between them (the
+  -- cache-aware eviction does) must let the loop serve I/O between steps.
+  local function busy(ms)
+    local t = core.now()
+    while core.now() - t < ms do end
+  end
+
+  local function served_during(chain)
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, {}, "ok") end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    assert(core.request(pool, { path = "/warm" }))   -- connection open, nothing pending
+    local steps_done, finished_at = 0, nil
+    local done = core.event()
+    core.spawn(function()
+      local res = core.request(pool, { path = "/during" })
+      finished_at = res and steps_done
+      done:set(true)
+    end)
+    chain(function() steps_done = steps_done + 1 end)
+    done:wait(5000)
+    srv:close()
+    return finished_at
+  end
+
+  it("lets I/O in between the steps of a work loop that sleeps 0 ms", function()
+    local at = served_during(function(step)
+      for _ = 1, 40 do busy(2); step(); core.sleep(0) end
+    end)
+    assert.is_not_nil(at)
+    assert.is_true(at < 20, "request answered only after " .. tostring(at) .. " of 40 steps")
+  end)
+
+  it("lets I/O in between two work loops that sleep 1 ms in turn", function()
+    local ev = core.event()
+    local at = served_during(function(step)
+      core.spawn(function() for _ = 1, 40 do busy(2); step(); core.sleep(1) end; ev:set(true) end)
+      for _ = 1, 40 do busy(2); step(); core.sleep(1) end
+      ev:wait(5000)
+    end)
+    assert.is_not_nil(at)
+    assert.is_true(at < 40, "request answered only after " .. tostring(at) .. " of 80 steps")
+  end)
+
   it("makes request ids with a prefix and 24 alphanumerics", function()
     local seen = {}
     for _ = 1, 200 do
