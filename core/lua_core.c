@@ -269,8 +269,7 @@ static int yield_now(lua_State *L)
     if (!y)
         return luaL_error(L, "out of memory");
     if (!yield_idle_ready) {
-        uv_idle_init(sglr_loop, &yield_idle);
-        uv_unref((uv_handle_t *)&yield_idle);
+        uv_idle_init(sglr_loop, &yield_idle);   /* active only while someone waits */
         yield_idle_ready = 1;
     }
     y->co = L;

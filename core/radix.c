@@ -30,14 +30,29 @@ struct node {
     node_t *parent;
     uint8_t *edge;
     node_t **kids;      /* capkids pointers, then capkids first bytes */
-    tenant_t *ten;
+    tenant_t *ten;      /* &one while capten is 1, else malloc'd */
+    tenant_t one;
     uint32_t len;
     uint16_t nkids, capkids;
     uint32_t nten, capten;
+    uint8_t key;        /* edge[0], kept here so walks need not read the edge */
 };
+
+/* Nodes come from slabs owned by the tree: a walk then reads nodes packed
+ * together instead of scattered among the edges, and most nodes (one
+ * tenant) need no second allocation. Freed nodes are kept for reuse. */
+#define SLAB_NODES 1024
+
+typedef struct slab {
+    struct slab *next;
+    node_t nodes[SLAB_NODES];
+} slab_t;
 
 struct sglr_radix {
     node_t root;        /* empty edge, never has tenants */
+    slab_t *slabs;
+    node_t *spare;      /* freed nodes, linked through parent */
+    size_t fresh;       /* nodes of the newest slab not handed out yet */
     uint64_t clock;
     size_t *sizes;      /* bytes attributed to each worker id */
     size_t nsizes;
@@ -106,7 +121,7 @@ static int add_kid(node_t *n, node_t *c)
         n->capkids = (uint16_t)cap;
     }
     n->kids[n->nkids] = c;
-    KEYS(n)[n->nkids] = c->edge[0];
+    KEYS(n)[n->nkids] = c->key;
     n->nkids++;
     return 0;
 }
@@ -138,31 +153,65 @@ static inline int is_allowed(int w, const uint8_t *allowed, size_t nbits)
     return !allowed || ((size_t)w < nbits && (allowed[w >> 3] >> (w & 7)) & 1);
 }
 
-static node_t *node_new(const uint8_t *s, size_t len, uint32_t capten)
+static node_t *node_alloc(sglr_radix_t *t)
 {
-    node_t *n = calloc(1, sizeof *n);
+    node_t *n = t->spare;
+    if (n) {
+        t->spare = n->parent;
+    } else {
+        if (!t->slabs || t->fresh == 0) {
+            slab_t *sl = malloc(sizeof *sl);
+            if (!sl)
+                return NULL;
+            sl->next = t->slabs;
+            t->slabs = sl;
+            t->fresh = SLAB_NODES;
+        }
+        n = &t->slabs->nodes[--t->fresh];
+    }
+    memset(n, 0, sizeof *n);
+    return n;
+}
+
+static node_t *node_new(sglr_radix_t *t, const uint8_t *s, size_t len, uint32_t capten)
+{
+    node_t *n = node_alloc(t);
     if (!n)
         return NULL;
     n->edge = malloc(len);
-    n->ten = malloc((capten ? capten : 1) * sizeof(tenant_t));
+    if (capten > 1)
+        n->ten = malloc(capten * sizeof(tenant_t));
+    else
+        n->ten = &n->one, capten = 1;
     if (!n->edge || !n->ten) {
         free(n->edge);
-        free(n->ten);
-        free(n);
+        if (n->ten != &n->one)
+            free(n->ten);
+        n->parent = t->spare;
+        t->spare = n;
         return NULL;
     }
     memcpy(n->edge, s, len);
     n->len = (uint32_t)len;
-    n->capten = capten ? capten : 1;
+    n->key = s[0];
+    n->capten = capten;
     return n;
 }
 
-static void node_free(node_t *n)
+/* Release what n owns; the node itself goes back to the tree's spares. */
+static void node_release(node_t *n)
 {
     free(n->edge);
     free(n->kids);
-    free(n->ten);
-    free(n);
+    if (n->ten != &n->one)
+        free(n->ten);
+}
+
+static void node_free(sglr_radix_t *t, node_t *n)
+{
+    node_release(n);
+    n->parent = t->spare;
+    t->spare = n;
 }
 
 static int ensure_sizes(sglr_radix_t *t, int w)
@@ -186,7 +235,14 @@ static int add_tenant(sglr_radix_t *t, node_t *n, int w, uint64_t stamp)
 {
     if (n->nten == n->capten) {
         uint32_t cap = n->capten * 2;
-        tenant_t *x = realloc(n->ten, cap * sizeof *x);
+        tenant_t *x;
+        if (n->ten == &n->one) {
+            x = malloc(cap * sizeof *x);
+            if (x)
+                x[0] = n->one;
+        } else {
+            x = realloc(n->ten, cap * sizeof *x);
+        }
         if (!x)
             return -ENOMEM;
         n->ten = x;
@@ -220,10 +276,10 @@ static void remove_tenant(sglr_radix_t *t, node_t *n, tenant_t *x)
 static void prune(sglr_radix_t *t, node_t *n)
 {
     node_t *p = n->parent;
-    del_kid(p, kid_index(p, n->edge[0]));
+    del_kid(p, kid_index(p, n->key));
     t->nodes--;
     t->chars -= n->len;
-    node_free(n);
+    node_free(t, n);
 }
 
 /* Split c after its first k bytes: the new node m takes c's place under
@@ -232,14 +288,14 @@ static void prune(sglr_radix_t *t, node_t *n)
  * changed). */
 static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
 {
-    node_t *m = node_new(c->edge, k, c->nten);
+    node_t *m = node_new(t, c->edge, k, c->nten);
     if (!m)
         return NULL;
     if (add_kid(m, c) < 0) {
-        node_free(m);
+        node_free(t, m);
         return NULL;
     }
-    /* add_kid read c->edge[0], which is also m's first byte: fix the key
+    /* add_kid read c->key, which is also m's first byte: fix the key
      * once c's edge has moved. */
     for (uint32_t i = 0; i < c->nten; i++) {
         m->ten[i] = c->ten[i];
@@ -248,7 +304,7 @@ static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
     m->nten = c->nten;
     t->tenancies += c->nten;
     node_t *p = c->parent;
-    p->kids[kid_index(p, c->edge[0])] = m;
+    p->kids[kid_index(p, c->key)] = m;
     m->parent = p;
 
     memmove(c->edge, c->edge + k, c->len - k);
@@ -257,7 +313,8 @@ static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
     if (e)
         c->edge = e;
     c->parent = m;
-    KEYS(m)[0] = c->edge[0];
+    c->key = c->edge[0];
+    KEYS(m)[0] = c->key;
     t->nodes++;
     return m;
 }
@@ -291,7 +348,7 @@ static void try_merge(sglr_radix_t *t, node_t *n)
     c->kids = NULL;
     t->tenancies -= c->nten;
     t->nodes--;
-    node_free(c);
+    node_free(t, c);
 }
 
 /* Post-order walk over every node but the root, without a stack. visit may
@@ -311,7 +368,7 @@ static void walk_post(sglr_radix_t *t, visit_fn visit, void *ud)
     node_t *n = deepest_last(&t->root);
     while (n != &t->root) {
         node_t *p = n->parent;
-        int i = kid_index(p, n->edge[0]);
+        int i = kid_index(p, n->key);
         visit(t, n, ud);
         n = i > 0 ? deepest_last(p->kids[i - 1]) : p;
     }
@@ -327,7 +384,7 @@ sglr_radix_t *sglr_radix_new(void)
 static void free_visit(sglr_radix_t *t, node_t *n, void *ud)
 {
     (void)t; (void)ud;
-    node_free(n);    /* the parent's child array is read again, not written */
+    node_release(n);   /* the walk reads the parent's child array again, not n */
 }
 
 void sglr_radix_free(sglr_radix_t *t)
@@ -335,6 +392,11 @@ void sglr_radix_free(sglr_radix_t *t)
     if (!t)
         return;
     walk_post(t, free_visit, NULL);
+    while (t->slabs) {
+        slab_t *next = t->slabs->next;
+        free(t->slabs);
+        t->slabs = next;
+    }
     free(t->root.kids);
     free(t->sizes);
     free(t);
@@ -356,12 +418,12 @@ int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int w)
         node_t *c = find_kid(node, p[pos]);
         if (!c) {
             size_t len = n - pos < MAX_EDGE ? n - pos : MAX_EDGE;
-            c = node_new(p + pos, len, 1);
+            c = node_new(t, p + pos, len, 1);
             if (!c)
                 return -ENOMEM;
             c->parent = node;
             if (add_kid(node, c) < 0) {
-                node_free(c);
+                node_free(t, c);
                 return -ENOMEM;
             }
             t->nodes++;
@@ -623,7 +685,8 @@ static void check_visit(sglr_radix_t *t, node_t *n, void *ud)
     k->tenancies += n->nten;
     VERIFY(n->len > 0);
     VERIFY(n->nten > 0);
-    VERIFY(p && kid_index(p, n->edge[0]) >= 0 && p->kids[kid_index(p, n->edge[0])] == n);
+    VERIFY(n->key == n->edge[0]);
+    VERIFY(p && kid_index(p, n->key) >= 0 && p->kids[kid_index(p, n->key)] == n);
     for (int i = 0; i < n->nkids; i++) {
         VERIFY(n->kids[i]->parent == n);
         VERIFY(KEYS(n)[i] == n->kids[i]->edge[0]);

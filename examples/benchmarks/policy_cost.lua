@@ -6,7 +6,10 @@
 --
 --   * a 4 KB prompt (1 KB shared system prompt + 3 KB unique), many runs;
 --   * a 200 KB prompt (192 KB shared document + 8 KB unique), fewer runs;
---   * one eviction that removes ~1M characters.
+--   * one eviction that removes ~1M characters;
+--   * evictions from a tree of many small prompts (330k nodes, the shape a
+--     chat fleet of short conversations builds): the cost is one walk over
+--     every node, so this is the worst stall an eviction causes.
 --
 -- Medians are reported in microseconds. "inspect alone" is the same body
 -- validated without building the text string: the difference to "extract"
@@ -133,3 +136,25 @@ print(("evict to %d chars/worker: %d chars of attribution removed (%d of %d stor
   :format(hi, removed, before - t:stats().chars, before, ms))
 
 t:close()
+
+-- Many small prompts: 300k of ~260 chars over 4 workers (73M chars).
+local small = radix.new()
+local ctx = string.rep("context ", 30)
+local su = {}
+for i = 1, 4 do su[i] = "http://small-" .. i end
+for i = 0, 299999 do
+  small:insert(("user %d turn %d: %s"):format(i % 16, floor(i / 16), ctx), su[i % 4 + 1])
+end
+local sst = small:stats()
+local budget = small:size(su[1])
+local times = {}
+for k = 1, 5 do
+  budget = budget - 65536
+  local b = now_us()
+  small:evict(budget)
+  times[k] = (now_us() - b) / 1e3
+end
+table.sort(times)
+print(("evict 256k chars from a tree of %d nodes / %d chars: median %.1f ms, worst %.1f ms")
+  :format(sst.nodes, sst.chars, times[3], times[5]))
+small:close()
