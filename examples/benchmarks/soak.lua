@@ -33,7 +33,7 @@ if os.getenv("SGLR_SOAK_LOG_DIR") then
   router_args[#router_args + 1] = "--log-dir"
   router_args[#router_args + 1] = os.getenv("SGLR_SOAK_LOG_DIR")
 end
-local rurl = fleet:router(urls, router_args)
+local rurl, rproc = fleet:router(urls, router_args)
 local pool = assert(core.upstream(rurl))
 
 local stop_at = core.now() + minutes * 60000
@@ -88,11 +88,27 @@ core.spawn(function()
 end)
 
 done:wait()
+
+-- the router's own view: how often its event loop stalled (lag histogram)
+local function loop_lag()
+  local mport = rproc.out:match("metrics on http:\\?/\\?/[%d%.]+:(%d+)")
+  local mpool = mport and core.upstream("http://127.0.0.1:" .. mport)
+  local res = mpool and core.request(mpool, { method = "GET", path = "/metrics", timeout_ms = 5000 })
+  if not (res and res.status == 200) then return "router metrics not available" end
+  local b = {}
+  for le, n in res.body:gmatch('sgl_router_event_loop_lag_seconds_bucket{le="([^"]+)"} (%d+)') do b[le] = tonumber(n) end
+  local total = b["+Inf"] or 0
+  return ("router event loop: %d lag samples, %d over 25 ms, %d over 100 ms, %d over 1 s")
+    :format(total, total - (b["0.025"] or 0), total - (b["0.1"] or 0), total - (b["1"] or 0))
+end
+local lag_line = loop_lag()
+
 table.sort(lat)
 local function pct(p) return lat[math.max(1, math.ceil(#lat * p))] or 0 end
 print(("soak: %.1f min, %d workers, %d clients, %d worker kills"):format(minutes, #workers, concurrency, kills))
 print(("requests sent %d, ok %d, lost %d (%.4f%%)"):format(sent, ok, lost, sent > 0 and 100 * lost / sent or 0))
-print(("latency p50 %.1f ms, p99 %.1f ms"):format(pct(0.5), pct(0.99)))
+print(("latency p50 %.1f ms, p99 %.1f ms, max %.1f ms"):format(pct(0.5), pct(0.99), lat[#lat] or 0))
+print(lag_line)
 for st, n in pairs(statuses) do print(("  status %s: %d"):format(tostring(st), n)) end
 -- anything that died without being killed here is a finding of its own
 local died = 0
