@@ -33,6 +33,8 @@ if os.getenv("SGLR_SOAK_LOG_DIR") then
   router_args[#router_args + 1] = "--log-dir"
   router_args[#router_args + 1] = os.getenv("SGLR_SOAK_LOG_DIR")
 end
+-- SGLR_SOAK_ARGS="--max-tree-size 1000000 ..." adds router flags (split on spaces)
+for a in (os.getenv("SGLR_SOAK_ARGS") or ""):gmatch("%S+") do router_args[#router_args + 1] = a end
 local rurl, rproc = fleet:router(urls, router_args)
 local pool = assert(core.upstream(rurl))
 
