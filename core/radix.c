@@ -38,9 +38,10 @@ struct node {
     uint8_t key;        /* edge[0], kept here so walks need not read the edge */
 };
 
-/* Nodes come from slabs owned by the tree: a walk then reads nodes packed
- * together instead of scattered among the edges, and most nodes (one
- * tenant) need no second allocation. Freed nodes are kept for reuse. */
+/* Nodes come from slabs owned by the tree: most nodes (one tenant) need no
+ * second allocation, and eviction reads the slabs front to back instead of
+ * walking the tree (a live node has len > 0; a free slot has len 0). Freed
+ * nodes are kept for reuse. */
 #define SLAB_NODES 1024
 
 typedef struct slab {
@@ -210,6 +211,8 @@ static void node_release(node_t *n)
 static void node_free(sglr_radix_t *t, node_t *n)
 {
     node_release(n);
+    n->len = 0;         /* marks the slot free for scans over the slabs */
+    n->nten = 0;
     n->parent = t->spare;
     t->spare = n;
 }
@@ -322,16 +325,16 @@ static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
 /* Merge n with its only child c when both have the same tenants (c's are
  * always a subset of n's, so equal counts mean equal sets). Keeps n's
  * stamps, which are the more recent. */
-static void try_merge(sglr_radix_t *t, node_t *n)
+static int try_merge(sglr_radix_t *t, node_t *n)
 {
     if (n->nkids != 1)
-        return;
+        return 0;
     node_t *c = n->kids[0];
     if (c->nten != n->nten || (size_t)n->len + c->len > MAX_EDGE)
-        return;
+        return 0;
     uint8_t *e = realloc(n->edge, (size_t)n->len + c->len);
     if (!e)
-        return;
+        return 0;
     memcpy(e + n->len, c->edge, c->len);
     n->edge = e;
     n->len += c->len;
@@ -349,6 +352,7 @@ static void try_merge(sglr_radix_t *t, node_t *n)
     t->tenancies -= c->nten;
     t->nodes--;
     node_free(t, c);
+    return 1;
 }
 
 /* Post-order walk over every node but the root, without a stack. visit may
@@ -547,7 +551,6 @@ typedef struct {
     victim_t *v;
     size_t n, cap;
     size_t max;
-    int oom;
 } heap_t;
 
 static void sift_down(victim_t *v, size_t n, size_t i)
@@ -589,41 +592,40 @@ static victim_t heap_pop(heap_t *h)
     return top;
 }
 
-/* One walk does two jobs. It folds chains of single children that earlier
- * evictions left behind (a merged node's only child was visited just
- * before it, so that child's entries are the last ones collected: they
- * are moved over to the merged node), and it collects the leaf tenancies
- * of the workers over budget. */
-static void collect_visit(sglr_radix_t *t, node_t *n, void *ud)
+static int grow(void **v, size_t *cap, size_t size)
 {
-    heap_t *h = ud;
-    if (n->nkids == 1) {
-        node_t *c = n->kids[0];
-        try_merge(t, n);
-        if (n->nkids != 1 || n->kids[0] != c) {     /* merged: c is gone */
-            for (size_t i = h->n; i-- > 0 && h->v[i].node == c;) {
-                h->v[i].node = n;
-                h->v[i].stamp = find_tenant(n, h->v[i].worker)->stamp;
+    size_t c = *cap ? *cap * 2 : 1024;
+    void *x = realloc(*v, c * size);
+    if (!x)
+        return -ENOMEM;
+    *v = x;
+    *cap = c;
+    return 0;
+}
+
+/* The leaf tenancies of the workers over budget, read off the slabs in
+ * memory order: no pointer chasing, so a tree of a million nodes is read
+ * in milliseconds. The newest slab hands out slots from the top down;
+ * below t->fresh its slots were never used. */
+static int collect(sglr_radix_t *t, heap_t *h)
+{
+    for (slab_t *sl = t->slabs; sl; sl = sl->next) {
+        size_t first = sl == t->slabs ? t->fresh : 0;
+        for (size_t i = first; i < SLAB_NODES; i++) {
+            node_t *n = &sl->nodes[i];
+            if (n->len == 0)
+                continue;
+            for (uint32_t j = 0; j < n->nten; j++) {
+                tenant_t *x = &n->ten[j];
+                if (x->nkids != 0 || t->sizes[x->worker] <= h->max)
+                    continue;
+                if (h->n == h->cap && grow((void **)&h->v, &h->cap, sizeof *h->v) < 0)
+                    return -ENOMEM;
+                h->v[h->n++] = (victim_t){ x->stamp, n, x->worker };
             }
-            return;
         }
     }
-    for (uint32_t i = 0; i < n->nten; i++) {
-        tenant_t *x = &n->ten[i];
-        if (x->nkids == 0 && t->sizes[x->worker] > h->max) {
-            if (h->n == h->cap) {
-                size_t cap = h->cap ? h->cap * 2 : 1024;
-                victim_t *v = realloc(h->v, cap * sizeof *v);
-                if (!v) {
-                    h->oom = 1;
-                    return;
-                }
-                h->v = v;
-                h->cap = cap;
-            }
-            h->v[h->n++] = (victim_t){ x->stamp, n, x->worker };
-        }
-    }
+    return 0;
 }
 
 size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
@@ -635,11 +637,19 @@ size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
         return 0;
 
     /* Each (node, worker) enters the heap at most once and a push always
-     * follows a pop, so the heap never outgrows what the walk collected. */
+     * follows a pop, so the heap never outgrows what was collected. Out of
+     * memory, it evicts from what it collected so far. */
     heap_t h = { .max = max };
-    walk_post(t, collect_visit, &h);
+    collect(t, &h);
     for (size_t i = h.n / 2; i-- > 0;)
         sift_down(h.v, h.n, i);
+
+    /* Nodes that lost a tenant, or a child, may now fold into a chain
+     * with their only child: remembered here, folded once nothing points
+     * into the heap any more. */
+    node_t **fold = NULL;
+    size_t nfold = 0, capfold = 0;
+    int fold_ok = 1;
 
     size_t removed = 0;
     while (h.n && over) {
@@ -652,8 +662,17 @@ size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
         remove_tenant(t, n, find_tenant(n, w));
         if (t->sizes[w] <= max)
             over--;
-        if (n->nten == 0)
+        node_t *changed = n;
+        if (n->nten == 0) {
             prune(t, n);
+            changed = p;
+        }
+        if (changed != &t->root && fold_ok) {
+            if (nfold == capfold && grow((void **)&fold, &capfold, sizeof *fold) < 0)
+                fold_ok = 0;
+            else
+                fold[nfold++] = changed;
+        }
         if (p != &t->root && t->sizes[w] > max) {
             tenant_t *pt = find_tenant(p, w);
             if (pt && pt->nkids == 0)
@@ -661,8 +680,13 @@ size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
         }
     }
     free(h.v);
-    /* Chains of single children left behind are folded by the next
-     * eviction's walk: a second walk here would double the cost. */
+    /* A node pruned after it was remembered is a free slot now (len 0);
+     * nothing was allocated since, so its slot is still there to read. */
+    for (size_t i = 0; i < nfold; i++)
+        if (fold[i]->len > 0)
+            while (try_merge(t, fold[i]))
+                ;
+    free(fold);
     return removed;
 }
 

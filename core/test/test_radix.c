@@ -197,9 +197,9 @@ TEST(evict_lru_leaves_first)
     sglr_radix_free(t);
 }
 
-/* A pruned sibling leaves a chain of single children behind; the next
- * eviction's walk folds it, and the text still matches whole. */
-TEST(evict_folds_chains_left_behind)
+/* A pruned sibling would leave a chain of single children behind: the
+ * eviction folds it, and the text still matches whole. */
+TEST(evict_folds_the_chains_it_leaves)
 {
     sglr_radix_t *t = sglr_radix_new();
     int w;
@@ -208,15 +208,23 @@ TEST(evict_folds_chains_left_behind)
     CHECK_EQ_INT(match(t, "abcX", &w), 4);     /* abcY is now the LRU leaf */
     CHECK_EQ_INT(stats(t).nodes, 3);
     CHECK_EQ_INT(sglr_radix_evict(t, 4), 1);
-    CHECK_EQ_INT(stats(t).nodes, 2);           /* "abc" -> "X" */
-    CHECK_EQ_INT(sglr_radix_check(t), 0);
-    ins(t, "qqqqqqqq", 1);
-    CHECK_EQ_INT(sglr_radix_evict(t, 4), 8);
-    CHECK_EQ_INT(stats(t).nodes, 1);           /* "abcX" */
+    CHECK_EQ_INT(stats(t).nodes, 1);           /* "abc" + "X" folded */
     CHECK_EQ_INT(sglr_radix_check(t), 0);
     CHECK_EQ_INT(match(t, "abcX", &w), 4);
     CHECK_EQ_INT(w, 0);
     CHECK_EQ_INT(sglr_radix_size(t, 0), 4);
+    /* a longer chain: a/b/c each with a dropped sibling */
+    ins(t, "aaaa", 1);
+    ins(t, "aaaab", 1);
+    ins(t, "aaaabc", 1);
+    ins(t, "aaaz", 1);
+    CHECK_EQ_INT(match(t, "aaaabc", &w), 6);
+    CHECK_EQ_INT(sglr_radix_evict(t, 6), 1);   /* "z" goes */
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK_EQ_INT(match(t, "aaaabc", &w), 6);
+    CHECK_EQ_INT(w, 1);
+    /* "a" {0,1} over "bcX" {0} and "aaabc" {1}: "aa", "a", "b", "c" folded */
+    CHECK_EQ_INT(stats(t).nodes, 3);
     sglr_radix_free(t);
 }
 
@@ -492,7 +500,7 @@ int main(void)
     RUN(ties_go_to_most_recent);
     RUN(remove_worker);
     RUN(evict_lru_leaves_first);
-    RUN(evict_folds_chains_left_behind);
+    RUN(evict_folds_the_chains_it_leaves);
     RUN(evict_keeps_nodes_other_workers_hold);
     RUN(utf8_boundaries);
     RUN(deep_chains);
