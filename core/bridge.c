@@ -39,6 +39,26 @@ double sglr_now_ms(void)
     return (double)uv_hrtime() / 1e6;
 }
 
+/* libuv's cached clock falls behind real time during a stretch of work in
+ * a callback. Deadlines are set from the real time (on libuv's scale), and
+ * the cached clock is never updated in a callback: that would make timers
+ * due within the timer pass running now, and a chain of timers that re-arm
+ * could then run on without the loop ever polling for I/O. */
+uint64_t sglr_loop_now(void)
+{
+    uint64_t cached = uv_now(sglr_loop);
+    uint64_t real = uv_hrtime() / 1000000;
+    return real > cached ? real : cached;
+}
+
+uint64_t sglr_timer_ms(double ms)
+{
+    if (!(ms < 1e12))
+        ms = 1e12;      /* about 30 years: "never", without overflowing */
+    double t = (double)(sglr_loop_now() - uv_now(sglr_loop)) + ms;
+    return t >= 1 ? (uint64_t)(t + 0.999) : 1;
+}
+
 int sglr_co_pin(lua_State *L)
 {
     if (lua_pushthread(L)) {

@@ -230,68 +230,87 @@ static void sleep_cb(uv_timer_t *t)
     sglr_co_resume(s->co, s->ref, 0);
 }
 
-/* core.sleep(0): coroutines that only let the loop run. They are resumed
- * from an idle handle, one batch per loop iteration, so the loop polls for
- * I/O between a yield and its resumption. (A 0 ms timer would not do: libuv
- * runs a timer that is already due within the same timer pass, so a chain
- * of "work, sleep(0)" would never let I/O in.) */
-typedef struct yielder {
+/* "Soon": work queued to run after the loop's next poll for I/O. A check
+ * handle runs the batch right after the poll, and an idle handle, active
+ * meanwhile, keeps that poll from blocking. Used by core.sleep(0) and to
+ * wake event waiters. (A 0 ms timer would not do: libuv runs a timer that
+ * is already due within the same timer pass, so a chain of "work, sleep(0)"
+ * or of events set back and forth would never let I/O in.) */
+typedef struct soon {
+    void (*fn)(struct soon *);
     lua_State *co;
     int ref;
-    struct yielder *next;
-} yielder_t;
+    void *data;
+    struct soon *next;
+} soon_t;
 
-static yielder_t *yield_head;
-static yielder_t **yield_tail = &yield_head;
-static uv_idle_t yield_idle;
-static int yield_idle_ready;
+static soon_t *soon_head;
+static soon_t **soon_tail = &soon_head;
+static uv_check_t soon_check;
+static uv_idle_t soon_idle;
+static int soon_ready;
 
-static void yield_cb(uv_idle_t *h)
+static void soon_idle_cb(uv_idle_t *h)
 {
-    /* take this iteration's batch; those that yield again wait for the next */
-    yielder_t *y = yield_head;
-    yield_head = NULL;
-    yield_tail = &yield_head;
-    uv_idle_stop(h);
-    while (y) {
-        yielder_t *next = y->next;
-        lua_State *co = y->co;
-        int ref = y->ref;
-        free(y);
-        sglr_co_resume(co, ref, 0);
-        y = next;
+    (void)h;            /* active only so that the poll does not block */
+}
+
+static void soon_run(uv_check_t *h)
+{
+    /* this iteration's batch; work queued meanwhile waits for the next */
+    soon_t *q = soon_head;
+    soon_head = NULL;
+    soon_tail = &soon_head;
+    uv_check_stop(h);
+    uv_idle_stop(&soon_idle);
+    while (q) {
+        soon_t *next = q->next;
+        q->fn(q);       /* frees q */
+        q = next;
     }
+}
+
+static soon_t *soon(void (*fn)(soon_t *))
+{
+    soon_t *q = malloc(sizeof *q);
+    if (!q)
+        return NULL;
+    if (!soon_ready) {
+        uv_check_init(sglr_loop, &soon_check);
+        uv_idle_init(sglr_loop, &soon_idle);
+        soon_ready = 1;
+    }
+    q->fn = fn;
+    q->co = NULL;
+    q->ref = LUA_NOREF;
+    q->data = NULL;
+    q->next = NULL;
+    *soon_tail = q;
+    soon_tail = &q->next;
+    uv_check_start(&soon_check, soon_run);
+    uv_idle_start(&soon_idle, soon_idle_cb);
+    return q;
+}
+
+static void yield_resume(soon_t *q)
+{
+    lua_State *co = q->co;
+    int ref = q->ref;
+    free(q);
+    sglr_co_resume(co, ref, 0);
 }
 
 static int yield_now(lua_State *L)
 {
-    yielder_t *y = malloc(sizeof *y);
-    if (!y)
+    int ref = sglr_co_pin(L);       /* raises outside a coroutine: before any allocation */
+    soon_t *q = soon(yield_resume);
+    if (!q) {
+        sglr_co_unpin(ref);
         return luaL_error(L, "out of memory");
-    if (!yield_idle_ready) {
-        uv_idle_init(sglr_loop, &yield_idle);   /* active only while someone waits */
-        yield_idle_ready = 1;
     }
-    y->co = L;
-    y->ref = sglr_co_pin(L);
-    y->next = NULL;
-    *yield_tail = y;
-    yield_tail = &y->next;
-    uv_idle_start(&yield_idle, yield_cb);
+    q->co = L;
+    q->ref = ref;
     return lua_yield(L, 0);
-}
-
-/* The libuv timeout for "ms from now in real time". libuv counts from the
- * loop's cached clock, which falls behind during a stretch of Lua: add the
- * lag, so the timer does not fire early, and never ask for less than 1 ms,
- * so it is not due within the timer pass that may be running now.
- * (Updating the cached clock instead would let timers that re-arm in turn
- * run each other forever without the loop polling for I/O.) */
-static uint64_t timer_ms(double ms)
-{
-    double lag = (double)uv_hrtime() / 1e6 - (double)uv_now(sglr_loop);
-    double t = ms + (lag > 0 ? lag : 0);
-    return t >= 1 ? (uint64_t)(t + 0.999) : 1;
 }
 
 static int l_sleep(lua_State *L)
@@ -299,7 +318,7 @@ static int l_sleep(lua_State *L)
     double ms = luaL_checknumber(L, 1);
     if (!(ms > 0))
         return yield_now(L);
-    uint64_t t = timer_ms(ms);
+    uint64_t t = sglr_timer_ms(ms);
     int ref = sglr_co_pin(L);
     sleeper_t *s = malloc(sizeof *s);
     if (!s) {
@@ -1441,9 +1460,8 @@ typedef struct {
     int closed;
 } event_t;
 
-static void event_fire(uv_timer_t *t)
+static void event_resume(event_t *e)
 {
-    event_t *e = t->data;
     lua_State *co = e->co;
     if (!co)
         return;
@@ -1467,6 +1485,21 @@ static void event_fire(uv_timer_t *t)
     if (self_ref != LUA_NOREF)
         luaL_unref(sglr_L, LUA_REGISTRYINDEX, self_ref);
     sglr_co_resume(co, ref, n);
+}
+
+/* the wait timed out, or (out of memory for a soon entry) a set fell back
+ * on a 0 ms timer */
+static void event_fire(uv_timer_t *t)
+{
+    event_resume(t->data);
+}
+
+/* a set: the waiter pins the event (self_ref) until it is resumed */
+static void event_wake(soon_t *q)
+{
+    event_t *e = q->data;
+    free(q);
+    event_resume(e);
 }
 
 static int l_event(lua_State *L)
@@ -1502,7 +1535,7 @@ static int event_wait(lua_State *L)
     lua_pushvalue(L, 1);
     e->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     if (ms >= 0)
-        uv_timer_start(&e->timer, event_fire, timer_ms(ms), 0);
+        uv_timer_start(&e->timer, event_fire, sglr_timer_ms(ms), 0);
     return lua_yield(L, 0);
 }
 
@@ -1515,9 +1548,14 @@ static int event_set(lua_State *L)
     e->is_set = 1;
     lua_settop(L, 2);
     e->val_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    if (e->co) {
+    if (e->co && !e->waking) {
         e->waking = 1;
-        uv_timer_start(&e->timer, event_fire, 0, 0);
+        uv_timer_stop(&e->timer);
+        soon_t *q = soon(event_wake);
+        if (q)
+            q->data = e;
+        else
+            uv_timer_start(&e->timer, event_fire, 0, 0);
     }
     return 0;
 }

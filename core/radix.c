@@ -16,8 +16,23 @@
 #include "radix.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if !defined(__SANITIZE_ADDRESS__) && defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define __SANITIZE_ADDRESS__ 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define SLOT_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define SLOT_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define SLOT_POISON(p, n) ((void)(p), (void)(n))
+#define SLOT_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 typedef struct {
     int32_t worker;
@@ -48,6 +63,13 @@ typedef struct slab {
     struct slab *next;
     node_t nodes[SLAB_NODES];
 } slab_t;
+
+/* A free slot keeps its spare link and len readable (see node_free). */
+_Static_assert(offsetof(node_t, parent) == 0, "spare link first");
+_Static_assert(offsetof(node_t, len) + sizeof(uint32_t) == offsetof(node_t, nkids),
+               "len, nkids, capkids together");
+_Static_assert(offsetof(node_t, capkids) + sizeof(uint16_t) == offsetof(node_t, nten),
+               "nten follows capkids");
 
 struct sglr_radix {
     node_t root;        /* empty edge, never has tenants */
@@ -156,7 +178,13 @@ static inline int is_allowed(int w, const uint8_t *allowed, size_t nbits)
 
 static node_t *node_alloc(sglr_radix_t *t)
 {
+#ifdef SGLR_NO_FREELIST
+    /* sanitizer builds: a freed slot stays poisoned for good, so that any
+     * use after free is reported rather than hidden by a reuse */
+    node_t *n = NULL;
+#else
     node_t *n = t->spare;
+#endif
     if (n) {
         t->spare = n->parent;
     } else {
@@ -164,38 +192,15 @@ static node_t *node_alloc(sglr_radix_t *t)
             slab_t *sl = malloc(sizeof *sl);
             if (!sl)
                 return NULL;
+            SLOT_POISON(sl->nodes, sizeof sl->nodes);   /* not handed out yet */
             sl->next = t->slabs;
             t->slabs = sl;
             t->fresh = SLAB_NODES;
         }
         n = &t->slabs->nodes[--t->fresh];
     }
+    SLOT_UNPOISON(n, sizeof *n);
     memset(n, 0, sizeof *n);
-    return n;
-}
-
-static node_t *node_new(sglr_radix_t *t, const uint8_t *s, size_t len, uint32_t capten)
-{
-    node_t *n = node_alloc(t);
-    if (!n)
-        return NULL;
-    n->edge = malloc(len);
-    if (capten > 1)
-        n->ten = malloc(capten * sizeof(tenant_t));
-    else
-        n->ten = &n->one, capten = 1;
-    if (!n->edge || !n->ten) {
-        free(n->edge);
-        if (n->ten != &n->one)
-            free(n->ten);
-        n->parent = t->spare;
-        t->spare = n;
-        return NULL;
-    }
-    memcpy(n->edge, s, len);
-    n->len = (uint32_t)len;
-    n->key = s[0];
-    n->capten = capten;
     return n;
 }
 
@@ -215,6 +220,37 @@ static void node_free(sglr_radix_t *t, node_t *n)
     n->nten = 0;
     n->parent = t->spare;
     t->spare = n;
+    /* Under ASan a free slot is poisoned but for the spare link and
+     * len/nkids/capkids, so a node used after it was freed is reported. */
+    SLOT_POISON((char *)n + sizeof n->parent, offsetof(node_t, len) - sizeof n->parent);
+    SLOT_POISON((char *)n + offsetof(node_t, nten), sizeof *n - offsetof(node_t, nten));
+}
+
+static node_t *node_new(sglr_radix_t *t, const uint8_t *s, size_t len, uint32_t capten)
+{
+    node_t *n = node_alloc(t);
+    if (!n)
+        return NULL;
+    n->edge = malloc(len);
+    if (capten > 1)
+        n->ten = malloc(capten * sizeof(tenant_t));
+    else
+        n->ten = &n->one, capten = 1;
+    if (!n->edge || !n->ten) {
+        free(n->edge);
+        if (n->ten != &n->one)
+            free(n->ten);
+        n->edge = NULL;
+        n->kids = NULL;
+        n->ten = &n->one;
+        node_free(t, n);
+        return NULL;
+    }
+    memcpy(n->edge, s, len);
+    n->len = (uint32_t)len;
+    n->key = s[0];
+    n->capten = capten;
+    return n;
 }
 
 static int ensure_sizes(sglr_radix_t *t, int w)
@@ -755,5 +791,21 @@ int sglr_radix_check(const sglr_radix_t *ct)
         if (k.sizes[w] != t->sizes[w])
             k.err = -__LINE__;
     free(k.sizes);
-    return k.err;
+    if (k.err)
+        return k.err;
+    /* The slabs: the slots eviction scans as live are exactly the tree's
+     * nodes, and every spare slot reads as free. */
+    size_t live = 0, handed = 0, spare = 0;
+    for (slab_t *sl = t->slabs; sl; sl = sl->next) {
+        size_t first = sl == t->slabs ? t->fresh : 0;
+        handed += SLAB_NODES - first;
+        for (size_t i = first; i < SLAB_NODES; i++)
+            live += sl->nodes[i].len > 0;
+    }
+    for (node_t *n = t->spare; n; n = n->parent, spare++)
+        if (n->len != 0)
+            return -__LINE__;
+    if (live != t->nodes || live + spare != handed)
+        return -__LINE__;
+    return 0;
 }

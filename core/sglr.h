@@ -57,6 +57,11 @@ int sglr_pcall(lua_State *L, int nargs, int nresults);
 
 /* Milliseconds from a monotonic clock (uv_hrtime), with fractions. */
 double sglr_now_ms(void);
+/* Now in real time on the scale of uv_now(), for deadlines. */
+uint64_t sglr_loop_now(void);
+/* The uv_timer_start timeout for "ms from now in real time": at least 1, so
+ * the timer never falls due within the timer pass that armed it. */
+uint64_t sglr_timer_ms(double ms);
 
 /* The bytes of argument idx: a string, or the request body of an exchange
  * (sglr.exchange userdata) without copying it into Lua. Raises otherwise. */

@@ -311,7 +311,7 @@ static void write_cb(uv_write_t *w, int status)
 static void conn_send(sglr_upconn_t *c, sglr_upreq_t *r)
 {
     r->state = UP_WAIT_HEAD;
-    r->sent_at = uv_now(sglr_loop);
+    r->sent_at = sglr_loop_now();
     /* Usually the socket takes the whole request at once: no write request,
      * no callback. Otherwise the rest is queued from r->out, which stays
      * put: r is freed only from its timer's close callback, after an abort
@@ -620,9 +620,7 @@ static void req_dial(sglr_upreq_t *r)
 
 int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms)
 {
-    /* the cached clock: updating it here could make timers due within a
-     * timer pass that is running now, and chain them without I/O */
-    uint64_t now = uv_now(sglr_loop);
+    uint64_t now = sglr_loop_now();     /* see sglr_loop_now in bridge.c */
     r->connect_timeout_ms = connect_timeout_ms;
     r->connect_deadline = connect_timeout_ms ? now + connect_timeout_ms : 0;
     r->deadline = timeout_ms ? now + timeout_ms : 0;
@@ -673,13 +671,13 @@ static void req_fail(sglr_upreq_t *r, int err)
      * that the worker may have been working on the request: no retry. */
     int stale = r->reused && !r->got_bytes && !r->retried &&
                 (err == SGLR_UP_ERESET) && r->state == UP_WAIT_HEAD &&
-                uv_now(sglr_loop) - r->sent_at <= 250;
+                sglr_loop_now() - r->sent_at <= 250;
     req_release_conn(r, 0);
     if (stale) {
         r->retried = 1;
         sglr_head_reset(&r->head);
         if (r->connect_timeout_ms)
-            r->connect_deadline = uv_now(sglr_loop) + r->connect_timeout_ms;
+            r->connect_deadline = sglr_loop_now() + r->connect_timeout_ms;
         req_dial(r);
         return;
     }

@@ -228,6 +228,42 @@ TEST(evict_folds_the_chains_it_leaves)
     sglr_radix_free(t);
 }
 
+/* A node that loses one of its tenants may now fold with its only child. */
+TEST(evict_folds_a_node_that_lost_a_tenant)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "ab", 1);        /* stamp 1: worker 1's oldest leaf */
+    ins(t, "abcd", 0);      /* "ab" {0,1} -> "cd" {0} */
+    ins(t, "zzzzz", 1);
+    CHECK_EQ_INT(stats(t).nodes, 3);
+    CHECK_EQ_INT(sglr_radix_evict(t, 5), 2);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK_EQ_INT(stats(t).nodes, 2);           /* "abcd" {0}, "zzzzz" {1} */
+    CHECK_EQ_INT(match(t, "abcd", &w), 4);
+    CHECK_EQ_INT(w, 0);
+    sglr_radix_free(t);
+}
+
+/* A node remembered for folding (it lost one tenant) and pruned later in
+ * the same eviction (it lost the other) is skipped, not folded. */
+TEST(evict_skips_nodes_pruned_after_they_were_remembered)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    int w;
+    ins(t, "xy", 0);
+    ins(t, "xy", 1);
+    ins(t, "pppp", 0);
+    ins(t, "qqqq", 1);
+    CHECK_EQ_INT(sglr_radix_evict(t, 4), 4);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK_EQ_INT(stats(t).nodes, 2);
+    CHECK_EQ_INT(match(t, "xy", &w), 0);
+    CHECK_EQ_INT(match(t, "qqqq", &w), 4);
+    CHECK_EQ_INT(w, 1);
+    sglr_radix_free(t);
+}
+
 TEST(evict_keeps_nodes_other_workers_hold)
 {
     sglr_radix_t *t = sglr_radix_new();
@@ -492,6 +528,54 @@ TEST(randomized_with_eviction_stays_sound)
 #undef RND
 }
 
+/* Trees over many slabs, with frequent evictions reusing freed slots: the
+ * tree stays sound, every worker within budget, and each worker's latest
+ * prompt survives any eviction whose budget it fits in (it is the most
+ * recently used path). */
+TEST(randomized_eviction_over_many_slabs)
+{
+    enum { NWK = 6 };
+    sglr_radix_t *t = sglr_radix_new();
+    char last[NWK][64];
+    int have[NWK] = { 0 };
+    unsigned x = 7;
+#define RND(n) ((x = x * 1103515245u + 12345u), (int)((x >> 8) % (unsigned)(n)))
+    size_t peak = 0;
+    for (int op = 0; op < 40000; op++) {
+        int w = RND(NWK), r = RND(1000);
+        if (r < 990) {
+            /* shared stems with unique tails: many nodes, many splits */
+            int a = RND(40), b = RND(300), c = RND(100000);
+            snprintf(last[w], sizeof last[w], "stem%d/%d/tail%d", a, b, c);
+            CHECK_EQ_INT(ins(t, last[w], w), 0);
+            have[w] = 1;
+        } else if (r < 998) {
+            size_t max = 200 + (size_t)RND(60000);
+            sglr_radix_evict(t, max);
+            for (int i = 0; i < NWK; i++) {
+                CHECK(sglr_radix_size(t, i) <= max);
+                if (have[i] && strlen(last[i]) <= max) {
+                    int only[1] = { i }, got;
+                    CHECK_EQ_INT(match_only(t, last[i], only, 1, &got), strlen(last[i]));
+                    CHECK_EQ_INT(got, i);
+                }
+            }
+        } else {
+            sglr_radix_remove_worker(t, w);
+            have[w] = 0;
+        }
+        if (stats(t).nodes > peak)
+            peak = stats(t).nodes;
+        if (op % 1000 == 0)
+            CHECK_EQ_INT(sglr_radix_check(t), 0);
+    }
+    fprintf(stderr, "     peak %zu nodes\n", peak);
+    CHECK(peak > 3 * 1024);     /* several slabs' worth */
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+#undef RND
+}
+
 int main(void)
 {
     RUN(split_edges);
@@ -501,6 +585,8 @@ int main(void)
     RUN(remove_worker);
     RUN(evict_lru_leaves_first);
     RUN(evict_folds_the_chains_it_leaves);
+    RUN(evict_folds_a_node_that_lost_a_tenant);
+    RUN(evict_skips_nodes_pruned_after_they_were_remembered);
     RUN(evict_keeps_nodes_other_workers_hold);
     RUN(utf8_boundaries);
     RUN(deep_chains);
@@ -508,5 +594,6 @@ int main(void)
     RUN(evict_is_fast);
     RUN(randomized_against_model);
     RUN(randomized_with_eviction_stays_sound);
+    RUN(randomized_eviction_over_many_slabs);
     TEST_EXIT();
 }

@@ -85,6 +85,55 @@ describe("sglr.core", function()
     assert.is_true(at < 40, "request answered only after " .. tostring(at) .. " of 80 steps")
   end)
 
+  it("lets I/O in between two coroutines that wake each other with events", function()
+    local at = served_during(function(step)
+      local ping, pong = core.event(), core.event()
+      local n = 40
+      core.spawn(function()
+        for i = 1, n do
+          local ok = ping:wait(5000)
+          if not ok then return end
+          ping = core.event()
+          busy(2); step()
+          if i < n then pong:set(true) end
+        end
+      end)
+      for i = 1, n do
+        busy(2); step()
+        local p = pong
+        ping:set(true)
+        if i < n then p:wait(5000); pong = core.event() end
+      end
+    end)
+    assert.is_not_nil(at)
+    assert.is_true(at < 40, "request answered only after " .. tostring(at) .. " of 80 steps")
+  end)
+
+  it("does not fire a timer early after a stretch of work", function()
+    busy(50)
+    local t = core.now()
+    core.sleep(5)
+    assert.is_true(core.now() - t >= 4.5, "slept " .. (core.now() - t) .. " ms")
+    busy(50)
+    t = core.now()
+    assert.is_nil((core.event():wait(5)))
+    assert.is_true(core.now() - t >= 4.5, "waited " .. (core.now() - t) .. " ms")
+  end)
+
+  it("gives a worker request its whole timeout after a stretch of work", function()
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      core.sleep(20)
+      x:respond(200, {}, "ok")
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    core.sleep(1)       -- a fresh loop iteration, then 60 ms of work in it
+    busy(60)
+    local res, err = core.request(pool, { path = "/", timeout_ms = 50 })
+    srv:close()
+    assert.is_not_nil(res, err)
+    assert.equal(200, res.status)
+  end)
+
   it("makes request ids with a prefix and 24 alphanumerics", function()
     local seen = {}
     for _ = 1, 200 do
