@@ -272,6 +272,8 @@ static void soon_run(uv_check_t *h)
 
 static soon_t *soon(void (*fn)(soon_t *))
 {
+    if (soon_ready && uv_is_closing((uv_handle_t *)&soon_check))
+        return NULL;    /* the process is exiting: its handles are closed */
     soon_t *q = malloc(sizeof *q);
     if (!q)
         return NULL;

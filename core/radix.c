@@ -90,6 +90,17 @@ struct sglr_radix {
 
 /* ---- small helpers ------------------------------------------------------ */
 
+/* Allocation failures, for tests: test_radix.c defines a strong
+ * sglr_radix_alloc_fails() that fails some of them; this weak one, which
+ * the router links, never does. */
+__attribute__((weak)) int sglr_radix_alloc_fails(void)
+{
+    return 0;
+}
+
+#define R_MALLOC(n) (sglr_radix_alloc_fails() ? NULL : malloc(n))
+#define R_REALLOC(p, n) (sglr_radix_alloc_fails() ? NULL : realloc((p), (n)))
+
 /* Length of the common prefix of a and b, both at least n bytes. */
 static size_t lcp(const uint8_t *a, const uint8_t *b, size_t n)
 {
@@ -132,7 +143,7 @@ static int add_kid(node_t *n, node_t *c)
         unsigned cap = n->capkids ? n->capkids * 2u : 2u;
         if (cap > 256)
             cap = 256;
-        node_t **k = malloc(cap * (sizeof(node_t *) + 1));
+        node_t **k = R_MALLOC(cap * (sizeof(node_t *) + 1));
         if (!k)
             return -ENOMEM;
         if (n->nkids) {
@@ -189,7 +200,7 @@ static node_t *node_alloc(sglr_radix_t *t)
         t->spare = n->parent;
     } else {
         if (!t->slabs || t->fresh == 0) {
-            slab_t *sl = malloc(sizeof *sl);
+            slab_t *sl = R_MALLOC(sizeof *sl);
             if (!sl)
                 return NULL;
             SLOT_POISON(sl->nodes, sizeof sl->nodes);   /* not handed out yet */
@@ -231,9 +242,9 @@ static node_t *node_new(sglr_radix_t *t, const uint8_t *s, size_t len, uint32_t 
     node_t *n = node_alloc(t);
     if (!n)
         return NULL;
-    n->edge = malloc(len);
+    n->edge = R_MALLOC(len);
     if (capten > 1)
-        n->ten = malloc(capten * sizeof(tenant_t));
+        n->ten = R_MALLOC(capten * sizeof(tenant_t));
     else
         n->ten = &n->one, capten = 1;
     if (!n->edge || !n->ten) {
@@ -260,7 +271,7 @@ static int ensure_sizes(sglr_radix_t *t, int w)
     size_t cap = t->nsizes ? t->nsizes : 16;
     while (cap <= (size_t)w)
         cap *= 2;
-    size_t *s = realloc(t->sizes, cap * sizeof *s);
+    size_t *s = R_REALLOC(t->sizes, cap * sizeof *s);
     if (!s)
         return -ENOMEM;
     memset(s + t->nsizes, 0, (cap - t->nsizes) * sizeof *s);
@@ -276,11 +287,11 @@ static int add_tenant(sglr_radix_t *t, node_t *n, int w, uint64_t stamp)
         uint32_t cap = n->capten * 2;
         tenant_t *x;
         if (n->ten == &n->one) {
-            x = malloc(cap * sizeof *x);
+            x = R_MALLOC(cap * sizeof *x);
             if (x)
                 x[0] = n->one;
         } else {
-            x = realloc(n->ten, cap * sizeof *x);
+            x = R_REALLOC(n->ten, cap * sizeof *x);
         }
         if (!x)
             return -ENOMEM;
@@ -368,7 +379,7 @@ static int try_merge(sglr_radix_t *t, node_t *n)
     node_t *c = n->kids[0];
     if (c->nten != n->nten || (size_t)n->len + c->len > MAX_EDGE)
         return 0;
-    uint8_t *e = realloc(n->edge, (size_t)n->len + c->len);
+    uint8_t *e = R_REALLOC(n->edge, (size_t)n->len + c->len);
     if (!e)
         return 0;
     memcpy(e + n->len, c->edge, c->len);
@@ -631,7 +642,7 @@ static victim_t heap_pop(heap_t *h)
 static int grow(void **v, size_t *cap, size_t size)
 {
     size_t c = *cap ? *cap * 2 : 1024;
-    void *x = realloc(*v, c * size);
+    void *x = R_REALLOC(*v, c * size);
     if (!x)
         return -ENOMEM;
     *v = x;

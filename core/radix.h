@@ -69,6 +69,10 @@ typedef struct {
 
 void sglr_radix_stats(const sglr_radix_t *t, sglr_radix_stats_t *out);
 
+/* Test hook: nonzero makes the next allocation in the tree fail. The
+ * library's own definition is weak and returns 0; a test may override it. */
+int sglr_radix_alloc_fails(void);
+
 /* Verify every invariant (for tests): 0 when sound, else the negated line
  * number in radix.c of the first check that failed. O(tree). */
 int sglr_radix_check(const sglr_radix_t *t);

@@ -4,7 +4,17 @@
 #include "test.h"
 #include "radix.h"
 
+#include <errno.h>
 #include <time.h>
+
+/* Allocation failures on demand: every fault_every-th allocation the tree
+ * makes fails (0: none). Overrides the library's weak hook. */
+static unsigned fault_every, fault_count;
+
+int sglr_radix_alloc_fails(void)
+{
+    return fault_every && ++fault_count % fault_every == 0;
+}
 
 static size_t ins(sglr_radix_t *t, const char *s, int w)
 {
@@ -576,6 +586,45 @@ TEST(randomized_eviction_over_many_slabs)
 #undef RND
 }
 
+/* Out of memory anywhere (slabs, edges, child and tenant arrays, the
+ * eviction heap and fold list): every operation leaves a sound tree, and
+ * once memory is back the tree empties cleanly (ASan checks for leaks). */
+TEST(allocation_failures_leave_the_tree_sound)
+{
+    static const unsigned every[] = { 3, 7, 19, 101 };
+    for (size_t e = 0; e < sizeof every / sizeof every[0]; e++) {
+        sglr_radix_t *t = sglr_radix_new();
+        unsigned x = 1234 + (unsigned)e;
+#define RND(n) ((x = x * 1103515245u + 12345u), (int)((x >> 8) % (unsigned)(n)))
+        int failed = 0;
+        for (int op = 0; op < 4000; op++) {
+            char s[64];
+            int a = RND(30), b = RND(2000), w = RND(5), r = RND(100), got;
+            snprintf(s, sizeof s, "p%d/%d-%s", a, b, r < 50 ? "x" : "yyyyyyyyyyyy");
+            fault_every = every[e];
+            if (r < 70) {
+                int rc = sglr_radix_insert(t, s, strlen(s), w);
+                CHECK(rc == 0 || rc == -ENOMEM);
+                failed += rc != 0;
+            } else if (r < 90) {
+                sglr_radix_match(t, s, strlen(s), NULL, 0, &got);
+            } else if (r < 99) {
+                sglr_radix_evict(t, (size_t)RND(3000));
+            } else {
+                sglr_radix_remove_worker(t, w);
+            }
+            fault_every = 0;
+            CHECK_EQ_INT(sglr_radix_check(t), 0);
+        }
+        CHECK(failed > 0);
+        sglr_radix_evict(t, 0);
+        CHECK_EQ_INT(stats(t).nodes, 0);
+        CHECK_EQ_INT(sglr_radix_check(t), 0);
+        sglr_radix_free(t);
+#undef RND
+    }
+}
+
 int main(void)
 {
     RUN(split_edges);
@@ -595,5 +644,6 @@ int main(void)
     RUN(randomized_against_model);
     RUN(randomized_with_eviction_stays_sound);
     RUN(randomized_eviction_over_many_slabs);
+    RUN(allocation_failures_leave_the_tree_sound);
     TEST_EXIT();
 }
