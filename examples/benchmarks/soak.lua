@@ -5,7 +5,7 @@
 --
 -- Four sim workers on loopback; every 15 s one random worker is killed
 -- (SIGKILL) and restarted 5 s later on the same port, so at least three are
--- up at any time. A non-streaming request is lost when the client gets
+-- up at any time (SGLR_SOAK_KILL=3: three at once, one left up). A non-streaming request is lost when the client gets
 -- anything but 200. Exit status 0 when none was lost.
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
@@ -73,19 +73,34 @@ for i = 1, concurrency do
   end)
 end
 
+-- SGLR_SOAK_KILL=N kills N workers at once (1 to 3; default 1), so that
+-- only 4 - N stay up while they are down
+local nkill = math.max(1, math.min(#workers - 1, tonumber(os.getenv("SGLR_SOAK_KILL")) or 1))
 core.spawn(function()
   math.randomseed(os.time())
   while core.now() < stop_at - 10000 do
     core.sleep(15000)
-    local w = workers[math.random(1, #workers)]
-    w.proc.killed_by_soak = true
-    fleet_mod.kill(w.proc, "sigkill")
-    kills = kills + 1
-    io.stderr:write(("[soak] killed %s; %d sent, %d lost so far\n"):format(w.url, sent, lost))
+    local order = {}
+    for i = 1, #workers do order[i] = i end
+    for i = #order, 2, -1 do
+      local j = math.random(1, i)
+      order[i], order[j] = order[j], order[i]
+    end
+    local down = {}
+    for k = 1, nkill do
+      local w = workers[order[k]]
+      down[k] = w
+      w.proc.killed_by_soak = true
+      fleet_mod.kill(w.proc, "sigkill")
+      kills = kills + 1
+      io.stderr:write(("[soak] killed %s; %d sent, %d lost so far\n"):format(w.url, sent, lost))
+    end
     core.sleep(5000)
-    local _, proc = fleet:worker({ "--id", "w-restarted", unpack(SIM) }, w.port)
-    w.proc = proc
-    io.stderr:write(("[soak] restarted %s\n"):format(w.url))
+    for _, w in ipairs(down) do
+      local _, proc = fleet:worker({ "--id", "w-restarted", unpack(SIM) }, w.port)
+      w.proc = proc
+      io.stderr:write(("[soak] restarted %s\n"):format(w.url))
+    end
   end
 end)
 
