@@ -4,6 +4,8 @@
  */
 #include "sglr.h"
 
+#include <math.h>
+
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -47,7 +49,9 @@ double sglr_now_ms(void)
 uint64_t sglr_loop_now(void)
 {
     uint64_t cached = uv_now(sglr_loop);
-    uint64_t real = uv_hrtime() / 1000000;
+    /* libuv's clock is whole milliseconds, rounded down: round up here,
+     * so that a deadline is never earlier than asked */
+    uint64_t real = (uv_hrtime() + 999999) / 1000000;
     return real > cached ? real : cached;
 }
 
@@ -55,8 +59,11 @@ uint64_t sglr_timer_ms(double ms)
 {
     if (!(ms < 1e12))
         ms = 1e12;      /* about 30 years: "never", without overflowing */
-    double t = (double)(sglr_loop_now() - uv_now(sglr_loop)) + ms;
-    return t >= 1 ? (uint64_t)(t + 0.999) : 1;
+    /* due when libuv's (rounded down) clock reaches the real due time,
+     * rounded up */
+    double due = ceil((double)uv_hrtime() / 1e6 + ms);
+    double t = due - (double)uv_now(sglr_loop);
+    return t >= 1 ? (uint64_t)t : 1;
 }
 
 int sglr_co_pin(lua_State *L)
