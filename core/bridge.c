@@ -73,6 +73,14 @@ int sglr_co_pin(lua_State *L)
         return luaL_error(L, "this call waits, so it must run inside a coroutine "
                              "(a request handler or core.spawn)");
     }
+    /* Checked before the caller arms its wake-up: a yield that then failed
+     * would leave a timer or queue entry to resume this coroutine later,
+     * in the middle of some other wait. */
+    if (!lua_isyieldable(L)) {
+        lua_pop(L, 1);
+        return luaL_error(L, "this call waits, and cannot from here: a C function "
+                             "(such as table.sort's comparator or a gsub callback) is on the stack");
+    }
     return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 

@@ -134,6 +134,17 @@ describe("sglr.core", function()
     assert.equal(200, res.status)
   end)
 
+  it("refuses to wait where the coroutine cannot yield, and stays consistent", function()
+    local ok, err = pcall(table.sort, { 3, 1, 2 }, function(a, b) core.sleep(1); return a < b end)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("cannot from here", 1, true), tostring(err))
+    -- nothing armed by the refused call may wake this coroutine later
+    local t = core.now()
+    local got = { core.event():wait(50) }
+    assert.same({ nil, "timeout" }, got)
+    assert.is_true(core.now() - t >= 49)
+  end)
+
   it("makes request ids with a prefix and 24 alphanumerics", function()
     local seen = {}
     for _ = 1, 200 do
