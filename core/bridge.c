@@ -59,11 +59,9 @@ uint64_t sglr_timer_ms(double ms)
 {
     if (!(ms < 1e12))
         ms = 1e12;      /* about 30 years: "never", without overflowing */
-    /* due when libuv's (rounded down) clock reaches the real due time,
-     * rounded up */
-    double due = ceil((double)uv_hrtime() / 1e6 + ms);
-    double t = due - (double)uv_now(sglr_loop);
-    return t >= 1 ? (uint64_t)t : 1;
+    uint64_t due = sglr_loop_now() + (ms > 0 ? (uint64_t)ceil(ms) : 0);
+    uint64_t now = uv_now(sglr_loop);
+    return due > now ? due - now : 1;
 }
 
 int sglr_co_pin(lua_State *L)

@@ -238,9 +238,6 @@ static void sleep_cb(uv_timer_t *t)
  * or of events set back and forth would never let I/O in.) */
 typedef struct soon {
     void (*fn)(struct soon *);
-    lua_State *co;
-    int ref;
-    void *data;
     struct soon *next;
 } soon_t;
 
@@ -265,53 +262,59 @@ static void soon_run(uv_check_t *h)
     uv_idle_stop(&soon_idle);
     while (q) {
         soon_t *next = q->next;
-        q->fn(q);       /* frees q */
+        q->fn(q);       /* may free q */
         q = next;
     }
 }
 
-static soon_t *soon(void (*fn)(soon_t *))
+/* Queue q, owned by the caller, to run fn(q) after the next poll. -1 when
+ * the process is exiting (its handles are closed): nothing will run. */
+static int soon_add(soon_t *q, void (*fn)(soon_t *))
 {
-    if (soon_ready && uv_is_closing((uv_handle_t *)&soon_check))
-        return NULL;    /* the process is exiting: its handles are closed */
-    soon_t *q = malloc(sizeof *q);
-    if (!q)
-        return NULL;
     if (!soon_ready) {
         uv_check_init(sglr_loop, &soon_check);
         uv_idle_init(sglr_loop, &soon_idle);
         soon_ready = 1;
+    } else if (uv_is_closing((uv_handle_t *)&soon_check)) {
+        return -1;
     }
     q->fn = fn;
-    q->co = NULL;
-    q->ref = LUA_NOREF;
-    q->data = NULL;
     q->next = NULL;
     *soon_tail = q;
     soon_tail = &q->next;
     uv_check_start(&soon_check, soon_run);
     uv_idle_start(&soon_idle, soon_idle_cb);
-    return q;
+    return 0;
 }
+
+typedef struct {
+    soon_t q;           /* first: the queue hands back &q */
+    lua_State *co;
+    int ref;
+} yielder_t;
 
 static void yield_resume(soon_t *q)
 {
-    lua_State *co = q->co;
-    int ref = q->ref;
-    free(q);
+    yielder_t *y = (yielder_t *)q;
+    lua_State *co = y->co;
+    int ref = y->ref;
+    free(y);
     sglr_co_resume(co, ref, 0);
 }
 
 static int yield_now(lua_State *L)
 {
     int ref = sglr_co_pin(L);       /* raises outside a coroutine: before any allocation */
-    soon_t *q = soon(yield_resume);
-    if (!q) {
+    yielder_t *y = malloc(sizeof *y);
+    const char *err = !y ? "out of memory"
+                    : soon_add(&y->q, yield_resume) < 0 ? "the loop is shutting down" : NULL;
+    if (err) {
+        free(y);
         sglr_co_unpin(ref);
-        return luaL_error(L, "out of memory");
+        return luaL_error(L, "%s", err);
     }
-    q->co = L;
-    q->ref = ref;
+    y->co = L;
+    y->ref = ref;
     return lua_yield(L, 0);
 }
 
@@ -1452,7 +1455,8 @@ static int resp_gc(lua_State *L)
 
 
 typedef struct {
-    uv_timer_t timer;         /* timeout, or the deferred wake after set() */
+    soon_t wake;              /* first: the wake after set(), see soon_add */
+    uv_timer_t timer;         /* timeout */
     lua_State *co;
     int co_ref;
     int val_ref;              /* value given to set() */
@@ -1489,8 +1493,7 @@ static void event_resume(event_t *e)
     sglr_co_resume(co, ref, n);
 }
 
-/* the wait timed out, or (out of memory for a soon entry) a set fell back
- * on a 0 ms timer */
+/* the wait timed out */
 static void event_fire(uv_timer_t *t)
 {
     event_resume(t->data);
@@ -1499,9 +1502,7 @@ static void event_fire(uv_timer_t *t)
 /* a set: the waiter pins the event (self_ref) until it is resumed */
 static void event_wake(soon_t *q)
 {
-    event_t *e = q->data;
-    free(q);
-    event_resume(e);
+    event_resume((event_t *)q);
 }
 
 static int l_event(lua_State *L)
@@ -1553,11 +1554,7 @@ static int event_set(lua_State *L)
     if (e->co && !e->waking) {
         e->waking = 1;
         uv_timer_stop(&e->timer);
-        soon_t *q = soon(event_wake);
-        if (q)
-            q->data = e;
-        else
-            uv_timer_start(&e->timer, event_fire, 0, 0);
+        soon_add(&e->wake, event_wake);     /* fails only while exiting */
     }
     return 0;
 }

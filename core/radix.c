@@ -654,7 +654,7 @@ static int grow(void **v, size_t *cap, size_t size)
  * memory order: no pointer chasing, so a tree of a million nodes is read
  * in milliseconds. The newest slab hands out slots from the top down;
  * below t->fresh its slots were never used. */
-static int collect(sglr_radix_t *t, heap_t *h)
+static void collect(sglr_radix_t *t, heap_t *h)
 {
     for (slab_t *sl = t->slabs; sl; sl = sl->next) {
         size_t first = sl == t->slabs ? t->fresh : 0;
@@ -667,12 +667,11 @@ static int collect(sglr_radix_t *t, heap_t *h)
                 if (x->nkids != 0 || t->sizes[x->worker] <= h->max)
                     continue;
                 if (h->n == h->cap && grow((void **)&h->v, &h->cap, sizeof *h->v) < 0)
-                    return -ENOMEM;
+                    return;     /* out of memory: evict from what was collected */
                 h->v[h->n++] = (victim_t){ x->stamp, n, x->worker };
             }
         }
     }
-    return 0;
 }
 
 size_t sglr_radix_evict(sglr_radix_t *t, size_t max)

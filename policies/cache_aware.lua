@@ -87,13 +87,12 @@ end
 -- removed (about 70 ms for 330k nodes holding 73M characters), so cutting
 -- it into slices would only repeat the walk.
 function P:evict()
-  local now = self.rt.now
-  local t0 = now and now()
+  local t0 = self.rt.now()
   local removed = self.tree:evict(self.max_tree_size)
   self.evicted = self.evicted + removed
   if removed > 0 and self.rt.log then
     self.rt.log("info", "cache_aware: evicted " .. removed .. " chars",
-      { ms = t0 and math.floor((now() - t0) * 10 + 0.5) / 10 or nil })
+      { ms = math.floor((self.rt.now() - t0) * 10 + 0.5) / 10 })
   end
   return removed
 end

@@ -70,6 +70,7 @@ function M.new(conf)
   end
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
   self.cors_check = true
+  self.pending_adds = {}     -- URLs whose /add_worker waits for their health
   self.request_timeout_ms = (conf.request_timeout_secs or 600) * 1000
   self.connect_timeout_ms = conf.connect_timeout_ms or 5000
 
@@ -554,10 +555,9 @@ function M:add_worker(x, query)
   end
   local norm, err = workers_mod.check_url(url)
   if not norm then return self:send_error(x, 400, err, "invalid_request_error") end
-  if self.workers:get(norm) or (self.pending_adds or {})[norm] then
+  if self.workers:get(norm) or self.pending_adds[norm] then
     return self:send_error(x, 400, "worker " .. norm .. " is already registered", "invalid_request_error")
   end
-  self.pending_adds = self.pending_adds or {}
   self.pending_adds[norm] = true
   local ok, herr = self.health:wait_ready(norm)
   self.pending_adds[norm] = nil
