@@ -1,0 +1,58 @@
+/*
+ * lua_common.h: what the bindings of sglr.core share (lua_core.c for the
+ * scheduler, lua_server.c for the HTTP server, lua_proxy.c for the proxy).
+ *
+ * A C object in Lua is a box: a userdata holding the object's pointer and
+ * its type tag. The tag is the address of the type's metatable name, so a
+ * type check is a pointer compare instead of a registry lookup on every
+ * method call. __gc clears the pointer, so a closed box raises "is closed".
+ */
+#ifndef SGLR_LUA_COMMON_H
+#define SGLR_LUA_COMMON_H
+
+#include "sglr.h"
+#include "msg.h"
+
+typedef struct {
+    void *p;                  /* first: __gc functions read it as void ** */
+    const char *type;
+} sglr_box_t;
+
+/* metatable names, shared because they are type tags */
+extern const char sglr_lua_exchange_mt[];
+
+/* The object in box idx of type mt; raises on another type or a closed box. */
+void *sglr_lua_check_box(lua_State *L, int idx, const char *mt);
+/* Push a new box of type mt around p; returns where the pointer lives. */
+void **sglr_lua_new_box(lua_State *L, const char *mt, void *p);
+/* The client exchange in box idx (sglr.exchange); raises otherwise. */
+struct sglr_exchange_s *sglr_lua_check_exchange(lua_State *L, int idx);
+
+/* Register metatable name with methods as __index and gc as __gc. */
+void sglr_lua_new_mt(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
+
+/* One reusable buffer for header blocks built during a call: whatever uses
+ * it copies the bytes before returning. Taken and given back so a nested
+ * use cannot clobber it. */
+sglr_buf_t sglr_lua_scratch_take(void);
+void sglr_lua_scratch_give(sglr_buf_t *b);
+
+/* Append the Lua table of headers {name = value} at idx as "name: value\r\n"
+ * lines. Returns an error message (names or values with CR/LF are refused:
+ * header injection), or NULL. */
+const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b);
+/* Append h's headers that are not hop-by-hop and not overridden by the Lua
+ * table at idx (0: none; keys lowercase there). -ENOMEM or 0. */
+int sglr_lua_copy_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b);
+/* Push h's headers as a table {name = value}, repeated names joined. */
+void sglr_lua_push_head(lua_State *L, const sglr_head_t *h);
+
+/* Close callback of handles whose data is their malloc'd owner. */
+void sglr_lua_free_data_close_cb(uv_handle_t *h);
+
+/* Openers of the parts of sglr.core: each registers its metatables and adds
+ * its functions to the module table on top of the stack. */
+void sglr_lua_open_server(lua_State *L);
+void sglr_lua_open_proxy(lua_State *L);
+
+#endif

@@ -1,0 +1,525 @@
+/*
+ * lua_proxy.c: the proxy (proxy.c over upstream.c) bound to Lua, part of
+ * sglr.core.
+ *
+ *   core.upstream(url) -> sglr.pool       keep-alive connections to a worker
+ *   x:forward(pool, opts) -> response     one leg for client exchange x
+ *   core.request(pool, opts) -> result    a request of the router's own
+ *
+ * A response is one proxy leg, waited on by the coroutine that made it:
+ *
+ *   forward() --yield--> HEAD --on_head--> resume(resp)          (READY)
+ *   resp:pipe()  --yield--> streams the body to the client --on_end--> resume(true|nil,err)
+ *   resp:read()  --yield--> buffers the body              --on_end--> resume(body|nil,err)
+ *
+ * While C waits, the coroutine is pinned (sglr_co_pin) and the response
+ * userdata is referenced from the registry, so neither is collected. The
+ * engine reports through plain C callbacks (lp_on_head, lp_on_end); only
+ * this file turns them into coroutine resumes.
+ */
+#include "lua_common.h"
+#include "proxy.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char POOL_MT[] = "sglr.pool";
+static const char RESPONSE_MT[] = "sglr.response";
+
+/* --- pools ------------------------------------------------------------------------- */
+
+static int l_upstream(lua_State *L)
+{
+    const char *url = luaL_checkstring(L, 1);
+    const char *err = NULL;
+    sglr_pool_t *p = sglr_pool_new(url, &err);
+    if (!p) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "invalid worker URL '%s': %s", url, err);
+        return 2;
+    }
+    sglr_lua_new_box(L, POOL_MT, p);
+    return 1;
+}
+
+static int pool_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, POOL_MT);
+    if (*box) {
+        sglr_pool_unref(*box);
+        *box = NULL;
+    }
+    return 0;
+}
+
+static int pool_url(lua_State *L)
+{
+    sglr_pool_t *p = sglr_lua_check_box(L, 1, POOL_MT);
+    lua_pushstring(L, p->url);
+    return 1;
+}
+
+static int pool_stats(lua_State *L)
+{
+    sglr_pool_t *p = sglr_lua_check_box(L, 1, POOL_MT);
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, p->nidle);
+    lua_setfield(L, -2, "idle");
+    lua_pushinteger(L, p->nconns);
+    lua_setfield(L, -2, "conns");
+    return 1;
+}
+
+/* --- responses: a leg and the coroutine waiting on it ------------------------------ */
+
+enum { FWD_HEAD, FWD_READY, FWD_PIPE, FWD_READ, FWD_REQUEST };
+
+typedef struct {
+    sglr_leg_t *leg;          /* the leg this is the data of */
+    int closed;               /* resp:close() was called */
+    int mode;
+    int ud_ref;               /* registry ref of the response userdata */
+    lua_State *co;            /* waiting coroutine, or NULL */
+    int co_ref;
+    int x_ref;                /* the exchange userdata, pinned while the leg runs */
+    int in_call;              /* inside the Lua call that would yield */
+    int sync_done;            /* the leg ended during in_call */
+} lleg_t;
+
+static void lleg_unpin_x(lleg_t *f)
+{
+    if (f->x_ref != LUA_NOREF) {
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, f->x_ref);
+        f->x_ref = LUA_NOREF;
+    }
+}
+
+/* The registry ref keeps the response userdata alive while C waits for the
+ * head; once it is handed to the coroutine, the coroutine's stack does. */
+static void lleg_unref(lleg_t *f)
+{
+    if (f->ud_ref != LUA_NOREF) {
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, f->ud_ref);
+        f->ud_ref = LUA_NOREF;
+    }
+}
+
+static int leg_done(const lleg_t *f)
+{
+    return f->leg->state == SGLR_LEG_DONE;
+}
+
+static const char *leg_errname(int err)
+{
+    if (err == SGLR_PROXY_ECLIENT)
+        return "client_closed";
+    if (err == SGLR_PROXY_ECANCEL)
+        return "cancelled";
+    return sglr_up_errname(err);
+}
+
+static int push_err(lua_State *L, lleg_t *f)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, leg_errname(f->leg->err));
+    return 2;
+}
+
+static int push_response(lua_State *L, lleg_t *f)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, f->ud_ref);
+    return 1;
+}
+
+static int push_pipe_result(lua_State *L, lleg_t *f)
+{
+    if (f->leg->err)
+        return push_err(L, f);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int push_read_result(lua_State *L, lleg_t *f)
+{
+    if (f->leg->err)
+        return push_err(L, f);
+    lua_pushlstring(L, f->leg->body.data ? f->leg->body.data : "", f->leg->body.len);
+    return 1;
+}
+
+static int push_request_result(lua_State *L, lleg_t *f)
+{
+    if (f->leg->err)
+        return push_err(L, f);
+    sglr_leg_t *leg = f->leg;
+    sglr_upreq_t *r = leg->req;
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, r->status);
+    lua_setfield(L, -2, "status");
+    sglr_lua_push_head(L, &r->head);
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, leg->body.data ? leg->body.data : "", leg->body.len);
+    lua_setfield(L, -2, "body");
+    lua_pushnumber(L, r->t_head - r->t_start);
+    lua_setfield(L, -2, "ttfb_ms");
+    lua_pushnumber(L, leg->t_body ? leg->t_body - r->t_start : -1);
+    lua_setfield(L, -2, "first_body_ms");
+    lua_pushnumber(L, sglr_now_ms() - r->t_start);
+    lua_setfield(L, -2, "total_ms");
+    return 1;
+}
+
+static int (*const push_result[])(lua_State *, lleg_t *) = {
+    [FWD_HEAD] = push_err, [FWD_READY] = NULL, [FWD_PIPE] = push_pipe_result,
+    [FWD_READ] = push_read_result, [FWD_REQUEST] = push_request_result,
+};
+
+/* Resume the waiting coroutine with what its pending call returns. */
+static void lleg_wake(lleg_t *f, int (*push)(lua_State *, lleg_t *))
+{
+    lua_State *co = f->co;
+    if (!co)
+        return;
+    int ref = f->co_ref;
+    f->co = NULL;
+    f->co_ref = LUA_NOREF;
+    int n = push(co, f);
+    lleg_unref(f);
+    sglr_co_resume(co, ref, n);
+}
+
+static void lp_on_head(sglr_leg_t *leg)
+{
+    lleg_t *f = leg->data;
+    f->mode = FWD_READY;
+    lleg_wake(f, push_response);
+}
+
+static void lp_on_end(sglr_leg_t *leg, int err)
+{
+    lleg_t *f = leg->data;
+    lleg_unpin_x(f);
+    if (f->in_call) {
+        f->sync_done = 1;
+        return;
+    }
+    if (push_result[f->mode])
+        lleg_wake(f, push_result[f->mode]);
+}
+
+/* A timeout in ms from Lua: 0 means none, so a positive fraction of a
+ * millisecond rounds up to 1 rather than down to "no timeout". */
+static unsigned timeout_arg(double v)
+{
+    if (!(v > 0))
+        return 0;
+    if (v > 4e9)
+        return 4000000000u;
+    unsigned u = (unsigned)v;
+    return u < v ? u + 1 : u;
+}
+
+/* The request line must not carry CR, LF, spaces or control bytes. */
+static int bad_token(const char *p, size_t n)
+{
+    if (n == 0)
+        return 1;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)p[i] <= ' ' || p[i] == 0x7f)
+            return 1;
+    return 0;
+}
+
+/* A response userdata (pinned by ud_ref) with a leg to pool in a proxy of
+ * its own for x (NULL: a request of the router's own). The leg carries f,
+ * so a forward costs one allocation. Raises on OOM. */
+static lleg_t *new_response(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool, int mode)
+{
+    sglr_proxy_t *px = sglr_proxy_new(x, sizeof(lleg_t));
+    sglr_leg_t *leg = px ? sglr_proxy_leg_new(px, pool) : NULL;
+    if (px)
+        sglr_proxy_release(px);             /* the leg keeps it */
+    if (!leg)
+        luaL_error(L, "out of memory");
+    px->on_head = lp_on_head;
+    px->on_end = lp_on_end;
+    leg->auto_read = mode == FWD_REQUEST;
+    lleg_t *f = leg->data;
+    f->leg = leg;
+    f->co_ref = LUA_NOREF;
+    f->x_ref = LUA_NOREF;
+    f->mode = mode;
+    sglr_lua_new_box(L, RESPONSE_MT, f);     /* from here the box owns the leg */
+    lua_pushvalue(L, -1);
+    f->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return f;
+}
+
+/* Build and start f's upstream request from opts (a table index or 0) and
+ * x's request. Returns an error message or NULL. */
+static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t *x)
+{
+    const char *method = x ? sglr_exchange_method(x) : "GET";
+    const char *path = x ? x->head.buf.data + x->head.url_off : "/";
+    size_t plen = x ? x->head.url_len : 1;
+    const char *body = x ? x->body.data : NULL;
+    size_t blen = x ? x->body.len : 0;
+    unsigned connect_ms = 5000, timeout_ms = 600000;
+    int hidx = 0;
+    if (opts) {
+        lua_getfield(L, opts, "method");
+        if (lua_isstring(L, -1))
+            method = lua_tostring(L, -1);
+        lua_getfield(L, opts, "path");
+        if (lua_isstring(L, -1))
+            path = lua_tolstring(L, -1, &plen);
+        lua_getfield(L, opts, "body");
+        if (lua_isstring(L, -1))
+            body = lua_tolstring(L, -1, &blen);
+        lua_getfield(L, opts, "connect_timeout_ms");
+        if (lua_isnumber(L, -1))
+            connect_ms = timeout_arg(lua_tonumber(L, -1));
+        lua_getfield(L, opts, "timeout_ms");
+        if (lua_isnumber(L, -1))
+            timeout_ms = timeout_arg(lua_tonumber(L, -1));
+        lua_getfield(L, opts, "max_body");
+        if (lua_isnumber(L, -1))
+            f->leg->max_body = (long long)lua_tonumber(L, -1);
+        lua_getfield(L, opts, "headers");
+        hidx = lua_gettop(L);
+        /* strings above stay on the stack (anchored) until we return */
+    }
+    if (bad_token(method, strlen(method)) || bad_token(path, plen))
+        return "invalid method or path for the upstream request";
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err = NULL;
+    if (x && sglr_lua_copy_headers(L, &x->head, hidx, &hb))
+        err = "out of memory";
+    if (!err && hidx)
+        err = sglr_lua_table_headers(L, hidx, &hb);
+    if (!err && sglr_upreq_build(f->leg->req, method, path, plen, hb.data ? hb.data : "",
+                                 hb.len, body, blen))
+        err = "out of memory";
+    sglr_lua_scratch_give(&hb);
+    if (err)
+        return err;
+    f->in_call = 1;
+    sglr_proxy_leg_start(f->leg, connect_ms, timeout_ms);
+    return NULL;
+}
+
+/* A start that failed before the leg ran: drop the leg, raise. */
+static int start_failed(lua_State *L, lleg_t *f, const char *err)
+{
+    sglr_proxy_leg_cancel(f->leg);
+    f->closed = 1;
+    lleg_unpin_x(f);
+    lleg_unref(f);
+    return luaL_error(L, "%s", err);
+}
+
+/* Wait for f's outcome: return at once if it came during the call. */
+static int lleg_wait(lua_State *L, lleg_t *f, int (*push)(lua_State *, lleg_t *))
+{
+    f->in_call = 0;
+    if (f->sync_done) {
+        f->sync_done = 0;
+        int n = f->mode == FWD_HEAD ? push_err(L, f) : push(L, f);
+        lleg_unref(f);
+        return n;
+    }
+    f->co = L;
+    f->co_ref = sglr_co_pin(L);
+    if (f->ud_ref == LUA_NOREF) {
+        /* pipe/read: keep the response alive while its coroutine waits */
+        lua_pushvalue(L, 1);
+        f->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return lua_yield(L, 0);
+}
+
+/* x:forward(pool, opts) -> response | nil, err */
+static int x_forward(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
+    int opts = lua_istable(L, 3) ? 3 : 0;
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "forward after the response started");
+    if (x->on_close)
+        return luaL_error(L, "another forward is in flight on this exchange");
+    if (!lua_pushthread(L)) {
+        lua_pop(L, 1);
+    } else {
+        return luaL_error(L, "forward must run inside a coroutine");
+    }
+    if (sglr_exchange_closed(x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        return 2;
+    }
+    lleg_t *f = new_response(L, x, pool, FWD_HEAD);
+    /* while the leg runs the exchange userdata must not be collected (its
+     * finalizer would answer 500 under the forward) */
+    lua_pushvalue(L, 1);
+    f->x_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    const char *err = leg_start(L, f, opts, x);
+    if (err)
+        return start_failed(L, f, err);
+    return lleg_wait(L, f, push_response);
+}
+
+/* core.request(pool, opts) -> {status, headers, body, ttfb_ms, total_ms} | nil, err */
+static int l_request(lua_State *L)
+{
+    sglr_pool_t *pool = sglr_lua_check_box(L, 1, POOL_MT);
+    int opts = lua_istable(L, 2) ? 2 : 0;
+    if (lua_pushthread(L))
+        return luaL_error(L, "core.request must run inside a coroutine");
+    lua_pop(L, 1);
+    lleg_t *f = new_response(L, NULL, pool, FWD_REQUEST);
+    const char *err = leg_start(L, f, opts, NULL);
+    if (err)
+        return start_failed(L, f, err);
+    return lleg_wait(L, f, push_request_result);
+}
+
+static lleg_t *check_resp(lua_State *L)
+{
+    return sglr_lua_check_box(L, 1, RESPONSE_MT);
+}
+
+static sglr_upreq_t *resp_req(lua_State *L)
+{
+    lleg_t *f = check_resp(L);
+    return f->closed ? NULL : f->leg->req;
+}
+
+static int resp_status(lua_State *L)
+{
+    sglr_upreq_t *r = resp_req(L);
+    lua_pushinteger(L, r ? r->status : 0);
+    return 1;
+}
+
+static int resp_headers(lua_State *L)
+{
+    sglr_upreq_t *r = resp_req(L);
+    if (!r)
+        return 0;
+    sglr_lua_push_head(L, &r->head);
+    return 1;
+}
+
+static int resp_header(lua_State *L)
+{
+    sglr_upreq_t *r = resp_req(L);
+    size_t n;
+    const char *v = r ? sglr_head_get(&r->head, luaL_checkstring(L, 2), &n) : NULL;
+    if (v)
+        lua_pushlstring(L, v, n);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int resp_ttfb(lua_State *L)
+{
+    sglr_upreq_t *r = resp_req(L);
+    lua_pushnumber(L, r ? r->t_head - r->t_start : 0);
+    return 1;
+}
+
+/* resp:pipe([extra_headers]) -> true | nil, err: stream the response to the
+ * client; returns when it ended. */
+static int resp_pipe(lua_State *L)
+{
+    lleg_t *f = check_resp(L);
+    if (f->mode != FWD_READY)
+        return luaL_error(L, "pipe: response is not waiting to be consumed");
+    sglr_leg_t *leg = f->leg;
+    if (leg_done(f) || !leg->px->x || sglr_exchange_closed(leg->px->x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        return 2;
+    }
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err = NULL;
+    /* the worker's headers, minus framing, plus the caller's */
+    int extra = lua_istable(L, 2) ? 2 : 0;
+    if (sglr_lua_copy_headers(L, &leg->req->head, extra, &hb))
+        err = "out of memory";
+    if (!err)
+        err = sglr_lua_table_headers(L, 2, &hb);
+    if (err) {
+        sglr_lua_scratch_give(&hb);
+        return luaL_error(L, "%s", err);
+    }
+    f->mode = FWD_PIPE;
+    f->in_call = 1;
+    sglr_proxy_pipe(leg, hb.data ? hb.data : "", hb.len);
+    sglr_lua_scratch_give(&hb);
+    return lleg_wait(L, f, push_pipe_result);
+}
+
+/* resp:read() -> body | nil, err: buffer the rest of the response. */
+static int resp_read(lua_State *L)
+{
+    lleg_t *f = check_resp(L);
+    if (f->mode != FWD_READY)
+        return luaL_error(L, "read: response is not waiting to be consumed");
+    if (leg_done(f))
+        return push_read_result(L, f);
+    f->mode = FWD_READ;
+    f->in_call = 1;
+    sglr_proxy_read(f->leg);
+    return lleg_wait(L, f, push_read_result);
+}
+
+/* resp:close(): drop the response (the worker connection is closed unless the
+ * response was complete). */
+static int resp_close(lua_State *L)
+{
+    lleg_t *f = check_resp(L);
+    if (f->co)
+        return luaL_error(L, "close: a coroutine is waiting on this response");
+    f->closed = 1;
+    lleg_unpin_x(f);
+    sglr_proxy_leg_cancel(f->leg);
+    return 0;
+}
+
+static int resp_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, RESPONSE_MT);
+    lleg_t *f = *box;
+    if (!f)
+        return 0;
+    *box = NULL;
+    lleg_unpin_x(f);
+    sglr_proxy_leg_free(f->leg);             /* f goes with it */
+    return 0;
+}
+
+/* --- module part ------------------------------------------------------------------ */
+
+void sglr_lua_open_proxy(lua_State *L)
+{
+    static const luaL_Reg pool_m[] = {
+        { "url", pool_url }, { "stats", pool_stats }, { "close", pool_gc }, { NULL, NULL } };
+    static const luaL_Reg resp_m[] = {
+        { "status", resp_status }, { "headers", resp_headers }, { "header", resp_header },
+        { "ttfb_ms", resp_ttfb }, { "pipe", resp_pipe }, { "read", resp_read },
+        { "close", resp_close }, { NULL, NULL } };
+    static const luaL_Reg fns[] = {
+        { "upstream", l_upstream }, { "request", l_request }, { NULL, NULL } };
+    sglr_lua_new_mt(L, POOL_MT, pool_m, pool_gc);
+    sglr_lua_new_mt(L, RESPONSE_MT, resp_m, resp_gc);
+    /* forward is an exchange method */
+    luaL_getmetatable(L, sglr_lua_exchange_mt);
+    lua_getfield(L, -1, "__index");
+    lua_pushcfunction(L, x_forward);
+    lua_setfield(L, -2, "forward");
+    lua_pop(L, 2);
+    luaL_register(L, NULL, fns);
+}

@@ -1,0 +1,485 @@
+/*
+ * lua_server.c: the HTTP server (server.c) bound to Lua, part of sglr.core.
+ *
+ *   core.listen(host, port, opts, handler) -> sglr.server
+ *   handler(x) runs per request, x an sglr.exchange: the request (method,
+ *   path, headers, body) and its response (respond, or start + write* +
+ *   finish). x:forward, the proxy, is added by lua_proxy.c.
+ *
+ * Each request runs in a pooled runner thread (bridge.c), so a thread and
+ * its stack are reused instead of made per request.
+ */
+#include "lua_common.h"
+#include "server.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char SERVER_MT[] = "sglr.server";
+#define EXCHANGE_MT sglr_lua_exchange_mt
+
+typedef struct {
+    sglr_server_t srv;
+    int handler_ref;
+    int stopped;
+    int lua_owned;          /* the userdata still points here */
+    int closed;             /* the listener handle is closed */
+} lserver_t;
+
+static void push_exchange(lua_State *L, sglr_exchange_t *x)
+{
+    sglr_exchange_hold(x);
+    sglr_lua_new_box(L, EXCHANGE_MT, x);
+}
+
+/* Each request runs in a thread from the pool (bridge.c): the runner loop
+ * below takes (handler, exchange) pairs and yields the idle token between
+ * them, so a thread and its stack are reused instead of made per request. */
+static const char runner_src[] =
+    "local token, traceback, failed = ...\n"
+    "local yield, xpcall = coroutine.yield, xpcall\n"
+    "while true do\n"
+    "  local handler, x = yield(token)\n"
+    "  local ok, err = xpcall(handler, traceback, x)\n"
+    "  if not ok then failed(x, err) end\n"
+    "  handler, x, err = nil, nil, nil\n"
+    "end\n";
+
+/* A handler raised: log it, and answer the client now rather than when the
+ * exchange happens to be collected. */
+static int handler_failed(lua_State *L)
+{
+    sglr_box_t *b = lua_touserdata(L, 1);
+    const char *err = lua_tostring(L, 2);
+    sglr_log(SGLR_LOG_ERROR, "request handler error: %s", err ? err : "(no message)");
+    if (b && lua_objlen(L, 1) == sizeof *b && b->type == EXCHANGE_MT && b->p) {
+        sglr_exchange_t *x = b->p;
+        if (x->state == SGLR_X_HANDLING) {
+            static const char body[] =
+                "{\"error\":{\"message\":\"internal error in the request handler\","
+                "\"type\":\"internal_error\"}}";
+            static const char hdr[] = "content-type: application/json\r\n";
+            sglr_exchange_respond(x, 500, hdr, sizeof hdr - 1, body, sizeof body - 1);
+        } else if (x->state == SGLR_X_STREAMING) {
+            sglr_exchange_abort(x);
+        }
+    }
+    return 0;
+}
+static int runner_ref = LUA_NOREF;
+
+static int new_runner(lua_State *L, lua_State **out)
+{
+    if (runner_ref == LUA_NOREF) {
+        if (luaL_loadbuffer(L, runner_src, sizeof runner_src - 1, "=request runner"))
+            return LUA_NOREF;
+        runner_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_State *co = lua_newthread(L);
+    int ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, runner_ref);
+    lua_pushlightuserdata(co, &sglr_co_idle_token);
+    lua_getglobal(co, "debug");
+    lua_getfield(co, -1, "traceback");
+    lua_remove(co, -2);
+    lua_pushcfunction(co, handler_failed);
+    if (lua_resume(co, 3) != LUA_YIELD) {    /* runs up to its first yield */
+        luaL_unref(L, LUA_REGISTRYINDEX, ref);
+        return LUA_NOREF;
+    }
+    lua_settop(co, 0);
+    *out = co;
+    return ref;
+}
+
+static void on_request(sglr_exchange_t *x)
+{
+    lserver_t *ls = x->server->data;
+    lua_State *L = sglr_L;
+    lua_State *co = NULL;
+    int ref = sglr_co_pool_take(&co);
+    if (ref == LUA_NOREF)
+        ref = new_runner(L, &co);
+    if (ref == LUA_NOREF) {
+        static const char body[] =
+            "{\"error\":{\"message\":\"cannot start a request handler\",\"type\":\"internal_error\"}}";
+        sglr_exchange_respond(x, 500, "content-type: application/json\r\n", 32, body, sizeof body - 1);
+        return;
+    }
+    lua_rawgeti(co, LUA_REGISTRYINDEX, ls->handler_ref);
+    push_exchange(co, x);
+    sglr_co_resume(co, ref, 2);
+}
+
+static void server_closed(sglr_server_t *s)
+{
+    lserver_t *ls = s->data;
+    ls->closed = 1;
+    if (!ls->lua_owned)
+        free(ls);
+}
+
+/* core.listen(host, port, {max_body=, max_header=}, handler(x)) -> server */
+static int l_listen(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    int port = (int)luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    luaL_checktype(L, 4, LUA_TFUNCTION);
+    sglr_server_opts_t opts = { 256u << 20, 64u << 10 };
+    lua_getfield(L, 3, "max_body");
+    if (lua_isnumber(L, -1))
+        opts.max_body = (size_t)lua_tonumber(L, -1);
+    lua_getfield(L, 3, "max_header");
+    if (lua_isnumber(L, -1))
+        opts.max_header = (size_t)lua_tonumber(L, -1);
+    lua_pop(L, 2);
+    lserver_t *ls = calloc(1, sizeof *ls);
+    if (!ls)
+        return luaL_error(L, "out of memory");
+    int r = sglr_server_init(&ls->srv, host, port, &opts, on_request, ls);
+    if (r < 0) {
+        ls->srv.on_closed = server_closed;   /* frees ls once the loop closed it */
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot listen on %s:%d: %s", host, port, uv_strerror(r));
+        return 2;
+    }
+    lua_pushvalue(L, 4);
+    ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ls->lua_owned = 1;
+    sglr_lua_new_box(L, SERVER_MT, ls);
+    return 1;
+}
+
+static int server_port(lua_State *L)
+{
+    lserver_t *ls = sglr_lua_check_box(L, 1, SERVER_MT);
+    lua_pushinteger(L, sglr_server_port(&ls->srv));
+    return 1;
+}
+
+static int server_close(lua_State *L)
+{
+    lserver_t *ls = sglr_lua_check_box(L, 1, SERVER_MT);
+    if (!ls->stopped) {
+        ls->stopped = 1;
+        sglr_server_stop(&ls->srv, server_closed);
+    }
+    return 0;
+}
+
+static int server_conns(lua_State *L)
+{
+    lserver_t *ls = sglr_lua_check_box(L, 1, SERVER_MT);
+    lua_pushinteger(L, ls->srv.nconns);
+    return 1;
+}
+
+static int server_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, SERVER_MT);
+    lserver_t *ls = *box;
+    if (!ls)
+        return 0;
+    *box = NULL;
+    /* A live server is kept by the Lua code that serves; a collected one
+     * stops listening. */
+    luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
+    ls->handler_ref = LUA_NOREF;
+    ls->lua_owned = 0;
+    if (!ls->stopped) {
+        ls->stopped = 1;
+        sglr_server_stop(&ls->srv, server_closed);
+    } else if (ls->closed) {
+        free(ls);
+    }
+    return 0;
+}
+
+/* --- exchanges ------------------------------------------------------------------- */
+
+sglr_exchange_t *sglr_lua_check_exchange(lua_State *L, int idx)
+{
+    return sglr_lua_check_box(L, idx, EXCHANGE_MT);
+}
+
+static sglr_exchange_t *check_x(lua_State *L)
+{
+    return sglr_lua_check_exchange(L, 1);
+}
+
+static int x_method(lua_State *L)
+{
+    lua_pushstring(L, sglr_exchange_method(check_x(L)));
+    return 1;
+}
+
+static int x_url(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    lua_pushlstring(L, x->head.buf.data + x->head.url_off, x->head.url_len);
+    return 1;
+}
+
+static int x_path(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    const char *u = x->head.buf.data + x->head.url_off;
+    size_t n = x->head.url_len, i = 0;
+    while (i < n && u[i] != '?')
+        i++;
+    lua_pushlstring(L, u, i);
+    if (i < n)
+        lua_pushlstring(L, u + i + 1, n - i - 1);
+    else
+        lua_pushnil(L);
+    return 2;
+}
+
+/* x:header(name [, name2 ...]) -> the value of the first present (names
+ * lowercase), or nil */
+static int x_header(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    int top = lua_gettop(L);
+    for (int i = 2; i <= top; i++) {
+        size_t n;
+        const char *v = sglr_head_get(&x->head, luaL_checkstring(L, i), &n);
+        if (v && n) {
+            lua_pushlstring(L, v, n);
+            return 1;
+        }
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+static int x_headers(lua_State *L)
+{
+    sglr_lua_push_head(L, &check_x(L)->head);
+    return 1;
+}
+
+static int x_body(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
+    return 1;
+}
+
+const char *sglr_lua_body(lua_State *L, int idx, size_t *len)
+{
+    if (lua_type(L, idx) == LUA_TUSERDATA) {
+        sglr_box_t *b = lua_touserdata(L, idx);
+        if (lua_objlen(L, idx) == sizeof *b && b->type == EXCHANGE_MT && b->p) {
+            sglr_exchange_t *x = b->p;
+            *len = x->body.len;
+            return x->body.data ? x->body.data : "";
+        }
+    }
+    return luaL_checklstring(L, idx, len);
+}
+
+static int x_body_size(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)check_x(L)->body.len);
+    return 1;
+}
+
+static int x_respond(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    size_t blen = 0;
+    const char *body = luaL_optlstring(L, 4, "", &blen);
+    if (x->state != SGLR_X_HANDLING) {
+        if (!x->conn) {          /* the client left: nothing to answer */
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+        return luaL_error(L, "response already started");
+    }
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err = sglr_lua_table_headers(L, 3, &hb);
+    if (err) {
+        sglr_lua_scratch_give(&hb);
+        return luaL_error(L, "%s", err);
+    }
+    int r = sglr_exchange_respond(x, status, hb.data ? hb.data : "", hb.len, body, blen);
+    sglr_lua_scratch_give(&hb);
+    lua_pushboolean(L, r == 0);
+    return 1;
+}
+
+static int x_start(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    long long clen = (long long)luaL_optnumber(L, 4, -1);
+    if (x->state != SGLR_X_HANDLING) {
+        if (!x->conn) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+        return luaL_error(L, "response already started");
+    }
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err = sglr_lua_table_headers(L, 3, &hb);
+    if (err) {
+        sglr_lua_scratch_give(&hb);
+        return luaL_error(L, "%s", err);
+    }
+    int r = sglr_exchange_start(x, status, hb.data ? hb.data : "", hb.len, clen);
+    sglr_lua_scratch_give(&hb);
+    lua_pushboolean(L, r == 0);
+    return 1;
+}
+
+/* A coroutine waiting for the client's write queue to drain. */
+typedef struct {
+    lua_State *co;
+    int ref;
+    int xref;                 /* the exchange userdata, pinned while waiting */
+} drain_wait_t;
+
+static void x_drain_wake(sglr_exchange_t *x)
+{
+    drain_wait_t *w = x->data;
+    x->on_drain = NULL;
+    x->on_close = NULL;
+    x->data = NULL;
+    if (!w)
+        return;
+    lua_State *co = w->co;
+    int ref = w->ref;
+    luaL_unref(sglr_L, LUA_REGISTRYINDEX, w->xref);
+    free(w);
+    lua_pushboolean(co, x->conn != NULL);
+    sglr_co_resume(co, ref, 1);
+}
+
+static int x_write(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    size_t n;
+    const char *d = luaL_checklstring(L, 2, &n);
+    if (x->state != SGLR_X_STREAMING)
+        return luaL_error(L, "write before start or after finish");
+    if (sglr_exchange_write(x, d, n) < 0) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (sglr_exchange_write_queue(x) > SGLR_WRITE_HIGH && !x->on_drain) {
+        /* slow client: wait until it has taken most of what is queued */
+        int ref = sglr_co_pin(L);        /* raises (before any allocation) */
+        drain_wait_t *w = malloc(sizeof *w);
+        if (!w) {
+            sglr_co_unpin(ref);
+            return luaL_error(L, "out of memory");
+        }
+        w->co = L;
+        w->ref = ref;
+        lua_pushvalue(L, 1);
+        w->xref = luaL_ref(L, LUA_REGISTRYINDEX);
+        x->data = w;
+        x->on_drain = x_drain_wake;
+        x->on_close = x_drain_wake;
+        return lua_yield(L, 0);
+    }
+    lua_pushboolean(L, x->conn != NULL);
+    return 1;
+}
+
+static int x_finish(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    if (x->state == SGLR_X_STREAMING)
+        sglr_exchange_finish(x);
+    return 0;
+}
+
+static int x_abort(lua_State *L)
+{
+    sglr_exchange_abort(check_x(L));
+    return 0;
+}
+
+static int x_closed(lua_State *L)
+{
+    lua_pushboolean(L, sglr_exchange_closed(check_x(L)));
+    return 1;
+}
+
+static int x_state(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    static const char *const names[] = { "reading", "handling", "streaming", "done" };
+    lua_pushstring(L, names[x->state & 3]);
+    return 1;
+}
+
+static int x_status(lua_State *L)
+{
+    lua_pushinteger(L, check_x(L)->status);
+    return 1;
+}
+
+static int x_started(lua_State *L)
+{
+    lua_pushnumber(L, check_x(L)->start_ms);
+    return 1;
+}
+
+static int x_bytes_out(lua_State *L)
+{
+    lua_pushnumber(L, (double)check_x(L)->bytes_out);
+    return 1;
+}
+
+static int x_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, EXCHANGE_MT);
+    sglr_exchange_t *x = *box;
+    if (!x)
+        return 0;
+    *box = NULL;
+    /* Safety net: a handler that lost its exchange without answering. */
+    if (x->state == SGLR_X_HANDLING) {
+        static const char body[] =
+            "{\"error\":{\"message\":\"request was not answered\",\"type\":\"internal_error\"}}";
+        static const char hdr[] = "content-type: application/json\r\n";
+        sglr_exchange_respond(x, 500, hdr, sizeof hdr - 1, body, sizeof body - 1);
+    } else if (x->state == SGLR_X_STREAMING) {
+        sglr_exchange_abort(x);
+    }
+    sglr_exchange_release(x);
+    return 0;
+}
+
+
+static int l_active(lua_State *L)
+{
+    lua_pushinteger(L, sglr_exchanges_active);
+    return 1;
+}
+
+/* --- module part ------------------------------------------------------------------ */
+
+void sglr_lua_open_server(lua_State *L)
+{
+    static const luaL_Reg server_m[] = {
+        { "port", server_port }, { "close", server_close }, { "connections", server_conns },
+        { NULL, NULL } };
+    static const luaL_Reg x_m[] = {
+        { "method", x_method }, { "url", x_url }, { "path", x_path }, { "header", x_header },
+        { "headers", x_headers }, { "body", x_body }, { "body_size", x_body_size },
+        { "respond", x_respond }, { "start", x_start }, { "write", x_write },
+        { "finish", x_finish }, { "abort", x_abort }, { "closed", x_closed },
+        { "state", x_state }, { "status", x_status }, { "started", x_started },
+        { "bytes_out", x_bytes_out }, { NULL, NULL } };
+    static const luaL_Reg fns[] = {
+        { "listen", l_listen }, { "active", l_active }, { NULL, NULL } };
+    sglr_lua_new_mt(L, SERVER_MT, server_m, server_gc);
+    sglr_lua_new_mt(L, EXCHANGE_MT, x_m, x_gc);
+    luaL_register(L, NULL, fns);
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Router instructions per proxied request, counted by callgrind: unlike CPU
+# time this is repeatable on a busy machine, so two builds compare exactly.
+#
+# Starts a sim worker and, under valgrind --tool=callgrind, a router
+# (round_robin, one worker, logs off); warms it up, zeroes the counters,
+# sends N small POST /generate requests over C keep-alive connections, and
+# prints the router's instructions per request. Everything listens on
+# 127.0.0.1; every process started here is stopped by its pid on exit.
+#
+# usage: examples/benchmarks/proxy_cost.sh [SGLR_BIN...]
+# env:   N (2000 requests), CONNS (8), WORKER_PORT (31811), ROUTER_PORT (31812),
+#        ROUTER_ARGS (extra router flags, e.g. "--log-level info")
+set -euo pipefail
+
+N=${N:-2000}
+CONNS=${CONNS:-8}
+WORKER_PORT=${WORKER_PORT:-31811}
+ROUTER_PORT=${ROUTER_PORT:-31812}
+ROUTER_ARGS=${ROUTER_ARGS:---log-level warn}
+[ $# -gt 0 ] || set -- build/sglr
+command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
+  { echo "proxy_cost.sh: valgrind (callgrind) not found" >&2; exit 1; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/sglr-proxy-cost.XXXXXX")
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_http() {
+  for _ in $(seq 1 300); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true)" = 200 ]; then return 0; fi
+    kill -0 "$2" 2>/dev/null || { echo "proxy_cost.sh: process for $1 exited" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "proxy_cost.sh: $1 did not answer" >&2
+  exit 1
+}
+
+# the load: N requests over CONNS coroutines, each on its own connection
+cat >"$TMP/load.lua" <<'LUA'
+local core = require "sglr.core"
+local url, n, conns = arg[1], tonumber(arg[2]), tonumber(arg[3])
+local body = '{"text":"hello","sampling_params":{"max_new_tokens":1}}'
+local left, running, bad = n, conns, 0
+for _ = 1, conns do
+  core.spawn(function()
+    local pool = assert(core.upstream(url))
+    while left > 0 do
+      left = left - 1
+      local r = core.request(pool, { method = "POST", path = "/generate", body = body,
+        headers = { ["content-type"] = "application/json" } })
+      if not r or r.status ~= 200 then bad = bad + 1 end
+    end
+    running = running - 1
+    if running == 0 then
+      if bad > 0 then io.stderr:write(bad, " requests failed\n") end
+      core.exit(bad > 0 and 1 or 0)
+    end
+  end)
+end
+LUA
+
+"$1" sim-worker --port "$WORKER_PORT" --max-new-tokens 1 >"$TMP/worker.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$WORKER_PORT/health" "$!"
+
+printf '%-40s %14s\n' binary "instr/request"
+for bin in "$@"; do
+  out="$TMP/callgrind.out"
+  # shellcheck disable=SC2086
+  valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" run --host 127.0.0.1 \
+    --port "$ROUTER_PORT" --worker-urls "http://127.0.0.1:$WORKER_PORT" --policy round_robin \
+    --prometheus-port 0 --max-concurrent-requests 0 $ROUTER_ARGS >"$TMP/router.log" 2>&1 &
+  rpid=$!
+  PIDS+=($rpid)
+  wait_http "http://127.0.0.1:$ROUTER_PORT/health" "$rpid"
+  "$bin" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" 200 "$CONNS"      # warm-up
+  callgrind_control -z "$rpid" >/dev/null 2>&1
+  "$bin" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$N" "$CONNS"
+  callgrind_control -d "$rpid" >/dev/null 2>&1
+  kill "$rpid"; wait "$rpid" 2>/dev/null || true
+  ir=$(for f in "$out".*; do awk '/^(summary|totals):/ {print $2}' "$f"; done | sort -n | tail -1)
+  printf '%-40s %14.0f\n' "$bin" "$(awk -v i="$ir" -v n="$N" 'BEGIN { print i / n }')"
+  rm -f "$out".*
+done
