@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Proxy overhead benchmark: the same wrk load against a simulated worker
 # directly, through sglr (round_robin, one worker) and through nginx as a
-# plain keep-alive reverse proxy. Prints requests/s and latency percentiles
-# per target and what each proxy adds to the direct p50.
+# plain keep-alive reverse proxy. Prints requests/s, latency percentiles,
+# what each proxy adds to the direct p50, and each proxy's CPU time per
+# request (user + system, read from /proc before and after its wrk pass):
+# the figure that still compares on a noisy machine.
+#
+# With SGLR_BASE_BIN set, a second router from that binary joins as target
+# "base", so two builds are compared side by side in one run.
 #
 # Everything listens on 127.0.0.1; every process started here is stopped by
 # its pid on exit.
@@ -13,7 +18,8 @@
 # usage: examples/benchmarks/proxy.sh [-d DURATION] [-c "CONNECTIONS..."] [-t THREADS]
 # env:   SGLR_BIN (build/sglr), DURATION (10s), CONNECTIONS ("64 1"), THREADS (2),
 #        NGINX_WORKERS (1), WORKER_PORT (31801), ROUTER_PORT (31802),
-#        NGINX_PORT (31803), TARGETS ("direct sglr nginx")
+#        NGINX_PORT (31803), BASE_PORT (31804), TARGETS ("direct sglr nginx",
+#        plus "base" when SGLR_BASE_BIN is set)
 set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
@@ -24,9 +30,12 @@ NGINX_WORKERS=${NGINX_WORKERS:-1}
 WORKER_PORT=${WORKER_PORT:-31801}
 ROUTER_PORT=${ROUTER_PORT:-31802}
 NGINX_PORT=${NGINX_PORT:-31803}
+SGLR_BASE_BIN=${SGLR_BASE_BIN:-}
+BASE_PORT=${BASE_PORT:-31804}
+if [ -n "$SGLR_BASE_BIN" ]; then TARGETS=${TARGETS:-direct base sglr nginx}; fi
 TARGETS=${TARGETS:-direct sglr nginx}
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:c:t:h" opt; do
   case $opt in
     d) DURATION=$OPTARG ;;
@@ -53,7 +62,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT"; do
+for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT"; do
   if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/"; then
     echo "proxy.sh: port $port is in use (set WORKER_PORT / ROUTER_PORT / NGINX_PORT)" >&2
     exit 1
@@ -79,7 +88,18 @@ wait_http "http://127.0.0.1:$WORKER_PORT/health" worker "$!"
   --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
   >"$TMP/sglr.log" 2>&1 &
 PIDS+=($!)
+SGLR_PID=$!
 wait_http "http://127.0.0.1:$ROUTER_PORT/health" sglr "$!"
+
+BASE_PID=
+if [ -n "$SGLR_BASE_BIN" ]; then
+  "$SGLR_BASE_BIN" run --host 127.0.0.1 --worker-urls "http://127.0.0.1:$WORKER_PORT" --port "$BASE_PORT" \
+    --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
+    >"$TMP/base.log" 2>&1 &
+  PIDS+=($!)
+  BASE_PID=$!
+  wait_http "http://127.0.0.1:$BASE_PORT/health" base "$!"
+fi
 
 mkdir -p "$TMP/nginx"
 cat >"$TMP/nginx.conf" <<EOF
@@ -111,7 +131,21 @@ http {
 EOF
 nginx -e "$TMP/nginx/error.log" -c "$TMP/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.log" 2>&1 &
 PIDS+=($!)
+NGINX_PID=$!
 wait_http "http://127.0.0.1:$NGINX_PORT/health" nginx "$!"
+
+# cpu_ticks PID: user + system clock ticks of PID and its children (nginx's
+# workers are children of its master)
+cpu_ticks() {
+  local pids="$1" p total=0
+  pids="$pids $(ps -o pid= --ppid "$1" 2>/dev/null || true)"
+  for p in $pids; do
+    [ -r "/proc/$p/stat" ] || continue
+    total=$(( total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat") ))
+  done
+  echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
 
 cat >"$TMP/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -132,19 +166,31 @@ to_us() {
 bench() {
   local conns=$1 threads=$THREADS target port out non2xx sockerr added
   [ "$threads" -gt "$conns" ] && threads=$conns
-  declare -A RPS P50 P90 P99 ERRS
+  declare -A RPS P50 P90 P99 ERRS CPU
+  local pid c0 c1 nreq
   echo "wrk -t$threads -c$conns -d$DURATION, POST /generate (max_new_tokens 1), $(nproc) cores" >&2
   for target in $TARGETS; do
     case $target in
       direct) port=$WORKER_PORT ;;
       sglr) port=$ROUTER_PORT ;;
+      base) port=$BASE_PORT ;;
       nginx) port=$NGINX_PORT ;;
       *) echo "proxy.sh: unknown target $target" >&2; exit 2 ;;
     esac
     echo "  $target ..." >&2
+    case $target in
+      sglr) pid=$SGLR_PID ;; base) pid=$BASE_PID ;; nginx) pid=$NGINX_PID ;; *) pid= ;;
+    esac
+    c0=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
     out=$(wrk -t"$threads" -c"$conns" -d"$DURATION" -s "$TMP/post.lua" --latency \
       "http://127.0.0.1:$port/generate")
+    c1=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
     echo "$out" >"$TMP/wrk-$target-c$conns.txt"
+    nreq=$(awk '/requests in/ {print $1}' <<<"$out")
+    CPU[$target]=-
+    if [ -n "$pid" ] && [ "${nreq:-0}" -gt 0 ]; then
+      CPU[$target]=$(awk -v t=$(( c1 - c0 )) -v hz="$CLK_TCK" -v n="$nreq" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+    fi
     RPS[$target]=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     P50[$target]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     P90[$target]=$(to_us "$(awk '$1 == "90%" {print $2}' <<<"$out")")
@@ -154,15 +200,15 @@ bench() {
     ERRS[$target]=$(( ${non2xx:-0} + ${sockerr:-0} ))
   done
   printf '\n%d connections\n' "$conns"
-  printf '%-8s %12s %10s %10s %10s %12s %8s\n' target "requests/s" "p50 (us)" "p90 (us)" \
-    "p99 (us)" "+p50 (us)" errors
+  printf '%-8s %12s %10s %10s %10s %12s %12s %8s\n' target "requests/s" "p50 (us)" "p90 (us)" \
+    "p99 (us)" "+p50 (us)" "cpu us/req" errors
   for target in $TARGETS; do
     added="-"
     if [ "$target" != direct ] && [ -n "${P50[direct]:-}" ]; then
       added=$(( P50[$target] - P50[direct] ))
     fi
-    printf '%-8s %12s %10s %10s %10s %12s %8s\n' "$target" "${RPS[$target]}" "${P50[$target]}" \
-      "${P90[$target]}" "${P99[$target]}" "$added" "${ERRS[$target]}"
+    printf '%-8s %12s %10s %10s %10s %12s %12s %8s\n' "$target" "${RPS[$target]}" "${P50[$target]}" \
+      "${P90[$target]}" "${P99[$target]}" "$added" "${CPU[$target]}" "${ERRS[$target]}"
   done
   echo
 }
@@ -170,4 +216,5 @@ bench() {
 for conns in $CONNECTIONS; do bench "$conns"; done
 echo "+p50: the target's p50 minus direct's, what the proxy adds to a request. Under a"
 echo "saturating load it is mostly queueing (latency = connections / throughput);"
-echo "the 1-connection pass shows the per-request cost."
+echo "the 1-connection pass shows the per-request cost. cpu us/req: the proxy's own"
+echo "user + system time per request (nginx: master and workers), from /proc."
