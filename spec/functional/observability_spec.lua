@@ -4,19 +4,7 @@
 local H = require "spec.helpers"
 local cjson = require "cjson.safe"
 
-local function scrape(r)
-  local res = assert(H.get("http://127.0.0.1:" .. r.metrics_port, "/metrics"))
-  assert.equal(200, res.status)
-  return res.body
-end
-
--- value of one series, e.g. metric(text, 'sgl_router_requests_total{route="generate"}')
-local function metric(text, series)
-  for line in text:gmatch("[^\n]+") do
-    if line:sub(1, #series + 1) == series .. " " then return tonumber(line:sub(#series + 2)) end
-  end
-  return 0
-end
+local scrape, metric = H.scrape, H.metric
 
 describe("metrics", function()
   local good, bad, r
