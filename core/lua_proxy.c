@@ -62,11 +62,13 @@ static int pool_url(lua_State *L)
 static int pool_stats(lua_State *L)
 {
     sglr_pool_t *p = sglr_lua_check_box(L, 1, POOL_MT);
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     lua_pushinteger(L, p->nidle);
     lua_setfield(L, -2, "idle");
     lua_pushinteger(L, p->nconns);
     lua_setfield(L, -2, "conns");
+    lua_pushnumber(L, (lua_Number)p->replays);
+    lua_setfield(L, -2, "replays");
     return 1;
 }
 

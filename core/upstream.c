@@ -675,6 +675,9 @@ static void req_fail(sglr_upreq_t *r, int err)
     req_release_conn(r, 0);
     if (stale) {
         r->retried = 1;
+        r->pool->replays++;
+        sglr_log(SGLR_LOG_DEBUG, "upstream %s: a reused keep-alive connection failed before any "
+                 "response byte; sending the request again on a new connection", r->pool->url);
         sglr_head_reset(&r->head);
         if (r->connect_timeout_ms)
             r->connect_deadline = sglr_loop_now() + r->connect_timeout_ms;

@@ -15,7 +15,9 @@
  *
  * A request that fails on a reused keep-alive connection before any response
  * byte arrived is retried once on a fresh connection: the worker closed an
- * idle connection, which is not the request's fault.
+ * idle connection, which is not the request's fault. Such replays are
+ * counted per pool (replays) and logged at debug, since no retry policy
+ * above sees them.
  */
 #ifndef SGLR_UPSTREAM_H
 #define SGLR_UPSTREAM_H
@@ -46,6 +48,7 @@ struct sglr_pool_s {
     int nidle, nconns;
     int max_idle;
     sglr_upconn_t *idle;
+    uint64_t replays;        /* requests sent again after a stale keep-alive failure */
 };
 
 struct sglr_upreq_s {

@@ -188,6 +188,21 @@ function H.parallel(fns)
   return results
 end
 
+-- The router's /metrics text, and the value of one series in it (0 when
+-- absent), e.g. H.metric(text, 'sgl_router_requests_total{route="generate"}')
+function H.scrape(router)
+  local res = assert(H.get("http://127.0.0.1:" .. router.metrics_port, "/metrics"))
+  assert(res.status == 200, "GET /metrics answered " .. res.status)
+  return res.body
+end
+
+function H.metric(text, series)
+  for line in text:gmatch("[^\n]+") do
+    if line:sub(1, #series + 1) == series .. " " then return tonumber(line:sub(#series + 2)) end
+  end
+  return 0
+end
+
 function H.worker_of(res)
   return res and res.headers and res.headers["x-sim-worker"]
 end

@@ -959,6 +959,40 @@ TEST(stale_race_retried)
     POOL_DOWN(pool);
 }
 
+TEST(stale_replay_counted)
+{
+    sglr_pool_t *pool = pool_up("");
+    CHECK_EQ_INT(pool->replays, 0);
+    /* a failure after response bytes on a reused connection is no replay */
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 2000);
+    WAIT(c->ndone, 2000);
+    call_free(c);
+    c = call_reset(0);
+    call_start(c, pool, "GET", "/cut", NULL, 2000);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_ERESET);
+    CHECK(c->r->reused);
+    CHECK_EQ_INT(pool->replays, 0);
+    call_free(c);
+    WAIT(pool->nconns == 0, 2000);
+    /* each request the server drops unanswered on a reused connection is
+     * sent again once, and counted once (and logged: run the debug line) */
+    int level = sglr_log_level;
+    sglr_log_level = SGLR_LOG_DEBUG;
+    for (int i = 0; i < 3; i++) {
+        c = call_reset(0);
+        call_start(c, pool, "GET", "/stale", NULL, 2000);
+        WAIT(c->ndone, 2000);
+        CHECK_EQ_INT(c->err, SGLR_UP_OK);
+        CHECK_EQ_INT(c->r->retried, i > 0);
+        CHECK_EQ_INT(pool->replays, i);
+        call_free(c);
+    }
+    sglr_log_level = level;
+    POOL_DOWN(pool);
+}
+
 TEST(connect_refused)
 {
     char url[64];
@@ -1206,6 +1240,7 @@ int main(void)
     RUN(keep_alive_reuse);
     RUN(stale_idle_closed);
     RUN(stale_race_retried);
+    RUN(stale_replay_counted);
     RUN(connect_refused);
     RUN(total_timeout);
     RUN(reset_mid_body);

@@ -12,12 +12,14 @@ function M.new(conf)
     queue_size = conf.queue_size or 100,
     timeout_ms = (conf.queue_timeout_secs or 60) * 1000,
     inflight = 0,
-    queue = {}, head = 1, tail = 0,   -- FIFO of events
+    -- FIFO of events; an entry is false once its waiter timed out, so
+    -- `waiting` (not tail - head) is what the queue holds
+    queue = {}, head = 1, tail = 0, waiting = 0,
     rejected = 0, timed_out = 0,
   }, M)
 end
 
-function M:depth() return self.tail - self.head + 1 end
+function M:depth() return self.waiting end
 
 function M:acquire()
   if self.max <= 0 then return true end   -- unlimited
@@ -32,12 +34,25 @@ function M:acquire()
   local ev = core.event()
   self.tail = self.tail + 1
   self.queue[self.tail] = ev
+  self.waiting = self.waiting + 1
   local ok = ev:wait(self.timeout_ms)
   if ok then return true end   -- the slot was handed over by release()
-  -- timed out: leave the queue (mark the entry so release skips it)
+  -- timed out: leave the queue (mark the entry so release skips it), and
+  -- drop marked entries at both ends so a queue nobody releases stays small
+  local q = self.queue
   for i = self.head, self.tail do
-    if self.queue[i] == ev then self.queue[i] = false end
+    if q[i] == ev then q[i] = false break end
   end
+  self.waiting = self.waiting - 1
+  while self.head <= self.tail and q[self.head] == false do
+    q[self.head] = nil
+    self.head = self.head + 1
+  end
+  while self.tail >= self.head and q[self.tail] == false do
+    q[self.tail] = nil
+    self.tail = self.tail - 1
+  end
+  if self.head > self.tail then self.head, self.tail = 1, 0 end
   self.timed_out = self.timed_out + 1
   return nil, 408, "request timed out waiting in the router queue"
 end
@@ -50,6 +65,7 @@ function M:release()
     self.queue[self.head] = nil
     self.head = self.head + 1
     if ev then
+      self.waiting = self.waiting - 1
       ev:set(true)
       return
     end

@@ -691,6 +691,11 @@ function M:serve_metrics()
         w.m.running:set(w.load)
         if self.policy.tree_size then stats.tree_size:set(self.policy:tree_size(w.url) or 0, w.url) end
         w.breaker:allow(now)
+        -- the pool counts its replays; add what is new since the last render
+        -- (per worker object, so a worker added again does not go back)
+        local replays = w.pool:stats().replays
+        stats.upstream_replays:inc(replays - (w.replays_reported or 0), w.url)
+        w.replays_reported = replays
       end
       x:respond(200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, stats.render())
     else

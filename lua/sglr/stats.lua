@@ -33,6 +33,9 @@ M.worker_health = g("worker_health", "Worker health (1 healthy, 0 unhealthy).", 
 M.worker_load = g("worker_load", "Load reported by the worker's /get_load.", { "worker" })
 M.running = g("running_requests", "Requests in flight per worker.", { "worker" })
 M.processed = c("processed_requests_total", "Requests sent to each worker.", { "worker" })
+M.upstream_replays = c("upstream_replays_total",
+  "Requests sent again on a new connection after a reused keep-alive connection failed before any response byte.",
+  { "worker" })
 M.decisions = c("policy_decisions_total", "Routing decisions by policy and chosen worker.", { "policy", "worker" })
 M.cache_hits = c("cache_hits_total", "cache_aware decisions that followed a prefix match.")
 M.cache_misses = c("cache_misses_total", "cache_aware decisions without a usable prefix match.")

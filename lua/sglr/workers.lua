@@ -69,15 +69,10 @@ end
 
 -- Workers that may take a request now. `exclude` (url -> true) drops the
 -- workers that already failed this request, unless nothing else is left.
--- The returned list is scratch space reused by the next call: use it before
--- anything yields (the policy's select does).
+-- The list belongs to the caller: a policy may yield (await rt.http) while
+-- other requests route, so a list shared between calls would change under it.
 function M:available(now, exclude, role)
-  local out, excluded = self.scratch, 0
-  if not out then
-    out = {}
-    self.scratch = out
-  end
-  for i = #out, 1, -1 do out[i] = nil end
+  local out, excluded = {}, 0
   for _, w in ipairs(self.list) do
     if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then
       if exclude and exclude[w.url] then

@@ -1,7 +1,6 @@
 -- cache_aware and power_of_two against real sim workers, and the in-flight
 -- load accounting they depend on.
 local H = require "spec.helpers"
-local core = require "sglr.core"
 local cjson = require "cjson.safe"
 
 local function prompt(i, len)
@@ -91,8 +90,11 @@ describe("power_of_two routing", function()
     local idle = H.sim({ "--id", "idle" })
     local r = H.router({ "--policy", "power_of_two", "--worker-urls", busy.url, idle.url,
       "--worker-startup-check-interval", "0.1" })
-    -- the load poll runs on the startup check interval; give it a moment
-    core.sleep(300)
+    -- the load poll runs on the startup check interval: wait for the first
+    local function polled()
+      return (H.list_workers(r).policy_stats.polled_loads or {})[busy.url] == 1000
+    end
+    H.wait_for(polled, 5000, "the busy worker's polled load")
     for i = 1, 10 do
       local res = assert(H.post(r.url, "/generate", H.gen_body("p" .. i)))
       assert.equal("idle", H.worker_of(res))

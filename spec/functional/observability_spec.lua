@@ -4,19 +4,7 @@
 local H = require "spec.helpers"
 local cjson = require "cjson.safe"
 
-local function scrape(r)
-  local res = assert(H.get("http://127.0.0.1:" .. r.metrics_port, "/metrics"))
-  assert.equal(200, res.status)
-  return res.body
-end
-
--- value of one series, e.g. metric(text, 'sgl_router_requests_total{route="generate"}')
-local function metric(text, series)
-  for line in text:gmatch("[^\n]+") do
-    if line:sub(1, #series + 1) == series .. " " then return tonumber(line:sub(#series + 2)) end
-  end
-  return 0
-end
+local scrape, metric = H.scrape, H.metric
 
 describe("metrics", function()
   local good, bad, r
@@ -186,5 +174,29 @@ describe("logs", function()
     H.wait_for(function() return r.proc.out:find("worker unhealthy", 1, true) end, 3000, "unhealthy log")
     assert.equal(200, assert(H.post(r.url, "/remove_worker?url=" .. w.url)).status)
     H.wait_for(function() return r.proc.out:find("worker removed", 1, true) end, 3000, "removed log")
+  end)
+end)
+
+describe("upstream replays", function()
+  teardown(H.stop_all)
+
+  it("count and log a request sent again after a reused connection failed unanswered", function()
+    local w = H.sim({ "--id", "w" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--disable-retries",
+      "--log-level", "debug" })
+    local series = ('sgl_router_upstream_replays_total{worker="%s"}'):format(w.url)
+    -- leaves an idle keep-alive connection to the worker in the router's pool
+    assert.equal(200, assert(H.post(r.url, "/generate", H.gen_body("a"))).status)
+    assert.equal(0, metric(scrape(r), series))
+    assert.truthy(scrape(r):find(series .. " 0", 1, true))
+    -- the worker now drops every inference connection unanswered: the
+    -- request fails on the reused connection, goes out once more on a new
+    -- one (retries are disabled: this is below them), and fails there too
+    assert.equal(200, assert(H.get(w.url, "/sim/set?reset_rate=1")).status)
+    assert.equal(502, assert(H.post(r.url, "/generate", H.gen_body("b"))).status)
+    assert.equal(3, assert(H.get(w.url, "/sim/stats")).json.requests)
+    assert.equal(1, metric(scrape(r), series))
+    H.wait_for(function() return r.proc.out:find("upstream " .. w.url .. ": a reused keep-alive", 1, true) end,
+      3000, "replay log line")
   end)
 end)

@@ -7,6 +7,11 @@ local function slow_body(tokens)
   return cjson.encode({ text = "slow", sampling_params = { max_new_tokens = tokens } })
 end
 
+-- Wait until the router's /metrics shows the series at the value.
+local function await_metric(r, series, value)
+  H.wait_for(function() return H.metric(H.scrape(r), series) == value end, 5000, series .. " = " .. value)
+end
+
 describe("concurrency limit", function()
   teardown(H.stop_all)
 
@@ -14,25 +19,40 @@ describe("concurrency limit", function()
     local w = H.sim({ "--id", "w", "--decode-ms-per-token", "20" })
     local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin",
       "--max-concurrent-requests", "1", "--queue-size", "1", "--queue-timeout-secs", "30" })
-    local fns = {}
-    for i = 1, 3 do
-      fns[i] = function()
-        core.sleep((i - 1) * 30)
+    -- the first holds the slot, the second waits in the queue, the third
+    -- finds the queue full
+    local res = H.parallel({
+      function() return H.post(r.url, "/generate", slow_body(10)) end,
+      function()
+        await_metric(r, "sgl_router_inflight_requests", 1)
         return H.post(r.url, "/generate", slow_body(10))
-      end
-    end
-    local res = H.parallel(fns)
+      end,
+      function()
+        await_metric(r, "sgl_router_rate_limit_queue_depth", 1)
+        return H.post(r.url, "/generate", slow_body(10))
+      end,
+    })
     assert.equal(200, res[1].status)
     assert.equal(200, res[2].status)   -- waited in the queue
     assert.equal(429, res[3].status)
     assert.equal("rate_limited", res[3].json.error.type)
-    -- health and admin routes are not limited
-    local fns2 = {
+    -- health and admin routes are not limited: answered while the slot is
+    -- taken and the queue is full
+    local res2 = H.parallel({
       function() return H.post(r.url, "/generate", slow_body(10)) end,
-      function() core.sleep(20); return H.get(r.url, "/health") end,
-    }
-    local res2 = H.parallel(fns2)
+      function()
+        await_metric(r, "sgl_router_inflight_requests", 1)
+        return H.post(r.url, "/generate", slow_body(10))
+      end,
+      function()
+        await_metric(r, "sgl_router_rate_limit_queue_depth", 1)
+        return { H.get(r.url, "/health"), H.get(r.url, "/list_workers") }
+      end,
+    })
+    assert.equal(200, res2[1].status)
     assert.equal(200, res2[2].status)
+    assert.equal(200, res2[3][1].status)
+    assert.equal(200, res2[3][2].status)
   end)
 
   it("answers 408 to a request that waited past --queue-timeout-secs", function()
@@ -41,7 +61,10 @@ describe("concurrency limit", function()
       "--max-concurrent-requests", "1", "--queue-size", "5", "--queue-timeout-secs", "0.2" })
     local res = H.parallel({
       function() return H.post(r.url, "/generate", slow_body(10)) end,
-      function() core.sleep(30); return H.post(r.url, "/generate", slow_body(1)) end,
+      function()
+        await_metric(r, "sgl_router_inflight_requests", 1)
+        return H.post(r.url, "/generate", slow_body(1))
+      end,
     })
     assert.equal(200, res[1].status)
     assert.equal(408, res[2].status)
@@ -54,9 +77,14 @@ describe("concurrency limit", function()
     local stream = cjson.encode({ text = "s", stream = true, sampling_params = { max_new_tokens = 10 } })
     local res = H.parallel({
       function() return H.post(r.url, "/generate", stream) end,
-      function() core.sleep(100); return H.post(r.url, "/generate", slow_body(1)) end,
+      function()
+        -- the worker's response head is in: the stream is being passed on
+        await_metric(r, 'sgl_router_time_to_first_byte_seconds_count{route="generate"}', 1)
+        return H.post(r.url, "/generate", slow_body(1))
+      end,
     })
     assert.equal(200, res[1].status)
+    assert.truthy(res[1].body:find("[DONE]", 1, true))
     assert.equal(429, res[2].status)
   end)
 end)
