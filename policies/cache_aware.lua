@@ -17,8 +17,11 @@
 -- it. Every eviction_interval seconds each worker's tree is cut back to
 -- max_tree_size characters, least recently used leaves first.
 --
--- The decision is left on the request for metrics and logs:
--- req.decision = "balance" | "hit" | "miss", req.match_ratio = 0..1.
+-- The decision is left on the request for logs and tests:
+-- req.decision = "balance" | "hit" | "miss", req.match_ratio = 0..1; and,
+-- where the runtime offers metrics (rt.metrics), counted in the SGLang
+-- router's cache metrics (hits, misses, load-balancing events, min/max
+-- load) and in sglr's own (matched share, characters expected to hit).
 
 local setmetatable, type = setmetatable, type
 
@@ -55,6 +58,29 @@ P.options = {
 
 local mt = { __index = P }
 
+local RATIO = { 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1 }
+
+-- The decision metrics, registered once per registry (registering the same
+-- metric again returns it, so every instance shares them).
+local function decision_metrics(m)
+  local c = function(name, help, labels) return m.counter("sgl_router_" .. name, help, labels or {}) end
+  local g = function(name, help) return m.gauge("sgl_router_" .. name, help, {}) end
+  local prefix = c("cache_prefix_chars_total",
+    "Routing-text characters expected to hit (matched) or miss the worker's cache.", { "result" })
+  return {
+    hit = c("cache_hits_total", "cache_aware decisions that followed a prefix match."):series(),
+    miss = c("cache_misses_total", "cache_aware decisions without a usable prefix match."):series(),
+    balance = c("load_balancing_events_total", "cache_aware decisions that fell back to least load."):series(),
+    max_load = g("max_load", "Highest in-flight count among workers at the last decision."):series(),
+    min_load = g("min_load", "Lowest in-flight count among workers at the last decision."):series(),
+    ratio = m.histogram("sgl_router_cache_match_ratio",
+      "Matched prefix share of the routing text per cache_aware decision.", {}, RATIO):series(),
+    chars_hit = prefix:series("hit"),
+    chars_miss = prefix:series("miss"),
+  }
+end
+P.decision_metrics = decision_metrics
+
 local function opt(conf, key)
   local v = conf and conf[key]
   if v == nil then v = P.options[key].default end
@@ -75,6 +101,7 @@ function P.new(conf, rt)
     counts = { hit = 0, miss = 0, balance = 0 },
     urls = {},                -- workers that have entries in the tree
     evicted = 0,
+    m = rt.metrics and decision_metrics(rt.metrics) or false,
   }, mt)
   if self.eviction_interval > 0 and rt.every then
     rt.every(self.eviction_interval * 1000, function() self:evict() end)
@@ -176,6 +203,19 @@ function P:select(req, workers)
   self.counts[decision] = self.counts[decision] + 1
   req.decision, req.match_ratio = decision, ratio
   req.max_load, req.min_load = max_load, min_load
+  local m = self.m
+  if m then
+    m[decision]:inc()
+    if ratio then
+      m.ratio:observe(ratio)
+      local len = #text
+      local hit = decision == "hit" and math.floor(len * ratio + 0.5) or 0
+      m.chars_hit:inc(hit)
+      m.chars_miss:inc(len - hit)
+    end
+    m.max_load:set(max_load)
+    m.min_load:set(min_load)
+  end
   return chosen
 end
 

@@ -8,14 +8,12 @@ local stats = require "sglr.stats"
 local http = require "sglr.http"
 local retry = require "sglr.retry"
 local ratelimit = require "sglr.ratelimit"
+local flow_mod = require "sglr.flow"
 local workers_mod = require "sglr.workers"
 local health_mod = require "sglr.health"
 local policy_mod = require "sglr.policy"
 
-local ok_extract, extract = pcall(require, "sglr.extract")
-
-local floor, min, max = math.floor, math.min, math.max
-local unpack = unpack or table.unpack
+local floor = math.floor
 local concat = table.concat
 
 local M = {}
@@ -26,7 +24,6 @@ local ROUTES = {
   ["/v1/chat/completions"] = "chat",
   ["/v1/completions"] = "completions",
 }
-local ID_PREFIX = { generate = "gnt-", chat = "chatcmpl-", completions = "cmpl-" }
 
 local JSON_HDR = { ["content-type"] = "application/json" }
 
@@ -38,6 +35,7 @@ local function merge(a, b)
   if b then for k, v in pairs(b) do out[k] = v end end
   return out
 end
+M.merge = merge
 
 local function error_body(status, message, etype)
   return cjson.encode({ error = { message = message, type = etype or "router_error", code = status } })
@@ -59,9 +57,6 @@ function M.new(conf)
   local self = setmetatable({ conf = conf, started = core.now() }, M)
   self.retry = retry.new(conf)
   self.limiter = ratelimit.new(conf)
-  self.request_id_headers = conf.request_id_headers or
-    { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
-  for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
   self.cors = {}
   self.cors_any = false
   for _, o in ipairs(conf.cors_allowed_origins or {}) do
@@ -71,8 +66,6 @@ function M.new(conf)
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
   self.cors_check = true
   self.pending_adds = {}     -- URLs whose /add_worker waits for their health
-  self.request_timeout_ms = (conf.request_timeout_secs or 600) * 1000
-  self.connect_timeout_ms = conf.connect_timeout_ms or 5000
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
@@ -110,6 +103,7 @@ function M.new(conf)
       end
     end,
   })
+  self.flow = flow_mod.new(self)
   return self
 end
 
@@ -174,274 +168,6 @@ end
 
 function M:send_json(x, status, obj, extra)
   x:respond(status, merge(JSON_HDR, extra), cjson.encode(obj))
-end
-
--- --- inference ------------------------------------------------------------------------
-
-function M:request_id(x, route)
-  local v = x:header(unpack(self.request_id_headers))
-  if v then return v end
-  return core.random_id(ID_PREFIX[route] or "req-")
-end
-
--- req.text, req.body and req.headers are computed on first read only: most
--- policies need none of them.
-local req_mt = {
-  __index = function(t, k)
-    if k == "text" then
-      local s = ok_extract and extract.route_text(t.route, t._x) or ""
-      rawset(t, "text", s)
-      return s
-    elseif k == "body" then
-      local b = t._x:body()
-      rawset(t, "body", b)
-      return b
-    elseif k == "headers" then
-      local h = t._x:headers()
-      rawset(t, "headers", h)
-      return h
-    end
-  end,
-}
-
--- Validate the body before anything is routed: bad JSON and wrong field
--- types are the client's error (400) and never reach a worker.
--- -> true, stream, model | nil, message
-local function inspect(route, x)
-  if ok_extract then return extract.check(route, x) end
-  local obj, err = cjson.decode(x:body())
-  if type(obj) ~= "table" then return nil, "invalid JSON body: " .. tostring(err or "not an object") end
-  if route == "chat" and type(obj.messages) ~= "table" then return nil, "field 'messages' must be an array" end
-  if route == "completions" and obj.prompt == nil then return nil, "field 'prompt' is required" end
-  return true, obj.stream == true, obj.model
-end
-
-local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeout","code":504}}\n\n'
-
-function M:infer(x, route)
-  local t0 = core.now()
-  local rid = self:request_id(x, route)
-  local extra = { ["x-request-id"] = rid }
-  if self.cors_check then self:cors_headers(x, extra) end
-  local rs = stats.for_route(route)
-  rs.requests:inc()
-  -- one table per request: the policy's view and the access log's record
-  -- all the fields set later are present from the start (false), so the
-  -- table is allocated once at its final size
-  local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
-    extra = extra, stream = false, model = false, worker = false, error = false,
-    decision = false, match_ratio = false, max_load = false, min_load = false }, req_mt)
-
-  local limiter = self.limiter
-  local ok, status, msg = limiter:acquire()
-  if not ok then
-    stats.queue_depth_h:set(limiter:depth())
-    stats.rejections:inc(1, status == 429 and "queue_full" or "queue_timeout")
-    stats.errors:inc(1, route, status == 429 and "rate_limited" or "queue_timeout")
-    self:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
-    return self:access(x, req)
-  end
-  local okr, err = true, nil
-  if x:closed() then
-    req.error = "client_closed"    -- gave up while queued: do not bother a worker
-  else
-    okr, err = pcall(self.route_request, self, x, req)
-  end
-  limiter:release()
-  if not okr then
-    stats.script_errors:inc()
-    log.error("request failed in script", { request_id = rid, error = tostring(err) })
-    self:send_error(x, 500, "internal router error", "internal_error", extra)
-  end
-  self:access(x, req)
-end
-
-function M:access(x, req)
-  local dur = (core.now() - req.t0) / 1000
-  req.rs.duration:observe(dur)
-  if log.enabled("info") then
-    log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
-      status = x:status(), duration_ms = floor(dur * 1e4) / 10, retries = req.retries,
-      stream = req.stream or false, error = req.error or nil })
-  end
-end
-
--- The end of one attempt on worker w: load and breaker bookkeeping, once.
-function M:release(req, w, outcome, status)
-  w.load = w.load - 1
-  local wm = w.m
-  local now = core.now()
-  if outcome == "success" then
-    w.breaker:success(now)
-    wm.success:inc()
-  elseif outcome == "failure" then
-    w.breaker:failure(now)
-    wm.failure:inc()
-  else
-    w.breaker:cancelled()
-  end
-  if self.policy.on_done then self.policy:on_done(req, w, status, now - req.t0) end
-end
-
-function M:route_request(x, req)
-  local route, extra, rs = req.route, req.extra, req.rs
-  local ok, stream_or_err, model = inspect(route, x)
-  if not ok then
-    stats.errors:inc(1, route, "bad_request")
-    req.error = "bad_request"
-    return self:send_error(x, 400, stream_or_err, "invalid_request_error", extra)
-  end
-  req.stream, req.model = stream_or_err, model or false
-
-  local t0 = req.t0
-  local deadline = t0 + self.request_timeout_ms
-  local attempts = self.retry:attempts()
-  local failed
-  local last_status, last_body, last_ctype, last_err
-  local fwd_opts = { headers = { ["x-request-id"] = req.id } }
-  local policy = self.policy
-
-  for attempt = 1, attempts do
-    local now = core.now()
-    local avail = self.workers:available(now, failed)
-    if #avail == 0 then break end
-    local w, why = policy:select(req, avail)
-    if not w then
-      last_err = why or "policy selected no worker"
-      break
-    end
-    req.worker = w.url
-    local wm = w.m
-    wm.decisions:inc()
-    if req.decision then self:record_decision(req) end
-    w.breaker:dispatched()
-    w.load = w.load + 1
-    w.processed = w.processed + 1
-    wm.processed:inc()
-
-    local left = deadline - now
-    if left <= 0 then
-      self:release(req, w, nil, 504)
-      last_err = "timeout"
-      break
-    end
-    fwd_opts.timeout_ms = left
-    fwd_opts.connect_timeout_ms = min(self.connect_timeout_ms, left)
-    local a0 = now
-    local resp, ferr = x:forward(w.pool, fwd_opts)
-    if not resp then
-      if ferr == "client_closed" then
-        self:release(req, w, nil, 499)
-        req.error = "client_closed"
-        return
-      end
-      self:release(req, w, "failure", 502)
-      rs.upstream:observe((core.now() - a0) / 1000)
-      last_err = ferr
-      last_status = ferr == "timeout" and 504 or 502
-      last_body, last_ctype = nil, nil
-      log.warn("worker request failed", { request_id = req.id, worker = w.url, error = ferr, attempt = attempt })
-      if ferr == "timeout" or not retry.retryable_error(ferr) then break end
-      failed = failed or {}
-      failed[w.url] = true
-    else
-      local st = resp:status()
-      rs.ttfb:observe((core.now() - t0) / 1000)
-      if st >= 400 and retry.retryable_status(st) and attempt < attempts then
-        -- not sent to the client yet: drain it and try elsewhere
-        last_body = resp:read()
-        last_ctype = resp:header("content-type")
-        last_status, last_err = st, nil
-        resp:close()
-        self:release(req, w, "failure", st)
-        failed = failed or {}
-        failed[w.url] = true
-        log.warn("worker answered " .. st .. ", retrying", { request_id = req.id, worker = w.url, attempt = attempt })
-      else
-        -- commit: from here on the client sees this worker's response
-        local okp, perr = resp:pipe(extra)
-        rs.upstream:observe((core.now() - a0) / 1000)
-        self:release(req, w, (st >= 500 or not okp and perr ~= "client_closed") and "failure" or "success", st)
-        if st >= 400 then
-          stats.errors:inc(1, route, "worker_" .. st)
-          if retry.retryable_status(st) and self.retry.max_retries > 0 then rs.exhausted:inc() end
-        end
-        if not okp then
-          req.error = perr
-          if perr == "timeout" then
-            stats.errors:inc(1, route, "timeout")
-            if x:state() == "streaming" then
-              if req.stream then x:write(SSE_TIMEOUT) end
-              x:finish()
-            end
-          elseif perr ~= "client_closed" then
-            stats.errors:inc(1, route, "worker_reset")
-            x:abort()
-          end
-        end
-        resp:close()
-        return
-      end
-    end
-    if attempt < attempts then
-      req.retries = req.retries + 1
-      rs.retries:inc()
-      local wait = self.retry:backoff_ms(attempt - 1)
-      wait = min(wait, max(0, deadline - core.now()))
-      stats.retry_backoff:observe(wait / 1000, tostring(attempt))
-      if wait > 0 then core.sleep(wait) end
-      if x:closed() then req.error = "client_closed"; return end
-    end
-  end
-
-  -- every attempt failed, or nothing could be tried
-  if last_status and last_body then
-    stats.errors:inc(1, route, "worker_" .. last_status)
-    rs.exhausted:inc()
-    req.error = "retries_exhausted"
-    return x:respond(last_status, merge(extra, { ["content-type"] = last_ctype or "application/json" }), last_body)
-  end
-  if last_status then
-    stats.errors:inc(1, route, last_err == "timeout" and "timeout" or "worker_unreachable")
-    if req.retries > 0 then rs.exhausted:inc() end
-    req.error = last_err
-    local emsg = last_err == "timeout" and "worker did not answer within --request-timeout-secs"
-      or ("worker unreachable (" .. tostring(last_err) .. ")")
-    return self:send_error(x, last_status, emsg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
-  end
-  stats.errors:inc(1, route, "no_workers")
-  req.error = "no_workers"
-  local emsg
-  if #self.workers.list == 0 then
-    emsg = "no workers are registered"
-  elseif self.workers:healthy_count() == 0 then
-    emsg = "no healthy workers available"
-  elseif last_err then
-    emsg = "no worker available: " .. tostring(last_err)
-  else
-    emsg = "no available workers (all circuits open or unhealthy)"
-  end
-  return self:send_error(x, 503, emsg, "no_workers", extra)
-end
-
-function M:record_decision(req)
-  local d = req.decision
-  if d == "hit" then stats.cache_hits:inc()
-  elseif d == "miss" then stats.cache_misses:inc()
-  elseif d == "balance" then stats.lb_events:inc() end
-  if req.match_ratio and d ~= "balance" then
-    stats.match_ratio:observe(req.match_ratio)
-    local n = #req.text
-    local hit = floor(n * req.match_ratio + 0.5)
-    if d == "hit" then
-      stats.prefix_chars:inc(hit, "hit")
-      stats.prefix_chars:inc(n - hit, "miss")
-    else
-      stats.prefix_chars:inc(n, "miss")
-    end
-  end
-  if req.max_load then stats.max_load:set(req.max_load) end
-  if req.min_load then stats.min_load:set(req.min_load) end
 end
 
 -- --- other endpoints ---------------------------------------------------------------------
@@ -646,7 +372,7 @@ function M:handle(x)
   local path, query = x:path()
   local method = x:method()
   local route = ROUTES[path]
-  if route and method == "POST" then return self:infer(x, route) end
+  if route and method == "POST" then return self.flow:infer(x, route) end
   -- everything else gets its access line here (inference logs its own)
   local t0 = core.now()
   self:dispatch_other(x, method, path, query, route)

@@ -1,12 +1,13 @@
 -- The router's Prometheus metrics, named after the SGLang router's so that
 -- existing dashboards work. Backed by the native sglr.metrics registry.
+-- A policy's own metrics live in the policy (cache_aware's decision metrics
+-- in policies/cache_aware.lua), registered through rt.metrics.
 local ok, metrics = pcall(require, "sglr.metrics")
 
 local M = { enabled = ok }
 
 local LAT = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 45,
   60, 90, 120, 180, 240 }
-local RATIO = { 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1 }
 
 if not ok then
   -- a build without the metrics primitive: every update is a no-op
@@ -37,14 +38,7 @@ M.upstream_replays = c("upstream_replays_total",
   "Requests sent again on a new connection after a reused keep-alive connection failed before any response byte.",
   { "worker" })
 M.decisions = c("policy_decisions_total", "Routing decisions by policy and chosen worker.", { "policy", "worker" })
-M.cache_hits = c("cache_hits_total", "cache_aware decisions that followed a prefix match.")
-M.cache_misses = c("cache_misses_total", "cache_aware decisions without a usable prefix match.")
 M.tree_size = g("tree_size", "Characters in the approximate radix tree per worker.", { "worker" })
-M.lb_events = c("load_balancing_events_total", "cache_aware decisions that fell back to least load.")
-M.max_load = g("max_load", "Highest in-flight count among workers at the last decision.")
-M.min_load = g("min_load", "Lowest in-flight count among workers at the last decision.")
-M.match_ratio = h("cache_match_ratio", "Matched prefix share of the routing text per cache_aware decision.", {}, RATIO)
-M.prefix_chars = c("cache_prefix_chars_total", "Routing-text characters expected to hit (matched) or miss the worker's cache.", { "result" })
 M.ttfb = h("time_to_first_byte_seconds", "Time from request to the worker's response head.", { "route" })
 M.upstream = h("upstream_duration_seconds", "Duration of each attempt against a worker.", { "route" })
 M.queue_depth = g("rate_limit_queue_depth", "Requests waiting for a concurrency slot.")

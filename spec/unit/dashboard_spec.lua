@@ -11,6 +11,9 @@ describe("examples/grafana/sglr-dashboard.json", function()
     for _, m in pairs(stats) do
       if type(m) == "userdata" and m.name then exported[m:name()] = true end
     end
+    -- and the default policy's own, registered by the policy
+    require("policies.cache_aware").decision_metrics(stats.metrics)
+    for name in stats.render():gmatch("# TYPE (sgl_router_[%w_]+)") do exported[name] = true end
     local used = 0
     for _, p in ipairs(dash.panels) do
       for _, t in ipairs(p.targets) do

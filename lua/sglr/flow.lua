@@ -1,0 +1,351 @@
+-- The request flow of the inference routes. Each request runs in its own
+-- coroutine through:
+--
+--   admit (concurrency limit) -> validate -> attempt* -> answer -> access line
+--
+-- and an attempt is
+--
+--   pick      the dispatcher asks its policies for the workers of each leg
+--   dispatch  the legs run (a native primitive that yields) until the
+--             request is committed to the client or the attempt failed
+--   settle    each leg's worker gets its load, breaker and policy update
+--
+-- retried with backoff while the failure is retryable. The policy
+-- instances a request uses are captured when it starts (req.policy), so
+-- select and on_done of one request always reach the same instance, even
+-- if the router's policy is swapped meanwhile. Regular mode is one
+-- dispatcher (one leg per attempt); a dispatcher is a table with pick and
+-- dispatch, so other modes plug in beside it.
+local core = require "sglr.core"
+local cjson = require "cjson.safe"
+local log = require "sglr.log"
+local stats = require "sglr.stats"
+local retry = require "sglr.retry"
+
+local ok_extract, extract = pcall(require, "sglr.extract")
+
+local floor, min, max = math.floor, math.min, math.max
+local unpack = unpack or table.unpack
+
+local M = {}
+M.__index = M
+
+local ID_PREFIX = { generate = "gnt-", chat = "chatcmpl-", completions = "cmpl-" }
+local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeout","code":504}}\n\n'
+
+-- r: the router (conf, workers, limiter, retry, policy, error helpers)
+function M.new(r)
+  local conf = r.conf
+  local self = setmetatable({
+    r = r,
+    workers = r.workers,
+    limiter = r.limiter,
+    retry = r.retry,
+    request_timeout_ms = (conf.request_timeout_secs or 600) * 1000,
+    connect_timeout_ms = conf.connect_timeout_ms or 5000,
+  }, M)
+  self.request_id_headers = conf.request_id_headers or
+    { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
+  for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
+  self.dispatcher = M.regular
+  return self
+end
+
+function M:request_id(x, route)
+  local v = x:header(unpack(self.request_id_headers))
+  if v then return v end
+  return core.random_id(ID_PREFIX[route] or "req-")
+end
+
+-- req.text, req.body and req.headers are computed on first read only: most
+-- policies need none of them.
+local req_mt = {
+  __index = function(t, k)
+    if k == "text" then
+      local s = ok_extract and extract.route_text(t.route, t._x) or ""
+      rawset(t, "text", s)
+      return s
+    elseif k == "body" then
+      local b = t._x:body()
+      rawset(t, "body", b)
+      return b
+    elseif k == "headers" then
+      local h = t._x:headers()
+      rawset(t, "headers", h)
+      return h
+    end
+  end,
+}
+
+-- Validate the body before anything is routed: bad JSON and wrong field
+-- types are the client's error (400) and never reach a worker.
+-- -> true, stream, model | nil, message
+local function inspect(route, x)
+  if ok_extract then return extract.check(route, x) end
+  local obj, err = cjson.decode(x:body())
+  if type(obj) ~= "table" then return nil, "invalid JSON body: " .. tostring(err or "not an object") end
+  if route == "chat" and type(obj.messages) ~= "table" then return nil, "field 'messages' must be an array" end
+  if route == "completions" and obj.prompt == nil then return nil, "field 'prompt' is required" end
+  return true, obj.stream == true, obj.model
+end
+
+-- --- one request ------------------------------------------------------------------
+
+function M:infer(x, route)
+  local r = self.r
+  local t0 = core.now()
+  local rid = self:request_id(x, route)
+  local extra = { ["x-request-id"] = rid }
+  if r.cors_check then r:cors_headers(x, extra) end
+  local rs = stats.for_route(route)
+  rs.requests:inc()
+  -- one table per request: the policy's view and the access log's record.
+  -- Every field set later is present from the start (false), so the table
+  -- is allocated once at its final size.
+  local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
+    extra = extra, stream = false, model = false, worker = false, error = false,
+    policy = r.policy, decision = false, match_ratio = false, max_load = false,
+    min_load = false }, req_mt)
+
+  local limiter = self.limiter
+  local ok, status, msg = limiter:acquire()
+  if not ok then
+    stats.queue_depth_h:set(limiter:depth())
+    stats.rejections:inc(1, status == 429 and "queue_full" or "queue_timeout")
+    stats.errors:inc(1, route, status == 429 and "rate_limited" or "queue_timeout")
+    r:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
+    return self:access(x, req)
+  end
+  local okr, err = true, nil
+  if x:closed() then
+    req.error = "client_closed"    -- gave up while queued: do not bother a worker
+  else
+    okr, err = pcall(self.run, self, x, req)
+  end
+  limiter:release()
+  if not okr then
+    stats.script_errors:inc()
+    log.error("request failed in script", { request_id = rid, error = tostring(err) })
+    r:send_error(x, 500, "internal router error", "internal_error", extra)
+  end
+  self:access(x, req)
+end
+
+function M:access(x, req)
+  local dur = (core.now() - req.t0) / 1000
+  req.rs.duration:observe(dur)
+  if log.enabled("info") then
+    log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
+      status = x:status(), duration_ms = floor(dur * 1e4) / 10, retries = req.retries,
+      stream = req.stream or false, error = req.error or nil })
+  end
+end
+
+-- The start of one leg on worker w, picked by policy: load and breaker
+-- bookkeeping, undone once by settle.
+function M:take(req, w)
+  req.worker = w.url
+  local wm = w.m
+  wm.decisions:inc()
+  w.breaker:dispatched()
+  w.load = w.load + 1
+  w.processed = w.processed + 1
+  wm.processed:inc()
+end
+
+-- The end of one leg on worker w: outcome "success", "failure" or nil
+-- (cancelled: neither), and the policy that picked w hears of it.
+function M:settle(req, w, policy, outcome, status)
+  w.load = w.load - 1
+  local wm = w.m
+  local now = core.now()
+  if outcome == "success" then
+    w.breaker:success(now)
+    wm.success:inc()
+  elseif outcome == "failure" then
+    w.breaker:failure(now)
+    wm.failure:inc()
+  else
+    w.breaker:cancelled()
+  end
+  if policy.on_done then policy:on_done(req, w, status, now - req.t0) end
+end
+
+-- Validate, then attempt until the request is answered or out of attempts.
+function M:run(x, req)
+  local r = self.r
+  local route, extra = req.route, req.extra
+  local ok, stream_or_err, model = inspect(route, x)
+  if not ok then
+    stats.errors:inc(1, route, "bad_request")
+    req.error = "bad_request"
+    return r:send_error(x, 400, stream_or_err, "invalid_request_error", extra)
+  end
+  req.stream, req.model = stream_or_err, model or false
+
+  local deadline = req.t0 + self.request_timeout_ms
+  local attempts = self.retry:attempts()
+  local d = self.dispatcher
+  -- what the failed attempts leave: the workers to avoid, and the last
+  -- failure to answer with when no attempt succeeds
+  local st = { failed = nil, status = nil, body = nil, ctype = nil, err = nil,
+    fwd = { headers = { ["x-request-id"] = req.id } } }
+
+  for attempt = 1, attempts do
+    local now = core.now()
+    local legs, why = d.pick(self, req, st.failed, now)
+    if not legs then
+      st.err = why or st.err
+      break
+    end
+    if deadline - now <= 0 then
+      for _, leg in ipairs(legs) do
+        self:take(req, leg.w)
+        self:settle(req, leg.w, leg.policy, nil, 504)
+      end
+      st.err = "timeout"
+      break
+    end
+    local verdict = d.dispatch(self, x, req, legs, st, deadline, attempt < attempts)
+    if verdict == "done" then return end
+    if verdict == "fail" then break end
+    if attempt < attempts then
+      req.retries = req.retries + 1
+      req.rs.retries:inc()
+      local wait = self.retry:backoff_ms(attempt - 1)
+      wait = min(wait, max(0, deadline - core.now()))
+      stats.retry_backoff:observe(wait / 1000, tostring(attempt))
+      if wait > 0 then core.sleep(wait) end
+      if x:closed() then req.error = "client_closed"; return end
+    end
+  end
+  self:fail(x, req, st)
+end
+
+-- Every attempt failed, or nothing could be tried: answer with what the
+-- last attempt left, or 503 when no worker could take the request.
+function M:fail(x, req, st)
+  local r = self.r
+  local route, extra = req.route, req.extra
+  if st.status and st.body then
+    stats.errors:inc(1, route, "worker_" .. st.status)
+    req.rs.exhausted:inc()
+    req.error = "retries_exhausted"
+    return x:respond(st.status, r.merge(extra, { ["content-type"] = st.ctype or "application/json" }),
+      st.body)
+  end
+  local last_err = st.err
+  if st.status then
+    stats.errors:inc(1, route, last_err == "timeout" and "timeout" or "worker_unreachable")
+    if req.retries > 0 then req.rs.exhausted:inc() end
+    req.error = last_err
+    local emsg = last_err == "timeout" and "worker did not answer within --request-timeout-secs"
+      or ("worker unreachable (" .. tostring(last_err) .. ")")
+    return r:send_error(x, st.status, emsg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
+  end
+  stats.errors:inc(1, route, "no_workers")
+  req.error = "no_workers"
+  local emsg
+  if #self.workers.list == 0 then
+    emsg = "no workers are registered"
+  elseif self.workers:healthy_count() == 0 then
+    emsg = "no healthy workers available"
+  elseif last_err then
+    emsg = "no worker available: " .. tostring(last_err)
+  else
+    emsg = "no available workers (all circuits open or unhealthy)"
+  end
+  return r:send_error(x, 503, emsg, "no_workers", extra)
+end
+
+-- --- regular mode: one worker per attempt --------------------------------------------
+
+local regular = {}
+M.regular = regular
+
+-- -> { { w = worker, policy = instance } } | nil, why
+function regular.pick(flow, req, failed, now)
+  local avail = flow.workers:available(now, failed)
+  if #avail == 0 then return nil end
+  local policy = req.policy
+  local w, why = policy:select(req, avail)
+  if not w then return nil, why or "policy selected no worker" end
+  return { { w = w, policy = policy } }
+end
+
+-- Forward to the leg's worker. Before the response head the attempt can
+-- still fail over: a transport error or a retryable status is left in st
+-- and "retry" returned ("fail" when it is not worth another attempt).
+-- Otherwise the response is committed: streamed to the client as it comes
+-- ("done").
+function regular.dispatch(flow, x, req, legs, st, deadline, can_retry)
+  local leg = legs[1]
+  local w, policy = leg.w, leg.policy
+  local route, rs = req.route, req.rs
+  flow:take(req, w)
+  local now = core.now()
+  local left = deadline - now
+  local fwd = st.fwd
+  fwd.timeout_ms = left
+  fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
+  local resp, ferr = x:forward(w.pool, fwd)
+  if not resp then
+    if ferr == "client_closed" then
+      flow:settle(req, w, policy, nil, 499)
+      req.error = "client_closed"
+      return "done"
+    end
+    flow:settle(req, w, policy, "failure", 502)
+    rs.upstream:observe((core.now() - now) / 1000)
+    st.err = ferr
+    st.status = ferr == "timeout" and 504 or 502
+    st.body, st.ctype = nil, nil
+    log.warn("worker request failed", { request_id = req.id, worker = w.url, error = ferr,
+      attempt = req.retries + 1 })
+    if ferr == "timeout" or not retry.retryable_error(ferr) then return "fail" end
+    st.failed = st.failed or {}
+    st.failed[w.url] = true
+    return "retry"
+  end
+  local status = resp:status()
+  rs.ttfb:observe((core.now() - req.t0) / 1000)
+  if status >= 400 and retry.retryable_status(status) and can_retry then
+    -- not sent to the client yet: drain it and try elsewhere
+    st.body = resp:read()
+    st.ctype = resp:header("content-type")
+    st.status, st.err = status, nil
+    resp:close()
+    flow:settle(req, w, policy, "failure", status)
+    st.failed = st.failed or {}
+    st.failed[w.url] = true
+    log.warn("worker answered " .. status .. ", retrying", { request_id = req.id, worker = w.url,
+      attempt = req.retries + 1 })
+    return "retry"
+  end
+  -- commit: from here on the client sees this worker's response
+  local okp, perr = resp:pipe(req.extra)
+  rs.upstream:observe((core.now() - now) / 1000)
+  flow:settle(req, w, policy, (status >= 500 or not okp and perr ~= "client_closed") and "failure" or "success",
+    status)
+  if status >= 400 then
+    stats.errors:inc(1, route, "worker_" .. status)
+    if retry.retryable_status(status) and flow.retry.max_retries > 0 then rs.exhausted:inc() end
+  end
+  if not okp then
+    req.error = perr
+    if perr == "timeout" then
+      stats.errors:inc(1, route, "timeout")
+      if x:state() == "streaming" then
+        if req.stream then x:write(SSE_TIMEOUT) end
+        x:finish()
+      end
+    elseif perr ~= "client_closed" then
+      stats.errors:inc(1, route, "worker_reset")
+      x:abort()
+    end
+  end
+  resp:close()
+  return "done"
+end
+
+return M

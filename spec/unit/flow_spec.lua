@@ -1,0 +1,111 @@
+-- The request flow (lua/sglr/flow.lua) in one process: a listener whose
+-- handler runs the flow, a worker played by another listener, and a router
+-- table with only what the flow reads.
+local core = require "sglr.core"
+local cjson = require "cjson.safe"
+local flow_mod = require "sglr.flow"
+local workers_mod = require "sglr.workers"
+local retry = require "sglr.retry"
+local stats = require "sglr.stats"
+local router = require "sglr.router"
+
+-- A policy that records what reaches it.
+local function recording_policy(name)
+  local p = { name = name, selected = 0, done = {} }
+  function p.select(self, _, workers)
+    self.selected = self.selected + 1
+    return workers[1]
+  end
+  function p.on_done(self, _, w, status)
+    self.done[#self.done + 1] = { worker = w.url, status = status }
+  end
+  return p
+end
+
+local function listen(handler)
+  return assert(core.listen("127.0.0.1", 0, {}, handler))
+end
+
+local function await(cond, ms)
+  local t = core.now()
+  while not cond() and core.now() - t < (ms or 2000) do core.sleep(2) end
+  return cond()
+end
+
+describe("request flow", function()
+  local servers = {}
+  after_each(function()
+    for _, s in ipairs(servers) do s:close() end
+    servers = {}
+  end)
+
+  -- a worker that answers after `delay` ms (set by the test) with `status`
+  local function worker(opts)
+    local srv = listen(function(x)
+      opts.seen = (opts.seen or 0) + 1
+      if opts.delay then core.sleep(opts.delay) end
+      x:respond(opts.status or 200, { ["content-type"] = "application/json" }, '{"ok":true}')
+    end)
+    servers[#servers + 1] = srv
+    return "http://127.0.0.1:" .. srv:port()
+  end
+
+  local function fake_router(urls, policy, conf)
+    conf = conf or {}
+    local r = { conf = conf, policy = policy, cors_check = false, merge = router.merge,
+      retry = retry.new(conf),
+      limiter = { acquire = function() return true end, release = function() end,
+                  depth = function() return 0 end } }
+    function r.send_error(_, x, status, message, etype, extra)
+      x:respond(status, router.merge({ ["content-type"] = "application/json" }, extra),
+        cjson.encode({ error = { message = message, type = etype } }))
+    end
+    r.workers = workers_mod.new(conf, { added = function(w) w.m = stats.for_worker(w.url, "test") end })
+    for _, u in ipairs(urls) do assert(r.workers:add(u)) end
+    r.flow = flow_mod.new(r)
+    local front = listen(function(x) r.flow:infer(x, "generate") end)
+    servers[#servers + 1] = front
+    r.url = "http://127.0.0.1:" .. front:port()
+    return r
+  end
+
+  local function post(url)
+    return core.request(assert(core.upstream(url)), { method = "POST", path = "/generate",
+      body = '{"text":"hi"}', headers = { ["content-type"] = "application/json" } })
+  end
+
+  it("settles a request with the policy instance that picked its worker", function()
+    local w = { delay = 60 }
+    local a, b = recording_policy("a"), recording_policy("b")
+    local r = fake_router({ worker(w) }, a)
+    local res
+    core.spawn(function() res = post(r.url) end)
+    -- while the worker holds the request, the router's policy is replaced
+    assert.is_true(await(function() return w.seen == 1 end))
+    r.policy = b
+    assert.is_true(await(function() return res ~= nil end))
+    assert.equal(200, res.status)
+    assert.equal(1, a.selected)
+    assert.same({ { worker = r.workers.list[1].url, status = 200 } }, a.done)
+    assert.equal(0, b.selected)
+    assert.same({}, b.done)
+    -- the next request belongs to the new instance
+    assert.equal(200, post(r.url).status)
+    assert.equal(1, b.selected)
+    assert.equal(1, #b.done)
+    assert.equal(0, r.workers.list[1].load)
+  end)
+
+  it("re-picks after a retryable status and settles each attempt once", function()
+    local bad, good = { status = 503 }, {}
+    local p = recording_policy("p")
+    local r = fake_router({ worker(bad), worker(good) }, p, { retry_initial_backoff_ms = 1 })
+    local res = post(r.url)
+    assert.equal(200, res.status)
+    assert.equal(2, p.selected)
+    assert.equal(2, #p.done)
+    assert.equal(503, p.done[1].status)
+    assert.equal(200, p.done[2].status)
+    for _, wk in ipairs(r.workers.list) do assert.equal(0, wk.load) end
+  end)
+end)
