@@ -202,7 +202,6 @@ function P:select(req, workers)
   end
   self.counts[decision] = self.counts[decision] + 1
   req.decision, req.match_ratio = decision, ratio
-  req.max_load, req.min_load = max_load, min_load
   local m = self.m
   if m then
     m[decision]:inc()

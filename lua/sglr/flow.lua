@@ -15,7 +15,7 @@
 -- select and on_done of one request always reach the same instance, even
 -- if the router's policy is swapped meanwhile. Regular mode is one
 -- dispatcher (one leg per attempt); a dispatcher is a table with pick and
--- dispatch, so other modes plug in beside it.
+-- dispatch (below), so other modes plug in beside it.
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
 local log = require "sglr.log"
@@ -43,6 +43,7 @@ function M.new(r)
     retry = r.retry,
     request_timeout_ms = (conf.request_timeout_secs or 600) * 1000,
     connect_timeout_ms = conf.connect_timeout_ms or 5000,
+    spare = {},               -- candidate lists (take_list / give_list)
   }, M)
   self.request_id_headers = conf.request_id_headers or
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
@@ -100,12 +101,12 @@ function M:infer(x, route)
   local rs = stats.for_route(route)
   rs.requests:inc()
   -- one table per request: the policy's view and the access log's record.
-  -- Every field set later is present from the start (false), so the table
-  -- is allocated once at its final size.
+  -- The fields set later are present from the start (false), so the table
+  -- is allocated once at its final size; `failed` (the workers a retry
+  -- avoids) comes only with a failure.
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
-    policy = r.policy, decision = false, match_ratio = false, max_load = false,
-    min_load = false }, req_mt)
+    policy = r.policy, decision = false, match_ratio = false }, req_mt)
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -171,6 +172,24 @@ function M:settle(req, w, policy, outcome, status)
   if policy.on_done then policy:on_done(req, w, status, now - req.t0) end
 end
 
+-- Candidate lists for the policies, recycled: a list is the caller's from
+-- take_list until give_list (after select has returned, even if it yielded
+-- meanwhile), so no request sees another's, and none costs an allocation.
+function M:take_list()
+  local spare = self.spare
+  local n = #spare
+  if n == 0 then return {} end
+  local t = spare[n]
+  spare[n] = nil
+  return t
+end
+
+function M:give_list(t)
+  for i = #t, 1, -1 do t[i] = nil end
+  local spare = self.spare
+  if #spare < 64 then spare[#spare + 1] = t end
+end
+
 -- Validate, then attempt until the request is answered or out of attempts.
 function M:run(x, req)
   local r = self.r
@@ -186,28 +205,21 @@ function M:run(x, req)
   local deadline = req.t0 + self.request_timeout_ms
   local attempts = self.retry:attempts()
   local d = self.dispatcher
-  -- what the failed attempts leave: the workers to avoid, and the last
-  -- failure to answer with when no attempt succeeds
-  local st = { failed = nil, status = nil, body = nil, ctype = nil, err = nil,
-    fwd = { headers = { ["x-request-id"] = req.id } } }
+  local fwd = { headers = { ["x-request-id"] = req.id } }
+  -- the last failure, answered when no attempt succeeds
+  local last_status, last_body, last_ctype, last_err
 
   for attempt = 1, attempts do
     local now = core.now()
-    local legs, why = d.pick(self, req, st.failed, now)
-    if not legs then
-      st.err = why or st.err
+    local a, b = d.pick(self, req, now)
+    if not a then
+      last_err = b or last_err
       break
     end
-    if deadline - now <= 0 then
-      for _, leg in ipairs(legs) do
-        self:take(req, leg.w)
-        self:settle(req, leg.w, leg.policy, nil, 504)
-      end
-      st.err = "timeout"
-      break
-    end
-    local verdict = d.dispatch(self, x, req, legs, st, deadline, attempt < attempts)
+    local verdict, status, body, ctype, err = d.dispatch(self, x, req, fwd, deadline,
+      attempt < attempts, a, b)
     if verdict == "done" then return end
+    last_status, last_body, last_ctype, last_err = status, body, ctype, err
     if verdict == "fail" then break end
     if attempt < attempts then
       req.retries = req.retries + 1
@@ -219,29 +231,27 @@ function M:run(x, req)
       if x:closed() then req.error = "client_closed"; return end
     end
   end
-  self:fail(x, req, st)
+  self:fail(x, req, last_status, last_body, last_ctype, last_err)
 end
 
 -- Every attempt failed, or nothing could be tried: answer with what the
 -- last attempt left, or 503 when no worker could take the request.
-function M:fail(x, req, st)
+function M:fail(x, req, status, body, ctype, last_err)
   local r = self.r
   local route, extra = req.route, req.extra
-  if st.status and st.body then
-    stats.errors:inc(1, route, "worker_" .. st.status)
+  if status and body then
+    stats.errors:inc(1, route, "worker_" .. status)
     req.rs.exhausted:inc()
     req.error = "retries_exhausted"
-    return x:respond(st.status, r.merge(extra, { ["content-type"] = st.ctype or "application/json" }),
-      st.body)
+    return x:respond(status, r.merge(extra, { ["content-type"] = ctype or "application/json" }), body)
   end
-  local last_err = st.err
-  if st.status then
+  if status then
     stats.errors:inc(1, route, last_err == "timeout" and "timeout" or "worker_unreachable")
     if req.retries > 0 then req.rs.exhausted:inc() end
     req.error = last_err
     local emsg = last_err == "timeout" and "worker did not answer within --request-timeout-secs"
       or ("worker unreachable (" .. tostring(last_err) .. ")")
-    return r:send_error(x, st.status, emsg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
+    return r:send_error(x, status, emsg, last_err == "timeout" and "timeout" or "worker_unreachable", extra)
   end
   stats.errors:inc(1, route, "no_workers")
   req.error = "no_workers"
@@ -258,34 +268,52 @@ function M:fail(x, req, st)
   return r:send_error(x, 503, emsg, "no_workers", extra)
 end
 
+-- A worker failed this request: later attempts avoid it while others remain.
+local function avoid(req, w)
+  local f = req.failed
+  if not f then
+    f = {}
+    req.failed = f
+  end
+  f[w.url] = true
+end
+
 -- --- regular mode: one worker per attempt --------------------------------------------
 
+-- A dispatcher is { pick, dispatch }:
+--   pick(flow, req, now) -> the attempt's workers (up to two values) | nil, why
+--   dispatch(flow, x, req, fwd, deadline, can_retry, ...workers) ->
+--     "done"                                  answered (or the client left)
+--     "retry"|"fail", status, body, ctype, err  failed before the commit;
+--                                             "fail" when not worth another
 local regular = {}
 M.regular = regular
 
--- -> { { w = worker, policy = instance } } | nil, why
-function regular.pick(flow, req, failed, now)
-  local avail = flow.workers:available(now, failed)
-  if #avail == 0 then return nil end
-  local policy = req.policy
-  local w, why = policy:select(req, avail)
+function regular.pick(flow, req, now)
+  local avail = flow.workers:available(now, req.failed, nil, flow:take_list())
+  if #avail == 0 then
+    flow:give_list(avail)
+    return nil
+  end
+  local w, why = req.policy:select(req, avail)
+  flow:give_list(avail)
   if not w then return nil, why or "policy selected no worker" end
-  return { { w = w, policy = policy } }
+  return w
 end
 
--- Forward to the leg's worker. Before the response head the attempt can
--- still fail over: a transport error or a retryable status is left in st
--- and "retry" returned ("fail" when it is not worth another attempt).
--- Otherwise the response is committed: streamed to the client as it comes
--- ("done").
-function regular.dispatch(flow, x, req, legs, st, deadline, can_retry)
-  local leg = legs[1]
-  local w, policy = leg.w, leg.policy
+-- Forward to the worker. Before the response head the attempt can still
+-- fail over: a transport error or a retryable status ends it with "retry".
+-- Otherwise the response is committed: streamed to the client as it comes.
+function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
+  local policy = req.policy
   local route, rs = req.route, req.rs
   flow:take(req, w)
   local now = core.now()
   local left = deadline - now
-  local fwd = st.fwd
+  if left <= 0 then
+    flow:settle(req, w, policy, nil, 504)
+    return "fail", nil, nil, nil, "timeout"
+  end
   fwd.timeout_ms = left
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
   local resp, ferr = x:forward(w.pool, fwd)
@@ -297,30 +325,27 @@ function regular.dispatch(flow, x, req, legs, st, deadline, can_retry)
     end
     flow:settle(req, w, policy, "failure", 502)
     rs.upstream:observe((core.now() - now) / 1000)
-    st.err = ferr
-    st.status = ferr == "timeout" and 504 or 502
-    st.body, st.ctype = nil, nil
     log.warn("worker request failed", { request_id = req.id, worker = w.url, error = ferr,
       attempt = req.retries + 1 })
-    if ferr == "timeout" or not retry.retryable_error(ferr) then return "fail" end
-    st.failed = st.failed or {}
-    st.failed[w.url] = true
-    return "retry"
+    local status = ferr == "timeout" and 504 or 502
+    if ferr == "timeout" or not retry.retryable_error(ferr) then
+      return "fail", status, nil, nil, ferr
+    end
+    avoid(req, w)
+    return "retry", status, nil, nil, ferr
   end
   local status = resp:status()
   rs.ttfb:observe((core.now() - req.t0) / 1000)
   if status >= 400 and retry.retryable_status(status) and can_retry then
     -- not sent to the client yet: drain it and try elsewhere
-    st.body = resp:read()
-    st.ctype = resp:header("content-type")
-    st.status, st.err = status, nil
+    local body = resp:read()
+    local ctype = resp:header("content-type")
     resp:close()
     flow:settle(req, w, policy, "failure", status)
-    st.failed = st.failed or {}
-    st.failed[w.url] = true
+    avoid(req, w)
     log.warn("worker answered " .. status .. ", retrying", { request_id = req.id, worker = w.url,
       attempt = req.retries + 1 })
-    return "retry"
+    return "retry", status, body, ctype
   end
   -- commit: from here on the client sees this worker's response
   local okp, perr = resp:pipe(req.extra)

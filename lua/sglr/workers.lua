@@ -71,8 +71,11 @@ end
 -- workers that already failed this request, unless nothing else is left.
 -- The list belongs to the caller: a policy may yield (await rt.http) while
 -- other requests route, so a list shared between calls would change under it.
-function M:available(now, exclude, role)
-  local out, excluded = {}, 0
+-- `out`, when given, is an empty list of the caller's to fill (the flow
+-- recycles its lists instead of making one per request).
+function M:available(now, exclude, role, out)
+  local excluded = 0
+  out = out or {}
   for _, w in ipairs(self.list) do
     if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then
       if exclude and exclude[w.url] then
