@@ -364,34 +364,6 @@ int sglr_json_literal(sglr_json_t *j)
 
 /* ---- structure ---------------------------------------------------------- */
 
-int sglr_json_next(sglr_json_t *j, uint8_t close)
-{
-    int c = sglr_json_peek(j);
-    if (c == ',') {
-        j->p++;
-        return 1;
-    }
-    if (c == close) {
-        j->p++;
-        j->depth--;
-        return 0;
-    }
-    return sglr_json_expected(j, close == '}' ? "',' or '}'" : "',' or ']'");
-}
-
-int sglr_json_open(sglr_json_t *j, uint8_t close)
-{
-    if (++j->depth > SGLR_JSON_MAX_DEPTH)
-        return sglr_json_error(j, j->p, "nesting deeper than %d levels", SGLR_JSON_MAX_DEPTH);
-    j->p++;
-    if (sglr_json_peek(j) == close) {
-        j->p++;
-        j->depth--;
-        return 0;
-    }
-    return 1;
-}
-
 int sglr_json_key(sglr_json_t *j, sglr_json_key_t *k)
 {
     if (sglr_json_peek(j) != '"')
@@ -410,10 +382,8 @@ int sglr_json_key(sglr_json_t *j, sglr_json_key_t *k)
 
 /* Decodes as it compares, so an escaped key needs no buffer. The key was
  * validated by sglr_json_key, but the bounds are checked all the same. */
-int sglr_json_key_is(const sglr_json_key_t *k, const char *name, size_t n)
+int sglr_json_key_is_escaped(const sglr_json_key_t *k, const char *name, size_t n)
 {
-    if (!k->escaped)
-        return k->n == n && memcmp(k->s, name, n) == 0;
     const uint8_t *p = (const uint8_t *)k->s, *end = p + k->n;
     size_t at = 0;
     while (p < end) {

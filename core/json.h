@@ -21,6 +21,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define SGLR_JSON_MAX_DEPTH 512
 
@@ -87,14 +88,45 @@ int sglr_json_skip(sglr_json_t *j);
 
 /* On '{' or '[' (close is '}' or ']'): 1 when the container has members,
  * 0 when it was empty (and is consumed), or -EINVAL. */
-int sglr_json_open(sglr_json_t *j, uint8_t close);
+static inline int sglr_json_open(sglr_json_t *j, uint8_t close)
+{
+    if (++j->depth > SGLR_JSON_MAX_DEPTH)
+        return sglr_json_error(j, j->p, "nesting deeper than %d levels", SGLR_JSON_MAX_DEPTH);
+    j->p++;
+    if (sglr_json_peek(j) == close) {
+        j->p++;
+        j->depth--;
+        return 0;
+    }
+    return 1;
+}
+
 /* After a member: 1 on ',' (consumed: another follows), 0 on close
  * (consumed), or -EINVAL. */
-int sglr_json_next(sglr_json_t *j, uint8_t close);
+static inline int sglr_json_next(sglr_json_t *j, uint8_t close)
+{
+    int c = sglr_json_peek(j);
+    if (c == ',') {
+        j->p++;
+        return 1;
+    }
+    if (c == close) {
+        j->p++;
+        j->depth--;
+        return 0;
+    }
+    return sglr_json_expected(j, close == '}' ? "',' or '}'" : "',' or ']'");
+}
 /* An object key and its ':'; leaves the cursor on the value. */
 int sglr_json_key(sglr_json_t *j, sglr_json_key_t *k);
-/* The key, decoded, equals name[0..n). */
-int sglr_json_key_is(const sglr_json_key_t *k, const char *name, size_t n);
+int sglr_json_key_is_escaped(const sglr_json_key_t *k, const char *name, size_t n);
+/* The key, decoded, equals name[0..n). Inline: it runs for every key. */
+static inline int sglr_json_key_is(const sglr_json_key_t *k, const char *name, size_t n)
+{
+    if (k->escaped)
+        return sglr_json_key_is_escaped(k, name, n);
+    return k->n == n && memcmp(k->s, name, n) == 0;
+}
 #define SGLR_JSON_KEY_IS(k, lit) sglr_json_key_is((k), lit, sizeof lit - 1)
 
 /* Length of the well-formed UTF-8 sequence at p (lead byte >= 0x80), or 0. */
