@@ -21,6 +21,8 @@
 #ifndef SGLR_EXTRACT_H
 #define SGLR_EXTRACT_H
 
+#include "msg.h"
+
 #include <stddef.h>
 
 typedef enum {
@@ -31,11 +33,6 @@ typedef enum {
 
 /* "generate", "chat", "completions" -> route, anything else -> -1. */
 int sglr_extract_route(const char *name, size_t len);
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-} sglr_extract_buf_t;
 
 enum { SGLR_EXTRACT_TEXT = 1 };
 
@@ -49,7 +46,7 @@ typedef struct {
     size_t text_len;
     char err[192];              /* why the body was refused */
     /* private */
-    sglr_extract_buf_t buf[5];
+    sglr_buf_t buf[4];
 } sglr_extract_t;
 
 void sglr_extract_init(sglr_extract_t *x);
