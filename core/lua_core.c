@@ -10,6 +10,7 @@
  *   sglr.exchange  -> sglr_exchange_t    (one per request, lua_server.c)
  *   sglr.pool      -> sglr_pool_t        (core.upstream(url), lua_proxy.c)
  *   sglr.response  -> one proxy leg      (x:forward / core.request, lua_proxy.c)
+ *   sglr.pd        -> a prefill and a decode leg (x:forward_pd, lua_pd.c)
  */
 #include "lua_common.h"
 
@@ -403,5 +404,6 @@ int luaopen_sglr_core(lua_State *L)
     luaL_register(L, NULL, fns);
     sglr_lua_open_server(L);
     sglr_lua_open_proxy(L);
+    sglr_lua_open_pd(L);
     return 1;
 }

@@ -42,6 +42,11 @@ static int l_upstream(lua_State *L)
     return 1;
 }
 
+struct sglr_pool_s *sglr_lua_check_pool(lua_State *L, int idx)
+{
+    return sglr_lua_check_box(L, idx, POOL_MT);
+}
+
 static int pool_gc(lua_State *L)
 {
     void **box = luaL_checkudata(L, 1, POOL_MT);

@@ -20,6 +20,7 @@
 
 static void px_destroy(sglr_proxy_t *px)
 {
+    sglr_buf_free(&px->filtered);
     if (px->x)
         sglr_exchange_release(px->x);
     free(px);
@@ -103,8 +104,14 @@ static void leg_end(sglr_leg_t *leg, int err)
     leg->err = err;
     if (err < 0)
         sglr_upreq_abort(leg->req);
-    if (piping && err == 0 && px->x)
+    if (piping && err == 0 && px->x) {
+        if (leg->filter && !sglr_exchange_closed(px->x)) {
+            px->filtered.len = 0;
+            if (leg->filter(leg, NULL, 0, &px->filtered) == 0 && px->filtered.len)
+                sglr_exchange_write(px->x, px->filtered.data, px->filtered.len);
+        }
         sglr_exchange_finish(px->x);
+    }
     px_detach_if_idle(px);
     if (!leg->cancelled && px->on_end)
         px->on_end(leg, err);
@@ -166,12 +173,25 @@ static void up_on_body(sglr_upreq_t *r, const char *d, size_t n)
             return;
         /* a failed write closes the client, which ends every leg */
         px_enter(px);
-        sglr_exchange_write(x, d, n);
+        if (leg->filter) {
+            px->filtered.len = 0;
+            if (leg->filter(leg, d, n, &px->filtered)) {
+                sglr_upreq_fail(r, SGLR_UP_ENOMEM);     /* deferred: we are parsing */
+                px_leave(px);
+                return;
+            }
+            d = px->filtered.data;
+            n = px->filtered.len;
+        }
+        if (n)
+            sglr_exchange_write(x, d, n);
         if (leg->state == SGLR_LEG_PIPE && sglr_exchange_write_queue(x) > SGLR_WRITE_HIGH)
             sglr_upreq_throttle(r, 1);
         px_leave(px);
         return;
     }
+    if (leg->discard)
+        return;
     if (leg->max_body >= 0 && (long long)(leg->body.len + n) > leg->max_body) {
         sglr_upreq_fail(r, SGLR_UP_EPROTO);    /* on_done follows, with the error */
         return;
@@ -270,7 +290,7 @@ int sglr_proxy_pipe(sglr_leg_t *leg, const char *hdrs, size_t hlen)
     /* the head waits for what of the body is already here: one write */
     sglr_exchange_hold(x);
     sglr_exchange_cork(x);
-    sglr_exchange_start(x, r->status, hdrs, hlen, r->content_length);
+    sglr_exchange_start(x, r->status, hdrs, hlen, leg->filter ? -1 : r->content_length);
     sglr_upreq_continue(r);
     sglr_exchange_uncork(x);
     sglr_exchange_release(x);

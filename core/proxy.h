@@ -58,6 +58,12 @@ struct sglr_leg_s {
     int state;
     int err;                    /* outcome once SGLR_LEG_DONE */
     int auto_read;              /* read the body without stopping at the head */
+    int discard;                /* a read body is dropped, not kept */
+    /* a piped body passes through filter when set: it appends what to send
+     * for d[0..n) to out (n == 0 and d == NULL: the end, flush); a nonzero
+     * return fails the leg (SGLR_UP_ENOMEM). The response is then framed
+     * chunked, since its length changes. */
+    int (*filter)(sglr_leg_t *, const char *d, size_t n, sglr_buf_t *out);
     long long max_body;         /* cap for a read body (-1: none) */
     sglr_buf_t body;            /* a read body */
     double t_body;              /* first body byte (ms), 0 before */
@@ -76,6 +82,7 @@ struct sglr_proxy_s {
     int cancel_on_fail;         /* a failed leg cancels the others */
     size_t leg_data;            /* owner bytes at each leg's data */
     sglr_leg_t *spare;          /* the first leg, allocated with px */
+    sglr_buf_t filtered;        /* a filter's output, reused per chunk */
     void (*on_head)(sglr_leg_t *);
     void (*on_end)(sglr_leg_t *, int err);
     void *data;                 /* owner's */

@@ -153,8 +153,18 @@ static int choices(sglr_json_t *j, long *n)
     return 0;
 }
 
-int sglr_splice_batch(int route, const char *body, size_t len)
+/* A truthy logprobs request value: true, or a number (completions' count;
+ * 0 still asks for the sampled tokens' logprobs). The value is skipped. */
+static int logprob_value(sglr_json_t *j, int *on)
 {
+    int c = sglr_json_peek(j);
+    *on = c == 't' || c == '-' || (c >= '0' && c <= '9');
+    return sglr_json_skip(j);
+}
+
+int sglr_splice_request(int route, const char *body, size_t len, int *logprobs)
+{
+    int lp = 0;
     if ((!body && len) ||
         (route != SGLR_ROUTE_GENERATE && route != SGLR_ROUTE_CHAT &&
          route != SGLR_ROUTE_COMPLETIONS))
@@ -178,6 +188,8 @@ int sglr_splice_batch(int route, const char *body, size_t len)
             TRY(prompt_shape(&j, ONE_STRING | STRINGS | IDS | ID_ARRAYS, &prompt));
         else if (route == SGLR_ROUTE_CHAT && SGLR_JSON_KEY_IS(&k, "n"))
             TRY(choices(&j, &n));
+        else if (SGLR_JSON_KEY_IS(&k, "return_logprob") || SGLR_JSON_KEY_IS(&k, "logprobs"))
+            TRY(logprob_value(&j, &lp));
         else
             TRY(sglr_json_skip(&j));
         TRY(more = sglr_json_next(&j, '}'));
@@ -190,7 +202,38 @@ int sglr_splice_batch(int route, const char *body, size_t len)
     case SGLR_ROUTE_COMPLETIONS: batch = prompt; break;
     default: batch = n; break;
     }
+    if (logprobs)
+        *logprobs = lp;
     return batch > 0 ? (int)batch : 0;
+}
+
+int sglr_splice_batch(int route, const char *body, size_t len)
+{
+    return sglr_splice_request(route, body, len, NULL);
+}
+
+int sglr_splice_sse_last(const char *p, size_t n, size_t *off, size_t *len)
+{
+    int found = 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t e = i;
+        while (e < n && p[e] != '\n')
+            e++;
+        size_t le = e > i && p[e - 1] == '\r' ? e - 1 : e;
+        if (le - i > 5 && memcmp(p + i, "data:", 5) == 0) {
+            size_t v = i + 5;
+            while (v < le && p[v] == ' ')
+                v++;
+            if (v < le && p[v] == '{') {
+                *off = v;
+                *len = le - v;
+                found = 1;
+            }
+        }
+        i = e + 1;
+    }
+    return found ? 0 : -ENOENT;
 }
 
 /* ---- bootstrap injection ---------------------------------------------------- */

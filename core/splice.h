@@ -48,6 +48,10 @@
  * field has a shape no worker takes (an empty batch, mixed elements, "n"
  * not an integer); -E2BIG past SGLR_SPLICE_MAX_BATCH. */
 int sglr_splice_batch(int route, const char *body, size_t len);
+/* The same, in the same pass also telling whether the request asks for
+ * logprobs (*logprobs = 1 for top-level "return_logprob": true, or
+ * "logprobs" true or a number), which the PD merge needs. */
+int sglr_splice_request(int route, const char *body, size_t len, int *logprobs);
 
 /* Append to out the body with top-level bootstrap_host (a JSON string:
  * host[0..hlen), an IPv6 address already in brackets), bootstrap_port
@@ -74,6 +78,10 @@ uint64_t sglr_splice_room(void);
  * -ENOMEM. */
 int sglr_splice_merge_logprobs(sglr_buf_t *out, const char *prefill, size_t plen,
                                const char *decode, size_t dlen);
+
+/* The JSON payload of the last "data: {...}" line of an SSE body (a
+ * prefill that streamed): *off and *len locate it. 0, or -ENOENT. */
+int sglr_splice_sse_last(const char *p, size_t n, size_t *off, size_t *len);
 
 /* The same merge over a decode SSE stream, event by event:
  *

@@ -170,6 +170,38 @@ TEST(batch_refuses_non_objects)
 #define FIELDS(host, port, room) \
     "\"bootstrap_host\":\"" host "\",\"bootstrap_port\":" port ",\"bootstrap_room\":" room
 
+#define LOGPROBS(route, body) ({ int _lp = -1; \
+    int _b = sglr_splice_request((route), body, sizeof body - 1, &_lp); (void)_b; _lp; })
+
+TEST(request_tells_logprobs)
+{
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_GENERATE, "{\"text\":\"a\",\"return_logprob\":true}"), 1);
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_GENERATE, "{\"text\":\"a\",\"return_logprob\":false}"), 0);
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_GENERATE, "{\"text\":\"a\"}"), 0);
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_COMPLETIONS, "{\"prompt\":\"a\",\"logprobs\":0}"), 1);
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_COMPLETIONS, "{\"prompt\":\"a\",\"logprobs\":null}"), 0);
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_CHAT, "{\"messages\":[],\"logprobs\":true}"), 1);
+    /* nested or quoted look-alikes do not count */
+    CHECK_EQ_INT(LOGPROBS(SGLR_ROUTE_GENERATE,
+        "{\"text\":\"\\\"return_logprob\\\": true\",\"sampling_params\":{\"logprobs\":1}}"), 0);
+    /* and the batch is still counted in the same pass */
+    int lp = 0;
+    static const char b[] = "{\"text\":[\"a\",\"b\"],\"return_logprob\":true}";
+    CHECK_EQ_INT(sglr_splice_request(SGLR_ROUTE_GENERATE, b, sizeof b - 1, &lp), 2);
+    CHECK_EQ_INT(lp, 1);
+}
+
+TEST(sse_last_finds_the_last_json_event)
+{
+    static const char s[] = "data: {\"a\":1}\n\ndata: {\"a\":2}\r\n\r\ndata: [DONE]\n\n";
+    size_t off = 0, len = 0;
+    CHECK_EQ_INT(sglr_splice_sse_last(s, sizeof s - 1, &off, &len), 0);
+    CHECK_EQ_INT(len, 7);
+    CHECK(memcmp(s + off, "{\"a\":2}", 7) == 0);
+    CHECK_EQ_INT(sglr_splice_sse_last("data: [DONE]\n\n", 14, &off, &len), -ENOENT);
+    CHECK_EQ_INT(sglr_splice_sse_last("", 0, &off, &len), -ENOENT);
+}
+
 TEST(bootstrap_single)
 {
     CHECK_EQ_STR(boot("{\"text\":\"hi\"}", "10.0.0.1", 8998, 42),
@@ -895,6 +927,8 @@ TEST(fuzz_streams_without_the_key_are_unchanged)
 int main(void)
 {
     RUN(batch_generate);
+    RUN(request_tells_logprobs);
+    RUN(sse_last_finds_the_last_json_event);
     RUN(batch_completions);
     RUN(batch_chat);
     RUN(batch_refuses_non_objects);

@@ -48,7 +48,7 @@ function M.new(r)
   self.request_id_headers = conf.request_id_headers or
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
   for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
-  self.dispatcher = M.regular
+  self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
   return self
 end
 
@@ -106,7 +106,8 @@ function M:infer(x, route)
   -- avoids) comes only with a failure.
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
-    policy = r.policy, decision = false, match_ratio = false }, req_mt)
+    policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
+    match_ratio = false }, req_mt)
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -135,10 +136,11 @@ end
 function M:access(x, req)
   local dur = (core.now() - req.t0) / 1000
   req.rs.duration:observe(dur)
+  if req.dpolicy then stats.pd_duration:observe(dur, req.route) end
   if log.enabled("info") then
     log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
-      status = x:status(), duration_ms = floor(dur * 1e4) / 10, retries = req.retries,
-      stream = req.stream or false, error = req.error or nil })
+      prefill = req.prefill, status = x:status(), duration_ms = floor(dur * 1e4) / 10,
+      retries = req.retries, stream = req.stream or false, error = req.error or nil })
   end
 end
 
@@ -370,6 +372,170 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     end
   end
   resp:close()
+  return "done"
+end
+
+-- --- PD mode: a prefill and a decode worker per attempt ---------------------------------
+
+-- The request goes to both at once (x:forward_pd splices the bootstrap
+-- fields in C); the client gets the decode's response. Each pool has its
+-- own policy instance (req.policy for prefill, req.dpolicy for decode), and
+-- each leg feeds its worker's breaker, load and policy. A retry re-picks
+-- both workers.
+local pd = {}
+M.pd = pd
+
+local function pick_role(flow, req, now, role, policy)
+  local avail = flow.workers:available(now, req.failed, role, flow:take_list())
+  if #avail == 0 then
+    flow:give_list(avail)
+    return nil, "no healthy " .. role .. " worker"
+  end
+  local w, why = policy:select(req, avail)
+  flow:give_list(avail)
+  if not w then return nil, why or (role .. " policy selected no worker") end
+  return w
+end
+
+function pd.pick(flow, req, now)
+  local pw, why = pick_role(flow, req, now, "prefill", req.policy)
+  if not pw then return nil, why end
+  local dw
+  dw, why = pick_role(flow, req, now, "decode", req.dpolicy)
+  if not dw then return nil, why end
+  return pw, dw
+end
+
+-- A leg's outcome for its breaker: transport failures and 5xx count
+-- against the worker; a cancelled leg counts neither way.
+local function leg_outcome(result, status)
+  if result == "ok" then return status >= 500 and "failure" or "success" end
+  if result == "cancelled" or result == "client_closed" or result == nil then return nil end
+  return "failure"
+end
+
+local function pd_error(leg, etype)
+  stats.pd_errors:inc(1, etype)
+  if leg == "prefill" then stats.pd_prefill_errors:inc() else stats.pd_decode_errors:inc() end
+end
+
+function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
+  local route, rs = req.route, req.rs
+  flow:take(req, pw)
+  flow:take(req, dw)
+  req.prefill, req.worker = pw.url, dw.url
+  stats.pd_requests:inc(1, route)
+  pw.m.pd_prefill:inc()
+  dw.m.pd_decode:inc()
+  local now = core.now()
+  local left = deadline - now
+  if left <= 0 then
+    flow:settle(req, pw, req.policy, nil, 504)
+    flow:settle(req, dw, req.dpolicy, nil, 504)
+    return "fail", nil, nil, nil, "timeout"
+  end
+  fwd.timeout_ms = left
+  fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
+  fwd.route = route
+  fwd.host = pw.bootstrap_host
+  fwd.port = pw.bootstrap_port or false
+  local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd)
+  if not pdx then
+    if ferr == "bad_request" then
+      flow:settle(req, pw, req.policy, nil, 400)
+      flow:settle(req, dw, req.dpolicy, nil, 400)
+      stats.errors:inc(1, route, "bad_request")
+      req.error = "bad_request"
+      flow.r:send_error(x, 400, leg, "invalid_request_error", req.extra)
+      return "done"
+    end
+    if ferr == "client_closed" then
+      flow:settle(req, pw, req.policy, nil, 499)
+      flow:settle(req, dw, req.dpolicy, nil, 499)
+      req.error = "client_closed"
+      return "done"
+    end
+    -- a transport failure on one leg: the other was cancelled
+    local bad = leg == "prefill" and pw or dw
+    flow:settle(req, pw, req.policy, leg == "prefill" and "failure" or nil, 502)
+    flow:settle(req, dw, req.dpolicy, leg == "decode" and "failure" or nil, 502)
+    rs.upstream:observe((core.now() - now) / 1000)
+    pd_error(leg, ferr)
+    log.warn(leg .. " worker request failed", { request_id = req.id, worker = bad.url, error = ferr,
+      attempt = req.retries + 1 })
+    local status = ferr == "timeout" and 504 or 502
+    if ferr == "timeout" or not retry.retryable_error(ferr) then
+      return "fail", status, nil, nil, leg .. " " .. ferr
+    end
+    avoid(req, bad)
+    return "retry", status, nil, nil, leg .. " " .. ferr
+  end
+  rs.ttfb:observe((core.now() - req.t0) / 1000)
+
+  local pst = pdx:prefill_status()
+  if pst < 200 or pst >= 300 then
+    -- the prefill refused: its answer is the request's, the decode goes
+    local body = pdx:read_prefill()
+    local ctype = pdx:prefill_header("content-type")
+    pdx:close()
+    flow:settle(req, pw, req.policy, pst >= 500 and "failure" or "success", pst)
+    flow:settle(req, dw, req.dpolicy, nil, pst)
+    pd_error("prefill", "status_" .. pst)
+    log.warn("prefill worker answered " .. pst, { request_id = req.id, worker = pw.url,
+      attempt = req.retries + 1 })
+    if retry.retryable_status(pst) and can_retry then
+      avoid(req, pw)
+      return "retry", pst, body or "", ctype
+    end
+    stats.errors:inc(1, route, "worker_" .. pst)
+    req.error = "prefill_" .. pst
+    x:respond(pst, flow.r.merge(req.extra, { ["content-type"] = ctype or "application/json" }), body or "")
+    return "done"
+  end
+
+  local dst = pdx:status()
+  if dst >= 400 and retry.retryable_status(dst) and can_retry then
+    local body = pdx:read()
+    local ctype = pdx:header("content-type")
+    pdx:close()
+    local pres = pdx:outcome()
+    flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
+    flow:settle(req, dw, req.dpolicy, "failure", dst)
+    pd_error("decode", "status_" .. dst)
+    avoid(req, dw)
+    log.warn("decode worker answered " .. dst .. ", retrying", { request_id = req.id, worker = dw.url,
+      attempt = req.retries + 1 })
+    return "retry", dst, body or "", ctype
+  end
+
+  -- commit: the client gets the decode's response
+  local okp, perr = pdx:pipe(req.extra)
+  rs.upstream:observe((core.now() - now) / 1000)
+  local pres, dres = pdx:outcome()
+  pdx:close()
+  flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
+  flow:settle(req, dw, req.dpolicy, okp and leg_outcome("ok", dst) or leg_outcome(dres, dst), dst)
+  if pres ~= "ok" and pres ~= "cancelled" and pres ~= "client_closed" then pd_error("prefill", pres) end
+  if dst >= 400 then
+    stats.errors:inc(1, route, "worker_" .. dst)
+    pd_error("decode", "status_" .. dst)
+  end
+  if not okp then
+    req.error = perr
+    if perr == "timeout" then
+      stats.errors:inc(1, route, "timeout")
+      pd_error("decode", "timeout")
+      if x:state() == "streaming" then
+        if req.stream then x:write(SSE_TIMEOUT) end
+        x:finish()
+      end
+    elseif perr ~= "client_closed" then
+      stats.errors:inc(1, route, "worker_reset")
+      stats.pd_stream_errors:inc()
+      pd_error("decode", perr)
+      if x:state() == "streaming" then x:abort() end
+    end
+  end
   return "done"
 end
 

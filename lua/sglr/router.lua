@@ -66,21 +66,24 @@ function M.new(conf)
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
   self.cors_check = true
   self.pending_adds = {}     -- URLs whose /add_worker waits for their health
+  self.pd = conf.pd_disaggregation or false
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
       log.info("worker added", { worker = w.url, healthy = w.healthy })
-      w.m = stats.for_worker(w.url, self.policy_name)
+      local policy, pname = self:policy_for(w)
+      w.m = stats.for_worker(w.url, pname, w.role)
       stats.worker_health:set(w.healthy and 1 or 0, w.url)
       stats.cb_state:set(0, w.url)
       stats.running:set(0, w.url)
-      if self.policy and self.policy.on_add then self.policy:on_add(w) end
+      if policy and policy.on_add then policy:on_add(w) end
       stats.active_workers:set(#self.workers.list)
     end,
     removed = function(w)
-      if self.policy and self.policy.on_remove then self.policy:on_remove(w) end
+      local policy = self:policy_for(w)
+      if policy and policy.on_remove then policy:on_remove(w) end
       for _, m in ipairs({ stats.worker_health, stats.cb_state, stats.running, stats.tree_size,
-                           stats.worker_load }) do
+                           stats.worker_load, stats.pd_prefill, stats.pd_decode }) do
         pcall(m.remove, m, w.url)
       end
       stats.active_workers:set(#self.workers.list)
@@ -131,20 +134,44 @@ function M:runtime()
   return rt
 end
 
-function M:load_policy()
+-- One policy instance: name_or_path -> instance, its name | nil, err
+function M:new_policy(name_or_path)
   local conf = self.conf
-  local P, err = policy_mod.load(conf.policy or "cache_aware")
+  local P, err = policy_mod.load(name_or_path or "cache_aware")
   if not P then return nil, err end
-  local inst
   -- power_of_two polls /get_load on the startup check interval, as SGLang's
   -- router does
   local opts = merge(conf.policy_options, nil)
   if opts.load_check_interval == nil then opts.load_check_interval = conf.worker_startup_check_interval end
+  local inst
   inst, err = policy_mod.instantiate(P, opts, self:runtime())
   if not inst then return nil, err end
-  self.policy = inst
-  self.policy_name = P.name or conf.policy
+  return inst, P.name or name_or_path
+end
+
+-- Regular mode has one instance; PD mode one per pool (--prefill-policy
+-- and --decode-policy, each falling back to --policy).
+function M:load_policy()
+  local conf = self.conf
+  if not self.pd then
+    self.policy, self.policy_name = self:new_policy(conf.policy)
+    return self.policy ~= nil or nil, self.policy_name
+  end
+  local p, pname = self:new_policy(conf.prefill_policy or conf.policy)
+  if not p then return nil, "--prefill-policy: " .. tostring(pname) end
+  local d, dname = self:new_policy(conf.decode_policy or conf.policy)
+  if not d then return nil, "--decode-policy: " .. tostring(dname) end
+  self.policy, self.dpolicy = p, d
+  self.policy_names = { prefill = pname, decode = dname }
+  self.policy_name = pname == dname and pname or (pname .. "/" .. dname)
   return true
+end
+
+-- The policy instance (and its name) that routes to worker w.
+function M:policy_for(w)
+  if self.pd and w.role == "decode" then return self.dpolicy, self.policy_names.decode end
+  if self.pd then return self.policy, self.policy_names.prefill end
+  return self.policy, self.policy_name
 end
 
 -- --- responses --------------------------------------------------------------------
@@ -174,10 +201,10 @@ end
 
 -- Proxy a GET to the first healthy worker that answers (next one on a
 -- connect failure).
-function M:first_worker(x, path)
+function M:first_worker(x, path, role)
   local tried = 0
   for _, w in ipairs(self.workers.list) do
-    if w.healthy then
+    if w.healthy and (not role or w.role == role) then
       tried = tried + 1
       local resp, err = x:forward(w.pool, { method = "GET", path = path, body = "",
         timeout_ms = (self.conf.request_timeout_secs or 600) * 1000,
@@ -190,8 +217,39 @@ function M:first_worker(x, path)
       if err == "client_closed" then return end
     end
   end
-  if tried == 0 then return self:send_error(x, 503, "no healthy workers available", "no_workers") end
+  if tried == 0 then
+    return self:send_error(x, 503, "no healthy " .. (role and role .. " " or "") .. "workers available",
+      "no_workers")
+  end
   self:send_error(x, 502, "no worker answered", "worker_unreachable")
+end
+
+-- PD /health_generate: one healthy pair, both asked at once; healthy only
+-- when both answer 2xx.
+function M:health_generate_pd(x)
+  local pair = {}
+  for _, role in ipairs({ "prefill", "decode" }) do
+    for _, w in ipairs(self.workers.list) do
+      if w.healthy and w.role == role then pair[#pair + 1] = w break end
+    end
+    if #pair == 0 or pair[#pair].role ~= role then
+      return self:send_error(x, 503, "no healthy " .. role .. " worker", "no_workers")
+    end
+  end
+  local timeout = (self.conf.health_check_timeout_secs or 5) * 1000
+  local results = self:fan_out(pair, function(w)
+    return http.request({ method = "GET", url = w.url .. "/health_generate", timeout_ms = timeout })
+  end)
+  local out, ok = {}, true
+  for i, w in ipairs(pair) do
+    local st = results[i][1]
+    local good = st and st >= 200 and st < 300
+    ok = ok and good
+    out[i] = { worker = w.url, role = w.role, status = st, error = not st and tostring(results[i][2]) or nil }
+  end
+  if ok then return x:respond(200, { ["content-type"] = "text/plain" }, "OK\n") end
+  self:send_json(x, 503, { error = { message = "health_generate failed on the prefill/decode pair",
+    type = "unhealthy_workers", workers = setmetatable(out, cjson.array_mt) } })
 end
 
 -- Run fn(w) for every worker concurrently; returns the results by index.
@@ -249,18 +307,26 @@ function M:get_loads(x)
     end
     return -1
   end)
-  local out = {}
+  local out, by_role = {}, { prefill = {}, decode = {} }
   for i, w in ipairs(list) do
     local load = results[i][1] or -1
-    out[i] = { worker = w.url, load = load }
+    out[i] = { worker = w.url, load = load, role = w.role }
     if load >= 0 then stats.worker_load:set(load, w.url) end
+    local r = by_role[w.role]
+    if r then r[#r + 1] = { worker = w.url, load = load } end
   end
-  self:send_json(x, 200, { workers = setmetatable(out, cjson.array_mt) })
+  local body = { workers = setmetatable(out, cjson.array_mt) }
+  if self.pd then    -- and the SGLang router's PD shape
+    body.prefill = setmetatable(by_role.prefill, cjson.array_mt)
+    body.decode = setmetatable(by_role.decode, cjson.array_mt)
+  end
+  self:send_json(x, 200, body)
 end
 
 function M:worker_view(w)
   return { url = w.url, healthy = w.healthy, load = w.load, processed = w.processed,
-    role = w.role, circuit = w.breaker.state, last_health_error = w.last_health_error }
+    role = w.role, bootstrap_port = w.role == "prefill" and (w.bootstrap_port or cjson.null) or nil,
+    circuit = w.breaker.state, last_health_error = w.last_health_error }
 end
 
 function M:list_workers(x)
@@ -269,9 +335,15 @@ function M:list_workers(x)
     urls[i] = w.url
     details[i] = self:worker_view(w)
   end
-  local pstats = self.policy.stats and self.policy:stats() or nil
-  self:send_json(x, 200, { urls = setmetatable(urls, cjson.array_mt),
-    workers = setmetatable(details, cjson.array_mt), policy = self.policy_name, policy_stats = pstats })
+  local function pstats(p) return p.stats and p:stats() or nil end
+  local body = { urls = setmetatable(urls, cjson.array_mt),
+    workers = setmetatable(details, cjson.array_mt), policy = self.policy_name,
+    policy_stats = pstats(self.policy) }
+  if self.pd then
+    body.prefill_policy, body.decode_policy = self.policy_names.prefill, self.policy_names.decode
+    body.decode_policy_stats = pstats(self.dpolicy)
+  end
+  self:send_json(x, 200, body)
 end
 
 function M:add_worker(x, query)
@@ -281,6 +353,26 @@ function M:add_worker(x, query)
   end
   local norm, err = workers_mod.check_url(url)
   if not norm then return self:send_error(x, 400, err, "invalid_request_error") end
+  -- PD mode: role=prefill|decode (required), bootstrap_port=N|none for a prefill
+  local opts = {}
+  local role, bport = query_param(query, "role"), query_param(query, "bootstrap_port")
+  if self.pd then
+    if role ~= "prefill" and role ~= "decode" then
+      return self:send_error(x, 400, "PD mode: add_worker needs role=prefill or role=decode", "invalid_request_error")
+    end
+    opts.role = role
+    if bport and bport ~= "" and bport:lower() ~= "none" then
+      local p = role == "prefill" and tonumber(bport)
+      if not p or p ~= math.floor(p) or p < 1 or p > 65535 then
+        return self:send_error(x, 400, "bootstrap_port must be a port number (1-65535) or none, for a prefill worker",
+          "invalid_request_error")
+      end
+      opts.bootstrap_port = p
+    end
+  elseif (role and role ~= "regular") or bport then
+    return self:send_error(x, 400, "role and bootstrap_port are for PD mode (--pd-disaggregation)",
+      "invalid_request_error")
+  end
   if self.workers:get(norm) or self.pending_adds[norm] then
     return self:send_error(x, 400, "worker " .. norm .. " is already registered", "invalid_request_error")
   end
@@ -291,7 +383,7 @@ function M:add_worker(x, query)
     return self:send_error(x, 400, "worker " .. norm .. " did not become healthy within --worker-startup-timeout-secs: "
       .. tostring(herr), "worker_not_ready")
   end
-  local w, aerr = self.workers:add(norm)
+  local w, aerr = self.workers:add(norm, opts)
   if not w then return self:send_error(x, 400, aerr, "invalid_request_error") end
   x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. norm .. "\n")
 end
@@ -321,15 +413,26 @@ function M:health_endpoint(x)
     type = "unhealthy_workers", unhealthy = bad } })
 end
 
+-- Ready with a worker that can take a request now; in PD mode, with a
+-- prefill and a decode worker.
 function M:readiness(x)
   local healthy, total = 0, #self.workers.list
+  local by_role = { prefill = 0, decode = 0, regular = 0 }
   local now = core.now()
   for _, w in ipairs(self.workers.list) do
-    if w.healthy and w.breaker:allow(now) then healthy = healthy + 1 end
+    if w.healthy and w.breaker:allow(now) then
+      healthy = healthy + 1
+      by_role[w.role] = (by_role[w.role] or 0) + 1
+    end
   end
   local ready = healthy > 0
-  self:send_json(x, ready and 200 or 503, { status = ready and "ready" or "not_ready",
-    healthy_workers = healthy, total_workers = total })
+  local body = { healthy_workers = healthy, total_workers = total }
+  if self.pd then
+    ready = by_role.prefill > 0 and by_role.decode > 0
+    body.healthy_prefill_workers, body.healthy_decode_workers = by_role.prefill, by_role.decode
+  end
+  body.status = ready and "ready" or "not_ready"
+  self:send_json(x, ready and 200 or 503, body)
 end
 
 function M:preflight(x)
@@ -387,7 +490,9 @@ function M:dispatch_other(x, method, path, query, route)
   if route then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
   if GET_PROXIED[path] then
     if method ~= "GET" then return self:send_error(x, 405, "use GET for " .. path, "method_not_allowed") end
-    return self:first_worker(x, path)
+    if not self.pd then return self:first_worker(x, path) end
+    if path == "/health_generate" then return self:health_generate_pd(x) end
+    return self:first_worker(x, path, "prefill")    -- server and model info: a prefill's
   end
   local h = (method == "GET" and GET_HANDLERS[path]) or (method == "POST" and POST_HANDLERS[path])
   if h then return h(self, x, query) end
@@ -415,7 +520,8 @@ function M:serve_metrics()
       stats.queue_depth_h:set(self.limiter:depth())
       for _, w in ipairs(self.workers.list) do
         w.m.running:set(w.load)
-        if self.policy.tree_size then stats.tree_size:set(self.policy:tree_size(w.url) or 0, w.url) end
+        local policy = self:policy_for(w)
+        if policy.tree_size then stats.tree_size:set(policy:tree_size(w.url) or 0, w.url) end
         w.breaker:allow(now)
         -- the pool counts its replays; add what is new since the last render
         -- (per worker object, so a worker added again does not go back)
@@ -440,22 +546,45 @@ function M:start()
   if not ok then return nil, err end
 
   -- wait for the listed workers (in parallel), then serve with the healthy ones
-  local urls = conf.worker_urls or {}
+  local urls, opts = {}, {}
+  if self.pd then
+    for _, e in ipairs(conf.prefill or {}) do
+      urls[#urls + 1] = e.url
+      opts[#urls] = { role = "prefill", bootstrap_port = e.bootstrap_port }
+    end
+    for _, u in ipairs(conf.decode or {}) do
+      urls[#urls + 1] = u
+      opts[#urls] = { role = "decode" }
+    end
+  else
+    for i, u in ipairs(conf.worker_urls or {}) do urls[i], opts[i] = u, {} end
+  end
   if #urls > 0 then
     log.info("waiting for " .. #urls .. " worker(s) to become healthy")
   end
   local ready, failed = self.health:wait_all(urls)
   local ready_set = {}
   for _, u in ipairs(ready) do ready_set[u] = true end
-  for _, u in ipairs(urls) do
-    local w, aerr = self.workers:add(u, { healthy = ready_set[u] == true })
+  local healthy_roles = {}
+  for i, u in ipairs(urls) do
+    opts[i].healthy = ready_set[u] == true
+    local w, aerr = self.workers:add(u, opts[i])
     if not w then return nil, aerr end
-    if not ready_set[u] then
+    if ready_set[u] then
+      healthy_roles[w.role] = true
+    else
       log.warn("worker did not become healthy; it stays registered as unhealthy", { worker = u, error = failed[u] })
     end
   end
   if #urls > 0 and #ready == 0 and not conf.service_discovery then
     return nil, "none of the workers became healthy within --worker-startup-timeout-secs: " .. concat(urls, ", ")
+  end
+  if self.pd and #urls > 0 and not conf.service_discovery then
+    for _, role in ipairs({ "prefill", "decode" }) do
+      if not healthy_roles[role] then
+        return nil, "none of the " .. role .. " workers became healthy within --worker-startup-timeout-secs"
+      end
+    end
   end
 
   local srv
@@ -537,7 +666,7 @@ function M.main(args)
   end
   -- parsed for command-line compatibility, not served yet: refuse rather
   -- than route differently from what the operator asked for
-  for _, k in ipairs({ "pd_disaggregation", "service_discovery", "dp_aware" }) do
+  for _, k in ipairs({ "service_discovery", "dp_aware" }) do
     if conf[k] then
       io.stderr:write("sglr run: --", (k:gsub("_", "-")), " is not supported by this version of sglr yet\n")
       return core.exit(2)

@@ -39,6 +39,14 @@ M.upstream_replays = c("upstream_replays_total",
   { "worker" })
 M.decisions = c("policy_decisions_total", "Routing decisions by policy and chosen worker.", { "policy", "worker" })
 M.tree_size = g("tree_size", "Characters in the approximate radix tree per worker.", { "worker" })
+M.pd_requests = c("pd_requests_total", "PD requests dispatched (one per attempt), by route.", { "route" })
+M.pd_prefill = c("pd_prefill_requests_total", "PD requests sent to each prefill worker.", { "worker" })
+M.pd_decode = c("pd_decode_requests_total", "PD requests sent to each decode worker.", { "worker" })
+M.pd_errors = c("pd_errors_total", "PD attempts that failed, by error type.", { "error_type" })
+M.pd_prefill_errors = c("pd_prefill_errors_total", "PD attempts whose prefill leg failed.")
+M.pd_decode_errors = c("pd_decode_errors_total", "PD attempts whose decode leg failed.")
+M.pd_stream_errors = c("pd_stream_errors_total", "PD decode streams cut off after they started.")
+M.pd_duration = h("pd_request_duration_seconds", "Time from a PD request to the end of its response.", { "route" })
 M.ttfb = h("time_to_first_byte_seconds", "Time from request to the worker's response head.", { "route" })
 M.upstream = h("upstream_duration_seconds", "Duration of each attempt against a worker.", { "route" })
 M.queue_depth = g("rate_limit_queue_depth", "Requests waiting for a concurrency slot.")
@@ -63,9 +71,11 @@ function M.for_route(route)
   return handles
 end
 
-function M.for_worker(url, policy)
+function M.for_worker(url, policy, role)
   return {
     running = M.running:series(url), processed = M.processed:series(url),
+    pd_prefill = role == "prefill" and M.pd_prefill:series(url) or nil,
+    pd_decode = role == "decode" and M.pd_decode:series(url) or nil,
     decisions = M.decisions:series(policy or "unknown", url),
     success = M.cb_outcomes:series(url, "success"), failure = M.cb_outcomes:series(url, "failure"),
   }

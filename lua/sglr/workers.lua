@@ -42,6 +42,9 @@ function M:add(url, opts)
   if not pool then return nil, err end
   local w = {
     url = norm, pool = pool, load = 0, processed = 0,
+    -- the host as the URL writes it (an IPv6 address in brackets): PD sends
+    -- it to the decode as bootstrap_host
+    bootstrap_host = norm:match("^https?://(%[[^%]]+%])") or norm:match("^https?://([^:/]+)"),
     role = opts.role or "regular", bootstrap_port = opts.bootstrap_port, dp_rank = opts.dp_rank,
     healthy = opts.healthy ~= false,
     health_failures = 0, health_successes = 0,

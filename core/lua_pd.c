@@ -1,0 +1,670 @@
+/*
+ * lua_pd.c: prefill/decode (PD) dispatch, bound to Lua: one client request,
+ * two proxy legs (proxy.c), part of sglr.core.
+ *
+ *   x:forward_pd(prefill_pool, decode_pool, opts) -> pd | nil, err, leg
+ *
+ * The client's body is spliced once (splice.c: bootstrap_host, _port and a
+ * fresh _room per request, arrays for a batch) and sent to both workers at
+ * once. The call returns when the attempt can be judged:
+ *
+ *   both heads known                      -> pd  (decode waits at its head)
+ *   the prefill's head is not 2xx          -> pd  (pd:prefill_status() says so)
+ *   a leg failed (the other is cancelled)  -> nil, err, "prefill" | "decode"
+ *
+ * and then the caller either commits the decode response to the client
+ * with pd:pipe(extra) (streamed as it comes; when logprobs were asked, the
+ * prefill's meta_info.input_token_logprobs is prepended: per SSE event in a
+ * stream, or into the whole body of a plain response), or reads a failed
+ * leg's body (pd:read_prefill(), pd:read()) to answer with it or retry.
+ * The prefill's own response is read and dropped unless the merge needs it.
+ * Lua is resumed once per call; nothing per chunk. pd:outcome() tells how
+ * each leg ended, for the breakers and loads.
+ */
+#include "lua_common.h"
+#include "proxy.h"
+#include "splice.h"
+#include "extract.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char PD_MT[] = "sglr.pd";
+
+enum { PREFILL = 0, DECODE = 1 };
+enum { PD_HEADS, PD_READY, PD_PIPE, PD_READ_PREFILL, PD_READ_DECODE, PD_DONE };
+
+#define PREFILL_MAX_BODY (64 << 20)
+
+typedef struct lpd lpd_t;
+typedef int (*push_fn)(lua_State *, lpd_t *);
+
+struct lpd {
+    sglr_leg_t *leg[2];
+    int head[2];              /* the leg's head was seen */
+    int mode;
+    int logprobs;             /* the client asked for logprobs: merge */
+    int wait_prefill;         /* pipe waits for the prefill's body */
+    int plain_merge;          /* the decode body is read whole, then merged */
+    int fail_leg;             /* the first leg that failed, or -1 */
+    lua_State *co;
+    int co_ref, ud_ref, x_ref;
+    int in_call, sync_done;   /* a Lua call that would yield; it ended meanwhile */
+    push_fn sync_push;
+    int in_cb;                /* inside an engine callback: wakes wait for its end */
+    push_fn deferred;
+    sglr_buf_t hdrs;          /* the client's response head, for a late pipe */
+    sglr_splice_sse_t sse;
+    int sse_on;
+};
+
+static const char *leg_name(int i)
+{
+    return i == PREFILL ? "prefill" : "decode";
+}
+
+static const char *errname(int err)
+{
+    if (err == SGLR_PROXY_ECLIENT)
+        return "client_closed";
+    if (err == SGLR_PROXY_ECANCEL)
+        return "cancelled";
+    return sglr_up_errname(err);
+}
+
+static int ended(const lpd_t *pd, int i)
+{
+    return pd->leg[i]->state == SGLR_LEG_DONE;
+}
+
+static int ok2xx(const sglr_leg_t *leg)
+{
+    return leg->req && leg->req->status >= 200 && leg->req->status < 300;
+}
+
+static void unpin_x(lpd_t *pd)
+{
+    if (pd->x_ref != LUA_NOREF) {
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, pd->x_ref);
+        pd->x_ref = LUA_NOREF;
+    }
+}
+
+static void unref_ud(lpd_t *pd)
+{
+    if (pd->ud_ref != LUA_NOREF) {
+        luaL_unref(sglr_L, LUA_REGISTRYINDEX, pd->ud_ref);
+        pd->ud_ref = LUA_NOREF;
+    }
+}
+
+/* --- results ------------------------------------------------------------------ */
+
+/* nil, err, leg: the first leg that failed (or, when the client left, the
+ * decode's view of it) */
+static int push_fail(lua_State *L, lpd_t *pd)
+{
+    int i = pd->fail_leg >= 0 ? pd->fail_leg : DECODE;
+    lua_pushnil(L);
+    lua_pushstring(L, errname(pd->leg[i]->err));
+    lua_pushstring(L, leg_name(i));
+    return 3;
+}
+
+static int push_pd(lua_State *L, lpd_t *pd)
+{
+    if (pd->fail_leg >= 0 && !(pd->head[PREFILL] && !ok2xx(pd->leg[PREFILL])))
+        return push_fail(L, pd);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, pd->ud_ref);
+    return 1;
+}
+
+static int push_body(lua_State *L, lpd_t *pd, int i)
+{
+    sglr_leg_t *leg = pd->leg[i];
+    if (leg->err) {
+        lua_pushnil(L);
+        lua_pushstring(L, errname(leg->err));
+        lua_pushstring(L, leg_name(i));
+        return 3;
+    }
+    lua_pushlstring(L, leg->body.data ? leg->body.data : "", leg->body.len);
+    return 1;
+}
+
+static int push_prefill_body(lua_State *L, lpd_t *pd)
+{
+    return push_body(L, pd, PREFILL);
+}
+
+static int push_decode_body(lua_State *L, lpd_t *pd)
+{
+    return push_body(L, pd, DECODE);
+}
+
+/* the commit's result: true once the decode's response went out whole */
+static int push_pipe(lua_State *L, lpd_t *pd)
+{
+    if (pd->leg[DECODE]->err)
+        return push_body(L, pd, DECODE);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Resume the waiting coroutine with push's results. Inside a Lua call the
+ * call returns them itself; inside an engine callback the wake waits for
+ * the callback's end (flush), so Lua never runs under a frame of ours that
+ * still uses pd. */
+static void wake(lpd_t *pd, push_fn push)
+{
+    if (pd->in_call) {
+        pd->sync_done = 1;
+        pd->sync_push = push;
+        return;
+    }
+    if (pd->in_cb) {
+        pd->deferred = push;
+        return;
+    }
+    lua_State *co = pd->co;
+    if (!co)
+        return;
+    int ref = pd->co_ref;
+    pd->co = NULL;
+    pd->co_ref = LUA_NOREF;
+    int n = push(co, pd);
+    unref_ud(pd);
+    sglr_co_resume(co, ref, n);
+}
+
+/* The last statement of an engine callback: the wake it deferred. */
+static void flush(lpd_t *pd)
+{
+    push_fn push = pd->deferred;
+    if (pd->in_cb || !push)
+        return;
+    pd->deferred = NULL;
+    wake(pd, push);
+}
+
+static int wait_for(lua_State *L, lpd_t *pd, push_fn push)
+{
+    pd->in_call = 0;
+    if (pd->sync_done) {
+        pd->sync_done = 0;
+        if (pd->sync_push)
+            push = pd->sync_push;
+        pd->sync_push = NULL;
+        int n = push(L, pd);
+        unref_ud(pd);
+        return n;
+    }
+    pd->co = L;
+    pd->co_ref = sglr_co_pin(L);
+    if (pd->ud_ref == LUA_NOREF) {
+        lua_pushvalue(L, 1);
+        pd->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return lua_yield(L, 0);
+}
+
+/* --- the commit ----------------------------------------------------------------- */
+
+static int sse_filter(sglr_leg_t *leg, const char *d, size_t n, sglr_buf_t *out)
+{
+    lpd_t *pd = leg->data;
+    if (d)
+        return sglr_splice_sse_feed(&pd->sse, out, d, n);
+    return sglr_splice_sse_close(&pd->sse, out);
+}
+
+static int is_sse(const sglr_leg_t *leg)
+{
+    size_t n;
+    const char *v = sglr_head_get(&leg->req->head, "content-type", &n);
+    return v && n >= 17 && strncasecmp(v, "text/event-stream", 17) == 0;
+}
+
+/* The prefill's JSON for the merge: its body, or the last event of its
+ * stream. */
+static void prefill_json(lpd_t *pd, const char **p, size_t *n)
+{
+    sglr_leg_t *leg = pd->leg[PREFILL];
+    *p = leg->body.data ? leg->body.data : "";
+    *n = leg->body.len;
+    size_t off, len;
+    if (is_sse(leg) && sglr_splice_sse_last(*p, *n, &off, &len) == 0) {
+        *p += off;
+        *n = len;
+    }
+}
+
+/* Send the decode response (the prefill's body is here, if it was needed). */
+static void start_pipe(lpd_t *pd)
+{
+    sglr_leg_t *d = pd->leg[DECODE];
+    pd->wait_prefill = 0;
+    if (d->state != SGLR_LEG_HEAD)
+        return;                          /* it failed meanwhile */
+    if (pd->logprobs && !pd->leg[PREFILL]->err) {
+        const char *p;
+        size_t n;
+        prefill_json(pd, &p, &n);
+        if (is_sse(d)) {
+            sglr_splice_sse_init(&pd->sse, p, n);
+            pd->sse_on = 1;
+            d->filter = sse_filter;
+        } else {
+            /* a plain response: read it whole, merge, then answer */
+            pd->plain_merge = 1;
+            sglr_proxy_read(d);
+            return;
+        }
+    }
+    sglr_proxy_pipe(d, pd->hdrs.data ? pd->hdrs.data : "", pd->hdrs.len);
+}
+
+/* A plain decode response read whole: answer with it merged. */
+static void finish_plain(lpd_t *pd)
+{
+    sglr_leg_t *d = pd->leg[DECODE];
+    sglr_exchange_t *x = d->px->x;
+    pd->plain_merge = 0;
+    if (d->err || !x || x->state != SGLR_X_HANDLING)
+        return;
+    const char *p;
+    size_t n;
+    prefill_json(pd, &p, &n);
+    sglr_buf_t out = { 0 };
+    const char *body = d->body.data ? d->body.data : "";
+    size_t blen = d->body.len;
+    if (sglr_splice_merge_logprobs(&out, p, n, body, blen) == 0) {
+        body = out.data ? out.data : "";
+        blen = out.len;
+    }
+    sglr_exchange_respond(x, d->req->status, pd->hdrs.data ? pd->hdrs.data : "", pd->hdrs.len,
+                          body, blen);
+    sglr_buf_free(&out);
+}
+
+/* --- engine callbacks ----------------------------------------------------------- */
+
+static int leg_index(const lpd_t *pd, const sglr_leg_t *leg)
+{
+    return leg == pd->leg[PREFILL] ? PREFILL : DECODE;
+}
+
+static void heads_check(lpd_t *pd)
+{
+    if (pd->mode != PD_HEADS || !pd->head[PREFILL])
+        return;
+    if (pd->head[DECODE] || !ok2xx(pd->leg[PREFILL])) {
+        pd->mode = PD_READY;
+        wake(pd, push_pd);
+    }
+}
+
+static void lpd_on_head(sglr_leg_t *leg)
+{
+    lpd_t *pd = leg->data;
+    int i = leg_index(pd, leg);
+    pd->head[i] = 1;
+    pd->in_cb++;
+    if (i == PREFILL) {
+        /* the prefill's body is kept for an error answer or the merge */
+        leg->discard = ok2xx(leg) && !pd->logprobs;
+        sglr_proxy_read(leg);
+    }
+    heads_check(pd);
+    pd->in_cb--;
+    flush(pd);
+}
+
+static void lpd_on_end(sglr_leg_t *leg, int err)
+{
+    lpd_t *pd = leg->data;
+    int i = leg_index(pd, leg);
+    if (err && err != SGLR_PROXY_ECANCEL && pd->fail_leg < 0)
+        pd->fail_leg = i;
+    int both = ended(pd, PREFILL) && ended(pd, DECODE);
+    if (both)
+        unpin_x(pd);
+    pd->in_cb++;
+    switch (pd->mode) {
+    case PD_HEADS:
+        if (both && err)
+            wake(pd, push_fail);
+        else
+            heads_check(pd);       /* a prefill head may have been waiting */
+        break;
+    case PD_PIPE:
+        if (i == PREFILL && pd->wait_prefill)
+            start_pipe(pd);
+        if (i == DECODE && pd->plain_merge)
+            finish_plain(pd);
+        if (pd->mode == PD_PIPE && ended(pd, PREFILL) && ended(pd, DECODE)) {
+            pd->mode = PD_DONE;
+            wake(pd, push_pipe);
+        }
+        break;
+    case PD_READ_PREFILL:
+        if (i == PREFILL) {
+            pd->mode = PD_READY;
+            wake(pd, push_prefill_body);
+        }
+        break;
+    case PD_READ_DECODE:
+        if (i == DECODE) {
+            pd->mode = PD_READY;
+            wake(pd, push_decode_body);
+        }
+        break;
+    default:
+        break;
+    }
+    pd->in_cb--;
+    flush(pd);
+}
+
+/* --- Lua calls --------------------------------------------------------------------- */
+
+/* Build leg i's request: x's method, path and headers (plus opts.headers),
+ * with body. NULL or an error message. */
+static const char *build_leg(lua_State *L, sglr_exchange_t *x, sglr_leg_t *leg, int hidx,
+                             const char *body, size_t blen)
+{
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err = NULL;
+    if (sglr_lua_copy_headers(L, &x->head, hidx, &hb))
+        err = "out of memory";
+    if (!err && hidx)
+        err = sglr_lua_table_headers(L, hidx, &hb);
+    if (!err && sglr_upreq_build(leg->req, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
+                                 x->head.url_len, hb.data ? hb.data : "", hb.len, body, blen))
+        err = "out of memory";
+    sglr_lua_scratch_give(&hb);
+    return err;
+}
+
+static lpd_t *check_pd(lua_State *L)
+{
+    return sglr_lua_check_box(L, 1, PD_MT);
+}
+
+/* x:forward_pd(prefill_pool, decode_pool, {route=, host=, port=, timeout_ms=,
+ * connect_timeout_ms=, headers=}) -> pd | nil, err, leg
+ * err "bad_request" (with a message as the third value) when the body cannot
+ * be split for PD (an empty or oversized batch). */
+static int x_forward_pd(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    sglr_pool_t *pools[2] = { sglr_lua_check_pool(L, 2), sglr_lua_check_pool(L, 3) };
+    luaL_checktype(L, 4, LUA_TTABLE);
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "forward_pd after the response started");
+    if (x->on_close)
+        return luaL_error(L, "another forward is in flight on this exchange");
+    if (lua_pushthread(L))
+        return luaL_error(L, "forward_pd must run inside a coroutine");
+    lua_pop(L, 1);
+    if (sglr_exchange_closed(x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        lua_pushliteral(L, "decode");
+        return 3;
+    }
+    lua_getfield(L, 4, "route");
+    size_t rlen;
+    const char *rname = luaL_optlstring(L, -1, "generate", &rlen);
+    int route = sglr_extract_route(rname, rlen);
+    lua_getfield(L, 4, "host");
+    size_t hlen;
+    const char *host = luaL_optlstring(L, -1, "", &hlen);
+    lua_getfield(L, 4, "port");
+    int port = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : -1;
+    lua_getfield(L, 4, "timeout_ms");
+    double timeout = luaL_optnumber(L, -1, 600000);
+    lua_getfield(L, 4, "connect_timeout_ms");
+    double connect = luaL_optnumber(L, -1, 5000);
+    lua_getfield(L, 4, "headers");
+    int hidx = lua_istable(L, -1) ? lua_gettop(L) : 0;
+    if (route < 0)
+        return luaL_error(L, "forward_pd: unknown route '%s'", rname);
+
+    /* one pass for the batch and the logprobs flag, then the splice */
+    int logprobs = 0;
+    const char *body = x->body.data ? x->body.data : "";
+    int batch = sglr_splice_request(route, body, x->body.len, &logprobs);
+    if (batch < 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "bad_request");
+        lua_pushstring(L, batch == -E2BIG ? "batch too large for PD dispatch"
+                                          : "the request cannot be split for PD dispatch");
+        return 3;
+    }
+    size_t nrooms = batch ? (size_t)batch : 1;
+    uint64_t room1, *rooms = nrooms == 1 ? &room1 : malloc(nrooms * sizeof *rooms);
+    if (!rooms)
+        return luaL_error(L, "out of memory");
+    for (size_t i = 0; i < nrooms; i++)
+        rooms[i] = sglr_splice_room();
+    sglr_buf_t spliced = { 0 };
+    int r = sglr_splice_bootstrap(&spliced, body, x->body.len, host, hlen, port, rooms, nrooms,
+                                  batch);
+    if (rooms != &room1)
+        free(rooms);
+    if (r < 0) {
+        sglr_buf_free(&spliced);
+        if (r == -ENOMEM)
+            return luaL_error(L, "out of memory");
+        lua_pushnil(L);
+        lua_pushliteral(L, "bad_request");
+        lua_pushliteral(L, "the request cannot be split for PD dispatch");
+        return 3;
+    }
+
+    lpd_t *pd = calloc(1, sizeof *pd);
+    sglr_proxy_t *px = pd ? sglr_proxy_new(x, 0) : NULL;
+    if (px) {
+        pd->leg[PREFILL] = sglr_proxy_leg_new(px, pools[PREFILL]);
+        pd->leg[DECODE] = pd->leg[PREFILL] ? sglr_proxy_leg_new(px, pools[DECODE]) : NULL;
+        sglr_proxy_release(px);           /* the legs keep it */
+    }
+    if (!pd || !pd->leg[DECODE]) {
+        if (pd && pd->leg[PREFILL])
+            sglr_proxy_leg_free(pd->leg[PREFILL]);
+        free(pd);
+        sglr_buf_free(&spliced);
+        return luaL_error(L, "out of memory");
+    }
+    pd->fail_leg = -1;
+    pd->co_ref = pd->ud_ref = pd->x_ref = LUA_NOREF;
+    pd->logprobs = logprobs;
+    px->cancel_on_fail = 1;
+    px->on_head = lpd_on_head;
+    px->on_end = lpd_on_end;
+    sglr_lua_new_box(L, PD_MT, pd);         /* from here the box owns pd */
+    lua_pushvalue(L, -1);
+    pd->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    const char *err = NULL;
+    for (int i = 0; i < 2 && !err; i++) {
+        pd->leg[i]->data = pd;
+        pd->leg[i]->max_body = PREFILL_MAX_BODY;
+        err = build_leg(L, x, pd->leg[i], hidx, spliced.data, spliced.len);
+    }
+    sglr_buf_free(&spliced);
+    if (err) {
+        unref_ud(pd);
+        sglr_proxy_leg_cancel(pd->leg[PREFILL]);
+        sglr_proxy_leg_cancel(pd->leg[DECODE]);
+        return luaL_error(L, "%s", err);
+    }
+    lua_pushvalue(L, 1);
+    pd->x_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    unsigned t = timeout > 0 ? (unsigned)(timeout + 0.999) : 0;
+    unsigned c = connect > 0 ? (unsigned)(connect + 0.999) : 0;
+    pd->in_call = 1;
+    sglr_proxy_leg_start(pd->leg[PREFILL], c, t);
+    sglr_proxy_leg_start(pd->leg[DECODE], c, t);
+    return wait_for(L, pd, push_pd);
+}
+
+static int pd_status_of(lua_State *L, int i)
+{
+    lpd_t *pd = check_pd(L);
+    sglr_upreq_t *r = pd->leg[i]->req;
+    lua_pushinteger(L, r && pd->head[i] ? r->status : 0);
+    return 1;
+}
+
+static int pd_status(lua_State *L) { return pd_status_of(L, DECODE); }
+static int pd_prefill_status(lua_State *L) { return pd_status_of(L, PREFILL); }
+
+static int pd_header_of(lua_State *L, int i)
+{
+    lpd_t *pd = check_pd(L);
+    sglr_upreq_t *r = pd->leg[i]->req;
+    size_t n;
+    const char *v = r && pd->head[i] ? sglr_head_get(&r->head, luaL_checkstring(L, 2), &n) : NULL;
+    if (v)
+        lua_pushlstring(L, v, n);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int pd_header(lua_State *L) { return pd_header_of(L, DECODE); }
+static int pd_prefill_header(lua_State *L) { return pd_header_of(L, PREFILL); }
+
+/* pd:read_prefill() -> body | nil, err, "prefill" */
+static int pd_read_prefill(lua_State *L)
+{
+    lpd_t *pd = check_pd(L);
+    if (pd->mode != PD_READY || pd->co)
+        return luaL_error(L, "read_prefill: the PD exchange is not waiting");
+    if (!pd->head[PREFILL] || ended(pd, PREFILL))
+        return pd->head[PREFILL] ? push_prefill_body(L, pd) : push_fail(L, pd);
+    pd->mode = PD_READ_PREFILL;
+    pd->in_call = 1;
+    return wait_for(L, pd, push_prefill_body);
+}
+
+/* pd:read() -> the decode's body | nil, err, "decode" (to retry or answer
+ * with a decode error) */
+static int pd_read(lua_State *L)
+{
+    lpd_t *pd = check_pd(L);
+    sglr_leg_t *d = pd->leg[DECODE];
+    if (pd->mode != PD_READY || pd->co)
+        return luaL_error(L, "read: the PD exchange is not waiting");
+    if (d->state != SGLR_LEG_HEAD)
+        return push_body(L, pd, DECODE);
+    pd->mode = PD_READ_DECODE;
+    pd->in_call = 1;
+    sglr_proxy_read(d);
+    return wait_for(L, pd, push_decode_body);
+}
+
+/* pd:pipe([extra_headers]) -> true | nil, err, "decode": send the decode's
+ * response to the client (merged with the prefill's logprobs when asked);
+ * returns once both legs have ended. */
+static int pd_pipe(lua_State *L)
+{
+    lpd_t *pd = check_pd(L);
+    sglr_leg_t *d = pd->leg[DECODE];
+    if (pd->mode != PD_READY || pd->co)
+        return luaL_error(L, "pipe: the PD exchange is not waiting");
+    if (d->state != SGLR_LEG_HEAD)
+        return push_body(L, pd, DECODE);
+    sglr_buf_reset(&pd->hdrs);
+    const char *err = NULL;
+    int extra = lua_istable(L, 2) ? 2 : 0;
+    if (sglr_lua_copy_headers(L, &d->req->head, extra, &pd->hdrs))
+        err = "out of memory";
+    if (!err)
+        err = sglr_lua_table_headers(L, 2, &pd->hdrs);
+    if (err)
+        return luaL_error(L, "%s", err);
+    /* committed: a prefill that fails from here on no longer stops the
+     * response the client is getting */
+    d->px->cancel_on_fail = 0;
+    pd->mode = PD_PIPE;
+    pd->in_call = 1;
+    if (pd->logprobs && !ended(pd, PREFILL))
+        pd->wait_prefill = 1;            /* start_pipe runs at the prefill's end */
+    else
+        start_pipe(pd);
+    if (ended(pd, PREFILL) && ended(pd, DECODE) && pd->mode == PD_PIPE) {
+        pd->mode = PD_DONE;
+        pd->sync_done = 1;
+    }
+    return wait_for(L, pd, push_pipe);
+}
+
+/* pd:outcome() -> prefill, decode: "ok", an error name, or nil while the
+ * leg runs */
+static int pd_outcome(lua_State *L)
+{
+    lpd_t *pd = check_pd(L);
+    for (int i = 0; i < 2; i++) {
+        sglr_leg_t *leg = pd->leg[i];
+        if (leg->state != SGLR_LEG_DONE)
+            lua_pushnil(L);
+        else if (leg->err == 0)
+            lua_pushliteral(L, "ok");
+        else
+            lua_pushstring(L, errname(leg->err));
+    }
+    return 2;
+}
+
+static void pd_cancel(lpd_t *pd)
+{
+    unpin_x(pd);
+    sglr_proxy_leg_cancel(pd->leg[PREFILL]);
+    sglr_proxy_leg_cancel(pd->leg[DECODE]);
+}
+
+/* pd:close(): cancel what still runs (connections closed). */
+static int pd_close(lua_State *L)
+{
+    lpd_t *pd = check_pd(L);
+    if (pd->co)
+        return luaL_error(L, "close: a coroutine is waiting on this PD exchange");
+    pd_cancel(pd);
+    return 0;
+}
+
+static int pd_gc(lua_State *L)
+{
+    void **box = luaL_checkudata(L, 1, PD_MT);
+    lpd_t *pd = *box;
+    if (!pd)
+        return 0;
+    *box = NULL;
+    pd_cancel(pd);
+    sglr_proxy_leg_free(pd->leg[PREFILL]);
+    sglr_proxy_leg_free(pd->leg[DECODE]);
+    if (pd->sse_on)
+        sglr_splice_sse_close(&pd->sse, NULL);
+    sglr_buf_free(&pd->hdrs);
+    free(pd);
+    return 0;
+}
+
+/* --- module part ------------------------------------------------------------------ */
+
+void sglr_lua_open_pd(lua_State *L)
+{
+    static const luaL_Reg pd_m[] = {
+        { "status", pd_status }, { "prefill_status", pd_prefill_status },
+        { "header", pd_header }, { "prefill_header", pd_prefill_header },
+        { "read_prefill", pd_read_prefill }, { "read", pd_read }, { "pipe", pd_pipe },
+        { "outcome", pd_outcome }, { "close", pd_close }, { NULL, NULL } };
+    sglr_lua_new_mt(L, PD_MT, pd_m, pd_gc);
+    luaL_getmetatable(L, sglr_lua_exchange_mt);
+    lua_getfield(L, -1, "__index");
+    lua_pushcfunction(L, x_forward_pd);
+    lua_setfield(L, -2, "forward_pd");
+    lua_pop(L, 2);
+}
