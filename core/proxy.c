@@ -267,6 +267,8 @@ void sglr_proxy_leg_start(sglr_leg_t *leg, unsigned connect_timeout_ms, unsigned
 {
     sglr_proxy_t *px = leg->px;
     sglr_exchange_t *x = px->x;
+    if (leg->state != SGLR_LEG_NEW)
+        return;     /* ended before it started: another leg failed at its start */
     if (x && !px->attached && !sglr_exchange_closed(x) && !x->on_close) {
         px->attached = 1;
         x->data = px;

@@ -45,6 +45,7 @@ enum {
 };
 
 enum {
+    SGLR_LEG_NEW,               /* not started yet */
     SGLR_LEG_RUNNING,           /* request sent, waiting for the head */
     SGLR_LEG_HEAD,              /* head known, waiting for the owner */
     SGLR_LEG_PIPE,              /* streaming to the client */
