@@ -7,7 +7,10 @@
 # the figure that still compares on a noisy machine.
 #
 # With SGLR_BASE_BIN set, a second router from that binary joins as target
-# "base", so two builds are compared side by side in one run.
+# "base", so two builds are compared side by side in one run. Target "pd"
+# (add it to TARGETS) is the same sglr build in --pd-disaggregation mode
+# over a prefill and a decode sim worker: its cpu us/req next to sglr's is
+# what PD dispatch costs the router.
 #
 # Everything listens on 127.0.0.1; every process started here is stopped by
 # its pid on exit.
@@ -18,8 +21,9 @@
 # usage: examples/benchmarks/proxy.sh [-d DURATION] [-c "CONNECTIONS..."] [-t THREADS]
 # env:   SGLR_BIN (build/sglr), DURATION (10s), CONNECTIONS ("64 1"), THREADS (2),
 #        NGINX_WORKERS (1), WORKER_PORT (31801), ROUTER_PORT (31802),
-#        NGINX_PORT (31803), BASE_PORT (31804), TARGETS ("direct sglr nginx",
-#        plus "base" when SGLR_BASE_BIN is set)
+#        NGINX_PORT (31803), BASE_PORT (31804), PD_PORT (31805; prefill and
+#        decode workers on 31806-31808), TARGETS ("direct sglr nginx", plus
+#        "base" when SGLR_BASE_BIN is set; "pd" on request)
 set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
@@ -32,10 +36,11 @@ ROUTER_PORT=${ROUTER_PORT:-31802}
 NGINX_PORT=${NGINX_PORT:-31803}
 SGLR_BASE_BIN=${SGLR_BASE_BIN:-}
 BASE_PORT=${BASE_PORT:-31804}
+PD_PORT=${PD_PORT:-31805}
 if [ -n "$SGLR_BASE_BIN" ]; then TARGETS=${TARGETS:-direct base sglr nginx}; fi
 TARGETS=${TARGETS:-direct sglr nginx}
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:c:t:h" opt; do
   case $opt in
     d) DURATION=$OPTARG ;;
@@ -62,7 +67,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT"; do
+for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT" "$PD_PORT"; do
   if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/"; then
     echo "proxy.sh: port $port is in use (set WORKER_PORT / ROUTER_PORT / NGINX_PORT)" >&2
     exit 1
@@ -90,6 +95,24 @@ wait_http "http://127.0.0.1:$WORKER_PORT/health" worker "$!"
 PIDS+=($!)
 SGLR_PID=$!
 wait_http "http://127.0.0.1:$ROUTER_PORT/health" sglr "$!"
+
+PD_PID=
+if [[ " $TARGETS " == *" pd "* ]]; then
+  "$SGLR_BIN" sim-worker --role prefill --port $((PD_PORT + 1)) --bootstrap-port $((PD_PORT + 2)) \
+    --max-new-tokens 1 >"$TMP/prefill.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$((PD_PORT + 1))/health" prefill "$!"
+  "$SGLR_BIN" sim-worker --role decode --port $((PD_PORT + 3)) --max-new-tokens 1 >"$TMP/decode.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$((PD_PORT + 3))/health" decode "$!"
+  "$SGLR_BIN" run --host 127.0.0.1 --port "$PD_PORT" --pd-disaggregation \
+    --prefill "http://127.0.0.1:$((PD_PORT + 1))" $((PD_PORT + 2)) --decode "http://127.0.0.1:$((PD_PORT + 3))" \
+    --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
+    >"$TMP/pd.log" 2>&1 &
+  PIDS+=($!)
+  PD_PID=$!
+  wait_http "http://127.0.0.1:$PD_PORT/health" pd "$!"
+fi
 
 BASE_PID=
 if [ -n "$SGLR_BASE_BIN" ]; then
@@ -174,12 +197,13 @@ bench() {
       direct) port=$WORKER_PORT ;;
       sglr) port=$ROUTER_PORT ;;
       base) port=$BASE_PORT ;;
+      pd) port=$PD_PORT ;;
       nginx) port=$NGINX_PORT ;;
       *) echo "proxy.sh: unknown target $target" >&2; exit 2 ;;
     esac
     echo "  $target ..." >&2
     case $target in
-      sglr) pid=$SGLR_PID ;; base) pid=$BASE_PID ;; nginx) pid=$NGINX_PID ;; *) pid= ;;
+      sglr) pid=$SGLR_PID ;; base) pid=$BASE_PID ;; pd) pid=$PD_PID ;; nginx) pid=$NGINX_PID ;; *) pid= ;;
     esac
     c0=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
     out=$(wrk -t"$threads" -c"$conns" -d"$DURATION" -s "$TMP/post.lua" --latency \

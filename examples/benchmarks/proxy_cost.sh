@@ -2,21 +2,30 @@
 # Router instructions per proxied request, counted by callgrind: unlike CPU
 # time this is repeatable on a busy machine, so two builds compare exactly.
 #
-# Starts a sim worker and, under valgrind --tool=callgrind, a router
-# (round_robin, one worker, logs off); warms it up, zeroes the counters,
-# sends N small POST /generate requests over C keep-alive connections, and
-# prints the router's instructions per request. Everything listens on
-# 127.0.0.1; every process started here is stopped by its pid on exit.
+# Starts sim workers and, under valgrind --tool=callgrind, a router
+# (round_robin, logs off); warms it up, zeroes the counters, sends N small
+# POST /generate requests over keep-alive connections, and prints the
+# router's instructions per request. Mode "regular": one worker; mode "pd":
+# --pd-disaggregation with one prefill (with a bootstrap port) and one
+# decode worker, so the two rows of one binary give what PD dispatch adds.
+# Everything listens on 127.0.0.1; every process started here is stopped
+# by its pid on exit.
 #
 # usage: examples/benchmarks/proxy_cost.sh [SGLR_BIN...]
-# env:   N (2000 requests), CONNS (8), WORKER_PORT (31811), ROUTER_PORT (31812),
-#        ROUTER_ARGS (extra router flags, e.g. "--log-level info")
+# env:   N (2000 requests), CONNS (8), MODES ("regular pd"), WORKER_PORT (31811),
+#        ROUTER_PORT (31812), PREFILL_PORT (31813), BOOTSTRAP_PORT (31814),
+#        DECODE_PORT (31815), ROUTER_ARGS (extra router flags, e.g.
+#        "--log-level info")
 set -euo pipefail
 
 N=${N:-2000}
 CONNS=${CONNS:-8}
 WORKER_PORT=${WORKER_PORT:-31811}
 ROUTER_PORT=${ROUTER_PORT:-31812}
+PREFILL_PORT=${PREFILL_PORT:-31813}
+BOOTSTRAP_PORT=${BOOTSTRAP_PORT:-31814}
+DECODE_PORT=${DECODE_PORT:-31815}
+MODES=${MODES:-regular pd}
 ROUTER_ARGS=${ROUTER_ARGS:---log-level warn}
 [ $# -gt 0 ] || set -- build/sglr
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
@@ -70,13 +79,27 @@ LUA
 "$1" sim-worker --port "$WORKER_PORT" --max-new-tokens 1 >"$TMP/worker.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$WORKER_PORT/health" "$!"
+"$1" sim-worker --role prefill --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT" \
+  --max-new-tokens 1 >"$TMP/prefill.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$PREFILL_PORT/health" "$!"
+"$1" sim-worker --role decode --port "$DECODE_PORT" --max-new-tokens 1 >"$TMP/decode.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$DECODE_PORT/health" "$!"
 
-printf '%-40s %14s\n' binary "instr/request"
+printf '%-40s %-8s %14s\n' binary mode "instr/request"
 for bin in "$@"; do
+ for mode in $MODES; do
   out="$TMP/callgrind.out"
+  if [ "$mode" = pd ]; then
+    workers=(--pd-disaggregation --prefill "http://127.0.0.1:$PREFILL_PORT" "$BOOTSTRAP_PORT"
+             --decode "http://127.0.0.1:$DECODE_PORT")
+  else
+    workers=(--worker-urls "http://127.0.0.1:$WORKER_PORT")
+  fi
   # shellcheck disable=SC2086
   valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" run --host 127.0.0.1 \
-    --port "$ROUTER_PORT" --worker-urls "http://127.0.0.1:$WORKER_PORT" --policy round_robin \
+    --port "$ROUTER_PORT" "${workers[@]}" --policy round_robin \
     --prometheus-port 0 --max-concurrent-requests 0 $ROUTER_ARGS >"$TMP/router.log" 2>&1 &
   rpid=$!
   PIDS+=($rpid)
@@ -87,6 +110,7 @@ for bin in "$@"; do
   callgrind_control -d "$rpid" >/dev/null 2>&1
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
   ir=$(for f in "$out".*; do awk '/^(summary|totals):/ {print $2}' "$f"; done | sort -n | tail -1)
-  printf '%-40s %14.0f\n' "$bin" "$(awk -v i="$ir" -v n="$N" 'BEGIN { print i / n }')"
+  printf '%-40s %-8s %14.0f\n' "$bin" "$mode" "$(awk -v i="$ir" -v n="$N" 'BEGIN { print i / n }')"
   rm -f "$out".*
+ done
 done
