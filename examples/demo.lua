@@ -1,6 +1,7 @@
 -- make demo: start sim workers and the router on loopback, send a few
 -- requests (one streaming), show which worker served each and the router's
--- view of its workers, then compare round_robin and cache_aware on a
+-- view of its workers; then a prefill/decode (PD) fleet, showing which pair
+-- served each request; then compare round_robin and cache_aware on a
 -- shared-prefix workload. Everything started here is stopped at the end.
 --
 --   build/sglr lua examples/demo.lua [--quick]
@@ -48,6 +49,52 @@ local function part1()
   fleet:stop()
 end
 
+-- PD: 2 prefill + 2 decode sim workers. The decode sims refuse a request
+-- whose bootstrap room their prefill did not serve, so every 200 below is a
+-- pair that met; the pair is read back from the workers' room lists.
+local function part_pd()
+  print("\n== PD disaggregation: 2 prefill + 2 decode workers (prefill: cache_aware, decode: round_robin)")
+  local prefills, decodes = {}, {}
+  for i = 1, 2 do
+    prefills[i] = fleet:prefill({ "--id", "prefill-" .. i })
+    decodes[i] = fleet:worker({ "--role", "decode", "--id", "decode-" .. i, "--decode-ms-per-token", "5" })
+  end
+  local base = fleet:pd_router(prefills, decodes, { "--prefill-policy", "cache_aware",
+    "--decode-policy", "round_robin", "--log-level", "warn" })
+  print("router at " .. base)
+  local pool = assert(core.upstream(base))
+  local prompts = { "Summarize the plot of Hamlet.", "Summarize the plot of Hamlet in one line.",
+    "Translate 'good morning' to French.", "List three prime numbers.",
+    "Summarize the plot of Hamlet for a child." }
+  local by_id = {}
+  for _, w in ipairs({ prefills[1].url, prefills[2].url, decodes[1], decodes[2] }) do
+    by_id[#by_id + 1] = assert(core.upstream(w))
+  end
+  local function stats(p)
+    return cjson.decode(assert(core.request(p, { path = "/sim/stats" })).body)
+  end
+  for i, text in ipairs(prompts) do
+    local res = assert(core.request(pool, { method = "POST", path = "/generate",
+      body = cjson.encode({ text = text, stream = i == 4, sampling_params = { max_new_tokens = 6 } }),
+      headers = { ["content-type"] = "application/json" } }))
+    -- the room the answering decode saw last, and the prefill that saw it too
+    local decode, prefill, room = res.headers["x-sim-worker"], "?", "?"
+    for _, p in ipairs(by_id) do
+      local st = stats(p)
+      if st.id == decode then room = st.rooms[#st.rooms] end
+    end
+    for _, p in ipairs(by_id) do
+      local st = stats(p)
+      if st.role == "prefill" then
+        for _, r in ipairs(st.rooms) do if r == room then prefill = st.id end end
+      end
+    end
+    print(string.format("POST /generate%-9s -> %d  %s + %s  (bootstrap_room %s)", i == 4 and " (stream)" or "",
+      res.status, prefill, tostring(decode), room))
+  end
+  fleet:stop()
+end
+
 local function part2()
   local groups, per = quick and 8 or 32, quick and 4 or 8
   print(string.format("\n== round_robin vs cache_aware: %d groups x %d prompts sharing a 2048-token system prompt,", groups, per))
@@ -65,7 +112,7 @@ local function part2()
   io.write(bench.compare(summaries))
 end
 
-local ok, err = xpcall(function() part1(); part2() end, debug.traceback)
+local ok, err = xpcall(function() part1(); part_pd(); part2() end, debug.traceback)
 if not ok then io.stderr:write("demo failed: ", tostring(err), "\n") end
 fleet:stop()
 io.stdout:flush()

@@ -11,6 +11,8 @@
 local core = require "sglr.core"
 local uv = require "luv"
 
+local unpack = unpack or table.unpack
+
 local M = {}
 M.__index = M
 
@@ -71,14 +73,45 @@ function M:workers(n, extra)
   return urls
 end
 
--- A router in front of urls; returns its URL and process.
-function M:router(urls, extra)
-  local args = { "run", "--port", "0", "--prometheus-port", "0", "--worker-startup-check-interval", "0.1" }
+-- A prefill sim worker with a bootstrap port; returns { url, bootstrap_port },
+-- its process.
+function M:prefill(extra)
+  local args = { "--role", "prefill", "--bootstrap-port", "0" }
   for _, a in ipairs(extra or {}) do args[#args + 1] = a end
-  args[#args + 1] = "--worker-urls"
-  for _, u in ipairs(urls) do args[#args + 1] = u end
+  local url, p = self:worker(args)
+  local bp = M.wait_for(p, "bootstrap on http://127%.0%.0%.1:(%d+)")
+  return { url = url, bootstrap_port = tonumber(bp) }, p
+end
+
+local function start_router(self, args, extra, tail)
+  for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+  for _, a in ipairs(tail) do args[#args + 1] = a end
   local p = self:spawn(args)
   return "http://127.0.0.1:" .. M.wait_for(p, "router listening on http:\\?/\\?/127%.0%.0%.1:(%d+)"), p
+end
+
+local ROUTER_ARGS = { "run", "--port", "0", "--prometheus-port", "0", "--worker-startup-check-interval", "0.1" }
+
+-- A router in front of urls; returns its URL and process.
+function M:router(urls, extra)
+  local tail = { "--worker-urls" }
+  for _, u in ipairs(urls) do tail[#tail + 1] = u end
+  return start_router(self, { unpack(ROUTER_ARGS) }, extra, tail)
+end
+
+-- A PD router: prefills as M:prefill returns them, decodes as URLs.
+function M:pd_router(prefills, decodes, extra)
+  local tail = { "--pd-disaggregation" }
+  for _, pf in ipairs(prefills) do
+    tail[#tail + 1] = "--prefill"
+    tail[#tail + 1] = pf.url
+    tail[#tail + 1] = pf.bootstrap_port and tostring(pf.bootstrap_port) or "none"
+  end
+  for _, u in ipairs(decodes) do
+    tail[#tail + 1] = "--decode"
+    tail[#tail + 1] = u
+  end
+  return start_router(self, { unpack(ROUTER_ARGS) }, extra, tail)
 end
 
 function M.kill(p, sig)
