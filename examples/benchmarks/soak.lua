@@ -7,6 +7,11 @@
 -- (SIGKILL) and restarted 5 s later on the same port, so at least three are
 -- up at any time (SGLR_SOAK_KILL=3: three at once, one left up). A non-streaming request is lost when the client gets
 -- anything but 200. Exit status 0 when none was lost.
+--
+-- SGLR_SOAK_MODE=pd: the router in PD mode over 2 prefill and 2 decode sim
+-- workers (the decodes check every bootstrap room with their prefill);
+-- every 15 s one worker is killed, prefill and decode in turn, so one of
+-- each role is always up.
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
 local fleet_mod = require "sglr.fleet"
@@ -16,11 +21,23 @@ local concurrency = tonumber(arg and arg[2]) or 16
 local fleet = fleet_mod.new()
 local SIM = { "--decode-ms-per-token", "1" }
 
+local pd = os.getenv("SGLR_SOAK_MODE") == "pd"
 local workers = {}
 for i = 1, 4 do
   local args = { "--id", "w" .. i, unpack(SIM) }
-  local url, proc, port = fleet:worker(args)
-  workers[i] = { url = url, proc = proc, port = port }
+  local role = pd and (i <= 2 and "prefill" or "decode") or nil
+  if role == "prefill" then
+    local pf, proc = fleet:prefill(args)
+    workers[i] = { url = pf.url, proc = proc, port = tonumber(pf.url:match(":(%d+)$")), role = role,
+      bootstrap_port = pf.bootstrap_port }
+  else
+    if role then
+      args[#args + 1] = "--role"
+      args[#args + 1] = role
+    end
+    local url, proc, port = fleet:worker(args)
+    workers[i] = { url = url, proc = proc, port = port, role = role }
+  end
 end
 local urls = {}
 for i, w in ipairs(workers) do urls[i] = w.url end
@@ -35,7 +52,12 @@ if os.getenv("SGLR_SOAK_LOG_DIR") then
 end
 -- SGLR_SOAK_ARGS="--max-tree-size 1000000 ..." adds router flags (split on spaces)
 for a in (os.getenv("SGLR_SOAK_ARGS") or ""):gmatch("%S+") do router_args[#router_args + 1] = a end
-local rurl, rproc = fleet:router(urls, router_args)
+local rurl, rproc
+if pd then
+  rurl, rproc = fleet:pd_router({ workers[1], workers[2] }, { workers[3].url, workers[4].url }, router_args)
+else
+  rurl, rproc = fleet:router(urls, router_args)
+end
 local pool = assert(core.upstream(rurl))
 
 local stop_at = core.now() + minutes * 60000
@@ -76,12 +98,19 @@ end
 -- SGLR_SOAK_KILL=N kills N workers at once (1 to 3; default 1), so that
 -- only 4 - N stay up while they are down
 local nkill = math.max(1, math.min(#workers - 1, tonumber(os.getenv("SGLR_SOAK_KILL")) or 1))
+if pd then nkill = 1 end
+local round = 0
 core.spawn(function()
   math.randomseed(os.time())
   while core.now() < stop_at - 10000 do
     core.sleep(15000)
+    round = round + 1
     local order = {}
     for i = 1, #workers do order[i] = i end
+    if pd then    -- prefill and decode in turn: one of the role's two
+      local first = round % 2 == 1 and 1 or 3
+      order = { first + math.random(0, 1) }
+    end
     for i = #order, 2, -1 do
       local j = math.random(1, i)
       order[i], order[j] = order[j], order[i]
@@ -97,7 +126,14 @@ core.spawn(function()
     end
     core.sleep(5000)
     for _, w in ipairs(down) do
-      local _, proc = fleet:worker({ "--id", "w-restarted", unpack(SIM) }, w.port)
+      local args = { "--id", "w-restarted", unpack(SIM) }
+      if w.role then
+        for _, a in ipairs({ "--role", w.role }) do args[#args + 1] = a end
+      end
+      if w.bootstrap_port then
+        for _, a in ipairs({ "--bootstrap-port", tostring(w.bootstrap_port) }) do args[#args + 1] = a end
+      end
+      local _, proc = fleet:worker(args, w.port)
       w.proc = proc
       io.stderr:write(("[soak] restarted %s\n"):format(w.url))
     end
@@ -122,7 +158,8 @@ local lag_line = loop_lag()
 
 table.sort(lat)
 local function pct(p) return lat[math.max(1, math.ceil(#lat * p))] or 0 end
-print(("soak: %.1f min, %d workers, %d clients, %d worker kills"):format(minutes, #workers, concurrency, kills))
+print(("soak: %.1f min, %d workers%s, %d clients, %d worker kills"):format(minutes, #workers,
+  pd and " (PD: 2 prefill, 2 decode)" or "", concurrency, kills))
 print(("requests sent %d, ok %d, lost %d (%.4f%%)"):format(sent, ok, lost, sent > 0 and 100 * lost / sent or 0))
 print(("latency p50 %.1f ms, p99 %.1f ms, max %.1f ms"):format(pct(0.5), pct(0.99), lat[#lat] or 0))
 print(lag_line)
