@@ -51,6 +51,28 @@ void sglr_lua_scratch_give(sglr_buf_t *b)
     *b = (sglr_buf_t){ 0 };
 }
 
+/* The pair on top of the stack (name at -2, value at -1): its bytes, or an
+ * error message. */
+static const char *header_pair(lua_State *L, const char **k, size_t *kl, const char **v,
+                               size_t *vl)
+{
+    if (lua_type(L, -2) != LUA_TSTRING || !(lua_type(L, -1) == LUA_TSTRING ||
+                                             lua_type(L, -1) == LUA_TNUMBER))
+        return "header names and values must be strings";
+    *k = lua_tolstring(L, -2, kl);
+    *v = lua_tolstring(L, -1, vl);
+    int bad = *kl == 0;
+    for (size_t i = 0; i < *kl && !bad; i++) {
+        char c = (*k)[i];
+        bad = c == '\r' || c == '\n' || c == ':' || c == 0 || c == ' ';
+    }
+    for (size_t i = 0; i < *vl && !bad; i++) {
+        char c = (*v)[i];
+        bad = c == '\r' || c == '\n' || c == 0;
+    }
+    return bad ? "header contains a forbidden character" : NULL;
+}
+
 const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b)
 {
     if (lua_isnoneornil(L, idx))
@@ -59,27 +81,14 @@ const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b)
         return "headers must be a table";
     lua_pushnil(L);
     while (lua_next(L, idx)) {
+        const char *k, *v;
         size_t kl, vl;
-        const char *k = lua_tolstring(L, -2, &kl);
-        if (lua_type(L, -2) != LUA_TSTRING || !(lua_type(L, -1) == LUA_TSTRING ||
-                                                 lua_type(L, -1) == LUA_TNUMBER)) {
+        const char *err = header_pair(L, &k, &kl, &v, &vl);
+        if (!err && sglr_buf_append_header(b, k, kl, v, vl))
+            err = "out of memory";
+        if (err) {
             lua_pop(L, 2);
-            return "header names and values must be strings";
-        }
-        const char *v = lua_tolstring(L, -1, &vl);
-        int bad = kl == 0;
-        for (size_t i = 0; i < kl && !bad; i++)
-            bad = k[i] == '\r' || k[i] == '\n' || k[i] == ':' || k[i] == 0 || k[i] == ' ';
-        for (size_t i = 0; i < vl && !bad; i++)
-            bad = v[i] == '\r' || v[i] == '\n' || v[i] == 0;
-        if (bad) {
-            lua_pop(L, 2);
-            return "header contains a forbidden character";
-        }
-        if (sglr_buf_append(b, k, kl) || sglr_buf_append(b, ": ", 2) ||
-            sglr_buf_append(b, v, vl) || sglr_buf_append(b, "\r\n", 2)) {
-            lua_pop(L, 2);
-            return "out of memory";
+            return err;
         }
         lua_pop(L, 1);
     }
@@ -120,39 +129,43 @@ static int is_hop_header(const char *n, size_t len)
     return 0;
 }
 
-/* The override names are collected once, so no Lua string is made per
- * header. */
-int sglr_lua_copy_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
+const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
 {
-    const char *skip[32];
-    size_t skiplen[32];
-    int nskip = 0;
-    if (idx && lua_istable(L, idx)) {
+    /* the table's pairs, checked once; a string stays referenced by the
+     * table while it is used */
+    struct { const char *k, *v; size_t kl, vl; } add[32];
+    int nadd = 0;
+    if (idx && !lua_isnil(L, idx)) {
+        if (!lua_istable(L, idx))
+            return "headers must be a table";
         lua_pushnil(L);
         while (lua_next(L, idx)) {
-            if (lua_type(L, -2) == LUA_TSTRING && nskip < 32) {
-                skip[nskip] = lua_tolstring(L, -2, &skiplen[nskip]);
-                nskip++;
+            const char *err = nadd == 32 ? "at most 32 extra headers"
+                : header_pair(L, &add[nadd].k, &add[nadd].kl, &add[nadd].v, &add[nadd].vl);
+            if (err) {
+                lua_pop(L, 2);
+                return err;
             }
+            nadd++;
             lua_pop(L, 1);
         }
     }
-    for (int i = 0; i < h->nhdrs; i++) {
+    for (int i = 0; h && i < h->nhdrs; i++) {
         const sglr_hdr_t *hd = &h->hdrs[i];
         const char *n = h->buf.data + hd->name_off;
         if (is_hop_header(n, hd->name_len))
             continue;
         int overridden = 0;
-        for (int k = 0; k < nskip && !overridden; k++)
-            overridden = skiplen[k] == hd->name_len && memcmp(skip[k], n, skiplen[k]) == 0;
-        if (overridden)
-            continue;
-        if (sglr_buf_append(b, n, hd->name_len) || sglr_buf_append(b, ": ", 2) ||
-            sglr_buf_append(b, h->buf.data + hd->value_off, hd->value_len) ||
-            sglr_buf_append(b, "\r\n", 2))
-            return -ENOMEM;
+        for (int k = 0; k < nadd && !overridden; k++)
+            overridden = add[k].kl == hd->name_len && memcmp(add[k].k, n, hd->name_len) == 0;
+        if (!overridden && sglr_buf_append_header(b, n, hd->name_len,
+                                                  h->buf.data + hd->value_off, hd->value_len))
+            return "out of memory";
     }
-    return 0;
+    for (int k = 0; k < nadd; k++)
+        if (sglr_buf_append_header(b, add[k].k, add[k].kl, add[k].v, add[k].vl))
+            return "out of memory";
+    return NULL;
 }
 void sglr_lua_free_data_close_cb(uv_handle_t *h)
 {

@@ -41,9 +41,11 @@ void sglr_lua_scratch_give(sglr_buf_t *b);
  * lines. Returns an error message (names or values with CR/LF are refused:
  * header injection), or NULL. */
 const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b);
-/* Append h's headers that are not hop-by-hop and not overridden by the Lua
- * table at idx (0: none; keys lowercase there). -ENOMEM or 0. */
-int sglr_lua_copy_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b);
+/* Append h's headers (h may be NULL) that are not hop-by-hop and not
+ * overridden by the Lua table at idx (0 or nil: none; keys lowercase
+ * there), then the table's. One pass over the table. Returns an error
+ * message, or NULL. */
+const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b);
 /* Push h's headers as a table {name = value}, repeated names joined. */
 void sglr_lua_push_head(lua_State *L, const sglr_head_t *h);
 

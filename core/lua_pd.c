@@ -368,24 +368,6 @@ static void lpd_on_end(sglr_leg_t *leg, int err)
 
 /* --- Lua calls --------------------------------------------------------------------- */
 
-/* Build leg i's request: x's method, path and headers (plus opts.headers),
- * with body. NULL or an error message. */
-static const char *build_leg(lua_State *L, sglr_exchange_t *x, sglr_leg_t *leg, int hidx,
-                             const char *body, size_t blen)
-{
-    sglr_buf_t hb = sglr_lua_scratch_take();
-    const char *err = NULL;
-    if (sglr_lua_copy_headers(L, &x->head, hidx, &hb))
-        err = "out of memory";
-    if (!err && hidx)
-        err = sglr_lua_table_headers(L, hidx, &hb);
-    if (!err && sglr_upreq_build(leg->req, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
-                                 x->head.url_len, hb.data ? hb.data : "", hb.len, body, blen))
-        err = "out of memory";
-    sglr_lua_scratch_give(&hb);
-    return err;
-}
-
 static lpd_t *check_pd(lua_State *L)
 {
     return sglr_lua_check_box(L, 1, PD_MT);
@@ -486,12 +468,19 @@ static int x_forward_pd(lua_State *L)
     sglr_lua_new_box(L, PD_MT, pd);         /* from here the box owns pd */
     lua_pushvalue(L, -1);
     pd->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    const char *err = NULL;
+    /* both legs: x's method, path and headers (plus opts.headers), the
+     * spliced body */
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err = sglr_lua_headers(L, &x->head, hidx, &hb);
     for (int i = 0; i < 2 && !err; i++) {
         pd->leg[i]->data = pd;
         pd->leg[i]->max_body = PREFILL_MAX_BODY;
-        err = build_leg(L, x, pd->leg[i], hidx, spliced.data, spliced.len);
+        if (sglr_upreq_build(pd->leg[i]->req, sglr_exchange_method(x),
+                             x->head.buf.data + x->head.url_off, x->head.url_len,
+                             hb.data ? hb.data : "", hb.len, spliced.data, spliced.len))
+            err = "out of memory";
     }
+    sglr_lua_scratch_give(&hb);
     sglr_buf_free(&spliced);
     if (err) {
         unref_ud(pd);
@@ -577,12 +566,8 @@ static int pd_pipe(lua_State *L)
     if (d->state != SGLR_LEG_HEAD)
         return push_body(L, pd, DECODE);
     sglr_buf_reset(&pd->hdrs);
-    const char *err = NULL;
-    int extra = lua_istable(L, 2) ? 2 : 0;
-    if (sglr_lua_copy_headers(L, &d->req->head, extra, &pd->hdrs))
-        err = "out of memory";
-    if (!err)
-        err = sglr_lua_table_headers(L, 2, &pd->hdrs);
+    /* the decode's headers, minus framing, plus the caller's */
+    const char *err = sglr_lua_headers(L, &d->req->head, lua_isnoneornil(L, 2) ? 0 : 2, &pd->hdrs);
     if (err)
         return luaL_error(L, "%s", err);
     /* committed: a prefill that fails from here on no longer stops the

@@ -299,11 +299,7 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
     if (bad_token(method, strlen(method)) || bad_token(path, plen))
         return "invalid method or path for the upstream request";
     sglr_buf_t hb = sglr_lua_scratch_take();
-    const char *err = NULL;
-    if (x && sglr_lua_copy_headers(L, &x->head, hidx, &hb))
-        err = "out of memory";
-    if (!err && hidx)
-        err = sglr_lua_table_headers(L, hidx, &hb);
+    const char *err = sglr_lua_headers(L, x ? &x->head : NULL, hidx, &hb);
     if (!err && sglr_upreq_build(f->leg->req, method, path, plen, hb.data ? hb.data : "",
                                  hb.len, body, blen))
         err = "out of memory";
@@ -451,13 +447,8 @@ static int resp_pipe(lua_State *L)
         return 2;
     }
     sglr_buf_t hb = sglr_lua_scratch_take();
-    const char *err = NULL;
     /* the worker's headers, minus framing, plus the caller's */
-    int extra = lua_istable(L, 2) ? 2 : 0;
-    if (sglr_lua_copy_headers(L, &leg->req->head, extra, &hb))
-        err = "out of memory";
-    if (!err)
-        err = sglr_lua_table_headers(L, 2, &hb);
+    const char *err = sglr_lua_headers(L, &leg->req->head, lua_isnoneornil(L, 2) ? 0 : 2, &hb);
     if (err) {
         sglr_lua_scratch_give(&hb);
         return luaL_error(L, "%s", err);

@@ -23,6 +23,25 @@ static int buf_reserve(sglr_buf_t *b, size_t extra)
     return 0;
 }
 
+int sglr_buf_append_header(sglr_buf_t *b, const char *name, size_t nl, const char *value,
+                           size_t vl)
+{
+    if (buf_reserve(b, nl + vl + 5))
+        return -ENOMEM;
+    char *d = b->data + b->len;
+    memcpy(d, name, nl);
+    d += nl;
+    *d++ = ':';
+    *d++ = ' ';
+    memcpy(d, value, vl);
+    d += vl;
+    *d++ = '\r';
+    *d++ = '\n';
+    *d = 0;
+    b->len = (size_t)(d - b->data);
+    return 0;
+}
+
 int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n)
 {
     if (buf_reserve(b, n + 1))

@@ -23,6 +23,9 @@ typedef struct {
 } sglr_buf_t;
 
 int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n);   /* 0 or -ENOMEM */
+/* Append "name: value\r\n" in one step. 0 or -ENOMEM. */
+int sglr_buf_append_header(sglr_buf_t *b, const char *name, size_t nl, const char *value,
+                           size_t vl);
 int sglr_buf_printf(sglr_buf_t *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void sglr_buf_free(sglr_buf_t *b);

@@ -10,7 +10,9 @@
 # "base", so two builds are compared side by side in one run. Target "pd"
 # (add it to TARGETS) is the same sglr build in --pd-disaggregation mode
 # over a prefill and a decode sim worker: its cpu us/req next to sglr's is
-# what PD dispatch costs the router.
+# what PD dispatch costs the router. The prefill is given with bootstrap
+# port `none` (PD_BOOTSTRAP), so the decode sim skips its KV-transfer check
+# and the sims cost about what the regular one does.
 #
 # Everything listens on 127.0.0.1; every process started here is stopped by
 # its pid on exit.
@@ -23,7 +25,8 @@
 #        NGINX_WORKERS (1), WORKER_PORT (31801), ROUTER_PORT (31802),
 #        NGINX_PORT (31803), BASE_PORT (31804), PD_PORT (31805; prefill and
 #        decode workers on 31806-31808), TARGETS ("direct sglr nginx", plus
-#        "base" when SGLR_BASE_BIN is set; "pd" on request)
+#        "base" when SGLR_BASE_BIN is set; "pd" on request), PD_BOOTSTRAP
+#        (none; a port makes the decode sim check each room with the prefill)
 set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
@@ -106,7 +109,7 @@ if [[ " $TARGETS " == *" pd "* ]]; then
   PIDS+=($!)
   wait_http "http://127.0.0.1:$((PD_PORT + 3))/health" decode "$!"
   "$SGLR_BIN" run --host 127.0.0.1 --port "$PD_PORT" --pd-disaggregation \
-    --prefill "http://127.0.0.1:$((PD_PORT + 1))" $((PD_PORT + 2)) --decode "http://127.0.0.1:$((PD_PORT + 3))" \
+    --prefill "http://127.0.0.1:$((PD_PORT + 1))" ${PD_BOOTSTRAP:-none} --decode "http://127.0.0.1:$((PD_PORT + 3))" \
     --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
     >"$TMP/pd.log" 2>&1 &
   PIDS+=($!)
