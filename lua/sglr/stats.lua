@@ -66,6 +66,14 @@ function M.for_route(route)
       ttfb = M.ttfb:series(route), upstream = M.upstream:series(route),
       retries = M.retries:series(route), exhausted = M.retries_exhausted:series(route),
     }
+    -- PD mode's, made on first use so regular mode exports no PD series
+    setmetatable(handles, { __index = function(t, k)
+      local m = (k == "pd_requests" and M.pd_requests) or (k == "pd_duration" and M.pd_duration)
+      if not m then return nil end
+      local h = m:series(route)
+      rawset(t, k, h)
+      return h
+    end })
     route_cache[route] = handles
   end
   return handles
