@@ -270,6 +270,29 @@ function M:fail(x, req, status, body, ctype, last_err)
   return r:send_error(x, 503, emsg, "no_workers", extra)
 end
 
+-- A committed response that did not end well (perr from pipe): a timed-out
+-- stream ends with an error event, a reset one is cut so the client sees
+-- the truncation. -> true when the worker is to blame (not the client).
+local function cut_off(flow, x, req, perr)
+  req.error = perr
+  if perr == "client_closed" then return false end
+  local timeout = perr == "timeout"
+  stats.errors:inc(1, req.route, timeout and "timeout" or "worker_reset")
+  local state = x:state()
+  if state == "handling" then       -- nothing was sent yet (a PD merge read the body first)
+    flow.r:send_error(x, timeout and 504 or 502, "worker " .. (timeout and "timed out" or "failed: " .. perr),
+      timeout and "timeout" or "worker_unreachable", req.extra)
+  elseif timeout then
+    if state == "streaming" then
+      if req.stream then x:write(SSE_TIMEOUT) end
+      x:finish()
+    end
+  else
+    x:abort()
+  end
+  return true
+end
+
 -- A worker failed this request: later attempts avoid it while others remain.
 local function avoid(req, w)
   local f = req.failed
@@ -358,19 +381,7 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     stats.errors:inc(1, route, "worker_" .. status)
     if retry.retryable_status(status) and flow.retry.max_retries > 0 then rs.exhausted:inc() end
   end
-  if not okp then
-    req.error = perr
-    if perr == "timeout" then
-      stats.errors:inc(1, route, "timeout")
-      if x:state() == "streaming" then
-        if req.stream then x:write(SSE_TIMEOUT) end
-        x:finish()
-      end
-    elseif perr ~= "client_closed" then
-      stats.errors:inc(1, route, "worker_reset")
-      x:abort()
-    end
-  end
+  if not okp then cut_off(flow, x, req, perr) end
   resp:close()
   return "done"
 end
@@ -520,21 +531,9 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     stats.errors:inc(1, route, "worker_" .. dst)
     pd_error("decode", "status_" .. dst)
   end
-  if not okp then
-    req.error = perr
-    if perr == "timeout" then
-      stats.errors:inc(1, route, "timeout")
-      pd_error("decode", "timeout")
-      if x:state() == "streaming" then
-        if req.stream then x:write(SSE_TIMEOUT) end
-        x:finish()
-      end
-    elseif perr ~= "client_closed" then
-      stats.errors:inc(1, route, "worker_reset")
-      stats.pd_stream_errors:inc()
-      pd_error("decode", perr)
-      if x:state() == "streaming" then x:abort() end
-    end
+  if not okp and cut_off(flow, x, req, perr) then
+    pd_error("decode", perr)
+    if perr ~= "timeout" then stats.pd_stream_errors:inc() end
   end
   return "done"
 end
