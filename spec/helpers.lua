@@ -220,4 +220,22 @@ function H.tmpfile(content, suffix)
   return name
 end
 
+-- A sim worker in the PD prefill role, serving its bootstrap port too:
+-- { url, port, bootstrap_port, proc }
+function H.prefill_sim(id, extra)
+  local args = { "--id", id, "--role", "prefill", "--bootstrap-port", "0" }
+  for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+  local w = H.sim(args)
+  -- printed in the same write as the listening line
+  w.bootstrap_port = tonumber(H.wait_output(w.proc, id:gsub("%p", "%%%0") .. " bootstrap on http://127%.0%.0%.1:(%d+)"))
+  return w
+end
+
+-- A sim worker's /sim/stats, decoded.
+function H.sim_stats(w)
+  local res = assert(H.get(w.url, "/sim/stats"))
+  assert(res.status == 200, "GET /sim/stats answered " .. res.status)
+  return res.json
+end
+
 return H
