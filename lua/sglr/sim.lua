@@ -107,10 +107,25 @@ local function rand_id()
 end
 
 -- Text of a request, as the worker would tokenize it.
+-- A prompt list as text: strings as they are, id lists as decimal ids.
+local function join_prompts(list)
+  local out = {}
+  for i, e in ipairs(list) do
+    if type(e) == "table" then
+      local ids = {}
+      for j, id in ipairs(e) do ids[j] = tostring(id) end
+      out[i] = concat(ids, " ")
+    else
+      out[i] = tostring(e)
+    end
+  end
+  return concat(out, " ")
+end
+
 local function prompt_text(route, req)
   if route == "generate" then
     local t = req.text or req.prompt
-    if type(t) == "table" then return concat(t, " ") end
+    if type(t) == "table" then return join_prompts(t) end
     if type(t) == "string" then return t end
     if type(req.input_ids) == "table" then
       local ids = req.input_ids
@@ -135,7 +150,7 @@ local function prompt_text(route, req)
     return concat(parts, " ")
   else
     local p = req.prompt
-    if type(p) == "table" then return concat(p, " ") end
+    if type(p) == "table" then return join_prompts(p) end
     return type(p) == "string" and p or ""
   end
 end
@@ -220,15 +235,23 @@ end
 -- How many requests a body carries, as a PD router counts them for the
 -- bootstrap arrays (chat "n" > 1, a "prompt" or "text" list, "input_ids"
 -- as a list of lists); nil for a single request.
-local BATCH_LISTS = { "prompt", "text" }
-local function batch_size(req)
-  local n = req.n
-  if type(n) == "number" and n > 1 then return floor(n) end
-  for _, k in ipairs(BATCH_LISTS) do
-    if type(req[k]) == "table" then return #req[k] end
+-- The batch size of a request (nil: a single one), by the same shapes as
+-- the router: generate "text" a list, or "input_ids" a list of lists;
+-- completions "prompt" a list of strings or of id lists (a list of ids is
+-- one tokenized prompt); chat "n" > 1.
+local function batch_size(route, req)
+  if route == "chat" then
+    local n = req.n
+    return type(n) == "number" and n > 1 and floor(n) or nil
   end
-  local ids = req.input_ids
-  if type(ids) == "table" and type(ids[1]) == "table" then return #ids end
+  if route == "generate" then
+    if type(req.text) == "table" then return #req.text end
+    local ids = req.input_ids
+    if type(ids) == "table" and type(ids[1]) == "table" then return #ids end
+    return nil
+  end
+  local p = req.prompt
+  if type(p) == "table" and (type(p[1]) == "string" or type(p[1]) == "table") then return #p end
   return nil
 end
 
@@ -245,13 +268,13 @@ end
 -- The bootstrap fields of a request: nil when it has none, else a list of
 -- { room = digits, host = string, port = number | nil }, one per element of
 -- the batch; nil, reason when they are malformed.
-local function bootstrap_items(req, body)
+local function bootstrap_items(route, req, body)
   local h, p, r = req.bootstrap_host, req.bootstrap_port, req.bootstrap_room
   if h == nil and p == nil and r == nil then return nil end
   if h == nil or p == nil or r == nil then
     return nil, "bootstrap_host, bootstrap_port and bootstrap_room must be sent together"
   end
-  local n = batch_size(req)
+  local n = batch_size(route, req)
   local what = n and ("arrays of the batch size (" .. n .. ")") or "scalars (not a batch)"
   local rooms = parse_rooms(raw_member(body, "bootstrap_room") or "", n)
   if not rooms or (n and #rooms ~= n) then
@@ -505,9 +528,9 @@ end
 
 -- The PD part of a request, before it is served: true, its bootstrap rooms
 -- (if any) when it may go on; nil when an error was answered.
-function M:pd_check(x, req, body)
+function M:pd_check(x, route, req, body)
   if self.role == "regular" then return true end
-  local items, why = bootstrap_items(req, body)
+  local items, why = bootstrap_items(route, req, body)
   if why then return nil, err(x, 400, why, self.id) end
   if not items and self.role == "decode" then
     return nil, err(x, 400, "a decode worker needs bootstrap_host, bootstrap_port and "
@@ -524,7 +547,7 @@ function M:infer(x, route)
     return err(x, 400, "invalid JSON body: " .. tostring(perr))
   end
   self.stats.requests = self.stats.requests + 1
-  local go, rooms = self:pd_check(x, req, body)
+  local go, rooms = self:pd_check(x, route, req, body)
   if not go then return end
   if self.opts.hang then
     while not x:closed() do core.sleep(50) end
