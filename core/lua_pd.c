@@ -2,6 +2,7 @@
  * lua_pd.c: prefill/decode (PD) dispatch, bound to Lua: one client request,
  * two proxy legs (proxy.c), part of sglr.core.
  *
+ *   x:pd_check(route) -> batch, logprobs | nil, message    (before picking)
  *   x:forward_pd(prefill_pool, decode_pool, opts) -> pd | nil, err, leg
  *
  * The client's body is spliced once (splice.c: bootstrap_host, _port and a
@@ -368,6 +369,36 @@ static void lpd_on_end(sglr_leg_t *leg, int err)
 
 /* --- Lua calls --------------------------------------------------------------------- */
 
+static const char *pd_refusal(int err)
+{
+    return err == -E2BIG ? "batch too large for PD dispatch (at most 65536 elements)"
+                         : "the request cannot be split for PD dispatch: an empty batch, or "
+                           "a batch field of mixed or wrong types";
+}
+
+/* x:pd_check(route) -> batch, logprobs | nil, message: whether the body can
+ * go to a prefill and a decode worker (its batch shape), before any worker
+ * is picked; the results feed forward_pd's opts.batch / opts.logprobs. */
+static int x_pd_check(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    size_t rlen;
+    const char *rname = luaL_checklstring(L, 2, &rlen);
+    int route = sglr_extract_route(rname, rlen);
+    if (route < 0)
+        return luaL_error(L, "pd_check: unknown route '%s'", rname);
+    int logprobs = 0;
+    int batch = sglr_splice_request(route, x->body.data ? x->body.data : "", x->body.len, &logprobs);
+    if (batch < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, pd_refusal(batch));
+        return 2;
+    }
+    lua_pushinteger(L, batch);
+    lua_pushboolean(L, logprobs);
+    return 2;
+}
+
 static lpd_t *check_pd(lua_State *L)
 {
     return sglr_lua_check_box(L, 1, PD_MT);
@@ -413,15 +444,25 @@ static int x_forward_pd(lua_State *L)
     if (route < 0)
         return luaL_error(L, "forward_pd: unknown route '%s'", rname);
 
-    /* one pass for the batch and the logprobs flag, then the splice */
+    /* the batch and the logprobs flag, as x:pd_check found them (else
+     * found here, in one pass), then the splice */
     int logprobs = 0;
     const char *body = x->body.data ? x->body.data : "";
-    int batch = sglr_splice_request(route, body, x->body.len, &logprobs);
+    lua_getfield(L, 4, "batch");
+    lua_getfield(L, 4, "logprobs");
+    int batch;
+    if (lua_isnumber(L, -2)) {
+        batch = (int)lua_tointeger(L, -2);
+        logprobs = lua_toboolean(L, -1);
+        if (batch < 0 || batch > SGLR_SPLICE_MAX_BATCH)
+            return luaL_error(L, "forward_pd: batch out of range");
+    } else {
+        batch = sglr_splice_request(route, body, x->body.len, &logprobs);
+    }
     if (batch < 0) {
         lua_pushnil(L);
         lua_pushliteral(L, "bad_request");
-        lua_pushstring(L, batch == -E2BIG ? "batch too large for PD dispatch"
-                                          : "the request cannot be split for PD dispatch");
+        lua_pushstring(L, pd_refusal(batch));
         return 3;
     }
     size_t nrooms = batch ? (size_t)batch : 1;
@@ -651,5 +692,7 @@ void sglr_lua_open_pd(lua_State *L)
     lua_getfield(L, -1, "__index");
     lua_pushcfunction(L, x_forward_pd);
     lua_setfield(L, -2, "forward_pd");
+    lua_pushcfunction(L, x_pd_check);
+    lua_setfield(L, -2, "pd_check");
     lua_pop(L, 2);
 }

@@ -208,6 +208,14 @@ function M:run(x, req)
   local attempts = self.retry:attempts()
   local d = self.dispatcher
   local fwd = { headers = { ["x-request-id"] = req.id } }
+  if d.prepare then
+    local okp, msg = d.prepare(self, x, req, fwd)
+    if not okp then
+      stats.errors:inc(1, route, "bad_request")
+      req.error = "bad_request"
+      return r:send_error(x, 400, msg, "invalid_request_error", extra)
+    end
+  end
   -- the last failure, answered when no attempt succeeds
   local last_status, last_body, last_ctype, last_err
 
@@ -305,7 +313,9 @@ end
 
 -- --- regular mode: one worker per attempt --------------------------------------------
 
--- A dispatcher is { pick, dispatch }:
+-- A dispatcher is { pick, dispatch [, prepare] }:
+--   prepare(flow, x, req, fwd) -> true | nil, message (a 400), once per
+--     request before any worker is picked
 --   pick(flow, req, now) -> the attempt's workers (up to two values) | nil, why
 --   dispatch(flow, x, req, fwd, deadline, can_retry, ...workers) ->
 --     "done"                                  answered (or the client left)
@@ -400,12 +410,30 @@ local function pick_role(flow, req, now, role, policy)
   local avail = flow.workers:available(now, req.failed, role, flow:take_list())
   if #avail == 0 then
     flow:give_list(avail)
-    return nil, "no healthy " .. role .. " worker"
+    local registered, healthy = 0, 0
+    for _, w in ipairs(flow.workers.list) do
+      if w.role == role then
+        registered = registered + 1
+        if w.healthy then healthy = healthy + 1 end
+      end
+    end
+    return nil, registered == 0 and ("no " .. role .. " workers are registered")
+      or healthy == 0 and ("no healthy " .. role .. " workers")
+      or ("no available " .. role .. " workers (all circuits open)")
   end
   local w, why = policy:select(req, avail)
   flow:give_list(avail)
   if not w then return nil, why or (role .. " policy selected no worker") end
   return w
+end
+
+-- The body's batch shape decides whether PD can split it: checked before
+-- any policy sees the request (a refused body moves no counter and no tree).
+function pd.prepare(_, x, req, fwd)
+  local batch, logprobs = x:pd_check(req.route)
+  if not batch then return nil, logprobs end
+  fwd.route, fwd.batch, fwd.logprobs = req.route, batch, logprobs
+  return true
 end
 
 function pd.pick(flow, req, now)
@@ -447,7 +475,6 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   end
   fwd.timeout_ms = left
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
-  fwd.route = route
   fwd.host = pw.bootstrap_host
   fwd.port = pw.bootstrap_port or false
   local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd)

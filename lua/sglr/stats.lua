@@ -52,6 +52,7 @@ M.upstream = h("upstream_duration_seconds", "Duration of each attempt against a 
 M.queue_depth = g("rate_limit_queue_depth", "Requests waiting for a concurrency slot.")
 M.rejections = c("rate_limit_rejections_total", "Requests refused by the concurrency limiter.", { "reason" })
 M.inflight = g("inflight_requests", "Inference requests holding a concurrency slot.")
+M.body_bytes = g("request_body_bytes", "Bytes of request bodies held by requests not finished yet.")
 M.script_errors = c("script_errors_total", "Lua errors raised while handling requests.")
 M.loop_lag = h("event_loop_lag_seconds", "How late a 100 ms timer fired: time the event loop spent busy without polling.")
 
@@ -70,9 +71,9 @@ function M.for_route(route)
     setmetatable(handles, { __index = function(t, k)
       local m = (k == "pd_requests" and M.pd_requests) or (k == "pd_duration" and M.pd_duration)
       if not m then return nil end
-      local h = m:series(route)
-      rawset(t, k, h)
-      return h
+      local handle = m:series(route)
+      rawset(t, k, handle)
+      return handle
     end })
     route_cache[route] = handles
   end
