@@ -35,13 +35,17 @@ static void push_exchange(lua_State *L, sglr_exchange_t *x)
 /* Each request runs in a thread from the pool (bridge.c): the runner loop
  * below takes (handler, exchange) pairs and yields the idle token between
  * them, so a thread and its stack are reused instead of made per request. */
+/* When the handler returns, the exchange is released at once (done = the
+ * box's finalizer): its request body and buffers are freed now, not when
+ * the collector gets to a userdata whose size it does not see. */
 static const char runner_src[] =
-    "local token, traceback, failed = ...\n"
+    "local token, traceback, failed, done = ...\n"
     "local yield, xpcall = coroutine.yield, xpcall\n"
     "while true do\n"
     "  local handler, x = yield(token)\n"
     "  local ok, err = xpcall(handler, traceback, x)\n"
     "  if not ok then failed(x, err) end\n"
+    "  done(x)\n"
     "  handler, x, err = nil, nil, nil\n"
     "end\n";
 
@@ -67,6 +71,7 @@ static int handler_failed(lua_State *L)
     return 0;
 }
 static int runner_ref = LUA_NOREF;
+static int x_gc(lua_State *L);
 
 static int new_runner(lua_State *L, lua_State **out)
 {
@@ -83,7 +88,8 @@ static int new_runner(lua_State *L, lua_State **out)
     lua_getfield(co, -1, "traceback");
     lua_remove(co, -2);
     lua_pushcfunction(co, handler_failed);
-    if (lua_resume(co, 3) != LUA_YIELD) {    /* runs up to its first yield */
+    lua_pushcfunction(co, x_gc);
+    if (lua_resume(co, 4) != LUA_YIELD) {    /* runs up to its first yield */
         luaL_unref(L, LUA_REGISTRYINDEX, ref);
         return LUA_NOREF;
     }
@@ -457,6 +463,13 @@ static int x_gc(lua_State *L)
 }
 
 
+/* core.body_bytes(): bytes of request bodies held by live exchanges */
+static int l_body_bytes(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)sglr_exchange_body_bytes);
+    return 1;
+}
+
 static int l_active(lua_State *L)
 {
     lua_pushinteger(L, sglr_exchanges_active);
@@ -478,7 +491,8 @@ void sglr_lua_open_server(lua_State *L)
         { "state", x_state }, { "status", x_status }, { "started", x_started },
         { "bytes_out", x_bytes_out }, { NULL, NULL } };
     static const luaL_Reg fns[] = {
-        { "listen", l_listen }, { "active", l_active }, { NULL, NULL } };
+        { "listen", l_listen }, { "active", l_active }, { "body_bytes", l_body_bytes },
+        { NULL, NULL } };
     sglr_lua_new_mt(L, SERVER_MT, server_m, server_gc);
     sglr_lua_new_mt(L, EXCHANGE_MT, x_m, x_gc);
     luaL_register(L, NULL, fns);

@@ -44,6 +44,7 @@ typedef struct {
 } write_req_t;
 
 int sglr_exchanges_active;
+size_t sglr_exchange_body_bytes;
 
 static llhttp_settings_t parser_settings;
 static char read_buf[64 * 1024];
@@ -123,6 +124,8 @@ static sglr_exchange_t *exchange_new(sglr_conn_t *c)
 
 static void exchange_free(sglr_exchange_t *x)
 {
+    sglr_exchange_body_bytes -= x->body_held;
+    x->body_held = 0;
     sglr_buf_free(&x->cork);
 #ifndef SGLR_NO_FREELIST
     if (nspare < SPARE_MAX && x->head.buf.cap <= SPARE_BUF_MAX && x->body.cap <= SPARE_BUF_MAX) {
@@ -726,6 +729,8 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
             llhttp_resume(&c->parser);
             sglr_exchange_t *x = c->x;
             sglr_exchanges_active++;
+            x->body_held = x->body.len;
+            sglr_exchange_body_bytes += x->body_held;
             sglr_exchange_hold(x);
             c->srv->on_request(x);
             /* the handler may have answered already; then x->conn is NULL

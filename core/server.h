@@ -64,6 +64,7 @@ struct sglr_exchange_s {
     int status;              /* response status once started */
     double start_ms;
     size_t bytes_out;
+    size_t body_held;        /* counted in sglr_exchange_body_bytes */
     /* set by whoever streams into this exchange (the proxy) */
     sglr_exchange_cb on_close;   /* client went away */
     sglr_exchange_cb on_drain;   /* write queue fell below the low mark */
@@ -88,6 +89,9 @@ void sglr_server_shutdown(void);
 
 /* Exchanges in flight across all servers (for graceful shutdown). */
 extern int sglr_exchanges_active;
+/* Bytes of request bodies held by exchanges not yet freed (their owners
+ * still hold them): what request bodies cost the process now. */
+extern size_t sglr_exchange_body_bytes;
 
 void sglr_exchange_hold(sglr_exchange_t *x);
 void sglr_exchange_release(sglr_exchange_t *x);

@@ -517,6 +517,7 @@ function M:serve_metrics()
       local now = core.now()
       -- gauges of the moment are read here, not kept up per request
       stats.inflight_h:set(self.limiter.inflight)
+      stats.body_bytes:set(core.body_bytes())
       stats.queue_depth_h:set(self.limiter:depth())
       for _, w in ipairs(self.workers.list) do
         w.m.running:set(w.load)
