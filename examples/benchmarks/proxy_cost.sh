@@ -15,7 +15,8 @@
 # env:   N (2000 requests), CONNS (8), MODES ("regular pd"), WORKER_PORT (31811),
 #        ROUTER_PORT (31812), PREFILL_PORT (31813), BOOTSTRAP_PORT (31814),
 #        DECODE_PORT (31815), ROUTER_ARGS (extra router flags, e.g.
-#        "--log-level info")
+#        "--log-level info"), SIM_BIN (the sglr that runs the sim workers;
+#        default build/sglr, so an older build can be measured beside it)
 set -euo pipefail
 
 N=${N:-2000}
@@ -28,6 +29,8 @@ DECODE_PORT=${DECODE_PORT:-31815}
 MODES=${MODES:-regular pd}
 ROUTER_ARGS=${ROUTER_ARGS:---log-level warn}
 [ $# -gt 0 ] || set -- build/sglr
+SIM_BIN=${SIM_BIN:-build/sglr}
+[ -x "$SIM_BIN" ] || SIM_BIN=$1
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
   { echo "proxy_cost.sh: valgrind (callgrind) not found" >&2; exit 1; }
 
@@ -76,14 +79,14 @@ for _ = 1, conns do
 end
 LUA
 
-"$1" sim-worker --port "$WORKER_PORT" --max-new-tokens 1 >"$TMP/worker.log" 2>&1 &
+"$SIM_BIN" sim-worker --port "$WORKER_PORT" --max-new-tokens 1 >"$TMP/worker.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$WORKER_PORT/health" "$!"
-"$1" sim-worker --role prefill --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT" \
+"$SIM_BIN" sim-worker --role prefill --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT" \
   --max-new-tokens 1 >"$TMP/prefill.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$PREFILL_PORT/health" "$!"
-"$1" sim-worker --role decode --port "$DECODE_PORT" --max-new-tokens 1 >"$TMP/decode.log" 2>&1 &
+"$SIM_BIN" sim-worker --role decode --port "$DECODE_PORT" --max-new-tokens 1 >"$TMP/decode.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$DECODE_PORT/health" "$!"
 
@@ -104,9 +107,9 @@ for bin in "$@"; do
   rpid=$!
   PIDS+=($rpid)
   wait_http "http://127.0.0.1:$ROUTER_PORT/health" "$rpid"
-  "$bin" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" 200 "$CONNS"      # warm-up
+  "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" 200 "$CONNS"      # warm-up
   callgrind_control -z "$rpid" >/dev/null 2>&1
-  "$bin" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$N" "$CONNS"
+  "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$N" "$CONNS"
   callgrind_control -d "$rpid" >/dev/null 2>&1
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
   ir=$(for f in "$out".*; do awk '/^(summary|totals):/ {print $2}' "$f"; done | sort -n | tail -1)

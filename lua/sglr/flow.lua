@@ -136,7 +136,7 @@ end
 function M:access(x, req)
   local dur = (core.now() - req.t0) / 1000
   req.rs.duration:observe(dur)
-  if req.dpolicy then req.rs.pd_duration:observe(dur) end
+  if req.dpolicy then stats.for_pd_route(req.route).duration:observe(dur) end
   if log.enabled("info") then
     log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
       prefill = req.prefill, status = x:status(), duration_ms = floor(dur * 1e4) / 10,
@@ -463,7 +463,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   flow:take(req, pw)
   flow:take(req, dw)
   req.prefill, req.worker = pw.url, dw.url
-  rs.pd_requests:inc()
+  stats.for_pd_route(route).requests:inc()
   pw.m.pd_prefill:inc()
   dw.m.pd_decode:inc()
   local now = core.now()

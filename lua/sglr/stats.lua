@@ -67,15 +67,19 @@ function M.for_route(route)
       ttfb = M.ttfb:series(route), upstream = M.upstream:series(route),
       retries = M.retries:series(route), exhausted = M.retries_exhausted:series(route),
     }
-    -- PD mode's, made on first use so regular mode exports no PD series
-    setmetatable(handles, { __index = function(t, k)
-      local m = (k == "pd_requests" and M.pd_requests) or (k == "pd_duration" and M.pd_duration)
-      if not m then return nil end
-      local handle = m:series(route)
-      rawset(t, k, handle)
-      return handle
-    end })
     route_cache[route] = handles
+  end
+  return handles
+end
+
+-- PD mode's per-route handles, made on first use so regular mode exports no
+-- PD series (kept apart from for_route's table, which stays a plain one)
+local pd_route_cache = {}
+function M.for_pd_route(route)
+  local handles = pd_route_cache[route]
+  if not handles then
+    handles = { requests = M.pd_requests:series(route), duration = M.pd_duration:series(route) }
+    pd_route_cache[route] = handles
   end
   return handles
 end
