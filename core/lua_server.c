@@ -14,6 +14,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 static const char SERVER_MT[] = "sglr.server";
 #define EXCHANGE_MT sglr_lua_exchange_mt
@@ -125,21 +126,49 @@ static void server_closed(sglr_server_t *s)
         free(ls);
 }
 
-/* core.listen(host, port, {max_body=, max_header=}, handler(x)) -> server */
+/* A number field of the table at idx, or dflt. */
+static double opt_number(lua_State *L, int idx, const char *name, double dflt)
+{
+    lua_getfield(L, idx, name);
+    double v = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : dflt;
+    lua_pop(L, 1);
+    return v;
+}
+
+/* A timeout in ms from seconds, 0 for none. */
+static unsigned opt_ms(lua_State *L, int idx, const char *name)
+{
+    double s = opt_number(L, idx, name, 0);
+    return s > 0 ? (unsigned)(s * 1000 < 4e9 ? s * 1000 : 4e9) : 0;
+}
+
+/* core.listen(host, port, {max_body=, max_header=, header_timeout=,
+ * body_timeout=, keepalive_timeout=, write_timeout= (seconds),
+ * max_connections= (-1: from the open-file limit)}, handler(x)) -> server */
 static int l_listen(lua_State *L)
 {
     const char *host = luaL_checkstring(L, 1);
     int port = (int)luaL_checkinteger(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
     luaL_checktype(L, 4, LUA_TFUNCTION);
-    sglr_server_opts_t opts = { 256u << 20, 64u << 10 };
-    lua_getfield(L, 3, "max_body");
-    if (lua_isnumber(L, -1))
-        opts.max_body = (size_t)lua_tonumber(L, -1);
-    lua_getfield(L, 3, "max_header");
-    if (lua_isnumber(L, -1))
-        opts.max_header = (size_t)lua_tonumber(L, -1);
-    lua_pop(L, 2);
+    sglr_server_opts_t opts = {
+        .max_body = (size_t)opt_number(L, 3, "max_body", 256u << 20),
+        .max_header = (size_t)opt_number(L, 3, "max_header", 64u << 10),
+        .header_timeout_ms = opt_ms(L, 3, "header_timeout"),
+        .body_timeout_ms = opt_ms(L, 3, "body_timeout"),
+        .keepalive_timeout_ms = opt_ms(L, 3, "keepalive_timeout"),
+        .write_timeout_ms = opt_ms(L, 3, "write_timeout"),
+        .max_conns = (int)opt_number(L, 3, "max_connections", 0),
+    };
+    if (opts.max_conns < 0) {
+        /* "auto": half the open-file limit, the rest left for connections
+         * to workers, health checks and files */
+        struct rlimit rl;
+        rlim_t n = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+        if (n == RLIM_INFINITY || n > (1u << 24))
+            n = 1u << 24;
+        opts.max_conns = n > 256 ? (int)(n - 128) / 2 : 64;
+    }
     lserver_t *ls = calloc(1, sizeof *ls);
     if (!ls)
         return luaL_error(L, "out of memory");
@@ -178,7 +207,8 @@ static int server_conns(lua_State *L)
 {
     lserver_t *ls = sglr_lua_check_box(L, 1, SERVER_MT);
     lua_pushinteger(L, ls->srv.nconns);
-    return 1;
+    lua_pushnumber(L, (lua_Number)ls->srv.refused);
+    return 2;
 }
 
 static int server_gc(lua_State *L)

@@ -18,6 +18,10 @@
 #include <strings.h>
 #include <llhttp.h>
 
+/* What the connection waits for, and until when (uv_now ms; the server's
+ * sweep timer enforces it once a second, so a request costs no timer). */
+enum { WAIT_NONE, WAIT_IDLE, WAIT_HEADER, WAIT_BODY };
+
 struct sglr_conn_s {
     uv_tcp_t tcp;
     sglr_server_t *srv;
@@ -25,7 +29,15 @@ struct sglr_conn_s {
     sglr_exchange_t *x;         /* exchange being read or handled */
     sglr_buf_t pending;         /* bytes not parsed yet */
     size_t header_bytes;
-    int reject_status;          /* 413/431 decided inside a parser callback */
+    int reject_status;          /* 400/413/431 decided inside a parser callback */
+    const char *reject_msg;
+    int waiting;                /* WAIT_* */
+    uint64_t deadline;          /* of waiting */
+    uint64_t write_deadline;    /* unsent response bytes must move by then (0: none) */
+    int write_blocked;          /* next request held back: responses unsent */
+    int in_trailers;            /* header callbacks now are chunked trailers */
+    const char *parse_end;      /* end of the bytes llhttp_execute is given */
+    size_t field_len;           /* of the header name being read */
     int closing;
     int close_after;            /* close once the current response is written */
     int dispatching;            /* inside the dispatch loop */
@@ -53,6 +65,8 @@ static void conn_close(sglr_conn_t *c);
 static void conn_shutdown(sglr_conn_t *c);
 static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len);
 static void conn_start_read(sglr_conn_t *c);
+static void dispatch_later(sglr_conn_t *c);
+static void conn_wait(sglr_conn_t *c, int what, unsigned ms);
 
 const char *sglr_status_text(int status)
 {
@@ -178,8 +192,16 @@ static void write_cb(uv_write_t *req, int status)
         conn_close(c);
         return;
     }
+    size_t queued = c->tcp.write_queue_size;
+    unsigned wt = c->srv->opts.write_timeout_ms;
+    /* the client took bytes: the stall clock starts again */
+    c->write_deadline = queued && wt ? uv_now(sglr_loop) + wt : 0;
+    if (c->write_blocked && queued < SGLR_WRITE_LOW) {
+        c->write_blocked = 0;
+        dispatch_later(c);          /* the next pipelined request, and reading */
+    }
     sglr_exchange_t *x = c->x;
-    if (x && x->on_drain && c->tcp.write_queue_size < SGLR_WRITE_LOW)
+    if (x && x->on_drain && queued < SGLR_WRITE_LOW)
         x->on_drain(x);
 }
 
@@ -235,6 +257,8 @@ static int conn_writev(sglr_conn_t *c, uv_buf_t *in, unsigned nin)
         conn_close(c);
         return r;
     }
+    if (!c->write_deadline && c->srv->opts.write_timeout_ms)
+        c->write_deadline = uv_now(sglr_loop) + c->srv->opts.write_timeout_ms;
     return 0;
 }
 
@@ -410,8 +434,10 @@ static void exchange_done(sglr_exchange_t *x)
     if (c->pending.len) {
         if (!c->dispatching)
             dispatch_later(c);
-    } else if (!c->reading) {
-        conn_start_read(c);
+    } else {
+        conn_wait(c, WAIT_IDLE, c->srv->opts.keepalive_timeout_ms);
+        if (!c->reading && !c->write_blocked)
+            conn_start_read(c);
     }
 }
 
@@ -525,12 +551,28 @@ void sglr_exchange_abort(sglr_exchange_t *x)
 
 /* --- parser callbacks ------------------------------------------------------ */
 
+static void conn_wait(sglr_conn_t *c, int what, unsigned ms)
+{
+    c->waiting = ms ? what : WAIT_NONE;
+    c->deadline = ms ? uv_now(sglr_loop) + ms : 0;
+}
+
 static int on_message_begin(llhttp_t *p)
 {
     sglr_conn_t *c = p->data;
     c->header_bytes = 0;
+    c->in_trailers = 0;
+    conn_wait(c, WAIT_HEADER, c->srv->opts.header_timeout_ms);
     c->x = exchange_new(c);
     return c->x ? 0 : -1;
+}
+
+
+static int refuse(sglr_conn_t *c, const char *msg)
+{
+    c->reject_status = 400;
+    c->reject_msg = msg;
+    return -1;
 }
 
 static int count_header(sglr_conn_t *c, size_t n)
@@ -548,12 +590,22 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
     sglr_conn_t *c = p->data;
     if (count_header(c, n))
         return -1;
+    /* a URL ended by the line end has no version: HTTP/0.9, which llhttp
+     * would only finish on the next byte (a client waiting for an answer
+     * never sends it) */
+    if (at + n < c->parse_end && (at[n] == '\r' || at[n] == '\n'))
+        return refuse(c, "HTTP/0.9 requests are not served");
     return sglr_head_url(&c->x->head, at, n) ? -1 : 0;
 }
 
+/* Chunked trailers come through the header callbacks after the body: they
+ * are dropped, never merged into the request's headers. */
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     sglr_conn_t *c = p->data;
+    if (c->in_trailers)
+        return 0;
+    c->field_len += n;
     if (count_header(c, n + 4))
         return -1;
     return sglr_head_field(&c->x->head, at, n) ? -1 : 0;
@@ -562,12 +614,19 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
 static int on_header_field_complete(llhttp_t *p)
 {
     sglr_conn_t *c = p->data;
+    if (c->in_trailers)
+        return 0;
+    if (c->field_len == 0)
+        return refuse(c, "empty header name");
+    c->field_len = 0;
     return sglr_head_field_done(&c->x->head) ? -1 : 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     sglr_conn_t *c = p->data;
+    if (c->in_trailers)
+        return 0;
     if (count_header(c, n))
         return -1;
     return sglr_head_value(&c->x->head, at, n) ? -1 : 0;
@@ -579,6 +638,19 @@ static int on_headers_complete(llhttp_t *p)
     sglr_exchange_t *x = c->x;
     x->method = p->method;
     x->http_minor = p->http_minor;
+    c->in_trailers = 1;
+    if (p->http_major != 1)
+        return refuse(c, "only HTTP/1.0 and HTTP/1.1 are served");
+    if (p->http_minor == 1) {
+        int hosts = 0;
+        for (int i = 0; i < x->head.nhdrs; i++) {
+            const sglr_hdr_t *h = &x->head.hdrs[i];
+            hosts += h->name_len == 4 && memcmp(x->head.buf.data + h->name_off, "host", 4) == 0;
+        }
+        if (hosts != 1)
+            return refuse(c, "an HTTP/1.1 request needs exactly one Host header");
+    }
+    conn_wait(c, WAIT_BODY, c->srv->opts.body_timeout_ms);
     if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->opts.max_body) {
         c->reject_status = 413;
         return -1;
@@ -603,6 +675,8 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
         c->reject_status = 413;
         return -1;
     }
+    if (c->waiting == WAIT_BODY)        /* a body may take long, but not stall */
+        c->deadline = uv_now(sglr_loop) + c->srv->opts.body_timeout_ms;
     return sglr_buf_append(&x->body, at, n) ? -1 : 0;
 }
 
@@ -611,6 +685,7 @@ static int on_message_complete(llhttp_t *p)
     sglr_conn_t *c = p->data;
     c->x->keep_alive = llhttp_should_keep_alive(p);
     c->x->state = SGLR_X_HANDLING;
+    c->waiting = WAIT_NONE;
     return HPE_PAUSED;
 }
 
@@ -620,7 +695,7 @@ static int on_message_complete(llhttp_t *p)
  * are closed (connections point at their server until then). */
 static void server_maybe_closed(sglr_server_t *s)
 {
-    if (s->listener_closed && s->nconns == 0 && s->on_closed) {
+    if (s->listener_closed && !s->sweep_open && s->nconns == 0 && s->on_closed) {
         void (*cb)(sglr_server_t *) = s->on_closed;
         s->on_closed = NULL;
         cb(s);
@@ -717,9 +792,16 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
     c->dispatching = 1;
     while (!c->closing && !c->shutting && (!c->x || c->x->state == SGLR_X_READING) &&
            c->pending.len) {
+        if (!c->x && c->tcp.write_queue_size > SGLR_WRITE_HIGH) {
+            /* the client sends requests but does not read the answers:
+             * no next request (and no reading) until they drain */
+            c->write_blocked = 1;
+            break;
+        }
         /* parse from a private copy: pending is refilled by what is left */
         sglr_buf_t in = c->pending;
         c->pending = (sglr_buf_t){ 0 };
+        c->parse_end = in.data + in.len;
         llhttp_errno_t err = llhttp_execute(&c->parser, in.data, in.len);
         if (err == HPE_PAUSED) {
             const char *pos = llhttp_get_error_pos(&c->parser);
@@ -754,6 +836,8 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
                 conn_reject(c, 413, "request body exceeds --max-payload-size");
             else if (c->reject_status == 431)
                 conn_reject(c, 431, "request headers too large");
+            else if (c->reject_status == 400 && c->reject_msg)
+                conn_reject(c, 400, c->reject_msg);
             else {
                 char msg[160];
                 snprintf(msg, sizeof msg, "malformed HTTP request: %s",
@@ -765,6 +849,13 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
     c->dispatching = 0;
     if (c->closing || c->shutting)
         return;
+    if (c->write_blocked) {
+        if (c->reading) {
+            uv_read_stop((uv_stream_t *)&c->tcp);
+            c->reading = 0;
+        }
+        return;
+    }
     /* reading stops while too many pipelined bytes wait; resume here */
     if (!c->reading && c->pending.len < (1 << 20))
         conn_start_read(c);
@@ -805,6 +896,58 @@ static void conn_start_read(sglr_conn_t *c)
         c->reading = 1;
 }
 
+/* Over max_conns: answer 503 and close, so the client learns why instead
+ * of a reset; the log says so at most once a second. */
+static void conn_refuse(sglr_conn_t *c)
+{
+    sglr_server_t *s = c->srv;
+    s->refused++;
+    double now = sglr_now_ms();
+    if (now - s->refused_log_ms >= 1000) {
+        s->refused_log_ms = now;
+        sglr_log(SGLR_LOG_WARN, "%d client connections open (--max-connections): refusing new ones "
+                 "with 503 (%lu so far)", s->opts.max_conns, s->refused);
+    }
+    static const char body[] =
+        "{\"error\":{\"message\":\"too many client connections\",\"type\":\"overloaded\",\"code\":503}}";
+    char head[160];
+    int n = snprintf(head, sizeof head, "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                     "content-length: %zu\r\nconnection: close\r\n\r\n", sizeof body - 1);
+    conn_write3(c, head, (size_t)n, body, sizeof body - 1, NULL, 0);
+    conn_shutdown(c);
+}
+
+/* Once a second: close what waited too long (see sglr_server_opts_t). */
+static void sweep_cb(uv_timer_t *t)
+{
+    sglr_server_t *s = t->data;
+    uint64_t now = uv_now(sglr_loop);
+    for (sglr_conn_t *c = s->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->closing || c->shutting)
+            continue;
+        if (c->write_deadline && now >= c->write_deadline) {
+            sglr_log(SGLR_LOG_DEBUG, "client stopped reading its response for %u ms: closing",
+                     s->opts.write_timeout_ms);
+            conn_close(c);
+        } else if (c->waiting != WAIT_NONE && now >= c->deadline) {
+            if (c->waiting == WAIT_HEADER)
+                conn_reject(c, 408, "request headers not complete within --client-header-timeout-secs");
+            else if (c->waiting == WAIT_BODY)
+                conn_reject(c, 408, "request body stalled for --client-body-timeout-secs");
+            else
+                conn_shutdown(c);       /* idle keep-alive */
+        }
+    }
+}
+
+static void sweep_close_cb(uv_handle_t *h)
+{
+    sglr_server_t *s = h->data;
+    s->sweep_open = 0;
+    server_maybe_closed(s);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     sglr_server_t *s = server->data;
@@ -826,8 +969,13 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
+    if (s->opts.max_conns > 0 && s->nconns > s->opts.max_conns) {
+        conn_refuse(c);
+        return;
+    }
     llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
     c->parser.data = c;
+    conn_wait(c, WAIT_IDLE, s->opts.keepalive_timeout_ms);
     conn_start_read(c);
 }
 
@@ -877,6 +1025,14 @@ int sglr_server_init(sglr_server_t *s, const char *host, int port,
         uv_close((uv_handle_t *)&s->tcp, server_close_cb);
         return r;
     }
+    if (opts->header_timeout_ms || opts->body_timeout_ms || opts->keepalive_timeout_ms ||
+        opts->write_timeout_ms) {
+        uv_timer_init(sglr_loop, &s->sweep);
+        s->sweep.data = s;
+        s->sweep_open = 1;
+        uv_timer_start(&s->sweep, sweep_cb, 1000, 1000);
+        uv_unref((uv_handle_t *)&s->sweep);
+    }
     return 0;
 }
 
@@ -898,6 +1054,8 @@ void sglr_server_stop(sglr_server_t *s, void (*close_cb)(sglr_server_t *))
     s->closing = 1;
     s->on_closed = close_cb;
     uv_close((uv_handle_t *)&s->tcp, server_close_cb);
+    if (s->sweep_open)
+        uv_close((uv_handle_t *)&s->sweep, sweep_close_cb);
     for (sglr_conn_t *c = s->conns, *next; c; c = next) {
         next = c->next;
         if (!c->x || c->x->state == SGLR_X_READING)

@@ -7,7 +7,9 @@
  *
  * A connection handles one exchange (request + response) at a time; bytes of
  * pipelined requests that arrive meanwhile wait in a buffer and are parsed
- * when the response is done. The request body is buffered whole (it is a
+ * when the response is done. A client that sends but does not read is
+ * paused: reading stops while 1 MB of requests wait, and the next request
+ * is not started while its responses above SGLR_WRITE_HIGH are unsent. The request body is buffered whole (it is a
  * prompt, needed before routing) and capped: a body over max_body is refused
  * with 413 before more of it is read.
  *
@@ -31,6 +33,14 @@ typedef void (*sglr_exchange_cb)(sglr_exchange_t *x);
 typedef struct {
     size_t max_body;        /* bytes; larger bodies get 413 */
     size_t max_header;      /* bytes of request line + headers; larger get 431 */
+    /* timeouts in ms, 0 = none: a request's line and headers must arrive
+     * within header_timeout_ms of its first byte, and its body may not stall
+     * for body_timeout_ms (both: 408, then close); a kept-alive connection
+     * idle for keepalive_timeout_ms is closed; a response the client stops
+     * reading for write_timeout_ms is cut (the connection closed, so its
+     * owner frees the request's slot) */
+    unsigned header_timeout_ms, body_timeout_ms, keepalive_timeout_ms, write_timeout_ms;
+    int max_conns;          /* above it a new connection gets 503 and is closed; 0 = no cap */
 } sglr_server_opts_t;
 
 struct sglr_server_s {
@@ -40,6 +50,10 @@ struct sglr_server_s {
     void *data;
     int closing;
     int nconns;
+    uv_timer_t sweep;        /* enforces the timeouts, once a second */
+    int sweep_open;          /* the sweep handle is not closed yet */
+    double refused_log_ms;   /* last "too many connections" log line */
+    unsigned long refused;   /* connections refused over max_conns */
     sglr_conn_t *conns;      /* doubly linked list of open connections */
     int listener_closed;
     /* called once the listener and every connection are closed: only then

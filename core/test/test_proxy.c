@@ -541,7 +541,7 @@ int main(void)
     int len = sizeof ss;
     uv_tcp_getsockname(&backend, (struct sockaddr *)&ss, &len);
     backend_port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-    sglr_server_opts_t o = { 1 << 20, 16 << 10 };
+    sglr_server_opts_t o = { .max_body = 1 << 20, .max_header = 16 << 10 };
     if (sglr_server_init(&server, "127.0.0.1", 0, &o, on_request, NULL) < 0)
         return 1;
     server_port = sglr_server_port(&server);

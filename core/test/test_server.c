@@ -161,6 +161,13 @@ static void on_request(sglr_exchange_t *x)
         sglr_exchange_start(x, 200, "", 0, -1);
         sglr_exchange_write(x, "first", 5);
         answer_later(x, url, 1);
+    } else if (path_is(url, "/big")) {
+        /* 512 KB answered at once: a client that does not read fills the
+         * socket, then the server's write queue */
+        static char big[512 << 10];
+        if (!big[0])
+            memset(big, 'b', sizeof big);
+        sglr_exchange_respond(x, 200, "", 0, big, sizeof big);
     } else if (path_is(url, "/abort")) {
         sglr_exchange_start(x, 200, "", 0, -1);
         sglr_exchange_write(x, "partial", 7);
@@ -179,10 +186,16 @@ static void server_closed_cb(sglr_server_t *s)
     nserver_closed++;
 }
 
+/* Options the next server_up starts with beyond the sizes (then reset). */
+static sglr_server_opts_t next_opts;
+
 static sglr_server_t *server_up(size_t max_body, size_t max_header)
 {
     sglr_server_t *s = calloc(1, sizeof *s);
-    sglr_server_opts_t o = { max_body, max_header };
+    sglr_server_opts_t o = next_opts;
+    o.max_body = max_body;
+    o.max_header = max_header;
+    next_opts = (sglr_server_opts_t){ 0 };
     if (sglr_server_init(s, "127.0.0.1", 0, &o, on_request, NULL) < 0) {
         fprintf(stderr, "cannot listen on 127.0.0.1\n");
         exit(1);
@@ -535,7 +548,7 @@ TEST(post_content_length)
 
     /* the body limit is inclusive: exactly max_body bytes are accepted */
     sglr_buf_t big = { 0 };
-    sglr_buf_printf(&big, "POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n");
+    sglr_buf_printf(&big, "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n");
     for (int i = 0; i < 1000; i++)
         sglr_buf_append(&big, i % 10 == 9 ? "\n" : "x", 1);
     client_send(cl, big.data, big.len);
@@ -557,7 +570,7 @@ TEST(head_request_has_no_body)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req[] = "HEAD /echo HTTP/1.1\r\n\r\nGET /echo HTTP/1.1\r\n\r\n";
+    static const char req[] = "HEAD /echo HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     /* the HEAD answer announces the body length but carries no body, so the
      * GET answer follows right after the head */
@@ -575,8 +588,8 @@ TEST(keep_alive)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req1[] = "GET /echo?n=1 HTTP/1.1\r\n\r\n";
-    static const char req2[] = "POST /echo?n=2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+    static const char req1[] = "GET /echo?n=1 HTTP/1.1\r\nHost: t\r\n\r\n";
+    static const char req2[] = "POST /echo?n=2 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc";
     client_send(cl, req1, sizeof req1 - 1);
     WAIT(NRESP(cl) == 1, 2000);
     sglr_conn_t *first = last_conn;
@@ -601,10 +614,10 @@ TEST(pipelined_in_order)
     WAIT(cl->connected, 2000);
     /* the first answer comes late and the others at once: they still go
      * out in request order */
-    static const char req[] = "GET /later?ms=40 HTTP/1.1\r\n\r\n"
-                              "POST /echo?n=2 HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
-                              "GET /stream HTTP/1.1\r\n\r\n"
-                              "GET /echo?n=4 HTTP/1.1\r\nX-Test: last\r\n\r\n";
+    static const char req[] = "GET /later?ms=40 HTTP/1.1\r\nHost: t\r\n\r\n"
+                              "POST /echo?n=2 HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody"
+                              "GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"
+                              "GET /echo?n=4 HTTP/1.1\r\nHost: t\r\nX-Test: last\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     WAIT(NRESP(cl) == 4, 2000);
     resp_t r[4];
@@ -633,8 +646,8 @@ TEST(pipelined_while_handling)
     WAIT(cl->connected, 2000);
     /* the second request arrives in its own read while the first is being
      * handled: it waits, and is handled once the first answer is out */
-    static const char req1[] = "GET /later?ms=40 HTTP/1.1\r\n\r\n";
-    static const char req2[] = "GET /echo?n=2 HTTP/1.1\r\n\r\n";
+    static const char req1[] = "GET /later?ms=40 HTTP/1.1\r\nHost: t\r\n\r\n";
+    static const char req2[] = "GET /echo?n=2 HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req1, sizeof req1 - 1);
     WAIT(nrequests == 1, 2000);
     client_send_cuts(cl, req2, sizeof req2 - 1, (size_t[]){ 7 }, 1, 5);
@@ -656,7 +669,7 @@ TEST(abort_truncates)
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
     /* the pipelined request behind the aborted one is never answered */
-    static const char req[] = "GET /abort HTTP/1.1\r\n\r\nGET /echo HTTP/1.1\r\n\r\n";
+    static const char req[] = "GET /abort HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     WAIT(cl->eof != 0, 2000);
     CHECK_EQ_INT(cl->eof, 1);
@@ -674,7 +687,7 @@ TEST(split_reads)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req[] = "POST /echo?q=split HTTP/1.1\r\nX-Test: value\r\n"
+    static const char req[] = "POST /echo?q=split HTTP/1.1\r\nHost: t\r\nX-Test: value\r\n"
                               "Content-Length: 10\r\n\r\n0123456789";
 
     /* one byte at a time */
@@ -712,7 +725,7 @@ TEST(chunked_request_body)
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
     /* one extension per chunk: llhttp 8.1 refuses "size;a=b;c=d" */
-    static const char req[] = "POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    static const char req[] = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                               "5;name=val\r\nhello\r\n"
                               "6;ext=\"q v\"\r\n world\r\n"
                               "A\r\n, 10 bytes\r\n"
@@ -764,7 +777,7 @@ TEST(body_too_large_by_content_length)
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
     /* refused on the head alone: the body is never sent */
-    static const char req[] = "POST /echo HTTP/1.1\r\nContent-Length: 1001\r\n\r\n";
+    static const char req[] = "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     CHECK_REJECTED(cl, 413);
     client_close(cl);
@@ -772,7 +785,7 @@ TEST(body_too_large_by_content_length)
     /* with Expect: 100-continue the refusal comes instead of the 100 */
     cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req2[] = "POST /echo HTTP/1.1\r\nExpect: 100-continue\r\n"
+    static const char req2[] = "POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
                                "Content-Length: 5000\r\n\r\n";
     client_send(cl, req2, sizeof req2 - 1);
     CHECK_REJECTED(cl, 413);
@@ -791,7 +804,7 @@ TEST(body_too_large_chunked)
     char data[400];
     memset(data, 'z', sizeof data);
     sglr_buf_t b = { 0 };
-    sglr_buf_printf(&b, "POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+    sglr_buf_printf(&b, "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
     for (int i = 0; i < 2; i++) {
         sglr_buf_printf(&b, "190\r\n");
         sglr_buf_append(&b, data, sizeof data);
@@ -822,7 +835,7 @@ TEST(headers_too_large)
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
     sglr_buf_t b = { 0 };
-    sglr_buf_printf(&b, "GET /echo HTTP/1.1\r\nX-Big: ");
+    sglr_buf_printf(&b, "GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: ");
     for (int i = 0; i < 2000; i++)
         sglr_buf_append(&b, "b", 1);
     sglr_buf_printf(&b, "\r\n\r\n");
@@ -835,7 +848,7 @@ TEST(headers_too_large)
     cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
     b = (sglr_buf_t){ 0 };
-    sglr_buf_printf(&b, "GET /echo HTTP/1.1\r\n");
+    sglr_buf_printf(&b, "GET /echo HTTP/1.1\r\nHost: t\r\n");
     for (int i = 0; i < 150; i++)
         sglr_buf_printf(&b, "X-H%d: v\r\n", i);
     sglr_buf_printf(&b, "\r\n");
@@ -847,7 +860,7 @@ TEST(headers_too_large)
     /* and a head under the limit is fine */
     cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char ok[] = "GET /echo HTTP/1.1\r\nX-Test: small\r\n\r\n";
+    static const char ok[] = "GET /echo HTTP/1.1\r\nHost: t\r\nX-Test: small\r\n\r\n";
     client_send(cl, ok, sizeof ok - 1);
     WAIT(NRESP(cl) == 1, 2000);
     resp_t r[1];
@@ -874,7 +887,7 @@ TEST(malformed_request)
      * answered, then the 400, then the close */
     cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req2[] = "GET /echo HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nBad Header\r\n\r\n";
+    static const char req2[] = "GET /echo HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n";
     client_send(cl, req2, sizeof req2 - 1);
     WAIT(cl->eof != 0, 2000);
     resp_t r[3];
@@ -941,7 +954,7 @@ TEST(expect_100_continue)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char head[] = "POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+    static const char head[] = "POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
     static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     client_send(cl, head, sizeof head - 1);
     WAIT(cl->in.len >= sizeof cont - 1, 2000);
@@ -963,7 +976,7 @@ TEST(chunked_response)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req[] = "GET /stream HTTP/1.1\r\n\r\nGET /echo HTTP/1.1\r\n\r\n";
+    static const char req[] = "GET /stream HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     WAIT(NRESP(cl) == 2, 2000);
     resp_t r[2];
@@ -994,7 +1007,7 @@ TEST(client_gone_while_pending)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req[] = "GET /later?ms=60 HTTP/1.1\r\n\r\n";
+    static const char req[] = "GET /later?ms=60 HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     WAIT(nrequests == 1, 2000);
     CHECK_EQ_INT(sglr_exchanges_active, 1);
@@ -1013,7 +1026,7 @@ TEST(client_gone_while_pending)
     /* the same while a chunked answer is half written */
     cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req2[] = "GET /stream-later?ms=60 HTTP/1.1\r\n\r\n";
+    static const char req2[] = "GET /stream-later?ms=60 HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req2, sizeof req2 - 1);
     WAIT(find(cl->in.data, cl->in.len, "5\r\nfirst\r\n") != NULL, 2000);
     CHECK_EQ_INT(sglr_exchanges_active, 1);
@@ -1036,7 +1049,7 @@ TEST(client_reset_mid_request)
      * neither crash nor hand the half request to the handler */
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected && s->nconns == 1, 2000);
-    static const char req[] = "POST /echo HTTP/1.1\r\nExpect: 100-continue\r\n"
+    static const char req[] = "POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
                               "Content-Length: 10\r\n\r\n01234";
     client_send(cl, req, sizeof req - 1);
     client_reset(cl);
@@ -1046,7 +1059,7 @@ TEST(client_reset_mid_request)
     /* a whole request, answered into the reset */
     cl = client_new(sglr_server_port(s));
     WAIT(cl->connected && s->nconns == 1, 2000);
-    static const char req2[] = "GET /echo HTTP/1.1\r\n\r\nGET /stream HTTP/1.1\r\n\r\n";
+    static const char req2[] = "GET /echo HTTP/1.1\r\nHost: t\r\n\r\nGET /stream HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req2, sizeof req2 - 1);
     client_reset(cl);
     WAIT(s->nconns == 0, 2000);
@@ -1060,7 +1073,7 @@ TEST(stream_later_completes)
     sglr_server_t *s = server_up(1000, 4096);
     client_t *cl = client_new(sglr_server_port(s));
     WAIT(cl->connected, 2000);
-    static const char req[] = "GET /stream-later?ms=20 HTTP/1.1\r\n\r\nGET /echo HTTP/1.1\r\n\r\n";
+    static const char req[] = "GET /stream-later?ms=20 HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(cl, req, sizeof req - 1);
     WAIT(NRESP(cl) == 2, 2000);
     resp_t r[2];
@@ -1082,14 +1095,14 @@ TEST(stop_closes_idle)
     /* idle: one answered request, kept alive */
     client_t *idle = client_new(port);
     WAIT(idle->connected, 2000);
-    static const char req[] = "GET /echo HTTP/1.1\r\n\r\n";
+    static const char req[] = "GET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(idle, req, sizeof req - 1);
     WAIT(NRESP(idle) == 1, 2000);
     size_t idle_bytes = idle->in.len;
     /* busy: its answer is 80 ms away */
     client_t *busy = client_new(port);
     WAIT(busy->connected, 2000);
-    static const char req2[] = "GET /later?ms=80 HTTP/1.1\r\n\r\n";
+    static const char req2[] = "GET /later?ms=80 HTTP/1.1\r\nHost: t\r\n\r\n";
     client_send(busy, req2, sizeof req2 - 1);
     WAIT(nrequests == 2, 2000);
     CHECK_EQ_INT(s->nconns, 2);
@@ -1144,6 +1157,176 @@ static int handles_left(void)
     return n;
 }
 
+
+TEST(header_timeout_answers_408)
+{
+    next_opts.header_timeout_ms = 50;
+    sglr_server_t *s = server_up(1000, 4096);
+    client_t *cl = client_new(sglr_server_port(s));
+    WAIT(cl->connected, 2000);
+    static const char part[] = "GET /echo HTTP/1.1\r\nHost: t\r\nX-Slow: ";
+    client_send(cl, part, sizeof part - 1);     /* and never the rest */
+    WAIT(cl->eof != 0, 3000);
+    resp_t r[1];
+    CHECK_EQ_INT(client_responses(cl, r, 1, 0), 1);
+    int st = r[0].status;
+    resp_free(r, 1);
+    CHECK_EQ_INT(st, 408);
+    CHECK_EQ_INT(nrequests, 0);
+    client_close(cl);
+    SERVER_DOWN(s);
+}
+
+TEST(stalled_body_answers_408)
+{
+    next_opts.body_timeout_ms = 50;
+    sglr_server_t *s = server_up(1000, 4096);
+    client_t *cl = client_new(sglr_server_port(s));
+    WAIT(cl->connected, 2000);
+    static const char part[] = "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc";
+    client_send(cl, part, sizeof part - 1);
+    WAIT(cl->eof != 0, 3000);
+    resp_t r[1];
+    CHECK_EQ_INT(client_responses(cl, r, 1, 0), 1);
+    int st = r[0].status;
+    resp_free(r, 1);
+    CHECK_EQ_INT(st, 408);
+    CHECK_EQ_INT(nrequests, 0);
+    client_close(cl);
+    SERVER_DOWN(s);
+}
+
+TEST(idle_keepalive_is_closed)
+{
+    next_opts.keepalive_timeout_ms = 50;
+    sglr_server_t *s = server_up(1000, 4096);
+    client_t *cl = client_new(sglr_server_port(s));
+    WAIT(cl->connected, 2000);
+    static const char req[] = "GET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
+    client_send(cl, req, sizeof req - 1);
+    WAIT(NRESP(cl) == 1, 2000);
+    CHECK_EQ_INT(cl->eof, 0);
+    WAIT(cl->eof != 0, 3000);              /* closed by the server, unanswered */
+    CHECK_EQ_INT(NRESP(cl), 1);
+    client_close(cl);
+    SERVER_DOWN(s);
+}
+
+/* A client that sends requests and reads none of the answers holds back the
+ * next request (and its reading) while 1 MB of answers is unsent; reading
+ * again, it gets every answer. */
+TEST(pipelining_without_reading_is_paused)
+{
+    sglr_server_t *s = server_up(1000, 4096);
+    client_t *cl = client_new(sglr_server_port(s));
+    WAIT(cl->connected, 2000);
+    uv_read_stop((uv_stream_t *)&cl->tcp);
+    sglr_buf_t b = { 0 };
+    for (int i = 0; i < 64; i++)
+        sglr_buf_printf(&b, "GET /big?i=%d HTTP/1.1\r\nHost: t\r\n\r\n", i);
+    client_send(cl, b.data, b.len);
+    sglr_buf_free(&b);
+    /* 64 answers are 32 MB; the server stops after a few */
+    WAIT(nrequests >= 2, 2000);
+    for (int i = 0; i < 20; i++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    int held = nrequests;
+    CHECK(held < 16);
+    uv_read_start((uv_stream_t *)&cl->tcp, client_alloc_cb, client_read_cb);
+    WAIT(nrequests == 64, 10000);
+    WAIT(cl->in.len >= 64u * (512u << 10), 10000);
+    client_close(cl);
+    SERVER_DOWN(s);
+}
+
+TEST(stalled_reader_is_cut_off)
+{
+    next_opts.write_timeout_ms = 50;
+    sglr_server_t *s = server_up(1000, 4096);
+    client_t *cl = client_new(sglr_server_port(s));
+    WAIT(cl->connected, 2000);
+    uv_read_stop((uv_stream_t *)&cl->tcp);
+    /* more than the kernel's socket buffers take, so the server queues */
+    sglr_buf_t b = { 0 };
+    for (int i = 0; i < 32; i++)
+        sglr_buf_printf(&b, "GET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+    client_send(cl, b.data, b.len);
+    sglr_buf_free(&b);
+    WAIT(nrequests >= 1, 2000);
+    WAIT(s->nconns == 0, 4000);            /* the server gave up on it */
+    client_close(cl);
+    SERVER_DOWN(s);
+}
+
+TEST(max_connections_answers_503)
+{
+    next_opts.max_conns = 2;
+    sglr_server_t *s = server_up(1000, 4096);
+    client_t *a = client_new(sglr_server_port(s));
+    client_t *b = client_new(sglr_server_port(s));
+    WAIT(a->connected && b->connected && s->nconns == 2, 2000);
+    client_t *c = client_new(sglr_server_port(s));
+    WAIT(c->eof != 0, 2000);
+    resp_t r[1];
+    CHECK_EQ_INT(client_responses(c, r, 1, 0), 1);
+    int st = r[0].status;
+    resp_free(r, 1);
+    CHECK_EQ_INT(st, 503);
+    CHECK_EQ_INT(s->refused, 1);
+    /* the two below the cap are served */
+    static const char req[] = "GET /echo HTTP/1.1\r\nHost: t\r\n\r\n";
+    client_send(a, req, sizeof req - 1);
+    WAIT(NRESP(a) == 1, 2000);
+    client_close(a);
+    client_close(b);
+    client_close(c);
+    SERVER_DOWN(s);
+}
+
+/* Requests a strict server refuses with 400 instead of guessing. */
+TEST(http_hygiene)
+{
+    static const char *const bad[] = {
+        "GET /echo HTTP/1.1\r\n\r\n",                                   /* no Host */
+        "GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",           /* two */
+        "GET /echo\r\n",                                                  /* HTTP/0.9 */
+        "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "3\r\nabcXX0\r\n\r\n",                                        /* chunk without CRLF */
+        "GET /echo HTTP/1.1\r\nHost: t\r\n: empty\r\n\r\n",           /* empty header name */
+    };
+    sglr_server_t *s = server_up(1000, 4096);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        client_t *cl = client_new(sglr_server_port(s));
+        WAIT(cl->connected, 2000);
+        client_send(cl, bad[i], strlen(bad[i]));
+        WAIT(cl->eof != 0, 2000);
+        resp_t r[1];
+        int n = client_responses(cl, r, 1, 0);
+        int st = n == 1 ? r[0].status : -1;
+        if (n > 0)
+            resp_free(r, n);
+        if (st != 400)
+            fprintf(stderr, "request %zu: status %d\n", i, st);
+        CHECK_EQ_INT(st, 400);
+        client_close(cl);
+    }
+    CHECK_EQ_INT(nrequests, 0);
+    /* chunked trailers are dropped, not merged into the headers */
+    client_t *cl = client_new(sglr_server_port(s));
+    WAIT(cl->connected, 2000);
+    static const char req[] = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              "3\r\nabc\r\n0\r\nX-Test: trailer\r\n\r\n";
+    client_send(cl, req, sizeof req - 1);
+    WAIT(NRESP(cl) == 1, 2000);
+    resp_t r[1];
+    CHECK_EQ_INT(client_responses(cl, r, 1, 0), 1);
+    int ok = r[0].status == 200 && body_is(&r[0], "POST /echo 3 -\nabc");
+    resp_free(r, 1);
+    CHECK(ok);
+    client_close(cl);
+    SERVER_DOWN(s);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);   /* a peer that closed first is a result, not a crash */
@@ -1171,6 +1354,13 @@ int main(void)
     RUN(client_reset_mid_request);
     RUN(stream_later_completes);
     RUN(stop_closes_idle);
+    RUN(header_timeout_answers_408);
+    RUN(stalled_body_answers_408);
+    RUN(idle_keepalive_is_closed);
+    RUN(pipelining_without_reading_is_paused);
+    RUN(stalled_reader_is_cut_off);
+    RUN(max_connections_answers_503);
+    RUN(http_hygiene);
 
     /* Drain: every handle closed, every close callback run, so that the
      * leak checker sees what the engine freed. A failed case may have left

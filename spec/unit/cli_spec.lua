@@ -51,8 +51,10 @@ describe("sglr.cli", function()
       request_id_headers = { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" },
       cors_allowed_origins = {}, dp_aware = false,
       shutdown_grace_secs = 30, connect_timeout_ms = 5000,
+      client_header_timeout_secs = 30, client_body_timeout_secs = 60, keepalive_timeout_secs = 75,
+      client_write_timeout_secs = 60,
     }
-    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path" }
+    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path", "max_connections" }
 
     it("gives every flag its default with no arguments", function()
       local conf = ok()

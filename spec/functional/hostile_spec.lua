@@ -1,0 +1,62 @@
+-- Clients that would hold the router's connections or memory: each is cut
+-- off with an answer, and the router keeps serving everyone else.
+local H = require "spec.helpers"
+local core = require "sglr.core"
+
+describe("hostile clients", function()
+  local w, r
+  setup(function()
+    w = H.sim({ "--id", "w1" })
+    r = H.router({ "--worker-urls", w.url, "--policy", "round_robin",
+      "--client-header-timeout-secs", "1", "--client-body-timeout-secs", "1",
+      "--keepalive-timeout-secs", "1", "--max-connections", "8" })
+  end)
+  teardown(H.stop_all)
+
+  local function status_of(out) return tonumber(out:match("^HTTP/1%.1 (%d+)")) end
+
+  it("answer 408 to headers that never finish (slowloris)", function()
+    local t0 = core.now()
+    local out = H.raw(r.port, "POST /generate HTTP/1.1\r\nHost: r\r\nX-Slow: ", { timeout_ms = 5000 })
+    assert.equal(408, status_of(out))
+    assert.is_true(core.now() - t0 < 4000)
+  end)
+
+  it("answer 408 to a body that stalls", function()
+    local out = H.raw(r.port, "POST /generate HTTP/1.1\r\nHost: r\r\nContent-Length: 100\r\n\r\n{\"te",
+      { timeout_ms = 5000 })
+    assert.equal(408, status_of(out))
+    assert.equal(200, assert(H.get(r.url, "/liveness")).status)
+  end)
+
+  it("answer 503 above --max-connections, and serve again once below", function()
+    local uv = require "luv"
+    local held = {}
+    for i = 1, 8 do
+      held[i] = uv.new_tcp()
+      held[i]:connect("127.0.0.1", r.port, function() end)
+    end
+    -- the router sees the 8 (with the liveness checks of this spec, 8 or 9)
+    local out
+    H.wait_for(function()
+      out = H.raw(r.port, "GET /liveness HTTP/1.1\r\nHost: r\r\n\r\n", { timeout_ms = 2000 })
+      return status_of(out) == 503
+    end, 5000, "a 503 above the cap")
+    assert.truthy(out:find("too many client connections", 1, true))
+    for _, t in ipairs(held) do t:close() end
+    H.wait_for(function()
+      local res = H.get(r.url, "/liveness")
+      return res and res.status == 200
+    end, 5000, "service below the cap")
+  end)
+
+  it("refuse what a strict HTTP/1.1 server refuses, with 400", function()
+    for _, req in ipairs({
+      "GET /liveness HTTP/1.1\r\n\r\n",
+      "GET /liveness\r\n",
+      "POST /generate HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n",
+    }) do
+      assert.equal(400, status_of(H.raw(r.port, req, { timeout_ms = 3000 })), req)
+    end
+  end)
+end)
