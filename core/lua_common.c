@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 const char sglr_lua_exchange_mt[] = "sglr.exchange";
 
@@ -129,6 +130,23 @@ static int is_hop_header(const char *n, size_t len)
     return 0;
 }
 
+/* name (lowercase) is one of the comma-separated tokens of list, compared
+ * without case. */
+static int in_token_list(const char *list, size_t len, const char *name, size_t nl)
+{
+    size_t i = 0;
+    while (i < len) {
+        while (i < len && (list[i] == ' ' || list[i] == '\t' || list[i] == ','))
+            i++;
+        size_t start = i;
+        while (i < len && list[i] != ',' && list[i] != ' ' && list[i] != '\t')
+            i++;
+        if (i - start == nl && strncasecmp(list + start, name, nl) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
 {
     /* the table's pairs, checked once; a string stays referenced by the
@@ -150,10 +168,14 @@ const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_b
             lua_pop(L, 1);
         }
     }
+    /* headers the sender named in Connection are hop-by-hop too (RFC 9110
+     * 7.6.1): they end here */
+    size_t cl = 0;
+    const char *conn = h ? sglr_head_get(h, "connection", &cl) : NULL;
     for (int i = 0; h && i < h->nhdrs; i++) {
         const sglr_hdr_t *hd = &h->hdrs[i];
         const char *n = h->buf.data + hd->name_off;
-        if (is_hop_header(n, hd->name_len))
+        if (is_hop_header(n, hd->name_len) || (conn && in_token_list(conn, cl, n, hd->name_len)))
             continue;
         int overridden = 0;
         for (int k = 0; k < nadd && !overridden; k++)

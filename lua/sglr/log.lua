@@ -70,6 +70,19 @@ local function to_file(line)
   flush_file()
 end
 
+-- A field value for a text line: as it is when it has no space, quote, '=',
+-- backslash or control byte; else quoted with those escaped, so a value a
+-- client chose (a request id, a path) cannot forge fields or lines.
+local ESC = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
+local function text_value(v)
+  local s = tostring(v)
+  if not s:find('[%s="\\%c]') and s ~= "" then return s end
+  return '"' .. s:gsub('[%c"\\]', function(c)
+    return ESC[c] or ("\\x%02x"):format(c:byte())
+  end) .. '"'
+end
+M.text_value = text_value
+
 -- log(level, msg [, fields]): fields is a flat table added to JSON lines and
 -- appended as key=value pairs to text lines.
 function M.log(lvl, msg, fields)
@@ -89,7 +102,7 @@ function M.log(lvl, msg, fields)
       for k in pairs(fields) do keys[#keys + 1] = k end
       table.sort(keys)
       for _, k in ipairs(keys) do
-        parts[#parts + 1] = " " .. k .. "=" .. tostring(fields[k])
+        parts[#parts + 1] = " " .. k .. "=" .. text_value(fields[k])
       end
     end
     parts[#parts + 1] = "\n"

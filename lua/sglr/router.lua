@@ -63,8 +63,10 @@ function M.new(conf)
     if o == "*" then self.cors_any = true end
     self.cors[o] = true
   end
+  -- no CORS headers at all unless origins are configured (a router that
+  -- answered every Origin with * would let any web page drive it)
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
-  self.cors_check = true
+  self.cors_check = self.cors_enabled
   self.pending_adds = {}     -- URLs whose /add_worker waits for their health
   self.pd = conf.pd_disaggregation or false
 
@@ -177,13 +179,14 @@ end
 -- --- responses --------------------------------------------------------------------
 
 function M:cors_headers(x, h)
+  if not self.cors_enabled then return h end
   local origin = x:header("origin")
   if not origin then return h end
-  if not self.cors_enabled or self.cors_any or self.cors[origin] then
+  if self.cors_any or self.cors[origin] then
     h = h or {}
-    h["access-control-allow-origin"] = self.cors_enabled and not self.cors_any and origin or "*"
+    h["access-control-allow-origin"] = self.cors_any and "*" or origin
     h["access-control-expose-headers"] = "x-request-id"
-    if self.cors_enabled then h["vary"] = "origin" end
+    h["vary"] = "origin"
   end
   return h
 end
@@ -438,13 +441,16 @@ end
 function M:preflight(x)
   local origin = x:header("origin")
   if not origin then return self:send_error(x, 400, "CORS preflight without an Origin header", "invalid_request_error") end
-  if self.cors_enabled and not self.cors_any and not self.cors[origin] then
+  if not self.cors_enabled then
+    return self:send_error(x, 403, "CORS is not enabled on this router (--cors-allowed-origins)", "cors_forbidden")
+  end
+  if not self.cors_any and not self.cors[origin] then
     return self:send_error(x, 403, "origin " .. origin .. " is not allowed", "cors_forbidden")
   end
   x:respond(204, {
-    ["access-control-allow-origin"] = (self.cors_enabled and not self.cors_any) and origin or "*",
+    ["access-control-allow-origin"] = self.cors_any and "*" or origin,
     ["access-control-allow-methods"] = "GET, POST, OPTIONS",
-    ["access-control-allow-headers"] = x:header("access-control-request-headers") or "content-type, authorization",
+    ["access-control-allow-headers"] = "content-type, authorization, x-request-id",
     ["access-control-expose-headers"] = "x-request-id",
     ["access-control-max-age"] = "3600",
     ["vary"] = "origin",
@@ -591,6 +597,11 @@ function M:start()
   local srv
   srv, err = core.listen(conf.host or "127.0.0.1", conf.port or 30000, {
     max_body = conf.max_payload_size or 256 * 1024 * 1024,
+    header_timeout = conf.client_header_timeout_secs,
+    body_timeout = conf.client_body_timeout_secs,
+    keepalive_timeout = conf.keepalive_timeout_secs,
+    write_timeout = conf.client_write_timeout_secs,
+    max_connections = conf.max_connections or -1,
   }, function(x)
     local okh, herr = xpcall(self.handle, debug.traceback, self, x)
     if not okh then

@@ -185,3 +185,29 @@ describe("CORS", function()
     assert.is_nil(res.headers["access-control-allow-origin"])
   end)
 end)
+
+describe("CORS not configured", function()
+  local w, r
+  setup(function()
+    w = H.sim({ "--id", "w" })
+    r = H.router({ "--worker-urls", w.url, "--policy", "round_robin" })
+  end)
+  teardown(H.stop_all)
+
+  it("sends no CORS headers, whatever the Origin", function()
+    local res = assert(H.post(r.url, "/generate", H.gen_body("x"), { origin = "https://any.example.com" }))
+    assert.equal(200, res.status)
+    assert.is_nil(res.headers["access-control-allow-origin"])
+    res = assert(H.get(r.url, "/v1/models", { origin = "https://any.example.com" }))
+    assert.is_nil(res.headers["access-control-allow-origin"])
+  end)
+
+  it("refuses preflights", function()
+    local res = assert(H.request(r.url, "OPTIONS", "/v1/chat/completions", nil, {
+      origin = "https://any.example.com", ["access-control-request-method"] = "POST",
+      ["access-control-request-headers"] = "x-anything" }))
+    assert.equal(403, res.status)
+    assert.is_nil(res.headers["access-control-allow-origin"])
+    assert.is_nil(res.headers["access-control-allow-headers"])
+  end)
+end)

@@ -43,6 +43,7 @@ describe("request flow", function()
   local function worker(opts)
     local srv = listen(function(x)
       opts.seen = (opts.seen or 0) + 1
+      opts.headers = x:headers()
       if opts.delay then core.sleep(opts.delay) end
       x:respond(opts.status or 200, { ["content-type"] = "application/json" }, '{"ok":true}')
     end)
@@ -69,9 +70,11 @@ describe("request flow", function()
     return r
   end
 
-  local function post(url)
+  local function post(url, headers)
+    headers = headers or {}
+    headers["content-type"] = "application/json"
     return core.request(assert(core.upstream(url)), { method = "POST", path = "/generate",
-      body = '{"text":"hi"}', headers = { ["content-type"] = "application/json" } })
+      body = '{"text":"hi"}', headers = headers })
   end
 
   it("settles a request with the policy instance that picked its worker", function()
@@ -94,6 +97,15 @@ describe("request flow", function()
     assert.equal(1, b.selected)
     assert.equal(1, #b.done)
     assert.equal(0, r.workers.list[1].load)
+  end)
+
+  it("drops the headers a client names in Connection, and keeps the others", function()
+    local w = {}
+    local r = fake_router({ worker(w) }, recording_policy("p"))
+    local res = post(r.url, { connection = "keep-alive, X-Hop", ["x-hop"] = "secret", ["x-keep"] = "1" })
+    assert.equal(200, res.status)
+    assert.is_nil(w.headers["x-hop"])
+    assert.equal("1", w.headers["x-keep"])
   end)
 
   it("re-picks after a retryable status and settles each attempt once", function()
