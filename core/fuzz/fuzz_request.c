@@ -1,0 +1,88 @@
+/*
+ * fuzz_request.c: libFuzzer target for the request parsing path of the
+ * HTTP server (server.c over llhttp): each input is sent as the raw bytes
+ * of a client connection to a server on loopback, which answers what it
+ * parses (200, a streamed answer, or its own 4xx) until the client's half
+ * close. Crashes, sanitizer reports and hangs (a connection the server
+ * never finishes) are findings.
+ */
+#include "server.h"
+#include "sglr.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static uv_loop_t loop;
+static sglr_server_t server;
+static int port;
+
+static void on_request(sglr_exchange_t *x)
+{
+    size_t n = x->head.url_len;
+    if (n > 1 && x->head.buf.data[x->head.url_off + 1] == 's') {
+        sglr_exchange_start(x, 200, "", 0, -1);      /* a streamed answer */
+        sglr_exchange_write(x, x->body.data ? x->body.data : "", x->body.len);
+        sglr_exchange_finish(x);
+    } else {
+        sglr_exchange_respond(x, 200, "x-fuzz: 1\r\n", 11, "ok", 2);
+    }
+}
+
+static void setup(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    uv_loop_init(&loop);
+    sglr_loop = &loop;
+    sglr_server_opts_t o = { .max_body = 64 << 10, .max_header = 8 << 10 };
+    if (sglr_server_init(&server, "127.0.0.1", 0, &o, on_request, NULL) < 0)
+        abort();
+    port = sglr_server_port(&server);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static int ready;
+    if (!ready) {
+        setup();
+        ready = 1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0)
+        abort();
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    size_t sent = 0;
+    int eof = 0;
+    char buf[65536];
+    /* a bound on the loop turns: a connection the server never finishes is
+     * a hang, which libFuzzer reports as a timeout */
+    for (int turn = 0; turn < 200000 && !eof; turn++) {
+        if (sent < size) {
+            ssize_t w = send(fd, data + sent, size - sent, 0);
+            if (w > 0)
+                sent += (size_t)w;
+            else if (w < 0 && errno != EAGAIN)
+                sent = size;
+            if (sent == size)
+                shutdown(fd, SHUT_WR);
+        } else if (turn == 0) {
+            shutdown(fd, SHUT_WR);
+        }
+        uv_run(&loop, UV_RUN_NOWAIT);
+        ssize_t r = recv(fd, buf, sizeof buf, 0);
+        if (r == 0 || (r < 0 && errno != EAGAIN))
+            eof = 1;
+    }
+    close(fd);
+    while (server.nconns > 0)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    return 0;
+}

@@ -1,0 +1,109 @@
+/*
+ * fuzz_response.c: libFuzzer target for the upstream client's response
+ * parsing (upstream.c over llhttp): each input is what a worker answers to
+ * a request, sent from a plain socket on loopback, then the worker closes.
+ * The request must end (on_done) whatever the bytes: a crash, a sanitizer
+ * report or a request that never ends is a finding.
+ */
+#include "upstream.h"
+#include "sglr.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static uv_loop_t loop;
+static int lfd, port;
+static sglr_pool_t *pool;
+static int done, body_bytes;
+
+static void on_head(sglr_upreq_t *r)
+{
+    sglr_upreq_continue(r);
+}
+
+static void on_body(sglr_upreq_t *r, const char *d, size_t n)
+{
+    body_bytes += (int)n;
+}
+
+static void on_done(sglr_upreq_t *r, int err)
+{
+    done = 1;
+}
+
+static void setup(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    uv_loop_init(&loop);
+    sglr_loop = &loop;
+    lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof a;
+    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 16) < 0 ||
+        getsockname(lfd, (struct sockaddr *)&a, &len) < 0)
+        abort();
+    fcntl(lfd, F_SETFL, O_NONBLOCK);
+    port = ntohs(a.sin_port);
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
+    const char *err;
+    pool = sglr_pool_new(url, &err);
+    if (!pool)
+        abort();
+    pool->max_idle = 0;          /* a fresh connection per input */
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static int ready;
+    if (!ready) {
+        setup();
+        ready = 1;
+    }
+    sglr_upreq_t *r = sglr_upreq_new(pool);
+    r->on_head = on_head;
+    r->on_body = on_body;
+    r->on_done = on_done;
+    done = 0;
+    sglr_upreq_build(r, "GET", "/", 1, "", 0, NULL, 0);
+    sglr_upreq_start(r, 1000, 2000);
+    int fd = -1;
+    size_t sent = 0;
+    char buf[4096];
+    for (int turn = 0; turn < 200000 && !done; turn++) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        if (fd < 0) {
+            fd = accept(lfd, NULL, NULL);
+            if (fd >= 0)
+                fcntl(fd, F_SETFL, O_NONBLOCK);
+            continue;
+        }
+        (void)!recv(fd, buf, sizeof buf, 0);      /* the request; not checked */
+        if (sent < size) {
+            ssize_t w = send(fd, data + sent, size - sent, 0);
+            if (w > 0)
+                sent += (size_t)w;
+            else if (w < 0 && errno != EAGAIN)
+                sent = size;
+        } else if (fd >= 0) {
+            close(fd);                             /* the worker hangs up */
+            fd = -2;
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    if (!done)
+        abort();                                   /* the request never ended */
+    sglr_upreq_free(r);
+    for (int i = 0; i < 8; i++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    return 0;
+}
