@@ -178,7 +178,7 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
     const uint8_t *p = j->p + 1, *end = j->end;
     char *o = NULL;
     if (out) {
-        TRY(reserve(out, (size_t)(end - p)));
+        TRY(reserve(out, (size_t)(end - p) + 1));     /* + 1: never a NULL buffer */
         o = out->data + out->len;
     }
     for (;;) {
