@@ -16,6 +16,7 @@
 #include "sglr.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <lua.h>
 #include <lauxlib.h>
 
@@ -92,16 +93,111 @@ static int l_check(lua_State *L)
 }
 
 /* extract.route_text(route, body) -> text | "", err */
+/* At most max bytes of text (0: all), cut at a UTF-8 character boundary. */
+static size_t text_cap(const char *t, size_t len, lua_Number max)
+{
+    if (!(max > 0) || (lua_Number)len <= max)
+        return len;
+    size_t n = (size_t)max;
+    while (n > 0 && ((unsigned char)t[n] & 0xC0) == 0x80)
+        n--;
+    return n;
+}
+
+/* extract.route_text(route, body_or_exchange [, max_bytes]) -> text */
 static int l_route_text(lua_State *L)
 {
+    lua_Number max = luaL_optnumber(L, 3, 0);
     if (run(L, SGLR_EXTRACT_TEXT) < 0) {
         lua_pushliteral(L, "");
         lua_insert(L, -2);
         return 2;
     }
     sglr_extract_t *x = state(L);
-    lua_pushlstring(L, x->text, x->text_len);
+    lua_pushlstring(L, x->text, text_cap(x->text, x->text_len, max));
     return 1;
+}
+
+/* A large body is read on libuv's thread pool, so the loop is not held for
+ * the time a pass over hundreds of megabytes takes; the request's coroutine
+ * waits. One pass validates it and decodes the routing text. */
+typedef struct {
+    uv_work_t work;
+    sglr_extract_t x;           /* its own: the shared one is the loop's */
+    sglr_route_t route;
+    const char *body;
+    size_t n;
+    lua_Number max;
+    int r;
+    lua_State *co;
+    int co_ref, body_ref;       /* the waiting coroutine; what holds the body */
+} job_t;
+
+static void job_work(uv_work_t *w)
+{
+    job_t *j = w->data;
+    j->r = sglr_extract_run(&j->x, j->route, j->body, j->n, SGLR_EXTRACT_TEXT);
+}
+
+static void job_done(uv_work_t *w, int status)
+{
+    job_t *j = w->data;
+    lua_State *co = j->co;
+    int n;
+    luaL_unref(sglr_L, LUA_REGISTRYINDEX, j->body_ref);
+    if (status < 0 || j->r < 0) {
+        lua_pushnil(co);
+        lua_pushstring(co, status < 0 ? "extraction was cancelled"
+                           : j->r == -ENOMEM ? "out of memory" : j->x.err);
+        n = 2;
+    } else {
+        lua_pushboolean(co, 1);
+        lua_pushboolean(co, j->x.stream);
+        if (j->x.has_model)
+            lua_pushlstring(co, j->x.model, j->x.model_len);
+        else
+            lua_pushnil(co);
+        lua_pushlstring(co, j->x.text, text_cap(j->x.text, j->x.text_len, j->max));
+        n = 4;
+    }
+    sglr_extract_close(&j->x);
+    int ref = j->co_ref;
+    free(j);
+    sglr_co_resume(co, ref, n);
+}
+
+/* extract.check_text(route, body_or_exchange [, max_text]) -> true, stream,
+ * model, text | nil, message: check and route_text in one pass, on the
+ * thread pool (the coroutine yields). */
+static int l_check_text(lua_State *L)
+{
+    sglr_route_t route = check_route(L);
+    size_t n;
+    const char *body = sglr_lua_body(L, 2, &n);
+    lua_Number max = luaL_optnumber(L, 3, 0);
+    int co_ref = sglr_co_pin(L);        /* raises outside a coroutine */
+    job_t *j = calloc(1, sizeof *j);
+    if (!j) {
+        sglr_co_unpin(co_ref);
+        return luaL_error(L, "out of memory");
+    }
+    sglr_extract_init(&j->x);
+    j->work.data = j;
+    j->route = route;
+    j->body = body;
+    j->n = n;
+    j->max = max;
+    j->co = L;
+    j->co_ref = co_ref;
+    lua_pushvalue(L, 2);
+    j->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (uv_queue_work(sglr_loop, &j->work, job_work, job_done) < 0) {
+        luaL_unref(L, LUA_REGISTRYINDEX, j->body_ref);
+        sglr_co_unpin(co_ref);
+        free(j);
+        return luaL_error(L, "extract: cannot queue the work");
+    }
+    return lua_yield(L, 0);
 }
 
 static int l_gc(lua_State *L)
@@ -129,5 +225,7 @@ int luaopen_sglr_extract(lua_State *L)
     lua_setfield(L, -3, "check");
     lua_pushcclosure(L, l_route_text, 1);
     lua_setfield(L, -2, "route_text");
+    lua_pushcfunction(L, l_check_text);
+    lua_setfield(L, -2, "check_text");
     return 1;
 }

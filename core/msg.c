@@ -23,6 +23,11 @@ static int buf_reserve(sglr_buf_t *b, size_t extra)
     return 0;
 }
 
+int sglr_buf_reserve(sglr_buf_t *b, size_t extra)
+{
+    return buf_reserve(b, extra + 1);
+}
+
 int sglr_buf_append_header(sglr_buf_t *b, const char *name, size_t nl, const char *value,
                            size_t vl)
 {

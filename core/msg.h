@@ -23,6 +23,8 @@ typedef struct {
 } sglr_buf_t;
 
 int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n);   /* 0 or -ENOMEM */
+/* Room for extra more bytes (and the terminator) without another realloc. */
+int sglr_buf_reserve(sglr_buf_t *b, size_t extra);
 /* Append "name: value\r\n" in one step. 0 or -ENOMEM. */
 int sglr_buf_append_header(sglr_buf_t *b, const char *name, size_t nl, const char *value,
                            size_t vl);

@@ -655,6 +655,11 @@ static int on_headers_complete(llhttp_t *p)
         c->reject_status = 413;
         return -1;
     }
+    /* a large body of known length is allocated once, not grown by
+     * doubling (each growth a copy of all that came, on the loop) */
+    if ((p->flags & F_CONTENT_LENGTH) && p->content_length > (64u << 10) &&
+        sglr_buf_reserve(&x->body, (size_t)p->content_length))
+        return -1;
     size_t elen;
     const char *expect = sglr_head_get(&x->head, "expect", &elen);
     if (expect && elen == 12 && strncasecmp(expect, "100-continue", 12) == 0) {

@@ -56,8 +56,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0)
+    /* close with a reset: thousands of connections a second would use up
+     * the ephemeral ports in TIME_WAIT */
+    struct linger lg = { 1, 0 };
+    if (fd < 0)
         abort();
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        close(fd);
+        return 0;
+    }
     fcntl(fd, F_SETFL, O_NONBLOCK);
     size_t sent = 0;
     int eof = 0;

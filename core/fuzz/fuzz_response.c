@@ -82,8 +82,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uv_run(&loop, UV_RUN_NOWAIT);
         if (fd < 0) {
             fd = accept(lfd, NULL, NULL);
-            if (fd >= 0)
+            if (fd >= 0) {
+                /* a reset, not TIME_WAIT: see fuzz_request.c */
+                struct linger lg = { 1, 0 };
+                setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
                 fcntl(fd, F_SETFL, O_NONBLOCK);
+            }
             continue;
         }
         (void)!recv(fd, buf, sizeof buf, 0);      /* the request; not checked */

@@ -31,6 +31,11 @@ local M = {}
 M.__index = M
 
 local ID_PREFIX = { generate = "gnt-", chat = "chatcmpl-", completions = "cmpl-" }
+-- Routing text kept per request: a prefix this long already tells where a
+-- prompt's cache is, and a 200 MB prompt must not put 200 MB in the tree.
+local MAX_TEXT = 1024 * 1024
+-- Bodies above this are read on the thread pool, not on the loop.
+local BIG_BODY = 1024 * 1024
 local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeout","code":504}}\n\n'
 
 -- r: the router (conf, workers, limiter, retry, policy, error helpers)
@@ -63,7 +68,7 @@ end
 local req_mt = {
   __index = function(t, k)
     if k == "text" then
-      local s = ok_extract and extract.route_text(t.route, t._x) or ""
+      local s = ok_extract and extract.route_text(t.route, t._x, MAX_TEXT) or ""
       rawset(t, "text", s)
       return s
     elseif k == "body" then
@@ -196,7 +201,13 @@ end
 function M:run(x, req)
   local r = self.r
   local route, extra = req.route, req.extra
-  local ok, stream_or_err, model = inspect(route, x)
+  local ok, stream_or_err, model, text
+  if ok_extract and x:body_size() > BIG_BODY then
+    ok, stream_or_err, model, text = extract.check_text(route, x, MAX_TEXT)
+    if ok then rawset(req, "text", text) end
+  else
+    ok, stream_or_err, model = inspect(route, x)
+  end
   if not ok then
     stats.errors:inc(1, route, "bad_request")
     req.error = "bad_request"

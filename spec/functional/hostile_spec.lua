@@ -60,3 +60,27 @@ describe("hostile clients", function()
     end
   end)
 end)
+
+describe("huge prompts", function()
+  local w, r
+  setup(function()
+    w = H.sim({ "--id", "w1" })
+    r = H.router({ "--worker-urls", w.url, "--policy", "cache_aware" })
+  end)
+  teardown(H.stop_all)
+
+  it("put at most 1 MiB of routing text in the cache-aware tree", function()
+    local text = string.rep("lorem ipsum ", 700000)       -- 8.4 MB
+    local res = assert(H.post(r.url, "/generate", H.gen_body(text)))
+    assert.equal(200, res.status)
+    local size = H.metric(H.scrape(r), ('sgl_router_tree_size{worker="%s"}'):format(w.url))
+    assert.is_true(size > 0 and size <= 1024 * 1024, "tree holds " .. size)
+  end)
+
+  it("are checked off the loop and still refused when malformed", function()
+    local body = '{"text": "' .. string.rep("x", 3 * 1024 * 1024) .. '", "stream": "yes"}'
+    local res = assert(H.post(r.url, "/generate", body))
+    assert.equal(400, res.status)
+    assert.truthy(res.json.error.message:find("stream", 1, true))
+  end)
+end)
