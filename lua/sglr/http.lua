@@ -46,7 +46,9 @@ end
 
 -- A request that runs while the caller goes on, for a body that arrives
 -- over minutes (a watch): the caller keeps req to cancel it or wait for its
--- end. A req that is collected while it runs cancels it.
+-- end. A req that is collected while it runs cancels it. on_chunk(chunk,
+-- status) is a plain call from the loop: it cannot wait (core.spawn what
+-- must), and an error in it ends the request with that error.
 function M.start(opts)
   if not ok_httpc then return nil, "this build has no streaming HTTP client (libcurl)" end
   return httpc.start(opts)
