@@ -138,7 +138,7 @@ static int traceback(lua_State *L)
     return 1;
 }
 
-int sglr_pcall(lua_State *L, int nargs, int nresults)
+int sglr_pcall_error(lua_State *L, int nargs, int nresults, char *err, size_t cap)
 {
     int base = lua_gettop(L) - nargs;
     lua_pushcfunction(L, traceback);
@@ -146,10 +146,26 @@ int sglr_pcall(lua_State *L, int nargs, int nresults)
     int st = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
     if (st != 0) {
-        sglr_log(SGLR_LOG_ERROR, "script error: %s", lua_tostring(L, -1));
+        const char *msg = lua_tostring(L, -1);
+        sglr_log(SGLR_LOG_ERROR, "script error: %s", msg);
+        if (cap) {
+            /* the message without the traceback the handler appended */
+            const char *tb = msg ? strstr(msg, "\nstack traceback:") : NULL;
+            size_t n = !msg ? 0 : tb ? (size_t)(tb - msg) : strlen(msg);
+            if (n >= cap)
+                n = cap - 1;
+            if (n)
+                memcpy(err, msg, n);
+            err[n] = '\0';
+        }
         lua_pop(L, 1);
     }
     return st;
+}
+
+int sglr_pcall(lua_State *L, int nargs, int nresults)
+{
+    return sglr_pcall_error(L, nargs, nresults, NULL, 0);
 }
 
 void sglr_preload(lua_State *L, const char *name, lua_CFunction open)

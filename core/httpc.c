@@ -12,6 +12,17 @@
  *   CURL_CSELECT_IN/OUT/ERR from the uv events), and after every action
  *   curl_multi_info_read reaps finished transfers.
  *
+ * - No user callback runs inside curl (curl refuses most calls made from
+ *   its callbacks, curl_multi_remove_handle and curl_multi_add_handle
+ *   among them). The write callback only buffers; after each
+ *   curl_multi_socket_action, body bytes of streamed requests go to their
+ *   on_data (flush_data), then finished transfers to their callbacks.
+ *
+ * Cancelling removes the transfer from curl at once (curl closes a
+ * connection whose transfer was cut short) and parks the request on
+ * `cancelled`; a 0 ms timer (`reap`) runs its callback from the loop, so
+ * that a caller of sglr_httpc_cancel() never sees it run underneath.
+ *
  * Lifetime: uv handles are freed only from their close callbacks, and the
  * client itself when its last handle has closed. So a user callback may
  * call sglr_httpc_close() (or start new requests) while we are still
@@ -46,9 +57,14 @@ struct sglr_httpc_req {
     struct curl_slist *hdrs;
     char *body;                      /* our copy of the request body */
     sglr_httpc_cb cb;
+    sglr_httpc_data_cb on_data;
     void *data;
-    sglr_httpc_req_t *prev, *next;
-    buf_t resp;                      /* response body */
+    sglr_httpc_req_t *prev, *next;   /* c->reqs: every request not finished yet */
+    sglr_httpc_req_t *pnext;         /* c->pending or c->cancelled */
+    int queued;                      /* on c->pending */
+    int cancelled;                   /* out of curl, on c->cancelled until reaped */
+    int finishing;                   /* its final callback runs */
+    buf_t resp;                      /* response body (with on_data: not handed over yet) */
     buf_t rh;                        /* response headers: "name\0value\0"... */
     size_t nrh;
     int oom;                         /* a response buffer could not grow */
@@ -59,8 +75,11 @@ struct sglr_httpc {
     uv_loop_t *loop;
     CURLM *multi;
     uv_timer_t timer;
+    uv_timer_t reap;                 /* finishes cancelled requests */
     sglr_httpc_req_t *reqs;          /* in flight */
     size_t nreqs;
+    sglr_httpc_req_t *pending;       /* streamed requests with body bytes to hand over */
+    sglr_httpc_req_t *cancelled;     /* cancelled, callback not run yet */
     sock_t *socks;                   /* watched */
     int handles;                     /* open uv handles; the client is freed at 0 */
     int closing;
@@ -71,6 +90,7 @@ static sglr_httpc_t *default_client;
 static int default_shut;
 
 static void check_multi_info(sglr_httpc_t *c);
+static void flush_data(sglr_httpc_t *c);
 
 /* ------------------------------------------------------------ buffers */
 
@@ -147,6 +167,7 @@ static void poll_cb(uv_poll_t *h, int status, int events)
     int running;
     /* k may be closed (not freed) by the socket callback during this call. */
     curl_multi_socket_action(c->multi, k->fd, flags, &running);
+    flush_data(c);
     check_multi_info(c);
 }
 
@@ -157,6 +178,7 @@ static void timer_cb(uv_timer_t *t)
         return;
     int running;
     curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    flush_data(c);
     check_multi_info(c);
 }
 
@@ -220,7 +242,33 @@ static size_t write_fn(char *p, size_t size, size_t n, void *ud)
         r->oom = 1;
         return 0;                    /* aborts the transfer: CURLE_WRITE_ERROR */
     }
+    if (r->on_data && !r->queued && n) {
+        sglr_httpc_t *c = r->c;
+        r->queued = 1;
+        r->pnext = c->pending;
+        c->pending = r;
+    }
     return size * n;
+}
+
+/* Hand streamed body bytes to their on_data, outside curl. A callback may
+ * cancel requests (skipped here from then on) or close the client (then
+ * every request is gone: stop). */
+static void flush_data(sglr_httpc_t *c)
+{
+    sglr_httpc_req_t *r;
+    while (!c->closing && (r = c->pending)) {
+        c->pending = r->pnext;
+        r->pnext = NULL;
+        r->queued = 0;
+        if (r->cancelled || !r->resp.len)
+            continue;
+        long status = 0;
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+        size_t len = r->resp.len;
+        r->resp.len = 0;             /* the buffer is refilled only by curl, after we return */
+        r->on_data(r, (int)status, r->resp.data, len, r->data);
+    }
 }
 
 static int is_space(char ch)
@@ -295,12 +343,13 @@ static void req_finish(sglr_httpc_req_t *r, CURLcode rc, const char *error)
     sglr_httpc_response_t res = { 0 };
     sglr_httpc_header_t *hv = NULL;
     req_unlink(r);
+    r->finishing = 1;
     if (!error && rc == CURLE_OK && !r->oom) {
         long status = 0;
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
         res.status = (int)status;
-        res.body = r->resp.data ? r->resp.data : "";
-        res.body_len = r->resp.len;
+        res.body = r->resp.data && !r->on_data ? r->resp.data : "";
+        res.body_len = r->on_data ? 0 : r->resp.len;
         if (r->nrh && !(hv = calloc(r->nrh, sizeof *hv))) {
             error = "out of memory";
         } else {
@@ -421,18 +470,39 @@ int sglr_httpc_request(sglr_httpc_t *c, const sglr_httpc_opts_t *o,
         if (h->name_len == 6 && strncasecmp(h->name, "expect", 6) == 0)
             has_expect = 1;
     }
+    if (o->bearer_token && (!*o->bearer_token || !valid_value(o->bearer_token, strlen(o->bearer_token))))
+        return -EINVAL;
+#if LIBCURL_VERSION_NUM < 0x074d00
+    if (o->ca_data || o->cert_data || o->key_data)
+        return -ENOTSUP;             /* CURLOPT_*_BLOB: libcurl 7.77 */
+#endif
 
     sglr_httpc_req_t *r = calloc(1, sizeof *r);
     if (!r)
         return -ENOMEM;
     r->c = c;
     r->cb = cb;
+    r->on_data = o->on_data;
     r->data = data;
     if (!(r->easy = curl_easy_init()))
         goto nomem;
     for (size_t i = 0; i < o->nheaders; i++) {
         const sglr_httpc_header_t *h = &o->headers[i];
         if (add_header(&r->hdrs, h->name, h->name_len, h->value, h->value_len))
+            goto nomem;
+    }
+    if (o->bearer_token) {
+        static const char bearer[] = "Bearer ";
+        size_t tl = strlen(o->bearer_token);
+        char *v = malloc(sizeof bearer - 1 + tl);
+        int bad = !v;
+        if (v) {
+            memcpy(v, bearer, sizeof bearer - 1);
+            memcpy(v + sizeof bearer - 1, o->bearer_token, tl);
+            bad = add_header(&r->hdrs, "authorization", 13, v, sizeof bearer - 1 + tl);
+            free(v);
+        }
+        if (bad)
             goto nomem;
     }
     /* curl waits up to a second for "100 Continue" on larger bodies; the
@@ -464,6 +534,25 @@ int sglr_httpc_request(sglr_httpc_t *c, const sglr_httpc_opts_t *o,
         SET(CURLOPT_CONNECTTIMEOUT_MS, o->connect_timeout_ms);
     if (o->ca_file)
         SET(CURLOPT_CAINFO, o->ca_file);
+    if (o->cert_file)
+        SET(CURLOPT_SSLCERT, o->cert_file);
+    if (o->key_file)
+        SET(CURLOPT_SSLKEY, o->key_file);
+#if LIBCURL_VERSION_NUM >= 0x074d00
+    /* CURL_BLOB_COPY: curl keeps its own copy, as for string options. */
+    if (o->ca_data) {
+        struct curl_blob b = { (void *)o->ca_data, o->ca_data_len, CURL_BLOB_COPY };
+        SET(CURLOPT_CAINFO_BLOB, &b);
+    }
+    if (o->cert_data) {
+        struct curl_blob b = { (void *)o->cert_data, o->cert_data_len, CURL_BLOB_COPY };
+        SET(CURLOPT_SSLCERT_BLOB, &b);
+    }
+    if (o->key_data) {
+        struct curl_blob b = { (void *)o->key_data, o->key_data_len, CURL_BLOB_COPY };
+        SET(CURLOPT_SSLKEY_BLOB, &b);
+    }
+#endif
     if (o->insecure) {
         SET(CURLOPT_SSL_VERIFYPEER, 0L);
         SET(CURLOPT_SSL_VERIFYHOST, 0L);
@@ -519,6 +608,41 @@ size_t sglr_httpc_active(const sglr_httpc_t *c)
     return c->nreqs;
 }
 
+static void reap_cb(uv_timer_t *t)
+{
+    sglr_httpc_t *c = t->data;
+    sglr_httpc_req_t *r;
+    /* A callback may cancel more (they are run here too) or close the
+     * client (which has then finished them all). */
+    while (!c->closing && (r = c->cancelled)) {
+        c->cancelled = r->pnext;
+        r->pnext = NULL;
+        req_finish(r, CURLE_OK, "cancelled");
+    }
+}
+
+void sglr_httpc_cancel(sglr_httpc_req_t *r)
+{
+    sglr_httpc_t *c = r->c;
+    if (r->cancelled || r->finishing || c->closing)
+        return;
+    r->cancelled = 1;
+    /* Never from inside a curl callback (no user code runs there), so
+     * allowed; a transfer cut short closes its connection. A message curl
+     * had queued for this transfer (it just finished) goes with it. */
+    curl_multi_remove_handle(c->multi, r->easy);
+    if (r->queued) {                 /* its unread bytes are dropped */
+        sglr_httpc_req_t **pp = &c->pending;
+        while (*pp != r)
+            pp = &(*pp)->pnext;
+        *pp = r->pnext;
+        r->queued = 0;
+    }
+    r->pnext = c->cancelled;
+    c->cancelled = r;
+    uv_timer_start(&c->reap, reap_cb, 0, 0);
+}
+
 /* ------------------------------------------------------------- client */
 
 int sglr_httpc_init(uv_loop_t *loop, sglr_httpc_t **out)
@@ -539,7 +663,9 @@ int sglr_httpc_init(uv_loop_t *loop, sglr_httpc_t **out)
     c->loop = loop;
     uv_timer_init(loop, &c->timer);
     c->timer.data = c;
-    c->handles = 1;
+    uv_timer_init(loop, &c->reap);
+    c->reap.data = c;
+    c->handles = 2;
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, socket_fn);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, (void *)c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, timer_fn);
@@ -563,11 +689,14 @@ void sglr_httpc_close(sglr_httpc_t *c)
     if (c == default_client)
         default_client = NULL;
     uv_timer_stop(&c->timer);
+    uv_timer_stop(&c->reap);
+    c->pending = c->cancelled = NULL;    /* every request is on c->reqs too */
     /* Each callback may start requests (refused now) or close again (a
      * no-op); take the head afresh every time. */
     sglr_httpc_req_t *r;
     while ((r = c->reqs)) {
-        curl_multi_remove_handle(c->multi, r->easy);
+        if (!r->cancelled)
+            curl_multi_remove_handle(c->multi, r->easy);
         req_finish(r, CURLE_OK, "cancelled");
     }
     /* Closes the cached connections; curl reports them with
@@ -577,6 +706,7 @@ void sglr_httpc_close(sglr_httpc_t *c)
     while (c->socks)
         sock_close(c->socks);
     uv_close((uv_handle_t *)&c->timer, timer_closed_cb);
+    uv_close((uv_handle_t *)&c->reap, timer_closed_cb);
 }
 
 void sglr_httpc_shutdown(void)

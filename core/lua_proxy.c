@@ -67,13 +67,28 @@ static int pool_url(lua_State *L)
 static int pool_stats(lua_State *L)
 {
     sglr_pool_t *p = sglr_lua_check_box(L, 1, POOL_MT);
-    lua_createtable(L, 0, 3);
+    char addr[64];
+    lua_createtable(L, 0, 6);
     lua_pushinteger(L, p->nidle);
     lua_setfield(L, -2, "idle");
     lua_pushinteger(L, p->nconns);
     lua_setfield(L, -2, "conns");
     lua_pushnumber(L, (lua_Number)p->replays);
     lua_setfield(L, -2, "replays");
+    /* the address dialled (absent until a host name has resolved), and
+     * for a name its lookups and the last lookup's failure */
+    if (*sglr_pool_address(p, addr)) {
+        lua_pushstring(L, addr);
+        lua_setfield(L, -2, "address");
+    }
+    if (p->host) {
+        lua_pushnumber(L, (lua_Number)p->resolves);
+        lua_setfield(L, -2, "resolves");
+        if (p->resolve_err) {
+            lua_pushstring(L, uv_strerror(p->resolve_err));
+            lua_setfield(L, -2, "resolve_error");
+        }
+    }
     return 1;
 }
 

@@ -54,6 +54,9 @@ void sglr_co_unpin(int ref);
 /* The gateway for calls from C into Lua outside coroutines: pcall with a
  * traceback; errors are logged, never fatal. Returns the pcall status. */
 int sglr_pcall(lua_State *L, int nargs, int nresults);
+/* The same, and the error message (without the traceback) copied into
+ * err, cap bytes at most, when it fails. */
+int sglr_pcall_error(lua_State *L, int nargs, int nresults, char *err, size_t cap);
 
 /* Milliseconds from a monotonic clock (uv_hrtime), with fractions. */
 double sglr_now_ms(void);

@@ -12,7 +12,7 @@
 #include <strings.h>
 #include <llhttp.h>
 
-enum { UP_NEW, UP_CONNECTING, UP_WAIT_HEAD, UP_HEAD, UP_BODY, UP_DONE, UP_ABORTED };
+enum { UP_NEW, UP_RESOLVING, UP_CONNECTING, UP_WAIT_HEAD, UP_HEAD, UP_BODY, UP_DONE, UP_ABORTED };
 
 struct sglr_upconn_s {
     uv_tcp_t tcp;
@@ -23,6 +23,7 @@ struct sglr_upconn_s {
     sglr_upreq_t *req;       /* NULL while idle */
     sglr_upconn_t *next;     /* idle list */
     llhttp_t parser;
+    unsigned addr_gen;       /* the pool's addr_gen when it dialled */
     int closing;
     int idle;
     int reading;             /* uv_read_start is in effect */
@@ -37,6 +38,9 @@ static void req_fail(sglr_upreq_t *r, int err);
 static void req_eof(sglr_upreq_t *r, int err);
 static void req_feed(sglr_upreq_t *r, const char *data, size_t len);
 static void req_dial(sglr_upreq_t *r);
+static void req_connect(sglr_upreq_t *r);
+static void req_release_conn(sglr_upreq_t *r, int reusable);
+static int pool_lookup(sglr_pool_t *p);
 
 const char *sglr_up_errname(int err)
 {
@@ -100,22 +104,17 @@ sglr_pool_t *sglr_pool_new(const char *url, const char **err)
         *err = "out of memory";
         return NULL;
     }
-    if (uv_ip4_addr(host, port, (struct sockaddr_in *)&pool->addr) != 0 &&
-        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&pool->addr) != 0) {
-        /* A name: resolved once, when the worker is added (a blocking
-         * lookup, rare and off the request path). */
-        struct addrinfo hints = { 0 }, *res = NULL;
-        hints.ai_family = AF_UNSPEC;
-        hints.ai_socktype = SOCK_STREAM;
-        char ps[8];
-        snprintf(ps, sizeof ps, "%d", port);
-        if (getaddrinfo(host, ps, &hints, &res) != 0 || !res) {
-            free(pool);
-            *err = "cannot resolve host";
-            return NULL;
-        }
-        memcpy(&pool->addr, res->ai_addr, res->ai_addrlen);
-        freeaddrinfo(res);
+    int is_ip = uv_ip4_addr(host, port, (struct sockaddr_in *)&pool->addr) == 0 ||
+                uv_ip6_addr(host, port, (struct sockaddr_in6 *)&pool->addr) == 0;
+    pool->port = port;
+    pool->reresolve_ms = 1000;
+    if (is_ip) {
+        pool->addrs[0] = pool->addr;
+        pool->naddrs = 1;
+    } else if (!(pool->host = strdup(host))) {
+        free(pool);
+        *err = "out of memory";
+        return NULL;
     }
     size_t ulen = strlen(url);
     while (ulen > 0 && url[ulen - 1] == '/')
@@ -133,11 +132,173 @@ sglr_pool_t *sglr_pool_new(const char *url, const char **err)
         free(pool->url);
         free(pool->hostport);
         free(pool->base_path);
+        free(pool->host);
         free(pool);
         *err = "out of memory";
         return NULL;
     }
+    if (pool->host)
+        pool_lookup(pool);           /* by the first request it has mostly answered */
     return pool;
+}
+
+/* --- host names ---------------------------------------------------------------- */
+
+const char *sglr_pool_address(const sglr_pool_t *p, char *buf)
+{
+    char ip[INET6_ADDRSTRLEN] = "";
+    buf[0] = '\0';
+    if (!p->naddrs)
+        return buf;
+    if (p->addr.ss_family == AF_INET6) {
+        uv_ip6_name((const struct sockaddr_in6 *)&p->addr, ip, sizeof ip);
+        snprintf(buf, 64, "[%s]:%d", ip, p->port);
+    } else {
+        uv_ip4_name((const struct sockaddr_in *)&p->addr, ip, sizeof ip);
+        snprintf(buf, 64, "%s:%d", ip, p->port);
+    }
+    return buf;
+}
+
+static void pool_enqueue(sglr_upreq_t *r)
+{
+    sglr_pool_t *p = r->pool;
+    r->wprev = p->waiting_tail;
+    r->wnext = NULL;
+    if (p->waiting_tail)
+        p->waiting_tail->wnext = r;
+    else
+        p->waiting = r;
+    p->waiting_tail = r;
+}
+
+static void pool_unqueue(sglr_upreq_t *r)
+{
+    sglr_pool_t *p = r->pool;
+    if (r->wprev)
+        r->wprev->wnext = r->wnext;
+    else
+        p->waiting = r->wnext;
+    if (r->wnext)
+        r->wnext->wprev = r->wprev;
+    else
+        p->waiting_tail = r->wprev;
+    r->wnext = r->wprev = NULL;
+}
+
+static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return 0;
+    size_t n = a->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+    return memcmp(a, b, n) == 0;
+}
+
+static void resolved_cb(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
+{
+    sglr_pool_t *p = gr->data;
+    free(gr);
+    p->resolving = 0;
+    p->resolves++;
+    p->resolved_at = uv_now(sglr_loop);
+    char was[64], now[64];
+    sglr_pool_address(p, was);
+    int n = 0;
+    struct sockaddr_storage found[SGLR_POOL_MAX_ADDRS];
+    for (struct addrinfo *ai = status == 0 ? res : NULL; ai && n < SGLR_POOL_MAX_ADDRS; ai = ai->ai_next) {
+        if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+            ai->ai_addrlen > sizeof found[0])
+            continue;
+        struct sockaddr_storage a;
+        memset(&a, 0, sizeof a);
+        memcpy(&a, ai->ai_addr, ai->ai_addrlen);
+        int dup = 0;
+        for (int i = 0; i < n; i++)
+            dup |= same_addr(&found[i], &a);
+        if (!dup)
+            found[n++] = a;
+    }
+    if (res)
+        uv_freeaddrinfo(res);
+    if (n > 0) {
+        /* Keep dialling the address in use while the name still has it. */
+        int cur = 0;
+        for (int i = 0; i < n; i++)
+            if (p->naddrs && same_addr(&found[i], &p->addr))
+                cur = i;
+        memcpy(p->addrs, found, (size_t)n * sizeof found[0]);
+        p->cur = cur;
+        if (!p->naddrs || !same_addr(&p->addr, &p->addrs[cur])) {
+            p->addr = p->addrs[cur];
+            p->addr_gen++;
+        }
+        p->naddrs = n;
+        p->resolve_err = 0;
+        sglr_pool_address(p, now);
+        if (was[0] && strcmp(was, now) != 0)
+            sglr_log(SGLR_LOG_INFO, "upstream %s: %s now resolves to %s (was %s)", p->url, p->host,
+                     now, was);
+    } else {
+        p->resolve_err = status ? status : UV_EAI_NODATA;
+        sglr_log(SGLR_LOG_WARN, "upstream %s: cannot resolve %s: %s%s", p->url, p->host,
+                 uv_strerror(p->resolve_err),
+                 p->naddrs ? " (the addresses known last stay in use)" : "");
+    }
+    /* Serve the requests that waited for this lookup. One that a callback
+     * queues meanwhile waits for the next lookup (it starts one), so a
+     * caller that retries at once cannot keep this loop going. */
+    unsigned gen = p->lookup_gen;
+    sglr_upreq_t *r;
+    while ((r = p->waiting) && r->wait_gen == gen) {
+        pool_unqueue(r);
+        if (p->naddrs)
+            req_connect(r);
+        else
+            req_fail(r, SGLR_UP_ECONNECT);
+    }
+    sglr_pool_unref(p);
+}
+
+/* Start a lookup of the pool's name unless one runs; -ENOMEM when none
+ * could start. A lookup that fails at once is reported at once. */
+static int pool_lookup(sglr_pool_t *p)
+{
+    if (!p->host || p->resolving)
+        return 0;
+    uv_getaddrinfo_t *gr = malloc(sizeof *gr);
+    if (!gr)
+        return -ENOMEM;
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    char ps[8];
+    snprintf(ps, sizeof ps, "%d", p->port);
+    gr->data = p;
+    p->resolving = 1;
+    p->lookup_gen++;
+    sglr_pool_ref(p);
+    int e = uv_getaddrinfo(sglr_loop, gr, resolved_cb, p->host, ps, &hints);
+    if (e < 0)
+        resolved_cb(gr, e, NULL);
+    return 0;
+}
+
+/* A connection of the pool failed to connect: the next connection tries
+ * the next address of the name, and the name is looked up again. gen is
+ * the pool's addr_gen when that connection dialled, so that a burst of
+ * failures moves on by one address, not past the next (good) one. */
+static void pool_connect_failed(sglr_pool_t *p, unsigned gen)
+{
+    if (!p->host)
+        return;
+    if (gen == p->addr_gen && p->naddrs > 1) {
+        p->cur = (p->cur + 1) % p->naddrs;
+        p->addr = p->addrs[p->cur];
+        p->addr_gen++;
+    }
+    if (!p->resolving && uv_now(sglr_loop) - p->resolved_at >= p->reresolve_ms)
+        pool_lookup(p);
 }
 
 void sglr_pool_ref(sglr_pool_t *p)
@@ -165,6 +326,7 @@ void sglr_pool_unref(sglr_pool_t *p)
     free(p->url);
     free(p->hostport);
     free(p->base_path);
+    free(p->host);
     free(p);
 }
 
@@ -342,6 +504,16 @@ static void connect_cb(uv_connect_t *creq, int status)
     if (c->closing || !r)
         return;
     if (status < 0) {
+        sglr_pool_t *p = r->pool;
+        pool_connect_failed(p, c->addr_gen);
+        /* Another address of the name may answer (a worker on 127.0.0.1
+         * only, asked for as "localhost", which may give ::1 first): each
+         * is tried once within the connect timeout. */
+        if (p->host && p->naddrs > 1 && ++r->addr_tries < p->naddrs) {
+            req_release_conn(r, 0);
+            req_connect(r);
+            return;
+        }
         req_fail(r, SGLR_UP_ECONNECT);
         return;
     }
@@ -554,7 +726,10 @@ static void timer_cb(uv_timer_t *t)
 {
     sglr_upreq_t *r = t->data;
     uint64_t now = uv_now(sglr_loop);
-    if (r->state == UP_CONNECTING && r->connect_deadline && now >= r->connect_deadline) {
+    if ((r->state == UP_CONNECTING || r->state == UP_RESOLVING) && r->connect_deadline &&
+        now >= r->connect_deadline) {
+        if (r->state == UP_CONNECTING && r->conn)
+            pool_connect_failed(r->pool, r->conn->addr_gen);
         req_fail(r, SGLR_UP_ECONNECT);
         return;
     }
@@ -570,7 +745,7 @@ static void timer_cb(uv_timer_t *t)
 static void arm_timer(sglr_upreq_t *r)
 {
     uint64_t now = uv_now(sglr_loop), next = 0;
-    if (r->state == UP_CONNECTING && r->connect_deadline)
+    if ((r->state == UP_CONNECTING || r->state == UP_RESOLVING) && r->connect_deadline)
         next = r->connect_deadline;
     if (r->deadline && (!next || r->deadline < next))
         next = r->deadline;
@@ -595,6 +770,24 @@ static void req_dial(sglr_upreq_t *r)
         conn_send(c, r);
         return;
     }
+    if (!p->naddrs) {
+        /* No address yet: wait for the lookup (started if none runs),
+         * under the connect timeout. */
+        r->state = UP_RESOLVING;
+        r->wait_gen = p->resolving ? p->lookup_gen : p->lookup_gen + 1;
+        pool_enqueue(r);
+        arm_timer(r);
+        if (pool_lookup(p) < 0)
+            req_fail(r, SGLR_UP_ENOMEM);
+        return;
+    }
+    req_connect(r);
+}
+
+/* A new connection to the pool's address for r. */
+static void req_connect(sglr_upreq_t *r)
+{
+    sglr_pool_t *p = r->pool;
     sglr_upconn_t *c = calloc(1, sizeof *c);
     if (!c) {
         req_fail(r, SGLR_UP_ENOMEM);
@@ -608,14 +801,17 @@ static void req_dial(sglr_upreq_t *r)
     c->creq.data = c;
     llhttp_init(&c->parser, HTTP_RESPONSE, &settings);
     c->parser.data = c;
+    c->addr_gen = p->addr_gen;
     c->req = r;
     r->conn = c;
     r->reused = 0;
     r->state = UP_CONNECTING;
     arm_timer(r);
     int e = uv_tcp_connect(&c->creq, &c->tcp, (struct sockaddr *)&p->addr, connect_cb);
-    if (e < 0)
+    if (e < 0) {
+        pool_connect_failed(p, c->addr_gen);
         req_fail(r, SGLR_UP_ECONNECT);
+    }
 }
 
 int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms)
@@ -660,6 +856,8 @@ static void req_fail(sglr_upreq_t *r, int err)
 {
     if (r->state == UP_DONE || r->state == UP_ABORTED)
         return;
+    if (r->state == UP_RESOLVING)
+        pool_unqueue(r);
     if (r->in_parse) {
         /* inside llhttp_execute: finish once it has returned */
         r->err = err;
@@ -793,6 +991,8 @@ void sglr_upreq_abort(sglr_upreq_t *r)
 {
     if (r->state == UP_DONE || r->state == UP_ABORTED)
         return;
+    if (r->state == UP_RESOLVING)
+        pool_unqueue(r);
     r->state = UP_ABORTED;
     deadline_stop(r);
     if (r->in_parse) {

@@ -18,6 +18,15 @@
  * idle connection, which is not the request's fault. Such replays are
  * counted per pool (replays) and logged at debug, since no retry policy
  * above sees them.
+ *
+ * A worker named by host name is resolved without blocking the loop
+ * (uv_getaddrinfo, on libuv's thread pool), starting when the pool is
+ * made. Requests that need a new connection before the first answer wait
+ * for it, under their connect timeout. A connection that fails to connect
+ * (refused, unreachable, connect timeout) moves the pool to the next
+ * address of the name and has the name looked up again, at most once per
+ * reresolve_ms: a Kubernetes Service or pod name can move. Until a new
+ * lookup answers, the addresses known last are used.
  */
 #ifndef SGLR_UPSTREAM_H
 #define SGLR_UPSTREAM_H
@@ -39,11 +48,26 @@ enum {
 };
 const char *sglr_up_errname(int err);
 
+#define SGLR_POOL_MAX_ADDRS 8
+
 struct sglr_pool_s {
     char *url;               /* as given, without trailing slash */
     char *hostport;          /* for the Host header */
     char *base_path;         /* path prefix ("" for none) */
-    struct sockaddr_storage addr;
+    struct sockaddr_storage addr;   /* the address new connections dial */
+    unsigned addr_gen;       /* bumped whenever addr changes */
+    /* host names only (host == NULL for an IP address) */
+    char *host;
+    int port;
+    struct sockaddr_storage addrs[SGLR_POOL_MAX_ADDRS];  /* the last answer */
+    int naddrs, cur;         /* addr is addrs[cur]; naddrs 0: none known yet */
+    int resolving;           /* a lookup is in flight (it holds a reference) */
+    unsigned lookup_gen;     /* lookups started */
+    int resolve_err;         /* the last lookup's failure (UV_E*), 0 if it answered */
+    unsigned resolves;       /* lookups finished */
+    unsigned reresolve_ms;   /* least time between lookups after connect failures */
+    uint64_t resolved_at;    /* loop time the last lookup finished */
+    sglr_upreq_t *waiting, *waiting_tail;  /* requests waiting for an address */
     int refs;
     int nidle, nconns;
     int max_idle;
@@ -71,6 +95,9 @@ struct sglr_upreq_s {
     uv_timer_t timer;
     uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */
     uint64_t sent_at;        /* uv_now when the request was written */
+    sglr_upreq_t *wnext, *wprev;   /* the pool's waiting list */
+    unsigned wait_gen;       /* the lookup it waits for */
+    int addr_tries;          /* addresses tried by this request's connect */
     unsigned connect_timeout_ms;
     double t_start, t_head;  /* ms */
     void (*on_head)(sglr_upreq_t *);
@@ -79,8 +106,12 @@ struct sglr_upreq_s {
     void *data;
 };
 
-/* Parse "http://host[:port][/base]"; NULL and *err set on failure. */
+/* Parse "http://host[:port][/base]"; NULL and *err set on failure. Never
+ * blocks: a host name is looked up in the background from here on. */
 sglr_pool_t *sglr_pool_new(const char *url, const char **err);
+/* The address new connections dial, as "ip:port" ("[v6]:port"), or "" when
+ * none is known yet; buf must hold 64 bytes. */
+const char *sglr_pool_address(const sglr_pool_t *p, char *buf);
 void sglr_pool_ref(sglr_pool_t *p);
 void sglr_pool_unref(sglr_pool_t *p);
 

@@ -7,6 +7,9 @@
  *   /status/N  N "status N"
  *   /hang      reads the request, never answers
  *   /close     closes the connection without answering
+ *   /stream    200 chunked: three pieces of newline-delimited JSON 30 ms
+ *              apart, a line split across the first two, then the end
+ *   /forever   200 chunked: a line every 10 ms, never ending
  *
  * The server keeps connections alive, so connection reuse shows up as a
  * steady accept count. Its handles are unref'd: the loop stays alive only
@@ -26,18 +29,30 @@ static uv_loop_t loop;
 
 /* ------------------------------------------------------------ the server */
 
+typedef struct stream stream_t;
+
 typedef struct conn {
     uv_tcp_t tcp;
     char *buf;
     size_t len, cap;
+    stream_t *st;                    /* a streamed answer in progress */
     struct conn *prev, *next;
 } conn_t;
+
+struct stream {
+    uv_timer_t timer;
+    conn_t *k;                       /* NULL once the connection closed */
+    int step;
+    int forever;
+};
 
 static uv_tcp_t server;
 static int server_port;
 static conn_t *conns;
 static int accepts;
 static int requests_seen;
+static int peer_closes;              /* connections the client ended */
+static int stream_pieces;            /* pieces /stream and /forever wrote so far */
 
 static void conn_closed_cb(uv_handle_t *h)
 {
@@ -46,10 +61,20 @@ static void conn_closed_cb(uv_handle_t *h)
     free(k);
 }
 
+static void stream_closed_cb(uv_handle_t *h)
+{
+    free(h->data);
+}
+
 static void conn_close(conn_t *k)
 {
     if (uv_is_closing((uv_handle_t *)&k->tcp))
         return;
+    if (k->st) {
+        k->st->k = NULL;
+        uv_close((uv_handle_t *)&k->st->timer, stream_closed_cb);
+        k->st = NULL;
+    }
     if (k->prev)
         k->prev->next = k->next;
     else
@@ -77,6 +102,67 @@ static void respond(conn_t *k, int status, const char *extra, const char *body, 
     w->data = out;
     uv_buf_t b = uv_buf_init(out, (unsigned)((size_t)hl + blen));
     uv_write(w, (uv_stream_t *)&k->tcp, &b, 1, write_cb);
+}
+
+static void write_raw(conn_t *k, const char *data, size_t len)
+{
+    char *out = malloc(len);
+    memcpy(out, data, len);
+    uv_write_t *w = malloc(sizeof *w);
+    w->data = out;
+    uv_buf_t b = uv_buf_init(out, (unsigned)len);
+    uv_write(w, (uv_stream_t *)&k->tcp, &b, 1, write_cb);
+}
+
+static void write_chunk(conn_t *k, const char *piece)
+{
+    char out[512];
+    int n = snprintf(out, sizeof out, "%zx\r\n%s\r\n", strlen(piece), piece);
+    write_raw(k, out, (size_t)n);
+}
+
+/* The pieces of /stream: the second line is split between the first two. */
+static const char *const stream_body[] = {
+    "{\"type\":\"ADDED\",\"n\":1}\n{\"type\":\"MOD",
+    "IFIED\",\"n\":2}\n",
+    "{\"type\":\"DELETED\",\"n\":3}\n",
+};
+
+static void stream_cb(uv_timer_t *t)
+{
+    stream_t *st = t->data;
+    conn_t *k = st->k;
+    if (st->forever) {
+        char line[64];
+        snprintf(line, sizeof line, "{\"n\":%d}\n", st->step++);
+        write_chunk(k, line);
+        stream_pieces++;
+        return;
+    }
+    if (st->step < 3) {
+        write_chunk(k, stream_body[st->step++]);
+        stream_pieces++;
+        return;
+    }
+    write_raw(k, "0\r\n\r\n", 5);
+    uv_timer_stop(t);
+}
+
+static void stream_start(conn_t *k, int forever)
+{
+    static const char head[] = "HTTP/1.1 200 X\r\nTransfer-Encoding: chunked\r\n"
+                               "Content-Type: application/json\r\n\r\n";
+    write_raw(k, head, sizeof head - 1);
+    stream_t *st = calloc(1, sizeof *st);
+    st->k = k;
+    st->forever = forever;
+    k->st = st;
+    uv_timer_init(&loop, &st->timer);
+    uv_unref((uv_handle_t *)&st->timer);
+    st->timer.data = st;
+    stream_pieces = 0;
+    stream_cb(&st->timer);           /* the first piece at once, then one per period */
+    uv_timer_start(&st->timer, stream_cb, forever ? 10 : 30, forever ? 10 : 30);
 }
 
 static const char *find_header(const char *head, const char *name, size_t *len)
@@ -116,22 +202,26 @@ static int serve(conn_t *k)
         if (strcmp(path, "/ok") == 0) {
             respond(k, 200, "X-Test:   Yes  \r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n", "hello", 5);
         } else if (strcmp(path, "/echo") == 0) {
-            size_t ctl = 0;
+            size_t ctl = 0, al = 0;
             const char *ct = find_header(k->buf, "content-type", &ctl);
+            const char *auth = find_header(k->buf, "authorization", &al);
             size_t ml = strlen(method);
             char *body = malloc(ml + 1 + blen);
             memcpy(body, method, ml);
             body[ml] = ' ';
             memcpy(body + ml + 1, k->buf + hlen, blen);
-            char extra[300];
-            snprintf(extra, sizeof extra, "X-Method: %s\r\nX-Content-Type: %.*s\r\n", method,
-                     (int)ctl, ct ? ct : "");
+            char extra[400];
+            snprintf(extra, sizeof extra, "X-Method: %s\r\nX-Content-Type: %.*s\r\n"
+                     "X-Authorization: %.*s\r\n", method, (int)ctl, ct ? ct : "",
+                     (int)al, auth ? auth : "");
             respond(k, 200, extra, body, ml + 1 + blen);
             free(body);
         } else if (strncmp(path, "/status/", 8) == 0) {
             char b[32];
             int n = snprintf(b, sizeof b, "status %s", path + 8);
             respond(k, atoi(path + 8), "", b, (size_t)n);
+        } else if (strcmp(path, "/stream") == 0 || strcmp(path, "/forever") == 0) {
+            stream_start(k, path[1] == 'f');
         } else if (strcmp(path, "/hang") != 0) {
             respond(k, 404, "", "not found", 9);
         }
@@ -154,6 +244,8 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     conn_t *k = s->data;
     if (nread < 0) {
+        peer_closes++;
+        uv_stop(&loop);
         conn_close(k);
         return;
     }
@@ -579,6 +671,203 @@ TEST(request_from_a_callback)
     close_client(chain_client);
 }
 
+/* ------------------------------------------------------- streamed bodies */
+
+typedef struct {
+    result_t res;                    /* the final callback */
+    char body[4096];                 /* the pieces, joined */
+    size_t len;
+    int calls;
+    int status;                      /* as on_data saw it */
+    int pieces_seen[16];             /* server pieces written at each call */
+    int cancel_on;                   /* cancel itself on this call (1-based) */
+    int calls_after_cancel;
+    int cancelled;
+    sglr_httpc_req_t *req;
+    sglr_httpc_t *c;
+    int start_on;                    /* start a request on this call */
+    result_t started;
+} stream_rec_t;
+
+static void rec_data_cb(sglr_httpc_req_t *req, int status, const char *data, size_t len, void *ud)
+{
+    stream_rec_t *s = ud;
+    if (s->cancelled)
+        s->calls_after_cancel++;
+    if (s->calls < 16)
+        s->pieces_seen[s->calls] = stream_pieces;
+    s->calls++;
+    s->status = status;
+    if (s->len + len < sizeof s->body) {
+        memcpy(s->body + s->len, data, len);
+        s->len += len;
+        s->body[s->len] = '\0';
+    }
+    uv_stop(&loop);
+    if (s->start_on && s->calls == s->start_on) {
+        /* curl refuses curl_multi_add_handle from inside its callbacks:
+         * this works only because on_data runs outside them */
+        sglr_httpc_opts_t o = { .url = url("/ok"), .timeout_ms = 5000 };
+        CHECK_EQ_INT(sglr_httpc_request(s->c, &o, result_cb, &s->started, NULL), 0);
+    }
+    if (s->cancel_on && s->calls == s->cancel_on) {
+        sglr_httpc_cancel(req);
+        sglr_httpc_cancel(req);                    /* twice is harmless */
+        s->cancelled = 1;
+    }
+}
+
+static void rec_done_cb(sglr_httpc_req_t *req, const sglr_httpc_response_t *res, void *data)
+{
+    stream_rec_t *s = data;
+    /* cancelling from its own final callback is a no-op */
+    sglr_httpc_cancel(req);
+    result_cb(req, res, &s->res);
+}
+
+static int stream_get(sglr_httpc_t *c, const char *path, stream_rec_t *s)
+{
+    sglr_httpc_opts_t o = { .url = url(path), .timeout_ms = 10000, .on_data = rec_data_cb };
+    s->c = c;
+    return sglr_httpc_request(c, &o, rec_done_cb, s, &s->req);
+}
+
+TEST(body_streamed_as_it_arrives)
+{
+    sglr_httpc_t *c;
+    CHECK_EQ_INT(sglr_httpc_init(&loop, &c), 0);
+    static stream_rec_t s;
+    memset(&s, 0, sizeof s);
+    s.start_on = 1;
+    CHECK_EQ_INT(stream_get(c, "/stream", &s), 0);
+    CHECK(run_until(&s.res.done, 1, 5000));
+    CHECK_EQ_STR(s.res.error, "");
+    CHECK_EQ_INT(s.res.status, 200);
+    CHECK_EQ_INT(s.res.body_len, 0);                /* it all went to on_data */
+    CHECK(strstr(s.res.headers, "content-type=application/json\n"));
+    CHECK_EQ_INT(s.status, 200);
+    CHECK_EQ_STR(s.body, "{\"type\":\"ADDED\",\"n\":1}\n{\"type\":\"MODIFIED\",\"n\":2}\n"
+                         "{\"type\":\"DELETED\",\"n\":3}\n");
+    /* Each piece was handed over before the server wrote the next one:
+     * nothing waited for the end of the response. */
+    CHECK(s.calls >= 3);
+    CHECK_EQ_INT(s.pieces_seen[0], 1);
+    CHECK_EQ_INT(s.pieces_seen[1], 2);
+    CHECK_EQ_INT(s.pieces_seen[2], 3);
+    /* the request started from on_data ran */
+    CHECK(run_until(&s.started.done, 1, 5000));
+    CHECK_EQ_INT(s.started.status, 200);
+    free(s.started.body);
+    free(s.res.body);
+    CHECK_EQ_INT(sglr_httpc_active(c), 0);
+    close_client(c);
+}
+
+TEST(cancel_mid_stream)
+{
+    sglr_httpc_t *c;
+    CHECK_EQ_INT(sglr_httpc_init(&loop, &c), 0);
+    static stream_rec_t a, b;
+    memset(&a, 0, sizeof a);
+    memset(&b, 0, sizeof b);
+    a.cancel_on = 3;                 /* from its own on_data */
+    int closes = peer_closes;
+    CHECK_EQ_INT(stream_get(c, "/forever", &a), 0);
+    CHECK(run_until(&a.res.done, 1, 5000));
+    CHECK_EQ_STR(a.res.error, "cancelled");
+    CHECK_EQ_INT(a.res.status, 0);
+    CHECK_EQ_INT(a.res.done, 1);
+    CHECK_EQ_INT(a.calls, 3);
+    CHECK_EQ_INT(a.calls_after_cancel, 0);
+    CHECK_EQ_INT(sglr_httpc_active(c), 0);
+    /* the server sees its connection end: nothing is kept for reuse */
+    CHECK(run_until(&peer_closes, closes + 1, 5000));
+
+    /* from outside: after two pieces, cancelled from the test; its callback
+     * comes from the loop, not from inside sglr_httpc_cancel */
+    closes = peer_closes;
+    CHECK_EQ_INT(stream_get(c, "/forever", &b), 0);
+    CHECK(run_until(&b.calls, 2, 5000));
+    sglr_httpc_cancel(b.req);
+    CHECK_EQ_INT(b.res.done, 0);
+    int calls = b.calls;
+    CHECK(run_until(&b.res.done, 1, 5000));
+    CHECK_EQ_STR(b.res.error, "cancelled");
+    CHECK_EQ_INT(b.calls, calls);
+    CHECK(run_until(&peer_closes, closes + 1, 5000));
+    /* and the client works on */
+    result_t r = { 0 };
+    CHECK_EQ_INT(get(c, "/ok", &r, 5000), 0);
+    CHECK(run_until(&r.done, 1, 5000));
+    CHECK_EQ_INT(r.status, 200);
+    free(r.body);
+    close_client(c);
+}
+
+TEST(cancel_before_connect)
+{
+    sglr_httpc_t *c;
+    CHECK_EQ_INT(sglr_httpc_init(&loop, &c), 0);
+    int before = accepts, seen = requests_seen;
+    result_t r = { 0 };
+    sglr_httpc_req_t *req;
+    sglr_httpc_opts_t o = { .url = url("/ok"), .timeout_ms = 5000 };
+    CHECK_EQ_INT(sglr_httpc_request(c, &o, result_cb, &r, &req), 0);
+    sglr_httpc_cancel(req);
+    CHECK_EQ_INT(r.done, 0);
+    CHECK_EQ_INT(sglr_httpc_active(c), 1);            /* until its callback has run */
+    CHECK(run_until(&r.done, 1, 5000));
+    CHECK_EQ_STR(r.error, "cancelled");
+    CHECK_EQ_INT(sglr_httpc_active(c), 0);
+    /* a few more turns of the loop: nothing was dialled */
+    for (int i = 0; i < 5; i++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    CHECK_EQ_INT(accepts, before);
+    CHECK_EQ_INT(requests_seen, seen);
+    CHECK_EQ_INT(r.done, 1);
+
+    /* cancelled, then the client closed before the loop ran: one callback */
+    result_t q = { 0 };
+    CHECK_EQ_INT(sglr_httpc_request(c, &o, result_cb, &q, &req), 0);
+    sglr_httpc_cancel(req);
+    close_client(c);
+    CHECK_EQ_INT(q.done, 1);
+    CHECK_EQ_STR(q.error, "cancelled");
+    uv_run(&loop, UV_RUN_NOWAIT);
+    CHECK_EQ_INT(q.done, 1);
+}
+
+TEST(bearer_token_and_tls_options)
+{
+    sglr_httpc_t *c;
+    CHECK_EQ_INT(sglr_httpc_init(&loop, &c), 0);
+    result_t r = { 0 };
+    sglr_httpc_opts_t o = { .url = url("/echo"), .bearer_token = "abc.def-123", .timeout_ms = 5000 };
+    CHECK_EQ_INT(sglr_httpc_request(c, &o, result_cb, &r, NULL), 0);
+    CHECK(run_until(&r.done, 1, 5000));
+    CHECK(strstr(r.headers, "x-authorization=Bearer abc.def-123\n"));
+    free(r.body);
+    o.bearer_token = "a\r\nx-injected: 1";
+    CHECK_EQ_INT(sglr_httpc_request(c, &o, result_cb, &r, NULL), -EINVAL);
+    o.bearer_token = "";
+    CHECK_EQ_INT(sglr_httpc_request(c, &o, result_cb, &r, NULL), -EINVAL);
+    /* TLS material is taken (copied) even where the URL is plain http */
+    static const char pem[] = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    result_t t = { 0 };
+    char buf[sizeof pem];
+    memcpy(buf, pem, sizeof pem);
+    sglr_httpc_opts_t ot = { .url = url("/ok"), .timeout_ms = 5000, .ca_data = buf,
+                             .ca_data_len = sizeof pem - 1, .cert_data = buf,
+                             .cert_data_len = sizeof pem - 1, .key_data = buf,
+                             .key_data_len = sizeof pem - 1 };
+    CHECK_EQ_INT(sglr_httpc_request(c, &ot, result_cb, &t, NULL), 0);
+    memset(buf, 0, sizeof buf);
+    CHECK(run_until(&t.done, 1, 5000));
+    CHECK_EQ_INT(t.status, 200);
+    free(t.body);
+    close_client(c);
+}
+
 /* ------------------------------------------------------------ Lua module */
 
 static const char *lua_script =
@@ -693,6 +982,10 @@ int main(void)
     RUN(close_with_requests_in_flight);
     RUN(close_from_a_callback);
     RUN(request_from_a_callback);
+    RUN(body_streamed_as_it_arrives);
+    RUN(cancel_mid_stream);
+    RUN(cancel_before_connect);
+    RUN(bearer_token_and_tls_options);
     RUN(lua_module);
     server_stop();
     uv_run(&loop, UV_RUN_DEFAULT);

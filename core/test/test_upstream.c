@@ -545,6 +545,20 @@ static void call_free(call_t *c)
     c->freed = 1;
 }
 
+/* call_start with a connect timeout of its own. */
+static void call_start_ct(call_t *c, sglr_pool_t *pool, const char *path, unsigned connect_ms)
+{
+    c->r = sglr_upreq_new(pool);
+    c->r->data = c;
+    c->r->on_head = on_head;
+    c->r->on_body = on_body;
+    c->r->on_done = on_done;
+    sglr_upreq_build(c->r, "GET", path, strlen(path), "", 0, NULL, 0);
+    uv_update_time(&loop);
+    c->t_start = uv_now(&loop);
+    sglr_upreq_start(c->r, connect_ms, 5000);
+}
+
 static int body_is(const call_t *c, const char *s)
 {
     return c->body.len == strlen(s) && (c->body.len == 0 || memcmp(c->body.data, s, c->body.len) == 0);
@@ -568,7 +582,7 @@ static sglr_pool_t *pool_up(const char *base)
  * left (every request freed), drop the pool, and wait until the server has
  * seen every connection close. */
 #define POOL_DOWN(p) do { \
-    WAIT((p)->refs == 1 + (p)->nconns && (p)->nconns == (p)->nidle, 2000); \
+    WAIT(!(p)->resolving && (p)->refs == 1 + (p)->nconns && (p)->nconns == (p)->nidle, 2000); \
     sglr_pool_unref(p); \
     WAIT(npeers == 0, 2000); } while (0)
 
@@ -1188,6 +1202,190 @@ TEST(head_request)
     POOL_DOWN(pool);
 }
 
+/* --- host names ----------------------------------------------------------------------- */
+
+static sglr_pool_t *name_pool(const char *host, int pt)
+{
+    char url[128];
+    snprintf(url, sizeof url, "http://%s:%d", host, pt);
+    const char *err = NULL;
+    sglr_pool_t *p = sglr_pool_new(url, &err);
+    if (!p) {
+        fprintf(stderr, "pool %s: %s\n", url, err);
+        exit(1);
+    }
+    accepts = nreqs = 0;
+    return p;
+}
+
+TEST(resolve_without_blocking)
+{
+    char want[64], got[64];
+    snprintf(want, sizeof want, "127.0.0.1:%d", port);
+    /* the lookup runs on the thread pool: nothing is known on return */
+    sglr_pool_t *pool = name_pool("localhost", port);
+    CHECK(pool->resolving);
+    CHECK_EQ_INT(pool->naddrs, 0);
+    CHECK_EQ_STR(sglr_pool_address(pool, got), "");
+    /* a request before the answer waits for it, then connects */
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 2000);
+    CHECK_EQ_INT(c->ndone, 0);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    CHECK(body_is(c, "hello"));
+    CHECK_EQ_INT(pool->resolves, 1);
+    CHECK_EQ_INT(pool->resolve_err, 0);
+    /* the Host header names the worker as its URL does */
+    char host[80];
+    snprintf(host, sizeof host, "\r\nhost: localhost:%d\r\n", port);
+    CHECK(strstr(last_req.data, host) != NULL);
+    /* the address that answered is the one dialled from now on (if the
+     * name also gave ::1, that one was refused and skipped) */
+    CHECK_EQ_STR(sglr_pool_address(pool, got), want);
+    call_free(c);
+    POOL_DOWN(pool);
+
+    /* an IP address is not looked up */
+    pool = pool_up("");
+    CHECK(!pool->resolving);
+    CHECK(pool->host == NULL);
+    CHECK_EQ_STR(sglr_pool_address(pool, got), want);
+    POOL_DOWN(pool);
+}
+
+TEST(unresolvable_name)
+{
+    int level = sglr_log_level;
+    sglr_log_level = SGLR_LOG_ERROR;  /* the lookup's failure is a warning */
+    sglr_pool_t *pool = name_pool("no-such-worker.invalid", port);
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 2000);
+    WAIT(c->ndone, 10000);
+    CHECK_EQ_INT(c->err, SGLR_UP_ECONNECT);
+    CHECK_EQ_INT(c->heads, 0);
+    CHECK(pool->resolve_err != 0);
+    CHECK_EQ_INT(pool->naddrs, 0);
+    unsigned before = pool->resolves;
+    call_free(c);
+    /* the next request asks again: the name may exist by now */
+    c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 2000);
+    WAIT(c->ndone, 10000);
+    CHECK_EQ_INT(c->err, SGLR_UP_ECONNECT);
+    CHECK_EQ_INT(pool->resolves, before + 1);
+    CHECK_EQ_INT(accepts, 0);
+    call_free(c);
+    sglr_log_level = level;
+    POOL_DOWN(pool);
+}
+
+static void sleep_work_cb(uv_work_t *w)
+{
+    uv_sleep(400);
+}
+
+static int works_done;
+
+static void sleep_after_cb(uv_work_t *w, int status)
+{
+    works_done++;
+    free(w);
+}
+
+TEST(connect_timeout_covers_resolution)
+{
+    /* Every thread of libuv's pool sleeps 400 ms: the lookup cannot start
+     * before then, and the request's 60 ms connect timeout runs out. */
+    enum { WORKS = 16 };
+    works_done = 0;
+    for (int i = 0; i < WORKS; i++) {
+        uv_work_t *w = malloc(sizeof *w);
+        uv_queue_work(&loop, w, sleep_work_cb, sleep_after_cb);
+    }
+    sglr_pool_t *pool = name_pool("localhost", port);
+    call_t *c = call_reset(0);
+    call_start_ct(c, pool, "/ok", 60);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_ECONNECT);
+    CHECK(c->t_done - c->t_start >= 55 && c->t_done - c->t_start < 350);
+    CHECK(pool->resolving);                    /* still waiting for a thread */
+    CHECK(pool->waiting == NULL);
+    call_free(c);
+    WAIT(works_done == WORKS && !pool->resolving, 10000);
+    CHECK_EQ_INT(pool->naddrs > 0, 1);
+    c = call_reset(0);
+    call_start_ct(c, pool, "/ok", 60);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    call_free(c);
+    POOL_DOWN(pool);
+}
+
+TEST(failed_connect_reresolves)
+{
+    int level = sglr_log_level;
+    sglr_log_level = SGLR_LOG_WARN;
+    sglr_pool_t *pool = name_pool("localhost", port);
+    pool->reresolve_ms = 0;
+    WAIT(!pool->resolving, 5000);
+    CHECK_EQ_INT(pool->resolves, 1);
+    /* The name moved away from the address the pool knows: make it point
+     * at a port where nothing listens, as a pod's old IP would. */
+    int dead = free_port();
+    char good[64], got[64];
+    sglr_pool_address(pool, good);
+    ((struct sockaddr_in *)&pool->addr)->sin_port = htons((uint16_t)dead);
+    pool->addrs[pool->cur] = pool->addr;
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 2000);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_ECONNECT);
+    call_free(c);
+    /* the failed connect asked again, and the answer is dialled next */
+    CHECK(pool->resolving || pool->resolves == 2);
+    WAIT(pool->resolves == 2 && !pool->resolving, 5000);
+    CHECK_EQ_STR(sglr_pool_address(pool, got), good);
+    c = call_reset(0);
+    call_start(c, pool, "GET", "/closehdr", NULL, 2000);   /* keeps no connection */
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    call_free(c);
+    WAIT(pool->nconns == 0, 2000);
+
+    /* Not more often than reresolve_ms: two failures, one lookup. */
+    pool->reresolve_ms = 60000;
+    ((struct sockaddr_in *)&pool->addr)->sin_port = htons((uint16_t)dead);
+    pool->addrs[pool->cur] = pool->addr;
+    for (int i = 0; i < 2; i++) {
+        c = call_reset(0);
+        call_start(c, pool, "GET", "/ok", NULL, 2000);
+        WAIT(c->ndone, 2000);
+        CHECK_EQ_INT(c->err, SGLR_UP_ECONNECT);
+        call_free(c);
+    }
+    CHECK_EQ_INT(pool->resolves, 2);
+    CHECK(!pool->resolving);
+
+    /* A name with two addresses, the first refusing: the request goes on
+     * to the second, and the pool dials that one from then on. */
+    struct sockaddr_storage ok = pool->addrs[0];
+    ((struct sockaddr_in *)&ok)->sin_port = htons((uint16_t)port);
+    pool->addrs[1] = ok;
+    pool->naddrs = 2;
+    pool->cur = 0;
+    pool->addr_gen++;
+    c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 2000);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    CHECK_EQ_INT(pool->cur, 1);
+    CHECK_EQ_STR(sglr_pool_address(pool, got), good);
+    call_free(c);
+    sglr_log_level = level;
+    POOL_DOWN(pool);
+}
+
 static void count_walk_cb(uv_handle_t *h, void *arg)
 {
     if (h != (uv_handle_t *)&guard)
@@ -1248,6 +1446,10 @@ int main(void)
     RUN(throttle);
     RUN(answer_before_request_sent);
     RUN(head_request);
+    RUN(resolve_without_blocking);
+    RUN(unresolvable_name);
+    RUN(connect_timeout_covers_resolution);
+    RUN(failed_connect_reresolves);
 
     /* Drain: close the server side, then run until every close callback
      * (where the engine frees) has run. A failed case may have left

@@ -1,9 +1,16 @@
--- Control-plane HTTP client used by health checks, load polls, fan-outs and
--- policies (rt.http). It runs on libcurl's multi interface (sglr.httpc),
--- which also speaks https; the native proxy client is the fallback for a
--- build without it.
---   request{ method=, url=, headers=, body=, timeout_ms= } -> status, body, headers | nil, err
+-- Control-plane HTTP client used by health checks, load polls, fan-outs,
+-- policies (rt.http) and the Kubernetes API. It runs on libcurl's multi
+-- interface (sglr.httpc), which also speaks https; the native proxy client
+-- is the fallback for a build without it.
+--   request{ method=, url=, headers=, body=, timeout_ms=, connect_timeout_ms=,
+--            ca_file=, ca_data=, cert_file=, key_file=, cert_data=, key_data=,
+--            bearer_token=, insecure=, on_chunk= } -> status, body, headers | nil, err
+--   start{ same } -> req (req:wait(), req:cancel(), req:done()) | nil, err
+--   lines(on_line [, max_line]) -> on_chunk that calls on_line(line) per line
 local core = require "sglr.core"
+
+local find, sub, byte = string.find, string.sub, string.byte
+local concat = table.concat
 
 local M = {}
 
@@ -35,6 +42,60 @@ function M.request(opts)
     return httpc.request(opts)
   end
   return native(opts)
+end
+
+-- A request that runs while the caller goes on, for a body that arrives
+-- over minutes (a watch): the caller keeps req to cancel it or wait for its
+-- end. A req that is collected while it runs cancels it. on_chunk(chunk,
+-- status) is a plain call from the loop: it cannot wait (core.spawn what
+-- must), and an error in it ends the request with that error.
+function M.start(opts)
+  if not ok_httpc then return nil, "this build has no streaming HTTP client (libcurl)" end
+  return httpc.start(opts)
+end
+
+-- An on_chunk that splits a body arriving in pieces into lines, as the
+-- newline-delimited JSON of a Kubernetes watch: on_line(line) for every
+-- complete line ("\n" or "\r\n" ends one, and is not part of it; empty
+-- lines are passed too). Calling the returned function with nil (at the end
+-- of the body) hands over a last line that had no newline. A line longer
+-- than max_line bytes (default 16 MiB) raises, which ends the request.
+function M.lines(on_line, max_line)
+  max_line = max_line or 16 * 1024 * 1024
+  local parts, n, held = {}, 0, 0     -- pieces of a line not ended yet
+  local function take(last)
+    local line
+    if n == 0 then
+      line = last
+    else
+      parts[n + 1] = last
+      line = concat(parts, "", 1, n + 1)
+      for i = n + 1, 1, -1 do parts[i] = nil end
+      n, held = 0, 0
+    end
+    if byte(line, -1) == 13 then line = sub(line, 1, -2) end
+    return line
+  end
+  return function(chunk)
+    if chunk == nil then
+      if n > 0 then on_line(take("")) end
+      return
+    end
+    local pos = 1
+    while true do
+      local nl = find(chunk, "\n", pos, true)
+      if not nl then break end
+      if held + nl - pos > max_line then error("line longer than " .. max_line .. " bytes", 0) end
+      on_line(take(sub(chunk, pos, nl - 1)))
+      pos = nl + 1
+    end
+    if pos <= #chunk then
+      held = held + #chunk - pos + 1
+      if held > max_line then error("line longer than " .. max_line .. " bytes", 0) end
+      n = n + 1
+      parts[n] = sub(chunk, pos)
+    end
+  end
 end
 
 M.has_curl = ok_httpc

@@ -67,12 +67,13 @@ function M.new(conf)
   -- answered every Origin with * would let any web page drive it)
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
   self.cors_check = self.cors_enabled
-  self.pending_adds = {}     -- URLs whose /add_worker waits for their health
+  self.pending_adds = {}     -- URLs whose admission waits for their health
   self.pd = conf.pd_disaggregation or false
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
-      log.info("worker added", { worker = w.url, healthy = w.healthy })
+      log.info("worker added", { worker = w.url, healthy = w.healthy, source = w.source,
+        pod = w.pod and (w.pod.namespace .. "/" .. w.pod.name) or nil })
       local policy, pname = self:policy_for(w)
       w.m = stats.for_worker(w.url, pname, w.role)
       stats.worker_health:set(w.healthy and 1 or 0, w.url)
@@ -84,14 +85,17 @@ function M.new(conf)
     removed = function(w)
       local policy = self:policy_for(w)
       if policy and policy.on_remove then policy:on_remove(w) end
-      for _, m in ipairs({ stats.worker_health, stats.cb_state, stats.running, stats.tree_size,
-                           stats.worker_load, stats.pd_prefill, stats.pd_decode }) do
-        pcall(m.remove, m, w.url)
-      end
+      -- every series of it, a policy's own included; w.m's handles still
+      -- count what requests in flight settle, into series no longer shown
+      stats.remove_worker(w.url)
       stats.active_workers:set(#self.workers.list)
-      log.info("worker removed", { worker = w.url })
+      log.info("worker removed", { worker = w.url, source = w.source,
+        pod = w.pod and (w.pod.namespace .. "/" .. w.pod.name) or nil })
     end,
     breaker_change = function(w, from, to)
+      -- a request in flight may settle after its worker went: its series
+      -- must not come back
+      if w.removed then return end
       stats.cb_state:set(require("sglr.breaker").STATES[to], w.url)
       stats.cb_transitions:inc(1, w.url, from, to)
       local lvl = to == "open" and "warn" or "info"
@@ -314,7 +318,7 @@ function M:get_loads(x)
   for i, w in ipairs(list) do
     local load = results[i][1] or -1
     out[i] = { worker = w.url, load = load, role = w.role }
-    if load >= 0 then stats.worker_load:set(load, w.url) end
+    if load >= 0 and not w.removed then stats.worker_load:set(load, w.url) end
     local r = by_role[w.role]
     if r then r[#r + 1] = { worker = w.url, load = load } end
   end
@@ -327,9 +331,11 @@ function M:get_loads(x)
 end
 
 function M:worker_view(w)
+  local pool = w.pool:stats()
   return { url = w.url, healthy = w.healthy, load = w.load, processed = w.processed,
     role = w.role, bootstrap_port = w.role == "prefill" and (w.bootstrap_port or cjson.null) or nil,
-    circuit = w.breaker.state, last_health_error = w.last_health_error }
+    circuit = w.breaker.state, last_health_error = w.last_health_error,
+    source = w.source, pod = w.pod, address = pool.address, resolve_error = pool.resolve_error }
 end
 
 function M:list_workers(x)
@@ -376,19 +382,36 @@ function M:add_worker(x, query)
     return self:send_error(x, 400, "role and bootstrap_port are for PD mode (--pd-disaggregation)",
       "invalid_request_error")
   end
+  opts.source = "admin"
+  local w, aerr, why = self:admit(norm, opts)
+  if not w then
+    return self:send_error(x, 400, aerr, why == "not_ready" and "worker_not_ready" or "invalid_request_error")
+  end
+  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. w.url .. "\n")
+end
+
+-- A worker joins at run time, from any source (the admin API, discovery):
+-- refused when malformed or already known (or being admitted), else its
+-- health is waited for (--worker-startup-timeout-secs, checked every
+-- --worker-startup-check-interval), then the registry adds it with opts
+-- (source, pod, role, bootstrap_port).
+-- admit(url, opts) -> worker | nil, err, why ("invalid"|"duplicate"|"not_ready")
+function M:admit(url, opts)
+  local norm, err = workers_mod.check_url(url)
+  if not norm then return nil, err, "invalid" end
   if self.workers:get(norm) or self.pending_adds[norm] then
-    return self:send_error(x, 400, "worker " .. norm .. " is already registered", "invalid_request_error")
+    return nil, "worker " .. norm .. " is already registered", "duplicate"
   end
   self.pending_adds[norm] = true
   local ok, herr = self.health:wait_ready(norm)
   self.pending_adds[norm] = nil
   if not ok then
-    return self:send_error(x, 400, "worker " .. norm .. " did not become healthy within --worker-startup-timeout-secs: "
-      .. tostring(herr), "worker_not_ready")
+    return nil, "worker " .. norm .. " did not become healthy within --worker-startup-timeout-secs: "
+      .. tostring(herr), "not_ready"
   end
   local w, aerr = self.workers:add(norm, opts)
-  if not w then return self:send_error(x, 400, aerr, "invalid_request_error") end
-  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. norm .. "\n")
+  if not w then return nil, aerr, self.workers:get(norm) and "duplicate" or "invalid" end
+  return w
 end
 
 function M:remove_worker(x, query)
@@ -557,14 +580,14 @@ function M:start()
   if self.pd then
     for _, e in ipairs(conf.prefill or {}) do
       urls[#urls + 1] = e.url
-      opts[#urls] = { role = "prefill", bootstrap_port = e.bootstrap_port }
+      opts[#urls] = { source = "static", role = "prefill", bootstrap_port = e.bootstrap_port }
     end
     for _, u in ipairs(conf.decode or {}) do
       urls[#urls + 1] = u
-      opts[#urls] = { role = "decode" }
+      opts[#urls] = { source = "static", role = "decode" }
     end
   else
-    for i, u in ipairs(conf.worker_urls or {}) do urls[i], opts[i] = u, {} end
+    for i, u in ipairs(conf.worker_urls or {}) do urls[i], opts[i] = u, { source = "static" } end
   end
   if #urls > 0 then
     log.info("waiting for " .. #urls .. " worker(s) to become healthy")

@@ -94,6 +94,11 @@ function M.for_worker(url, policy, role)
   }
 end
 
+-- Remove every series of a worker (labelled worker=url), whatever metric
+-- it is in, a policy's own included: a removed worker leaves nothing
+-- behind in /metrics. Returns how many went.
+function M.remove_worker(url) return metrics.remove_label("worker", url) end
+
 M.inflight_h = M.inflight:series()
 M.queue_depth_h = M.queue_depth:series()
 

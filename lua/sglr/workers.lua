@@ -1,10 +1,17 @@
 -- The worker registry: every worker the router knows, with its upstream
--- pool, in-flight load, health and breaker.
+-- pool, in-flight load, health and breaker. Workers come from sources: the
+-- command line ("static"), the admin API ("admin"), Kubernetes discovery
+-- ("discovery"). Every source adds and removes through add() and remove(),
+-- whose hooks (the router's) run the rest of the path: metric series made
+-- and removed, policy on_add / on_remove, logs. Health checks and breakers
+-- cover every registered worker alike.
 local core = require "sglr.core"
 local breaker = require "sglr.breaker"
 
 local M = {}
 M.__index = M
+
+M.SOURCES = { static = true, admin = true, discovery = true }
 
 -- URL check shared by the CLI and /add_worker: http(s)://host[:port][/path]
 function M.check_url(url)
@@ -28,12 +35,36 @@ end
 
 function M:get(url) return self.by_url[(url or ""):gsub("/+$", "")] end
 
--- add(url, {role=, healthy=, bootstrap_port=}) -> worker | nil, err
+-- A pod's identity, copied: { namespace =, name =, uid = } (strings).
+local function pod_of(pod)
+  if pod == nil then return nil end
+  if type(pod) ~= "table" then error("workers:add: opts.pod must be a table", 3) end
+  local out = {}
+  for _, k in ipairs({ "namespace", "name", "uid" }) do
+    local v = pod[k]
+    if type(v) ~= "string" or v == "" then
+      error("workers:add: opts.pod." .. k .. " must be a non-empty string", 3)
+    end
+    out[k] = v
+  end
+  return out
+end
+
+-- add(url, { source = "static"|"admin"|"discovery" (default "static"),
+--            pod = { namespace =, name =, uid = }, role =, healthy =,
+--            bootstrap_port =, dp_rank = }) -> worker | nil, err
 function M:add(url, opts)
+  opts = opts or {}
+  local source = opts.source or "static"
+  if not M.SOURCES[source] then error("workers:add: unknown source '" .. tostring(source) .. "'", 2) end
+  local pod = pod_of(opts.pod)
   local norm, err = M.check_url(url)
   if not norm then return nil, err end
-  if self.by_url[norm] then return nil, "worker " .. norm .. " is already registered" end
-  opts = opts or {}
+  local known = self.by_url[norm]
+  if known then
+    return nil, "worker " .. norm .. " is already registered" ..
+      (known.source ~= source and " (from " .. known.source .. ")" or "")
+  end
   if not norm:match("^http://") then
     return nil, "worker " .. norm .. ": only http:// workers can be proxied (https is used for discovery only)"
   end
@@ -46,6 +77,7 @@ function M:add(url, opts)
     -- it to the decode as bootstrap_host
     bootstrap_host = norm:match("^https?://(%[[^%]]+%])") or norm:match("^https?://([^:/]+)"),
     role = opts.role or "regular", bootstrap_port = opts.bootstrap_port, dp_rank = opts.dp_rank,
+    source = source, pod = pod,
     healthy = opts.healthy ~= false,
     health_failures = 0, health_successes = 0,
   }
@@ -58,9 +90,19 @@ function M:add(url, opts)
   return w
 end
 
-function M:remove(url)
+-- remove(url [, { source =, uid = }]) -> worker | nil, err. With source (or
+-- a pod's uid), only a worker from that source (that pod) is removed: a
+-- source never takes away a worker another one gave, nor a pod's successor
+-- at the same address.
+function M:remove(url, opts)
   local w = self:get(url)
   if not w then return nil, "worker " .. tostring(url) .. " is not registered" end
+  if opts and opts.source and opts.source ~= w.source then
+    return nil, "worker " .. w.url .. " came from " .. w.source .. ", not " .. opts.source
+  end
+  if opts and opts.uid and (not w.pod or w.pod.uid ~= opts.uid) then
+    return nil, "worker " .. w.url .. " is not pod " .. opts.uid
+  end
   for i, v in ipairs(self.list) do
     if v == w then table.remove(self.list, i) break end
   end
@@ -92,6 +134,15 @@ function M:available(now, exclude, role, out)
     for _, w in ipairs(self.list) do
       if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then out[#out + 1] = w end
     end
+  end
+  return out
+end
+
+-- The workers a source gave, in registration order.
+function M:from_source(source)
+  local out = {}
+  for _, w in ipairs(self.list) do
+    if w.source == source then out[#out + 1] = w end
   end
   return out
 end
