@@ -4,7 +4,11 @@ JOBS  ?= $(shell nproc)
 DEB_PACKAGES = build-essential cmake pkg-config libluajit2-5.1-dev libuv1-dev lua-luv-dev lua-luv \
   node-llhttp libcurl4-openssl-dev lua-cjson lua-busted lua-argparse lua-check curl wrk nginx-light prometheus
 
-.PHONY: all deps test test-asan demo bench clean
+PREFIX ?= /usr/local
+DESTDIR ?=
+PYTHON ?= python3
+
+.PHONY: all deps test test-asan demo bench install clean
 
 all: $(BUILD)/sglr
 
@@ -44,6 +48,11 @@ test-asan: deps all
 
 demo: deps all
 	$(BUILD)/sglr lua examples/demo.lua
+
+# sglr, its man page and the sglang_router Python launchers (see
+# packaging/install.sh): make install [PREFIX=/usr/local] [DESTDIR=...]
+install: all
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" sh packaging/install.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD) build-asan
