@@ -6,7 +6,11 @@ DEB_PACKAGES = build-essential cmake pkg-config libluajit2-5.1-dev libuv1-dev lu
   node-llhttp libcurl4-openssl-dev lua-cjson lua-busted lua-argparse lua-check curl wrk nginx-light prometheus \
   clang libclang-rt-14-dev
 
-.PHONY: all deps test test-asan demo bench clean fuzz fuzz-build fuzz-smoke
+PREFIX ?= /usr/local
+DESTDIR ?=
+PYTHON ?= python3
+
+.PHONY: all deps test test-asan demo bench install clean fuzz fuzz-build fuzz-smoke
 
 all: $(BUILD)/sglr
 
@@ -67,6 +71,11 @@ fuzz-smoke:
 
 demo: deps all
 	$(BUILD)/sglr lua examples/demo.lua
+
+# sglr, its man page and the sglang_router Python launchers (see
+# packaging/install.sh): make install [PREFIX=/usr/local] [DESTDIR=...]
+install: all
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" sh packaging/install.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD) build-asan build-fuzz

@@ -13,6 +13,7 @@
 #include "httpc.h"
 #include "upstream.h"
 #include "server.h"
+#include "child.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -165,6 +166,11 @@ static void close_walk_cb(uv_handle_t *h, void *arg)
 
 int main(int argc, char **argv)
 {
+    /* the trampoline of sglr.proc: before any state of ours is set up, so
+     * the command it execs inherits none of it (an ignored SIGPIPE would
+     * survive the exec) */
+    if (argc > 1 && strcmp(argv[1], SGLR_CHILD_EXEC_ARG) == 0)
+        return sglr_child_exec(argc - 2, argv + 2);
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {

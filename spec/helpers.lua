@@ -5,35 +5,23 @@
 local core = require "sglr.core"
 local uv = require "luv"
 local cjson = require "cjson.safe"
+local process = require "sglr.proc"
 
 local H = {}
 
 H.bin = os.getenv("SGLR_BIN") or "build/sglr"
 local procs = {}
 
--- spawn(args) -> proc { pid, out (stdout+stderr so far), code (after exit) }
+-- spawn(args, opts) -> proc (sglr.proc: pid, out = all its output so far,
+-- exited, code, signal). opts.bin: another program than sglr; opts.env,
+-- opts.group as sglr.proc takes them. Children die with the spec runner.
 function H.spawn(args, opts)
   opts = opts or {}
-  local proc = { out = "", args = args }
-  local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
-  local handle, pid = uv.spawn(opts.bin or H.bin, { args = args, stdio = { nil, stdout, stderr },
-    env = opts.env }, function(code, signal)
-    proc.code, proc.signal = code, signal
-    proc.exited = true
-  end)
-  assert(handle, "cannot start " .. (opts.bin or H.bin) .. ": " .. tostring(pid))
-  proc.handle, proc.pid = handle, pid
-  local function reader(err, data)
-    if data then
-      proc.out = proc.out .. data
-      if os.getenv("SGLR_SPEC_VERBOSE") then io.stderr:write(data) end
-    end
-  end
-  stdout:read_start(reader)
-  stderr:read_start(reader)
-  proc.pipes = { stdout, stderr }
-  procs[#procs + 1] = proc
-  return proc
+  local verbose = os.getenv("SGLR_SPEC_VERBOSE")
+  local p = assert(process.spawn(opts.bin or H.bin, args, { env = opts.env, group = opts.group,
+    on_line = verbose and function(line) io.stderr:write(line, "\n") end }))
+  procs[#procs + 1] = p
+  return p
 end
 
 -- Wait until pred() is true, polling; fails the spec after timeout_ms.
@@ -47,30 +35,24 @@ function H.wait_for(pred, timeout_ms, what)
   end
 end
 
-function H.wait_output(proc, pattern, timeout_ms)
-  return H.wait_for(function()
-    if proc.exited then error("process exited (" .. tostring(proc.code) .. "): " .. proc.out, 0) end
-    return proc.out:match(pattern)
-  end, timeout_ms or 10000, "output " .. pattern .. " from " .. table.concat(proc.args, " "))
+function H.wait_output(p, pattern, timeout_ms)
+  local m, err = p:wait_output(pattern, timeout_ms or 10000)
+  if not m then error(err, 2) end
+  return m
 end
 
-function H.kill(proc, sig)
-  if proc.exited then return end
-  uv.process_kill(proc.handle, sig or "sigterm")
+function H.kill(p, sig)
+  if not p.exited then p:kill(sig or "sigterm") end
 end
 
-function H.wait_stopped(proc, timeout_ms)
-  H.wait_for(function() return proc.exited end, timeout_ms or 10000, "process exit")
-  return proc.code, proc.signal
+function H.wait_stopped(p, timeout_ms)
+  local code, sig = p:wait(timeout_ms or 10000)
+  if not code then error("timed out waiting for `" .. p:cmdline() .. "` to exit", 2) end
+  return code, sig
 end
 
-function H.stop(proc)
-  if not proc.exited then
-    H.kill(proc, "sigkill")
-    pcall(H.wait_stopped, proc, 5000)
-  end
-  for _, p in ipairs(proc.pipes) do if not p:is_closing() then p:close() end end
-  if not proc.handle:is_closing() then proc.handle:close() end
+function H.stop(p)
+  p:stop(0)
 end
 
 function H.stop_all()

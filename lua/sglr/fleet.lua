@@ -1,14 +1,14 @@
 -- A local fleet for demos, benchmarks and soak runs: sim workers and routers
 -- started as child processes of this sglr on 127.0.0.1 (ports chosen by the
--- kernel), and stopped by pid. Call from a coroutine (sglr lua scripts run
--- in one).
+-- kernel), and stopped by pid. Processes are sglr.proc children: they die
+-- with this process. Call from a coroutine (sglr lua scripts run in one).
 --
 --   local fleet = require("sglr.fleet").new()
 --   local urls = fleet:workers(4, { "--kv-tokens", "40000" })
 --   local url = fleet:router(urls, { "--policy", "cache_aware" })
 --   ...
 --   fleet:stop()
-local core = require "sglr.core"
+local proc = require "sglr.proc"
 local uv = require "luv"
 
 local unpack = unpack or table.unpack
@@ -21,36 +21,18 @@ function M.new(bin)
     procs = {} }, M)
 end
 
--- spawn(args) -> proc { handle, pid, out (last 64 KB of stdout+stderr), exited, code }
+-- spawn(args) -> proc (sglr.proc; out holds the last 64 KB of its output)
 function M:spawn(args)
-  local p = { out = "", args = args }
-  local o, e = uv.new_pipe(false), uv.new_pipe(false)
-  p.handle, p.pid = uv.spawn(self.bin, { args = args, stdio = { nil, o, e } }, function(code)
-    p.exited, p.code = true, code
-  end)
-  if not p.handle then error("cannot start " .. self.bin .. ": " .. tostring(p.pid), 2) end
-  local function rd(_, d)
-    if d then
-      p.out = p.out .. d
-      if #p.out > 65536 then p.out = p.out:sub(-32768) end
-    end
-  end
-  o:read_start(rd)
-  e:read_start(rd)
-  p.pipes = { o, e }
+  local p, err = proc.spawn(self.bin, args, { keep = 65536 })
+  if not p then error(err, 2) end
   self.procs[#self.procs + 1] = p
   return p
 end
 
 function M.wait_for(p, pattern, timeout_ms)
-  local deadline = core.now() + (timeout_ms or 20000)
-  while core.now() < deadline do
-    local m = p.out:match(pattern)
-    if m then return m end
-    if p.exited then break end
-    core.sleep(10)
-  end
-  error("timed out waiting for `" .. table.concat(p.args, " ") .. "`:\n" .. p.out, 2)
+  local m, err = p:wait_output(pattern, timeout_ms or 20000)
+  if not m then error(err, 2) end
+  return m
 end
 
 -- A sim worker; returns its URL and process. port may be nil (any).
@@ -115,19 +97,12 @@ function M:pd_router(prefills, decodes, extra)
 end
 
 function M.kill(p, sig)
-  if not p.exited then uv.process_kill(p.handle, sig or "sigterm") end
+  p:kill(sig)
 end
 
 -- Stop every process started here (SIGTERM, then SIGKILL after 5 s).
 function M:stop()
-  for _, p in ipairs(self.procs) do M.kill(p) end
-  local deadline = core.now() + 5000
-  for _, p in ipairs(self.procs) do
-    while not p.exited and core.now() < deadline do core.sleep(10) end
-    if not p.exited then M.kill(p, "sigkill") end
-    for _, pipe in ipairs(p.pipes) do if not pipe:is_closing() then pipe:close() end end
-    if not p.handle:is_closing() then p.handle:close() end
-  end
+  proc.stop_all(self.procs, 5000)
   self.procs = {}
 end
 
