@@ -34,9 +34,12 @@ static void on_body(sglr_upreq_t *r, const char *d, size_t n)
     body_bytes += (int)n;
 }
 
+static int last_err;
+
 static void on_done(sglr_upreq_t *r, int err)
 {
     done = 1;
+    last_err = err;
 }
 
 static void setup(void)
@@ -78,7 +81,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int fd = -1;
     size_t sent = 0;
     char buf[4096];
-    for (int turn = 0; turn < 200000 && !done; turn++) {
+    double t0 = sglr_now_ms();
+    for (int turn = 0; !done && sglr_now_ms() - t0 < 5000; turn++) {
         uv_run(&loop, UV_RUN_NOWAIT);
         if (fd < 0) {
             fd = accept(lfd, NULL, NULL);
@@ -106,6 +110,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         close(fd);
     if (!done)
         abort();                                   /* the request never ended */
+    if (getenv("FUZZ_DEBUG"))
+        fprintf(stderr, "done err=%d after %.0f ms, %d body bytes\n", last_err, sglr_now_ms() - t0,
+                body_bytes);
     sglr_upreq_free(r);
     for (int i = 0; i < 8; i++)
         uv_run(&loop, UV_RUN_NOWAIT);

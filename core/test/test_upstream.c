@@ -6,6 +6,7 @@
  *   ok         200, content-length 5 "hello", x-a: b
  *   chunked    200 chunked "hello" now, " world" 10 ms later, the end at 20 ms
  *   empty      200 content-length 0            nocontent  204
+ *   nocontentte  204 that says transfer-encoding: chunked, "body" bytes, close
  *   eof        200 without length: "until close", then the close
  *   continue   100 Continue, then 200 "ok"
  *   closehdr   200 "ok" with connection: close
@@ -279,6 +280,12 @@ static int answer(peer_t *p, const char *route, int head_method)
     } else if (strcmp(route, "empty") == 0) {
         static const char h[] = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         peer_write(p, h, sizeof h - 1);
+    } else if (strcmp(route, "nocontentte") == 0) {
+        static const char h[] = "HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n"
+                                "A6\r\nabc";
+        peer_write(p, h, sizeof h - 1);
+        peer_end(p);
+        return 1;
     } else if (strcmp(route, "nocontent") == 0) {
         static const char h[] = "HTTP/1.1 204 No Content\r\nx-a: none\r\n\r\n";
         peer_write(p, h, sizeof h - 1);
@@ -685,6 +692,22 @@ TEST(chunked_response)
     CHECK(body_is(c, "hello world"));
     CHECK(c->nbody >= 2);
     CHECK_EQ_INT(pool->nidle, 1);
+    call_free(c);
+    POOL_DOWN(pool);
+}
+
+/* A 204 has no body whatever its framing says: it ends at its head, not
+ * at the deadline, even when the worker then closes (found by
+ * fuzz_response). */
+TEST(no_content_with_chunked_framing)
+{
+    sglr_pool_t *pool = pool_up("");
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/nocontentte", NULL, 2000);
+    WAIT(c->ndone, 500);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    CHECK_EQ_INT(c->status, 204);
+    CHECK_EQ_INT(c->nbody, 0);
     call_free(c);
     POOL_DOWN(pool);
 }
@@ -1430,6 +1453,7 @@ int main(void)
     RUN(content_length);
     RUN(chunked_response);
     RUN(no_body);
+    RUN(no_content_with_chunked_framing);
     RUN(continue_later);
     RUN(paused_while_connection_ends);
     RUN(paused_with_much_pending);
