@@ -63,7 +63,7 @@ fuzz: fuzz-build
 	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
 	  build-fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
 	    -artifact_prefix=build-fuzz/ build-fuzz/corpus/$$t core/fuzz/corpus/$$t 2>&1 | \
-	    grep -E "^(#[0-9]+ +DONE|stat::|==[0-9]+==ERROR|SUMMARY|artifact)" ; \
+	    grep -E "^(#[0-9]+[[:space:]]+DONE|stat::|==[0-9]+==ERROR|SUMMARY|artifact)" ; \
 	  test $${PIPESTATUS[0]} -eq 0 || exit 1; done
 
 fuzz-smoke:
