@@ -15,6 +15,7 @@
 --
 --   local conf, err = cli.parse_run(args)   -- conf table | nil, message
 --   local _, text, what = cli.parse_run({ "--help" })  -- nil, help, "help"
+--   local _, text, what = cli.parse_run({ "--version" })  -- nil, "sglr 0.1.0", "version"
 
 local argparse = require "argparse"
 
@@ -37,7 +38,7 @@ M.DEFAULT_REQUEST_ID_HEADERS = { "x-request-id", "x-correlation-id", "x-trace-id
 -- declares (see sglr.policy.instantiate).
 M.POLICY_OPTION_KEYS = {
   "cache_threshold", "balance_abs_threshold", "balance_rel_threshold",
-  "eviction_interval", "max_tree_size",
+  "eviction_interval", "max_tree_size", "cache_routing_prob",
 }
 
 local LOG_LEVELS = { debug = "debug", info = "info", warn = "warn", warning = "warn",
@@ -80,6 +81,9 @@ local FLAGS = {
   { group = "Cache-aware routing" },
   { "--cache-threshold", "number", 0.5,
     "Minimum prefix match ratio for cache routing (0.0-1.0)", min = 0, max = 1 },
+  { "--cache-routing-prob", "number", 1.0,
+    "Probability of cache-aware routing rather than shortest queue (0.0-1.0)", min = 0, max = 1,
+    show = "1.0" },
   { "--balance-abs-threshold", "int", 32, "Absolute load difference threshold", min = 0 },
   { "--balance-rel-threshold", "number", 1.0001, "Relative load ratio threshold", min = 0 },
   { "--eviction-interval", "number", 60, "Seconds between cache eviction cycles", gt = 0,
@@ -625,6 +629,9 @@ function M.parse_run(args)
     words[i] = tostring(args[i])
     if words[i] == "--help" or words[i] == "-h" then
       return nil, M.run_help(), "help"
+    end
+    if words[i] == "--version" or words[i] == "-V" then
+      return nil, "sglr " .. require("sglr.version"), "version"
     end
   end
 

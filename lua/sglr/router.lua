@@ -115,7 +115,10 @@ function M:runtime()
   local uv = require "luv"
   local rt = {
     now = core.now,
-    random = function(n) return math.random(n) end,
+    random = function(n)      -- an integer in [1, n]; without n a float in [0, 1)
+      if n then return math.random(n) end
+      return math.random()
+    end,
     log = function(level, msg, fields) log.log(level, msg, fields) end,
     metrics = stats.enabled and stats.metrics or nil,
     stats = stats,
@@ -658,11 +661,12 @@ function M.main(args)
   local cli = require "sglr.cli"
   local conf, err, kind = cli.parse_run(args)
   if not conf then
-    if kind == "help" then
-      io.stdout:write(err)
+    if kind == "help" or kind == "version" then
+      io.stdout:write(err, kind == "version" and "\n" or "")
       return core.exit(0)
     end
-    io.stderr:write("sglr run: ", tostring(err), "\n")
+    -- the message names the program and the flag already
+    io.stderr:write(tostring(err), "\n")
     return core.exit(2)
   end
   -- parsed for command-line compatibility, not served yet: refuse rather
