@@ -152,7 +152,8 @@ local FLAGS = {
   { group = "Security and data parallelism" },
   { "--cors-allowed-origins", "words", {}, "Allowed CORS origins (default: any)", arg = "<origin>" },
   { "--api-key", "string", nil, "API key sent to workers", arg = "<key>" },
-  { "--dp-aware", "flag", false, "Route to data-parallel ranks of each worker" },
+  { "--dp-aware", "flag", false,
+    "Route to each data-parallel rank of a worker (dp_size from its /get_server_info)" },
 }
 
 -- Row accessors, with the config key: "--worker-urls" -> "worker_urls".

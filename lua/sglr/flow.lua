@@ -301,14 +301,15 @@ local function cut_off(flow, x, req, perr)
   return true
 end
 
--- A worker failed this request: later attempts avoid it while others remain.
+-- A worker failed this request: later attempts avoid it (every rank of a
+-- dp-aware worker: they are one server) while others remain.
 local function avoid(req, w)
   local f = req.failed
   if not f then
     f = {}
     req.failed = f
   end
-  f[w.url] = true
+  f[w.base_url] = true
 end
 
 -- --- regular mode: one worker per attempt --------------------------------------------
@@ -351,7 +352,8 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
   end
   fwd.timeout_ms = left
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
-  local resp, ferr = x:forward(w.pool, fwd)
+  -- --dp-aware: the rank is spliced into the body in C
+  local resp, ferr = x:forward(w.pool, fwd, w.dp_rank)
   if not resp then
     if ferr == "client_closed" then
       flow:settle(req, w, policy, nil, 499)
@@ -477,7 +479,8 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
   fwd.host = pw.bootstrap_host
   fwd.port = pw.bootstrap_port or false
-  local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd)
+  -- --dp-aware: each leg's rank is spliced into its body in C
+  local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd, pw.dp_rank, dw.dp_rank)
   if not pdx then
     if ferr == "bad_request" then
       flow:settle(req, pw, req.policy, nil, 400)

@@ -1,5 +1,16 @@
 -- The worker registry: every worker the router knows, with its upstream
 -- pool, in-flight load, health and breaker.
+--
+-- With --dp-aware a worker of dp_size N is N entries, one per
+-- data-parallel rank, so that policies, loads, breakers and metrics see
+-- each rank on its own:
+--
+--   http://w1:8000 (dp_size 2) -> { url = "http://w1:8000@0", base_url = "http://w1:8000", dp_rank = 0 }
+--                                 { url = "http://w1:8000@1", base_url = "http://w1:8000", dp_rank = 1 }
+--
+-- The entries share one connection pool and are health-checked as one
+-- (base_url is what is probed and sent to). Every other worker's base_url
+-- is its url.
 local core = require "sglr.core"
 local breaker = require "sglr.breaker"
 
@@ -28,20 +39,40 @@ end
 
 function M:get(url) return self.by_url[(url or ""):gsub("/+$", "")] end
 
--- add(url, {role=, healthy=, bootstrap_port=}) -> worker | nil, err
+-- The entries of a worker: its ranks for a base URL, the worker itself
+-- for a plain URL or one rank's "url@rank". Registration order.
+function M:entries(url)
+  local norm = (url or ""):gsub("/+$", "")
+  local w = self.by_url[norm]
+  if w then return { w } end
+  local out = {}
+  for _, e in ipairs(self.list) do
+    if e.base_url == norm then out[#out + 1] = e end
+  end
+  return out
+end
+
+-- add(url, {role=, healthy=, bootstrap_port=, dp_rank=, dp_size=, pool=})
+-- -> worker | nil, err. With dp_rank the entry is "url@rank" (pool: the
+-- connections shared with the worker's other ranks).
 function M:add(url, opts)
   local norm, err = M.check_url(url)
   if not norm then return nil, err end
-  if self.by_url[norm] then return nil, "worker " .. norm .. " is already registered" end
   opts = opts or {}
+  local rank = opts.dp_rank
+  local key = rank and (norm .. "@" .. rank) or norm
+  if self.by_url[key] then return nil, "worker " .. key .. " is already registered" end
   if not norm:match("^http://") then
     return nil, "worker " .. norm .. ": only http:// workers can be proxied (https is used for discovery only)"
   end
-  local pool
-  pool, err = core.upstream(norm)
-  if not pool then return nil, err end
+  local pool = opts.pool
+  if not pool then
+    pool, err = core.upstream(norm)
+    if not pool then return nil, err end
+  end
   local w = {
-    url = norm, pool = pool, load = 0, processed = 0,
+    url = key, base_url = norm, pool = pool, load = 0, processed = 0,
+    dp_size = opts.dp_size,
     -- the host as the URL writes it (an IPv6 address in brackets): PD sends
     -- it to the decode as bootstrap_host
     bootstrap_host = norm:match("^https?://(%[[^%]]+%])") or norm:match("^https?://([^:/]+)"),
@@ -53,25 +84,55 @@ function M:add(url, opts)
     if self.hooks.breaker_change then self.hooks.breaker_change(w, from, to) end
   end)
   self.list[#self.list + 1] = w
-  self.by_url[norm] = w
+  self.by_url[key] = w
   if self.hooks.added then self.hooks.added(w) end
   return w
 end
 
-function M:remove(url)
-  local w = self:get(url)
-  if not w then return nil, "worker " .. tostring(url) .. " is not registered" end
-  for i, v in ipairs(self.list) do
-    if v == w then table.remove(self.list, i) break end
+-- One entry per rank 0..dp_size-1 of the worker at url, sharing a pool.
+-- -> list of entries | nil, err (then none was added)
+function M:add_ranks(url, dp_size, opts)
+  local norm, err = M.check_url(url)
+  if not norm then return nil, err end
+  if #self:entries(norm) > 0 then return nil, "worker " .. norm .. " is already registered" end
+  local pool
+  pool, err = core.upstream(norm)
+  if not pool then return nil, err end
+  local out = {}
+  for r = 0, dp_size - 1 do
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    o.dp_rank, o.dp_size, o.pool = r, dp_size, pool
+    local w
+    w, err = self:add(norm, o)
+    if not w then
+      for _, e in ipairs(out) do self:remove(e.url) end
+      return nil, err
+    end
+    out[#out + 1] = w
   end
-  self.by_url[w.url] = nil
-  w.removed = true
-  if self.hooks.removed then self.hooks.removed(w) end
-  return w
+  return out
 end
 
--- Workers that may take a request now. `exclude` (url -> true) drops the
--- workers that already failed this request, unless nothing else is left.
+-- Remove a worker: every rank of a dp-aware worker given by its base URL,
+-- or one entry. -> list of the removed entries | nil, err
+function M:remove(url)
+  local gone = self:entries(url)
+  if #gone == 0 then return nil, "worker " .. tostring(url) .. " is not registered" end
+  for _, w in ipairs(gone) do
+    for i, v in ipairs(self.list) do
+      if v == w then table.remove(self.list, i) break end
+    end
+    self.by_url[w.url] = nil
+    w.removed = true
+    if self.hooks.removed then self.hooks.removed(w) end
+  end
+  return gone
+end
+
+-- Workers that may take a request now. `exclude` (base URL -> true) drops
+-- the workers that already failed this request (every rank of one), unless
+-- nothing else is left.
 -- The list belongs to the caller: a policy may yield (await rt.http) while
 -- other requests route, so a list shared between calls would change under it.
 -- `out`, when given, is an empty list of the caller's to fill (the flow
@@ -81,7 +142,7 @@ function M:available(now, exclude, role, out)
   out = out or {}
   for _, w in ipairs(self.list) do
     if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then
-      if exclude and exclude[w.url] then
+      if exclude and exclude[w.base_url] then
         excluded = excluded + 1
       else
         out[#out + 1] = w
