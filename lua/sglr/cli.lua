@@ -16,6 +16,10 @@
 --   local conf, err = cli.parse_run(args)   -- conf table | nil, message
 --   local _, text, what = cli.parse_run({ "--help" })  -- nil, help, "help"
 --   local _, text, what = cli.parse_run({ "--version" })  -- nil, "sglr 0.1.0", "version"
+--
+-- Secrets can come from the environment instead of the command line, so
+-- they stay out of `ps`: a flag in FLAGS with env = "NAME" takes $NAME
+-- when it is not given (an empty variable counts as unset).
 
 local argparse = require "argparse"
 
@@ -151,7 +155,14 @@ local FLAGS = {
 
   { group = "Security and data parallelism" },
   { "--cors-allowed-origins", "words", {}, "Allowed CORS origins (default: any)", arg = "<origin>" },
-  { "--api-key", "string", nil, "API key sent to workers", arg = "<key>" },
+  { "--api-key", "string", nil, "API key sent to workers as 'Authorization: Bearer KEY' (or $SGLR_API_KEY)",
+    arg = "<key>", env = "SGLR_API_KEY" },
+  { "--admin-api-key", "string", nil,
+    "Key clients must send as a bearer token to /add_worker, /remove_worker and /flush_cache "
+    .. "(or $SGLR_ADMIN_API_KEY)", arg = "<key>", env = "SGLR_ADMIN_API_KEY" },
+  { "--inference-api-key", "string", nil,
+    "Key clients must send as a bearer token to the inference routes; never forwarded to workers "
+    .. "(or $SGLR_INFERENCE_API_KEY)", arg = "<key>", env = "SGLR_INFERENCE_API_KEY" },
   { "--dp-aware", "flag", false,
     "Route to each data-parallel rank of a worker (dp_size from its /get_server_info)" },
 }
@@ -649,6 +660,10 @@ function M.parse_run(args)
   for _, f in ipairs(FLAGS) do
     if f.kind then
       local v = raw[f.key]
+      if v == nil and f.env then
+        v = M.getenv(f.env)
+        if v == "" then v = nil end
+      end
       if v == nil then
         v = f.default
         if type(v) == "table" then v = copy_list(v) end
@@ -673,6 +688,9 @@ function M.parse_run(args)
   conf.policy_options = po
   return conf
 end
+
+-- Environment lookup for env flags (replaceable in tests).
+M.getenv = os.getenv
 
 -- The configuration of `sglr run` with no flags.
 function M.defaults()

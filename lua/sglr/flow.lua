@@ -44,6 +44,12 @@ function M.new(r)
     request_timeout_ms = (conf.request_timeout_secs or 600) * 1000,
     connect_timeout_ms = conf.connect_timeout_ms or 5000,
     spare = {},               -- candidate lists (take_list / give_list)
+    -- Authorization sent to workers: --api-key's, or false (drop the
+    -- client's: it holds our inference key); when set_auth is false the
+    -- client's passes. Fields present from the start: a missing one costs a
+    -- metatable lookup per request.
+    set_auth = r.forward_auth ~= nil,
+    forward_auth = r.forward_auth or false,
   }, M)
   self.request_id_headers = conf.request_id_headers or
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
@@ -208,6 +214,7 @@ function M:run(x, req)
   local attempts = self.retry:attempts()
   local d = self.dispatcher
   local fwd = { headers = { ["x-request-id"] = req.id } }
+  if self.set_auth then fwd.headers.authorization = self.forward_auth end
   if d.prepare then
     local okp, msg = d.prepare(self, x, req, fwd)
     if not okp then

@@ -18,7 +18,7 @@ local function endpoint(conf) return conf.health_check_endpoint or "/health" end
 
 -- One GET of the health endpoint: true or nil, reason.
 function M:probe(url, timeout_ms)
-  local status, _, err = http.request({
+  local status, _, err = http.worker({
     method = "GET", url = url .. endpoint(self.conf),
     timeout_ms = timeout_ms or (self.conf.health_check_timeout_secs or 5) * 1000,
   })

@@ -3,6 +3,8 @@
 -- which also speaks https; the native proxy client is the fallback for a
 -- build without it.
 --   request{ method=, url=, headers=, body=, timeout_ms= } -> status, body, headers | nil, err
+--   worker{ ... }: the same, for a request to a worker: it carries the
+--     router's --api-key (set_api_key) as "Authorization: Bearer KEY"
 local core = require "sglr.core"
 
 local M = {}
@@ -35,6 +37,29 @@ function M.request(opts)
     return httpc.request(opts)
   end
   return native(opts)
+end
+
+-- "Bearer KEY" for every request to a worker, or nil (--api-key unset)
+local worker_auth
+
+function M.set_api_key(key)
+  worker_auth = key and ("Bearer " .. key) or nil
+end
+
+function M.worker_auth() return worker_auth end
+
+function M.worker(opts)
+  if worker_auth then
+    local h = { authorization = worker_auth }
+    for k, v in pairs(opts.headers or {}) do
+      if k:lower() ~= "authorization" then h[k] = v end
+    end
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.headers = h
+    opts = o
+  end
+  return M.request(opts)
 end
 
 M.has_curl = ok_httpc

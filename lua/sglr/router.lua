@@ -15,6 +15,8 @@ local policy_mod = require "sglr.policy"
 
 local floor, min = math.floor, math.min
 local concat = table.concat
+local byte = string.byte
+local bor, bxor = bit.bor, bit.bxor
 
 local M = {}
 M.__index = M
@@ -26,6 +28,9 @@ local ROUTES = {
 }
 
 local JSON_HDR = { ["content-type"] = "application/json" }
+
+-- Routes behind --admin-api-key (every route that changes the fleet).
+local ADMIN_ROUTES = { ["/add_worker"] = true, ["/remove_worker"] = true, ["/flush_cache"] = true }
 
 -- Largest dp_size believed from a worker's /get_server_info.
 local MAX_DP_SIZE = 1024
@@ -42,6 +47,24 @@ M.merge = merge
 
 local function error_body(status, message, etype)
   return cjson.encode({ error = { message = message, type = etype or "router_error", code = status } })
+end
+
+-- Whether a client's secret equals ours, in time that depends on the
+-- length of what the client sent only (never on where they differ, nor on
+-- our key's length).
+local function same_secret(given, want)
+  local n, m = #given, #want
+  local diff = n == m and 0 or 1
+  for i = 1, n do
+    diff = bor(diff, bxor(byte(given, i), byte(want, (i - 1) % m + 1)))
+  end
+  return diff == 0
+end
+M.same_secret = same_secret
+
+-- The token of an "Authorization: Bearer TOKEN" header, or nil.
+local function bearer(value)
+  return value and value:match("^%s*[Bb][Ee][Aa][Rr][Ee][Rr]%s+(.-)%s*$")
 end
 
 local function query_param(q, key)
@@ -72,6 +95,14 @@ function M.new(conf)
   self.pending = {}          -- dp-aware: URLs waiting to report their dp_size -> { error = }
   self.pd = conf.pd_disaggregation or false
   self.dp_aware = conf.dp_aware or false
+  -- keys: what workers get (--api-key), what clients must send
+  http.set_api_key(conf.api_key)
+  self.admin_key = conf.admin_api_key or false
+  self.inference_key = conf.inference_api_key or false
+  -- the Authorization header of requests forwarded for a client: ours,
+  -- none (the client's inference key stays here), or the client's (nil)
+  self.forward_auth = http.worker_auth()
+  if not self.forward_auth and conf.inference_api_key then self.forward_auth = false end
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
@@ -127,7 +158,7 @@ function M:runtime()
     log = function(level, msg, fields) log.log(level, msg, fields) end,
     metrics = stats.enabled and stats.metrics or nil,
     stats = stats,
-    http = http.request,
+    http = http.worker,       -- a policy's requests go to workers: they carry --api-key
     sleep = core.sleep,     -- only inside rt.every callbacks (they run in coroutines)
   }
   rt.radix = function()
@@ -211,13 +242,14 @@ end
 -- connect failure; a dp-aware worker's ranks are one server).
 function M:first_worker(x, path, role)
   local tried, seen = 0, {}
+  local headers = self.forward_auth ~= nil and { authorization = self.forward_auth } or nil
   for _, w in ipairs(self.workers.list) do
     if w.healthy and (not role or w.role == role) and not seen[w.base_url] then
       seen[w.base_url] = true
       tried = tried + 1
       local resp, err = x:forward(w.pool, { method = "GET", path = path, body = "",
         timeout_ms = (self.conf.request_timeout_secs or 600) * 1000,
-        connect_timeout_ms = self.conf.connect_timeout_ms or 5000 })
+        connect_timeout_ms = self.conf.connect_timeout_ms or 5000, headers = headers })
       if resp then
         resp:pipe(self:cors_headers(x, nil))
         resp:close()
@@ -247,7 +279,7 @@ function M:health_generate_pd(x)
   end
   local timeout = (self.conf.health_check_timeout_secs or 5) * 1000
   local results = self:fan_out(pair, function(w)
-    return http.request({ method = "GET", url = w.base_url .. "/health_generate", timeout_ms = timeout })
+    return http.worker({ method = "GET", url = w.base_url .. "/health_generate", timeout_ms = timeout })
   end)
   local out, ok = {}, true
   for i, w in ipairs(pair) do
@@ -294,7 +326,7 @@ end
 function M:flush_cache(x)
   local list = self:servers()
   local results = self:fan_out(list, function(url)
-    local st, body = http.request({ method = "POST", url = url .. "/flush_cache", body = "",
+    local st, body = http.worker({ method = "POST", url = url .. "/flush_cache", body = "",
       timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
     return st, body
   end)
@@ -332,7 +364,7 @@ end
 function M:get_loads(x)
   local servers = self:servers()
   local results = self:fan_out(servers, function(url)
-    local st, body = http.request({ method = "GET", url = url .. "/get_load",
+    local st, body = http.worker({ method = "GET", url = url .. "/get_load",
       timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
     if st ~= 200 then return nil end
     return parse_load(body)
@@ -398,7 +430,7 @@ function M:dp_size_of(url, deadline)
   local interval = (self.conf.worker_startup_check_interval or 10) * 1000
   local last
   while true do
-    local st, body, err = http.request({ method = "GET", url = url .. "/get_server_info",
+    local st, body, err = http.worker({ method = "GET", url = url .. "/get_server_info",
       timeout_ms = min(interval, 5000) })
     local info = st == 200 and cjson.decode(body or "")
     if type(info) == "table" then
@@ -612,11 +644,34 @@ local POST_HANDLERS = {
   ["/remove_worker"] = function(s, x, q) return s:remove_worker(x, q) end,
 }
 
+-- Whether x carries "Authorization: Bearer KEY".
+function M:authorized(x, key)
+  local token = bearer(x:header("authorization"))
+  return token ~= nil and same_secret(token, key)
+end
+
+function M:unauthorized(x, what)
+  x:respond(401, merge(JSON_HDR, self:cors_headers(x, { ["www-authenticate"] = "Bearer" })),
+    error_body(401, "missing or wrong API key: " .. what .. " needs 'Authorization: Bearer KEY'",
+      "unauthorized"))
+end
+
 function M:handle(x)
   local path, query = x:path()
   local method = x:method()
   local route = ROUTES[path]
-  if route and method == "POST" then return self.flow:infer(x, route) end
+  if route and method == "POST" then
+    if self.inference_key and not self:authorized(x, self.inference_key) then
+      stats.errors:inc(1, route, "unauthorized")
+      self:unauthorized(x, "the inference API (--inference-api-key)")
+      if log.enabled("info") then
+        log.info("request", { route = route, status = 401, error = "unauthorized",
+          request_id = x:header("x-request-id") })
+      end
+      return
+    end
+    return self.flow:infer(x, route)
+  end
   -- everything else gets its access line here (inference logs its own)
   local t0 = core.now()
   self:dispatch_other(x, method, path, query, route)
@@ -629,7 +684,14 @@ end
 function M:dispatch_other(x, method, path, query, route)
   if method == "OPTIONS" then return self:preflight(x) end
   if route then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
+  if self.admin_key and ADMIN_ROUTES[path] and not self:authorized(x, self.admin_key) then
+    return self:unauthorized(x, path .. " (--admin-api-key)")
+  end
   if GET_PROXIED[path] then
+    -- answered by a worker: inference clients only
+    if self.inference_key and not self:authorized(x, self.inference_key) then
+      return self:unauthorized(x, path .. " (--inference-api-key)")
+    end
     if method ~= "GET" then return self:send_error(x, 405, "use GET for " .. path, "method_not_allowed") end
     if not self.pd then return self:first_worker(x, path) end
     if path == "/health_generate" then return self:health_generate_pd(x) end

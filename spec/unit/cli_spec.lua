@@ -53,7 +53,8 @@ describe("sglr.cli", function()
       cors_allowed_origins = {}, dp_aware = false,
       shutdown_grace_secs = 30, connect_timeout_ms = 5000,
     }
-    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path" }
+    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path",
+      "admin_api_key", "inference_api_key" }
 
     it("gives every flag its default with no arguments", function()
       local conf = ok()
@@ -151,6 +152,8 @@ describe("sglr.cli", function()
         { "https://a.com", "https://b.com" } },
       { { "--dp-aware" }, "dp_aware", true },
       { { "--api-key", "secret" }, "api_key", "secret" },
+      { { "--admin-api-key", "adm" }, "admin_api_key", "adm" },
+      { { "--inference-api-key", "inf" }, "inference_api_key", "inf" },
       { { "--cache-routing-prob", "0.25" }, "cache_routing_prob", 0.25 },
       { { "--lua-path", "/opt/sglr" }, "lua_path", "/opt/sglr" },
       { { "--shutdown-grace-secs", "0" }, "shutdown_grace_secs", 0 },
@@ -209,6 +212,19 @@ describe("sglr.cli", function()
       assert.same({ cache_threshold = 0.7, balance_abs_threshold = 8, balance_rel_threshold = 1.2,
                     eviction_interval = 5, max_tree_size = 1000, cache_routing_prob = 0.9 },
                   conf.policy_options)
+    end)
+
+    it("reads the keys from the environment when the flags are not given", function()
+      local env = { SGLR_API_KEY = "w", SGLR_ADMIN_API_KEY = "a", SGLR_INFERENCE_API_KEY = "" }
+      local saved = cli.getenv
+      cli.getenv = function(name) return env[name] end
+      local conf, conf2 = parse(), parse("--admin-api-key", "flag-wins")
+      cli.getenv = saved
+      assert(conf and conf2)
+      assert.equal("w", conf.api_key)
+      assert.equal("a", conf.admin_api_key)
+      assert.is_nil(conf.inference_api_key)           -- empty: unset
+      assert.equal("flag-wins", conf2.admin_api_key)
     end)
 
     it("prints the version for --version", function()
@@ -394,6 +410,7 @@ describe("sglr.cli", function()
       { "--shutdown-grace-secs", "-1" }, { "--connect-timeout-ms", "0" },
       { "--host", "" }, { "--port", "0x10" }, { "--cache-threshold", "nan" },
       { "--cache-routing-prob", "1.5" }, { "--cache-routing-prob", "-0.1" },
+      { "--admin-api-key", "" }, { "--inference-api-key", "" },
       { "--request-timeout-secs", "inf" },
     }
     for _, c in ipairs(bad) do
