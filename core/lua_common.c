@@ -158,8 +158,18 @@ const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_b
             return "headers must be a table";
         lua_pushnil(L);
         while (lua_next(L, idx)) {
-            const char *err = nadd == 32 ? "at most 32 extra headers"
-                : header_pair(L, &add[nadd].k, &add[nadd].kl, &add[nadd].v, &add[nadd].vl);
+            const char *err = NULL;
+            if (nadd == 32) {
+                err = "at most 32 extra headers";
+            } else if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1) &&
+                       lua_type(L, -2) == LUA_TSTRING) {
+                /* name = false: h's header of that name is dropped */
+                add[nadd].k = lua_tolstring(L, -2, &add[nadd].kl);
+                add[nadd].v = NULL;
+                add[nadd].vl = 0;
+            } else {
+                err = header_pair(L, &add[nadd].k, &add[nadd].kl, &add[nadd].v, &add[nadd].vl);
+            }
             if (err) {
                 lua_pop(L, 2);
                 return err;
@@ -185,7 +195,7 @@ const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_b
             return "out of memory";
     }
     for (int k = 0; k < nadd; k++)
-        if (sglr_buf_append_header(b, add[k].k, add[k].kl, add[k].v, add[k].vl))
+        if (add[k].v && sglr_buf_append_header(b, add[k].k, add[k].kl, add[k].v, add[k].vl))
             return "out of memory";
     return NULL;
 }

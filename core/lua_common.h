@@ -43,8 +43,9 @@ void sglr_lua_scratch_give(sglr_buf_t *b);
 const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b);
 /* Append h's headers (h may be NULL) that are not hop-by-hop and not
  * overridden by the Lua table at idx (0 or nil: none; keys lowercase
- * there), then the table's. One pass over the table. Returns an error
- * message, or NULL. */
+ * there), then the table's; a name mapped to false drops h's header of
+ * that name (a client's credentials that must not reach a worker). One
+ * pass over the table. Returns an error message, or NULL. */
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b);
 /* Push h's headers as a table {name = value}, repeated names joined. */
 void sglr_lua_push_head(lua_State *L, const sglr_head_t *h);

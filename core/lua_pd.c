@@ -3,11 +3,12 @@
  * two proxy legs (proxy.c), part of sglr.core.
  *
  *   x:pd_check(route) -> batch, logprobs | nil, message    (before picking)
- *   x:forward_pd(prefill_pool, decode_pool, opts) -> pd | nil, err, leg
+ *   x:forward_pd(prefill_pool, decode_pool, opts[, prefill_rank, decode_rank])
+ *       -> pd | nil, err, leg
  *
  * The client's body is spliced once (splice.c: bootstrap_host, _port and a
- * fresh _room per request, arrays for a batch) and sent to both workers at
- * once. The call returns when the attempt can be judged:
+ * fresh _room per request, arrays for a batch; then, for dp-aware workers,
+ * each leg's data_parallel_rank) and sent to both workers at once. The call returns when the attempt can be judged:
  *
  *   both heads known                      -> pd  (decode waits at its head)
  *   the prefill's head is not 2xx          -> pd  (pd:prefill_status() says so)
@@ -405,7 +406,9 @@ static lpd_t *check_pd(lua_State *L)
 }
 
 /* x:forward_pd(prefill_pool, decode_pool, {route=, host=, port=, timeout_ms=,
- * connect_timeout_ms=, headers=}) -> pd | nil, err, leg
+ * connect_timeout_ms=, headers=}[, prefill_rank, decode_rank]) -> pd | nil, err, leg
+ * (a leg's rank, when given, is spliced into its body as data_parallel_rank;
+ * arguments rather than opts fields, which would cost every request)
  * err "bad_request" (with a message as the third value) when the body cannot
  * be split for PD (an empty or oversized batch). */
 static int x_forward_pd(lua_State *L)
@@ -413,6 +416,8 @@ static int x_forward_pd(lua_State *L)
     sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
     sglr_pool_t *pools[2] = { sglr_lua_check_pool(L, 2), sglr_lua_check_pool(L, 3) };
     luaL_checktype(L, 4, LUA_TTABLE);
+    int ranks[2] = { lua_isnumber(L, 5) ? (int)lua_tointeger(L, 5) : -1,
+                     lua_isnumber(L, 6) ? (int)lua_tointeger(L, 6) : -1 };
     if (x->state != SGLR_X_HANDLING)
         return luaL_error(L, "forward_pd after the response started");
     if (x->on_close)
@@ -510,18 +515,32 @@ static int x_forward_pd(lua_State *L)
     lua_pushvalue(L, -1);
     pd->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     /* both legs: x's method, path and headers (plus opts.headers), the
-     * spliced body */
+     * spliced body; with data-parallel ranks, each leg's own rank on top */
     sglr_buf_t hb = sglr_lua_scratch_take();
+    sglr_buf_t ranked = { 0 };
     const char *err = sglr_lua_headers(L, &x->head, hidx, &hb);
     for (int i = 0; i < 2 && !err; i++) {
+        const char *b = spliced.data;
+        size_t blen = spliced.len;
         pd->leg[i]->data = pd;
         pd->leg[i]->max_body = PREFILL_MAX_BODY;
+        if (ranks[i] >= 0) {
+            sglr_buf_reset(&ranked);
+            /* the bootstrap splice made a valid object: only memory can fail */
+            if (sglr_splice_rank(&ranked, spliced.data, spliced.len, ranks[i]) < 0) {
+                err = "out of memory";
+                break;
+            }
+            b = ranked.data;
+            blen = ranked.len;
+        }
         if (sglr_upreq_build(pd->leg[i]->req, sglr_exchange_method(x),
                              x->head.buf.data + x->head.url_off, x->head.url_len,
-                             hb.data ? hb.data : "", hb.len, spliced.data, spliced.len))
+                             hb.data ? hb.data : "", hb.len, b, blen))
             err = "out of memory";
     }
     sglr_lua_scratch_give(&hb);
+    sglr_buf_free(&ranked);
     sglr_buf_free(&spliced);
     if (err) {
         unref_ud(pd);

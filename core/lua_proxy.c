@@ -3,7 +3,9 @@
  * sglr.core.
  *
  *   core.upstream(url) -> sglr.pool       keep-alive connections to a worker
- *   x:forward(pool, opts) -> response     one leg for client exchange x
+ *   x:forward(pool, opts[, dp_rank]) -> response
+ *                                         one leg for client exchange x (with
+ *                                         data_parallel_rank spliced in)
  *   core.request(pool, opts) -> result    a request of the router's own
  *
  * A response is one proxy leg, waited on by the coroutine that made it:
@@ -19,7 +21,9 @@
  */
 #include "lua_common.h"
 #include "proxy.h"
+#include "splice.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -278,8 +282,9 @@ static lleg_t *new_response(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool,
 }
 
 /* Build and start f's upstream request from opts (a table index or 0) and
- * x's request. Returns an error message or NULL. */
-static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t *x)
+ * x's request, with data_parallel_rank spliced into the body when rank >= 0.
+ * Returns an error message or NULL. */
+static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t *x, int rank)
 {
     const char *method = x ? sglr_exchange_method(x) : "GET";
     const char *path = x ? x->head.buf.data + x->head.url_off : "/";
@@ -313,12 +318,25 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
     }
     if (bad_token(method, strlen(method)) || bad_token(path, plen))
         return "invalid method or path for the upstream request";
+    /* a data-parallel rank: the body with "data_parallel_rank" spliced in */
+    sglr_buf_t ranked = { 0 };
+    if (rank >= 0) {
+        int r = sglr_splice_rank(&ranked, body ? body : "", blen, rank);
+        if (r < 0) {
+            sglr_buf_free(&ranked);
+            return r == -ENOMEM ? "out of memory"
+                                : "dp_rank: the request body is not a JSON object";
+        }
+        body = ranked.data ? ranked.data : "";
+        blen = ranked.len;
+    }
     sglr_buf_t hb = sglr_lua_scratch_take();
     const char *err = sglr_lua_headers(L, x ? &x->head : NULL, hidx, &hb);
     if (!err && sglr_upreq_build(f->leg->req, method, path, plen, hb.data ? hb.data : "",
                                  hb.len, body, blen))
         err = "out of memory";
     sglr_lua_scratch_give(&hb);
+    sglr_buf_free(&ranked);
     if (err)
         return err;
     f->in_call = 1;
@@ -356,12 +374,14 @@ static int lleg_wait(lua_State *L, lleg_t *f, int (*push)(lua_State *, lleg_t *)
     return lua_yield(L, 0);
 }
 
-/* x:forward(pool, opts) -> response | nil, err */
+/* x:forward(pool, opts[, dp_rank]) -> response | nil, err. The rank is an
+ * argument, not an opts field: a field lookup would cost every request. */
 static int x_forward(lua_State *L)
 {
     sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
     sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
     int opts = lua_istable(L, 3) ? 3 : 0;
+    int rank = lua_isnumber(L, 4) ? (int)lua_tointeger(L, 4) : -1;
     if (x->state != SGLR_X_HANDLING)
         return luaL_error(L, "forward after the response started");
     if (x->on_close)
@@ -381,7 +401,7 @@ static int x_forward(lua_State *L)
      * finalizer would answer 500 under the forward) */
     lua_pushvalue(L, 1);
     f->x_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    const char *err = leg_start(L, f, opts, x);
+    const char *err = leg_start(L, f, opts, x, rank);
     if (err)
         return start_failed(L, f, err);
     return lleg_wait(L, f, push_response);
@@ -396,7 +416,7 @@ static int l_request(lua_State *L)
         return luaL_error(L, "core.request must run inside a coroutine");
     lua_pop(L, 1);
     lleg_t *f = new_response(L, NULL, pool, FWD_REQUEST);
-    const char *err = leg_start(L, f, opts, NULL);
+    const char *err = leg_start(L, f, opts, NULL, -1);
     if (err)
         return start_failed(L, f, err);
     return lleg_wait(L, f, push_request_result);

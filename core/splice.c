@@ -18,6 +18,10 @@
  *     out     {"meta_info":{"input_token_logprobs":[P1,P2, D1,D2]}}
  *                                                  ^ inserted "P1,P2,"
  *
+ * The data-parallel rank is the same rewrite with one member:
+ *
+ *     {"text":"hi","data_parallel_rank":7}  ->  {"text":"hi","data_parallel_rank":2}
+ *
  * On any failure the output buffer is cut back to where it was, so a
  * caller can still forward the original bytes.
  */
@@ -287,19 +291,17 @@ static int add_bootstrap(sglr_buf_t *out, const char *qhost, size_t qn, int port
     return add_field(out, ",\"bootstrap_room\":", NULL, 0, rooms, batch);
 }
 
-int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
-                          const char *host, size_t hlen, int port,
-                          const uint64_t *rooms, size_t nrooms, int batch)
-{
-    char qhost[HOST_MAX * 6 + 2];
-    if (!out || (!body && len) || (!host && hlen) || !rooms || hlen > HOST_MAX ||
-        batch < 0 || batch > SGLR_SPLICE_MAX_BATCH ||
-        nrooms != (batch ? (size_t)batch : 1) || port > 65535)
-        return -EINVAL;
-    int qn = sglr_json_quote(qhost, sizeof qhost, host ? host : "", hlen);
-    if (qn < 0)
-        return -EINVAL;
+/* Rewrite the top-level members of the object body[0..len): keep every
+ * member drop() refuses, then add(ctx) writes its own ones before the
+ * closing brace (after a comma when a member was kept). */
+typedef int (*drop_fn)(const sglr_json_key_t *k);
+typedef int (*add_fn)(sglr_buf_t *out, const void *ctx);
 
+/* inlined into each caller, so drop() and add() are direct calls there */
+static inline __attribute__((always_inline)) int
+rewrite_members(sglr_buf_t *out, const char *body, size_t len, drop_fn drop, add_fn add,
+                const void *ctx)
+{
     sglr_json_t j;
     sglr_json_init(&j, body, len, NULL, 0);
     if (sglr_json_peek(&j) != '{')
@@ -315,7 +317,7 @@ int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
         sglr_json_key_t k;
         if ((r = sglr_json_key(&j, &k)) < 0 || (r = sglr_json_skip(&j)) < 0)
             return rollback(out, mark, r);
-        if (!is_bootstrap_key(&k)) {
+        if (!drop(&k)) {
             if ((kept++ && (r = append(out, ",", 1)) < 0) ||
                 (r = append(out, lead, (size_t)(j.p - lead))) < 0)
                 return rollback(out, mark, r);
@@ -327,11 +329,61 @@ int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
     }
     if (sglr_json_peek(&j) >= 0)
         return rollback(out, mark, -EINVAL);
-    if ((kept && (r = append(out, ",", 1)) < 0) ||
-        (r = add_bootstrap(out, qhost, (size_t)qn, port, rooms, batch)) < 0 ||
+    if ((kept && (r = append(out, ",", 1)) < 0) || (r = add(out, ctx)) < 0 ||
         (r = append(out, tail, (size_t)(j.end - tail))) < 0)
         return rollback(out, mark, r);
     return 0;
+}
+
+typedef struct {
+    const char *qhost;
+    size_t qn;
+    int port;
+    const uint64_t *rooms;
+    int batch;
+} bootstrap_t;
+
+static int add_bootstrap_cb(sglr_buf_t *out, const void *ctx)
+{
+    const bootstrap_t *b = ctx;
+    return add_bootstrap(out, b->qhost, b->qn, b->port, b->rooms, b->batch);
+}
+
+int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
+                          const char *host, size_t hlen, int port,
+                          const uint64_t *rooms, size_t nrooms, int batch)
+{
+    char qhost[HOST_MAX * 6 + 2];
+    if (!out || (!body && len) || (!host && hlen) || !rooms || hlen > HOST_MAX ||
+        batch < 0 || batch > SGLR_SPLICE_MAX_BATCH ||
+        nrooms != (batch ? (size_t)batch : 1) || port > 65535)
+        return -EINVAL;
+    int qn = sglr_json_quote(qhost, sizeof qhost, host ? host : "", hlen);
+    if (qn < 0)
+        return -EINVAL;
+    bootstrap_t b = { qhost, (size_t)qn, port, rooms, batch };
+    return rewrite_members(out, body, len, is_bootstrap_key, add_bootstrap_cb, &b);
+}
+
+/* ---- data-parallel rank ------------------------------------------------------ */
+
+static int is_rank_key(const sglr_json_key_t *k)
+{
+    return SGLR_JSON_KEY_IS(k, "data_parallel_rank");
+}
+
+static int add_rank_cb(sglr_buf_t *out, const void *ctx)
+{
+    char num[20];
+    TRY(append(out, "\"data_parallel_rank\":", 21));
+    return append(out, num, u64_dec(num, (uint64_t)*(const int *)ctx));
+}
+
+int sglr_splice_rank(sglr_buf_t *out, const char *body, size_t len, int rank)
+{
+    if (!out || (!body && len) || rank < 0)
+        return -EINVAL;
+    return rewrite_members(out, body, len, is_rank_key, add_rank_cb, &rank);
 }
 
 /* ---- rooms ------------------------------------------------------------------ */

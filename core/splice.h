@@ -1,7 +1,8 @@
 /*
- * splice.h: rewrite JSON bodies for prefill/decode (PD) disaggregation by
- * splicing text, never by decoding and re-encoding (a JSON library turns
- * [] into {} or prints integers above 2^53 as floats; see DESIGN.md 3).
+ * splice.h: rewrite JSON bodies for prefill/decode (PD) disaggregation and
+ * data-parallel ranks by splicing text, never by decoding and re-encoding
+ * (a JSON library turns [] into {} or prints integers above 2^53 as
+ * floats; see DESIGN.md 3).
  *
  * The router sends one client body to a prefill and a decode worker at
  * once, both told where to meet for the KV transfer:
@@ -64,6 +65,16 @@ int sglr_splice_request(int route, const char *body, size_t len, int *logprobs);
 int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
                           const char *host, size_t hlen, int port,
                           const uint64_t *rooms, size_t nrooms, int batch);
+
+/* Append to out the body with top-level "data_parallel_rank": rank added
+ * as its last member, the client's own top-level data_parallel_rank
+ * members removed (a dp-aware router picks the rank, not the client):
+ *
+ *     {"text":"hi","data_parallel_rank":7}  ->  {"text":"hi","data_parallel_rank":2}
+ *
+ * Returns 0, -EINVAL (body not a JSON object, rank < 0) with out as it
+ * was, or -ENOMEM. */
+int sglr_splice_rank(sglr_buf_t *out, const char *body, size_t len, int rank);
 
 /* A fresh random room in [0, 2^63-1]: a per-thread PRNG (splitmix64)
  * seeded once from getrandom(), reseeded in a forked child. */

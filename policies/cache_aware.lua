@@ -12,13 +12,18 @@
 --      tree, i.e. the most free cache ("miss");
 --   3. the text is recorded under the chosen worker.
 --
+-- With cache_routing_prob below 1 (the early SGLang router's knob), a
+-- request skips steps 1-2 with probability 1 - cache_routing_prob and goes
+-- to the shortest queue (least in-flight requests) instead; its text is
+-- still recorded under that worker, which now holds it.
+--
 -- Ties (equal loads, equal tree sizes) are broken by a rotating cursor so
 -- that idle workers share the work instead of the first one taking all of
 -- it. Every eviction_interval seconds each worker's tree is cut back to
 -- max_tree_size characters, least recently used leaves first.
 --
 -- The decision is left on the request for logs and tests:
--- req.decision = "balance" | "hit" | "miss", req.match_ratio = 0..1; and,
+-- req.decision = "balance" | "hit" | "miss" | "queue", req.match_ratio = 0..1; and,
 -- where the runtime offers metrics (rt.metrics), counted in the SGLang
 -- router's cache metrics (hits, misses, load-balancing events, min/max
 -- load) and in sglr's own (matched share, characters expected to hit).
@@ -53,6 +58,10 @@ P.options = {
   max_tree_size = {
     type = "number", default = 16777216, min = 0,
     description = "Characters of routing text kept per worker after an eviction.",
+  },
+  cache_routing_prob = {
+    type = "number", default = 1.0, min = 0, max = 1,
+    description = "Probability that a request is routed by cache (else: to the shortest queue).",
   },
 }
 
@@ -96,9 +105,10 @@ function P.new(conf, rt)
     balance_rel = opt(conf, "balance_rel_threshold"),
     eviction_interval = opt(conf, "eviction_interval"),
     max_tree_size = opt(conf, "max_tree_size"),
+    cache_routing_prob = opt(conf, "cache_routing_prob"),
     cursor = 0,               -- rotates among tied candidates
     cand = {},                -- scratch list of tied candidates, reused
-    counts = { hit = 0, miss = 0, balance = 0 },
+    counts = { hit = 0, miss = 0, balance = 0, queue = 0 },
     urls = {},                -- workers that have entries in the tree
     evicted = 0,
     m = rt.metrics and decision_metrics(rt.metrics) or false,
@@ -181,7 +191,10 @@ function P:select(req, workers)
 
   local text = req.text or ""
   local chosen, decision, ratio
-  if max_load - min_load > self.balance_abs and max_load > self.balance_rel * min_load then
+  local prob = self.cache_routing_prob
+  if prob < 1 and (prob <= 0 or self.rt.random() >= prob) then
+    chosen, decision = least_loaded(self, workers, min_load), "queue"
+  elseif max_load - min_load > self.balance_abs and max_load > self.balance_rel * min_load then
     chosen, decision = least_loaded(self, workers, min_load), "balance"
   else
     local len = #text
@@ -204,7 +217,7 @@ function P:select(req, workers)
   req.decision, req.match_ratio = decision, ratio
   local m = self.m
   if m then
-    m[decision]:inc()
+    if m[decision] then m[decision]:inc() end
     if ratio then
       m.ratio:observe(ratio)
       local len = #text
@@ -233,6 +246,7 @@ function P:stats()
   local st = self.tree:stats()
   return {
     hits = self.counts.hit, misses = self.counts.miss, balanced = self.counts.balance,
+    shortest_queue = self.counts.queue,
     tree_nodes = st.nodes, tree_chars = st.chars, evicted_chars = self.evicted,
   }
 end

@@ -7,10 +7,13 @@
 -- failed) the router's own in-flight count for that worker stands in.
 -- SGLang has answered /get_load with {"load": n}, with one such object per
 -- data-parallel rank in a list, and with per-rank request counts; every
--- "load" (else "num_reqs" + "num_waiting_reqs") found is summed.
+-- "load" (else "num_reqs" + "num_waiting_reqs") found is summed. With
+-- --dp-aware each rank is a worker of its own (w.dp_rank, w.base_url): the
+-- server is polled once and each rank takes its own entry of the list.
 
-local setmetatable, type, tonumber, pairs = setmetatable, type, tonumber, pairs
+local setmetatable, type, tonumber, pairs, ipairs = setmetatable, type, tonumber, pairs, ipairs
 local gmatch, match = string.gmatch, string.match
+local cjson = require "cjson.safe"
 
 local P = {
   name = "power_of_two",
@@ -28,9 +31,26 @@ P.options = {
 
 local mt = { __index = P }
 
--- The load in a /get_load body, or nil when it has none we can read.
-function P.parse_load(body)
+-- One rank's load in a /get_load body listing the ranks, or nil.
+local function rank_load(body, rank)
+  local list = cjson.decode(body)
+  if type(list) ~= "table" or type(list[1]) ~= "table" then return nil end
+  for i, e in ipairs(list) do
+    if type(e) == "table" and (tonumber(e.dp_rank) or i - 1) == rank then
+      local l = tonumber(e.load)
+      if l then return l end
+      local n, q = tonumber(e.num_reqs), tonumber(e.num_waiting_reqs)
+      if n or q then return (n or 0) + (q or 0) end
+      return nil
+    end
+  end
+end
+
+-- The load in a /get_load body (of one data-parallel rank when rank is
+-- given), or nil when it has none we can read.
+function P.parse_load(body, rank)
   if type(body) ~= "string" then return nil end
+  if rank then return rank_load(body, rank) end
   local bare = tonumber(match(body, "^%s*(%-?[%d.eE+]+)%s*$"))
   if bare then return bare end
   local total, found = 0, false
@@ -56,7 +76,7 @@ function P.new(conf, rt)
     rt = rt,
     interval = interval,
     polled = {},      -- url -> last load read from the worker
-    known = {},       -- url -> true: workers to poll
+    known = {},       -- url -> { base = URL polled, rank = dp rank or false }
     polling = false,
   }, mt)
   if interval > 0 and rt.every and rt.http then
@@ -71,15 +91,26 @@ function P:poll()
   if self.polling then return end
   self.polling = true
   local timeout = math.min(self.interval * 1000, 5000)
-  local urls = {}
-  for url in pairs(self.known) do urls[#urls + 1] = url end
-  for i = 1, #urls do
-    local url = urls[i]
+  -- one request per server: the ranks of a dp-aware worker share it
+  local by_base, bases = {}, {}
+  for url, k in pairs(self.known) do
+    local list = by_base[k.base]
+    if not list then
+      list = {}
+      by_base[k.base] = list
+      bases[#bases + 1] = k.base
+    end
+    list[#list + 1] = url
+  end
+  for i = 1, #bases do
+    local base = bases[i]
     local ok, status, body = pcall(self.rt.http, {
-      method = "GET", url = url .. "/get_load", timeout_ms = timeout,
+      method = "GET", url = base .. "/get_load", timeout_ms = timeout,
     })
-    local load = ok and status == 200 and P.parse_load(body) or nil
-    if self.known[url] then self.polled[url] = load end
+    for _, url in ipairs(by_base[base]) do
+      local k = self.known[url]
+      if k then self.polled[url] = ok and status == 200 and P.parse_load(body, k.rank or nil) or nil end
+    end
   end
   self.polling = false
 end
@@ -93,8 +124,8 @@ function P:select(req, workers)
   if n == 0 then return nil, "no workers" end
   local known = self.known
   for i = 1, n do
-    local url = workers[i].url
-    if not known[url] then known[url] = true end
+    local w = workers[i]
+    if not known[w.url] then self:on_add(w) end
   end
   if n == 1 then return workers[1] end
   local i = self.rt.random(n)
@@ -106,7 +137,7 @@ function P:select(req, workers)
 end
 
 function P:on_add(w)
-  self.known[w.url] = true
+  self.known[w.url] = { base = w.base_url or w.url, rank = w.dp_rank or false }
 end
 
 function P:on_remove(w)

@@ -10,6 +10,9 @@ local process = require "sglr.proc"
 local H = {}
 
 H.bin = os.getenv("SGLR_BIN") or "build/sglr"
+-- the sim workers' binary, when it is not the router's (SGLR_SIM_BIN: run
+-- an older router against today's sims)
+H.sim_bin = os.getenv("SGLR_SIM_BIN")
 local procs = {}
 
 -- spawn(args, opts) -> proc (sglr.proc: pid, out = all its output so far,
@@ -64,7 +67,7 @@ end
 function H.sim(extra)
   local args = { "sim-worker", "--port", "0" }
   for _, a in ipairs(extra or {}) do args[#args + 1] = a end
-  local proc = H.spawn(args)
+  local proc = H.spawn(args, { bin = H.sim_bin })
   local port = tonumber(H.wait_output(proc, "listening on http://127%.0%.0%.1:(%d+)"))
   return { url = "http://127.0.0.1:" .. port, port = port, proc = proc }
 end

@@ -1,7 +1,7 @@
 /*
- * test_splice.c: PD body splicing on raw JSON (core/splice.c): batch sizes,
- * bootstrap injection, rooms, the logprob merge and its stream transformer,
- * then hostile input.
+ * test_splice.c: body splicing on raw JSON (core/splice.c): batch sizes,
+ * bootstrap injection, rooms, the data-parallel rank, the logprob merge and
+ * its stream transformer, then hostile input.
  */
 #include "test.h"
 #include "extract.h"
@@ -63,6 +63,14 @@ static const char *boot_batch(const char *body, int port, const uint64_t *rooms,
 {
     sglr_buf_reset(&OUT);
     if (sglr_splice_bootstrap(&OUT, body, strlen(body), "h", 1, port, rooms, (size_t)n, n) < 0)
+        return NULL;
+    return valid_json(OUT.data, OUT.len) ? OUT.data : "(invalid JSON)";
+}
+
+static const char *rank(const char *body, int r)
+{
+    sglr_buf_reset(&OUT);
+    if (sglr_splice_rank(&OUT, body, strlen(body), r) < 0)
         return NULL;
     return valid_json(OUT.data, OUT.len) ? OUT.data : "(invalid JSON)";
 }
@@ -359,6 +367,89 @@ TEST(bootstrap_every_truncation_is_refused)
         CHECK_EQ_INT(r2, -EINVAL);
         CHECK_EQ_INT(OUT.len, 0);
     }
+}
+
+/* ---- data-parallel rank ---------------------------------------------------- */
+
+#define RANK(r) "\"data_parallel_rank\":" #r
+
+TEST(rank_added)
+{
+    CHECK_EQ_STR(rank("{\"text\":\"hi\"}", 3), "{\"text\":\"hi\"," RANK(3) "}");
+    CHECK_EQ_STR(rank("{}", 0), "{" RANK(0) "}");
+    CHECK_EQ_STR(rank(" {\n}\n", 12), " {" RANK(12) "\n}\n");
+    CHECK_EQ_STR(rank("{\"a\":1}", 2147483647), "{\"a\":1," RANK(2147483647) "}");
+    /* bytes a JSON library would change pass as they came */
+    const char *b = "{\"stop\": [], \"seed\": 18446744073709551617, \"x\": 1.0e+2, "
+                    "\"t\": \"caf\xc3\xa9 \\u00e9\", \"o\": {}}";
+    const char *got = rank(b, 1);
+    CHECK(got != NULL);
+    CHECK(strncmp(got, b, strlen(b) - 1) == 0);
+    CHECK_EQ_STR(got + strlen(b) - 1, "," RANK(1) "}");
+}
+
+TEST(rank_replaces_the_clients)
+{
+    CHECK_EQ_STR(rank("{\"data_parallel_rank\": 7, \"text\": \"x\"}", 1),
+                 "{ \"text\": \"x\"," RANK(1) "}");
+    CHECK_EQ_STR(rank("{\"text\": \"x\", \"data_parallel_rank\": null}", 1),
+                 "{\"text\": \"x\"," RANK(1) "}");
+    CHECK_EQ_STR(rank("{\"data_parallel_rank\": 7}", 0), "{" RANK(0) "}");
+    /* duplicates and escaped spellings all go; look-alikes stay */
+    const char *got = rank("{\"data_parallel_rank\": 1, \"data\\u005fparallel_rank\": 2,"
+                           " \"data_parallel_ranks\": 3, \"sp\": {\"data_parallel_rank\": 4},"
+                           " \"t\": \"\\\"data_parallel_rank\\\": 5\", \"data_parallel_rank\": [6]}", 0);
+    CHECK_EQ_STR(got, "{ \"data_parallel_ranks\": 3, \"sp\": {\"data_parallel_rank\": 4},"
+                      " \"t\": \"\\\"data_parallel_rank\\\": 5\"," RANK(0) "}");
+    CHECK_EQ_INT(top_count(got, strlen(got), "data_parallel_rank"), 1);
+    /* PD bootstrap fields are not touched */
+    CHECK_EQ_STR(rank("{\"bootstrap_room\": 5}", 2), "{\"bootstrap_room\": 5," RANK(2) "}");
+}
+
+TEST(rank_refuses_and_keeps_out)
+{
+    static const char *const bad[] = {
+        "", " ", "[]", "\"x\"", "5", "null", "{", "{\"a\"", "{\"a\":}", "{\"a\":1,}",
+        "{\"a\":1} x", "{}{}", "{\"a\":\"\xff\"}", "{\"data_parallel_rank\": 5",
+    };
+    sglr_buf_reset(&OUT);
+    sglr_buf_append(&OUT, "kept", 4);
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        CHECK_EQ_INT(sglr_splice_rank(&OUT, bad[i], strlen(bad[i]), 1), -EINVAL);
+        CHECK_EQ_INT(OUT.len, 4);
+        CHECK_EQ_STR(OUT.data, "kept");
+    }
+    CHECK_EQ_INT(sglr_splice_rank(&OUT, "{}", 2, -1), -EINVAL);
+    CHECK_EQ_INT(sglr_splice_rank(NULL, "{}", 2, 1), -EINVAL);
+    CHECK_EQ_INT(sglr_splice_rank(&OUT, NULL, 2, 1), -EINVAL);
+    /* appends after what was there */
+    CHECK_EQ_INT(sglr_splice_rank(&OUT, "{}", 2, 4), 0);
+    CHECK_EQ_STR(OUT.data, "kept{" RANK(4) "}");
+    /* every truncation of a valid body is refused, nothing written */
+    const char *b = "{\"text\": [\"a\\\"b\", \"\xc3\xa9\"], \"data_parallel_rank\": 5, \"t\": true}";
+    size_t n = strlen(b);
+    for (size_t i = 0; i < n; i++) {
+        char *cut = malloc(i ? i : 1);
+        memcpy(cut, b, i);
+        sglr_buf_reset(&OUT);
+        int r = sglr_splice_rank(&OUT, cut, i, 1);
+        free(cut);
+        CHECK_EQ_INT(r, -EINVAL);
+        CHECK_EQ_INT(OUT.len, 0);
+    }
+}
+
+/* the rank goes on top of a PD splice: each leg's body is the bootstrap
+ * splice, then its own rank */
+TEST(rank_after_bootstrap)
+{
+    uint64_t room = 9223372036854775807ull;
+    sglr_buf_t pd = { 0 };
+    const char *b = "{\"text\":\"hi\",\"data_parallel_rank\":3}";
+    CHECK_EQ_INT(sglr_splice_bootstrap(&pd, b, strlen(b), "h", 1, 8998, &room, 1, 0), 0);
+    CHECK_EQ_STR(rank(pd.data, 1),
+                 "{\"text\":\"hi\"," FIELDS("h", "8998", "9223372036854775807") "," RANK(1) "}");
+    sglr_buf_free(&pd);
 }
 
 /* ---- rooms -------------------------------------------------------------------- */
@@ -735,6 +826,7 @@ TEST(deep_nesting_is_refused)
     sglr_buf_reset(&OUT);
     CHECK_EQ_INT(sglr_splice_batch(GEN, deep, n), -EINVAL);
     CHECK_EQ_INT(sglr_splice_bootstrap(&OUT, deep, n, "h", 1, 1, &room, 1, 0), -EINVAL);
+    CHECK_EQ_INT(sglr_splice_rank(&OUT, deep, n, 1), -EINVAL);
     CHECK_EQ_INT(sglr_splice_merge_logprobs(&OUT, deep, n, PRE, strlen(PRE)), -EINVAL);
     CHECK_EQ_INT(sglr_splice_merge_logprobs(&OUT, PRE, strlen(PRE), deep + 5, n - 5), -EINVAL);
     memcpy(deep, "{\"meta_info\":{\"input_token_logprobs\":", 37);
@@ -850,6 +942,18 @@ TEST(fuzz_mutated_bodies)
                 CHECK_EQ_INT(OUT.len, 0);
             }
         }
+        /* the rank splice takes what the bootstrap splice takes */
+        sglr_buf_reset(&OUT);
+        int rr = sglr_splice_rank(&OUT, body, n, 3);
+        if (rr == 0) {
+            CHECK(valid_json(OUT.data, OUT.len));
+            CHECK_EQ_INT(top_count(OUT.data, OUT.len, "data_parallel_rank"), 1);
+        } else {
+            CHECK_EQ_INT(rr, -EINVAL);
+            CHECK_EQ_INT(OUT.len, 0);
+        }
+        sglr_buf_reset(&OUT);
+        CHECK_EQ_INT(sglr_splice_bootstrap(&OUT, body, n, "h", 1, 1, rooms, 1, 0), rr);
         /* merge, both ways round and with itself */
         const char *other = SEEDS[rnd(sizeof SEEDS / sizeof *SEEDS)];
         sglr_buf_reset(&OUT);
@@ -941,6 +1045,10 @@ int main(void)
     RUN(bootstrap_batches);
     RUN(bootstrap_refuses_and_keeps_out);
     RUN(bootstrap_every_truncation_is_refused);
+    RUN(rank_added);
+    RUN(rank_replaces_the_clients);
+    RUN(rank_refuses_and_keeps_out);
+    RUN(rank_after_bootstrap);
     RUN(rooms);
     RUN(merge_objects);
     RUN(merge_without_the_key);

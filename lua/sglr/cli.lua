@@ -15,6 +15,11 @@
 --
 --   local conf, err = cli.parse_run(args)   -- conf table | nil, message
 --   local _, text, what = cli.parse_run({ "--help" })  -- nil, help, "help"
+--   local _, text, what = cli.parse_run({ "--version" })  -- nil, "sglr 0.1.0", "version"
+--
+-- Secrets can come from the environment instead of the command line, so
+-- they stay out of `ps`: a flag in FLAGS with env = "NAME" takes $NAME
+-- when it is not given (an empty variable counts as unset).
 
 local argparse = require "argparse"
 
@@ -37,7 +42,7 @@ M.DEFAULT_REQUEST_ID_HEADERS = { "x-request-id", "x-correlation-id", "x-trace-id
 -- declares (see sglr.policy.instantiate).
 M.POLICY_OPTION_KEYS = {
   "cache_threshold", "balance_abs_threshold", "balance_rel_threshold",
-  "eviction_interval", "max_tree_size",
+  "eviction_interval", "max_tree_size", "cache_routing_prob",
 }
 
 local LOG_LEVELS = { debug = "debug", info = "info", warn = "warn", warning = "warn",
@@ -95,6 +100,9 @@ local FLAGS = {
   { group = "Cache-aware routing" },
   { "--cache-threshold", "number", 0.5,
     "Minimum prefix match ratio for cache routing (0.0-1.0)", min = 0, max = 1 },
+  { "--cache-routing-prob", "number", 1.0,
+    "Probability of cache-aware routing rather than shortest queue (0.0-1.0)", min = 0, max = 1,
+    show = "1.0" },
   { "--balance-abs-threshold", "int", 32, "Absolute load difference threshold", min = 0 },
   { "--balance-rel-threshold", "number", 1.0001, "Relative load ratio threshold", min = 0 },
   { "--eviction-interval", "number", 60, "Seconds between cache eviction cycles", gt = 0,
@@ -162,8 +170,16 @@ local FLAGS = {
 
   { group = "Security and data parallelism" },
   { "--cors-allowed-origins", "words", {}, "Allowed CORS origins (default: any)", arg = "<origin>" },
-  { "--api-key", "string", nil, "API key sent to workers", arg = "<key>" },
-  { "--dp-aware", "flag", false, "Route to data-parallel ranks of each worker" },
+  { "--api-key", "string", nil, "API key sent to workers as 'Authorization: Bearer KEY' (or $SGLR_API_KEY)",
+    arg = "<key>", env = "SGLR_API_KEY" },
+  { "--admin-api-key", "string", nil,
+    "Key clients must send as a bearer token to /add_worker, /remove_worker and /flush_cache "
+    .. "(or $SGLR_ADMIN_API_KEY)", arg = "<key>", env = "SGLR_ADMIN_API_KEY" },
+  { "--inference-api-key", "string", nil,
+    "Key clients must send as a bearer token to the inference routes; never forwarded to workers "
+    .. "(or $SGLR_INFERENCE_API_KEY)", arg = "<key>", env = "SGLR_INFERENCE_API_KEY" },
+  { "--dp-aware", "flag", false,
+    "Route to each data-parallel rank of a worker (dp_size from its /get_server_info)" },
 }
 
 -- Row accessors, with the config key: "--worker-urls" -> "worker_urls".
@@ -641,6 +657,9 @@ function M.parse_run(args)
     if words[i] == "--help" or words[i] == "-h" then
       return nil, M.run_help(), "help"
     end
+    if words[i] == "--version" or words[i] == "-V" then
+      return nil, "sglr " .. require("sglr.version"), "version"
+    end
   end
 
   local ok, raw = parser():pparse(join_negative_values(words))
@@ -656,6 +675,10 @@ function M.parse_run(args)
   for _, f in ipairs(FLAGS) do
     if f.kind then
       local v = raw[f.key]
+      if v == nil and f.env then
+        v = M.getenv(f.env)
+        if v == "" then v = nil end
+      end
       if v == nil then
         v = f.default
         if type(v) == "table" then v = copy_list(v) end
@@ -680,6 +703,9 @@ function M.parse_run(args)
   conf.policy_options = po
   return conf
 end
+
+-- Environment lookup for env flags (replaceable in tests).
+M.getenv = os.getenv
 
 -- The configuration of `sglr run` with no flags.
 function M.defaults()

@@ -49,6 +49,12 @@ function M.new(r)
     request_timeout_ms = (conf.request_timeout_secs or 600) * 1000,
     connect_timeout_ms = conf.connect_timeout_ms or 5000,
     spare = {},               -- candidate lists (take_list / give_list)
+    -- Authorization sent to workers: --api-key's, or false (drop the
+    -- client's: it holds our inference key); when set_auth is false the
+    -- client's passes. Fields present from the start: a missing one costs a
+    -- metatable lookup per request.
+    set_auth = r.forward_auth ~= nil,
+    forward_auth = r.forward_auth or false,
   }, M)
   self.request_id_headers = conf.request_id_headers or
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
@@ -219,6 +225,7 @@ function M:run(x, req)
   local attempts = self.retry:attempts()
   local d = self.dispatcher
   local fwd = { headers = { ["x-request-id"] = req.id } }
+  if self.set_auth then fwd.headers.authorization = self.forward_auth end
   if d.prepare then
     local okp, msg = d.prepare(self, x, req, fwd)
     if not okp then
@@ -312,14 +319,15 @@ local function cut_off(flow, x, req, perr)
   return true
 end
 
--- A worker failed this request: later attempts avoid it while others remain.
+-- A worker failed this request: later attempts avoid it (every rank of a
+-- dp-aware worker: they are one server) while others remain.
 local function avoid(req, w)
   local f = req.failed
   if not f then
     f = {}
     req.failed = f
   end
-  f[w.url] = true
+  f[w.base_url] = true
 end
 
 -- --- regular mode: one worker per attempt --------------------------------------------
@@ -362,7 +370,8 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
   end
   fwd.timeout_ms = left
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
-  local resp, ferr = x:forward(w.pool, fwd)
+  -- --dp-aware: the rank is spliced into the body in C
+  local resp, ferr = x:forward(w.pool, fwd, w.dp_rank)
   if not resp then
     if ferr == "client_closed" then
       flow:settle(req, w, policy, nil, 499)
@@ -488,7 +497,8 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
   fwd.host = pw.bootstrap_host
   fwd.port = pw.bootstrap_port or false
-  local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd)
+  -- --dp-aware: each leg's rank is spliced into its body in C
+  local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd, pw.dp_rank, dw.dp_rank)
   if not pdx then
     if ferr == "bad_request" then
       flow:settle(req, pw, req.policy, nil, 400)

@@ -2,7 +2,8 @@
 --
 -- A worker is marked unhealthy after health_failure_threshold consecutive
 -- failed checks and healthy again after health_success_threshold consecutive
--- good ones. Unhealthy workers stay registered and get no traffic.
+-- good ones. Unhealthy workers stay registered and get no traffic. The
+-- ranks of a dp-aware worker are one server: probed once, judged together.
 local core = require "sglr.core"
 local http = require "sglr.http"
 
@@ -17,7 +18,7 @@ local function endpoint(conf) return conf.health_check_endpoint or "/health" end
 
 -- One GET of the health endpoint: true or nil, reason.
 function M:probe(url, timeout_ms)
-  local status, _, err = http.request({
+  local status, _, err = http.worker({
     method = "GET", url = url .. endpoint(self.conf),
     timeout_ms = timeout_ms or (self.conf.health_check_timeout_secs or 5) * 1000,
   })
@@ -82,13 +83,27 @@ function M:record(w, ok, err)
 end
 
 function M:check_all()
+  -- one probe per server: a dp-aware worker's ranks share the answer
+  local groups, order = {}, {}
   for _, w in ipairs(self.workers.list) do
-    if not w.checking then
-      w.checking = true
+    local g = groups[w.base_url]
+    if not g then
+      g = {}
+      groups[w.base_url] = g
+      order[#order + 1] = w.base_url
+    end
+    g[#g + 1] = w
+  end
+  for _, base in ipairs(order) do
+    local g = groups[base]
+    if not g[1].checking then
+      for _, w in ipairs(g) do w.checking = true end
       core.spawn(function()
-        local ok, err = self:probe(w.url)
-        w.checking = false
-        if not w.removed then self:record(w, ok, err) end
+        local ok, err = self:probe(base)
+        for _, w in ipairs(g) do
+          w.checking = false
+          if not w.removed then self:record(w, ok, err) end
+        end
       end)
     end
   end

@@ -7,6 +7,8 @@
 --            bearer_token=, insecure=, on_chunk= } -> status, body, headers | nil, err
 --   start{ same } -> req (req:wait(), req:cancel(), req:done()) | nil, err
 --   lines(on_line [, max_line]) -> on_chunk that calls on_line(line) per line
+--   worker{ ... }: request{...} to a worker: it carries the router's
+--     --api-key (set_api_key) as "Authorization: Bearer KEY"
 local core = require "sglr.core"
 
 local find, sub, byte = string.find, string.sub, string.byte
@@ -96,6 +98,29 @@ function M.lines(on_line, max_line)
       parts[n] = sub(chunk, pos)
     end
   end
+end
+
+-- "Bearer KEY" for every request to a worker, or nil (--api-key unset)
+local worker_auth
+
+function M.set_api_key(key)
+  worker_auth = key and ("Bearer " .. key) or nil
+end
+
+function M.worker_auth() return worker_auth end
+
+function M.worker(opts)
+  if worker_auth then
+    local h = { authorization = worker_auth }
+    for k, v in pairs(opts.headers or {}) do
+      if k:lower() ~= "authorization" then h[k] = v end
+    end
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.headers = h
+    opts = o
+  end
+  return M.request(opts)
 end
 
 M.has_curl = ok_httpc

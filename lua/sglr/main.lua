@@ -15,7 +15,7 @@ commands:
   version      print the version
 ]]
 
-local VERSION = "0.1.0"
+local VERSION = require "sglr.version"
 
 local function run_busted(args)
   -- busted reads the global arg; it raises (not exits) on failures when

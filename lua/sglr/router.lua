@@ -13,8 +13,10 @@ local workers_mod = require "sglr.workers"
 local health_mod = require "sglr.health"
 local policy_mod = require "sglr.policy"
 
-local floor = math.floor
+local floor, min = math.floor, math.min
 local concat = table.concat
+local byte = string.byte
+local bor, bxor = bit.bor, bit.bxor
 
 local M = {}
 M.__index = M
@@ -26,6 +28,12 @@ local ROUTES = {
 }
 
 local JSON_HDR = { ["content-type"] = "application/json" }
+
+-- Routes behind --admin-api-key (every route that changes the fleet).
+local ADMIN_ROUTES = { ["/add_worker"] = true, ["/remove_worker"] = true, ["/flush_cache"] = true }
+
+-- Largest dp_size believed from a worker's /get_server_info.
+local MAX_DP_SIZE = 1024
 
 -- --- small helpers --------------------------------------------------------------
 
@@ -39,6 +47,24 @@ M.merge = merge
 
 local function error_body(status, message, etype)
   return cjson.encode({ error = { message = message, type = etype or "router_error", code = status } })
+end
+
+-- Whether a client's secret equals ours, in time that depends on the
+-- length of what the client sent only (never on where they differ, nor on
+-- our key's length).
+local function same_secret(given, want)
+  local n, m = #given, #want
+  local diff = n == m and 0 or 1
+  for i = 1, n do
+    diff = bor(diff, bxor(byte(given, i), byte(want, (i - 1) % m + 1)))
+  end
+  return diff == 0
+end
+M.same_secret = same_secret
+
+-- The token of an "Authorization: Bearer TOKEN" header, or nil.
+local function bearer(value)
+  return value and value:match("^%s*[Bb][Ee][Aa][Rr][Ee][Rr]%s+(.-)%s*$")
 end
 
 local function query_param(q, key)
@@ -68,7 +94,17 @@ function M.new(conf)
   self.cors_enabled = conf.cors_allowed_origins ~= nil and #conf.cors_allowed_origins > 0
   self.cors_check = self.cors_enabled
   self.pending_adds = {}     -- URLs whose admission waits for their health
+  self.pending = {}          -- dp-aware: URLs waiting to report their dp_size -> { error = }
   self.pd = conf.pd_disaggregation or false
+  self.dp_aware = conf.dp_aware or false
+  -- keys: what workers get (--api-key), what clients must send
+  http.set_api_key(conf.api_key)
+  self.admin_key = conf.admin_api_key or false
+  self.inference_key = conf.inference_api_key or false
+  -- the Authorization header of requests forwarded for a client: ours,
+  -- none (the client's inference key stays here), or the client's (nil)
+  self.forward_auth = http.worker_auth()
+  if not self.forward_auth and conf.inference_api_key then self.forward_auth = false end
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
@@ -121,11 +157,14 @@ function M:runtime()
   local uv = require "luv"
   local rt = {
     now = core.now,
-    random = function(n) return math.random(n) end,
+    random = function(n)      -- an integer in [1, n]; without n a float in [0, 1)
+      if n then return math.random(n) end
+      return math.random()
+    end,
     log = function(level, msg, fields) log.log(level, msg, fields) end,
     metrics = stats.enabled and stats.metrics or nil,
     stats = stats,
-    http = http.request,
+    http = http.worker,       -- a policy's requests go to workers: they carry --api-key
     sleep = core.sleep,     -- only inside rt.every callbacks (they run in coroutines)
   }
   rt.radix = function()
@@ -207,15 +246,17 @@ end
 -- --- other endpoints ---------------------------------------------------------------------
 
 -- Proxy a GET to the first healthy worker that answers (next one on a
--- connect failure).
+-- connect failure; a dp-aware worker's ranks are one server).
 function M:first_worker(x, path, role)
-  local tried = 0
+  local tried, seen = 0, {}
+  local headers = self.forward_auth ~= nil and { authorization = self.forward_auth } or nil
   for _, w in ipairs(self.workers.list) do
-    if w.healthy and (not role or w.role == role) then
+    if w.healthy and (not role or w.role == role) and not seen[w.base_url] then
+      seen[w.base_url] = true
       tried = tried + 1
       local resp, err = x:forward(w.pool, { method = "GET", path = path, body = "",
         timeout_ms = (self.conf.request_timeout_secs or 600) * 1000,
-        connect_timeout_ms = self.conf.connect_timeout_ms or 5000 })
+        connect_timeout_ms = self.conf.connect_timeout_ms or 5000, headers = headers })
       if resp then
         resp:pipe(self:cors_headers(x, nil))
         resp:close()
@@ -245,7 +286,7 @@ function M:health_generate_pd(x)
   end
   local timeout = (self.conf.health_check_timeout_secs or 5) * 1000
   local results = self:fan_out(pair, function(w)
-    return http.request({ method = "GET", url = w.url .. "/health_generate", timeout_ms = timeout })
+    return http.worker({ method = "GET", url = w.base_url .. "/health_generate", timeout_ms = timeout })
   end)
   local out, ok = {}, true
   for i, w in ipairs(pair) do
@@ -276,18 +317,31 @@ function M:fan_out(list, fn)
   return results
 end
 
+-- The servers behind the registry: one per base URL (a dp-aware worker's
+-- ranks are one server), in registration order.
+function M:servers()
+  local out, seen = {}, {}
+  for _, w in ipairs(self.workers.list) do
+    if not seen[w.base_url] then
+      seen[w.base_url] = true
+      out[#out + 1] = w.base_url
+    end
+  end
+  return out
+end
+
 function M:flush_cache(x)
-  local list = self.workers.list
-  local results = self:fan_out(list, function(w)
-    local st, body = http.request({ method = "POST", url = w.url .. "/flush_cache", body = "",
+  local list = self:servers()
+  local results = self:fan_out(list, function(url)
+    local st, body = http.worker({ method = "POST", url = url .. "/flush_cache", body = "",
       timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
     return st, body
   end)
   local failed = {}
-  for i, w in ipairs(list) do
+  for i, url in ipairs(list) do
     local st = results[i][1]
     if not st or st < 200 or st >= 300 then
-      failed[#failed + 1] = { worker = w.url, status = st, error = st and nil or tostring(results[i][2]) }
+      failed[#failed + 1] = { worker = url, status = st, error = st and nil or tostring(results[i][2]) }
     end
   end
   if #failed == 0 then
@@ -297,27 +351,41 @@ function M:flush_cache(x)
     type = "flush_failed", workers = failed } })
 end
 
-function M:get_loads(x)
-  local list = self.workers.list
-  local results = self:fan_out(list, function(w)
-    local st, body = http.request({ method = "GET", url = w.url .. "/get_load",
-      timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
-    if st ~= 200 then return -1 end
-    local obj = cjson.decode(body or "")
-    if type(obj) == "table" then
-      if type(obj.load) == "number" then return obj.load end
-      if type(obj[1]) == "table" then   -- a list of per-rank entries
-        local sum = 0
-        for _, e in ipairs(obj) do sum = sum + (tonumber(e.num_reqs or e.load) or 0) end
-        return sum
-      end
+-- A /get_load body: the total load, and per rank (rank -> load) when the
+-- worker lists its data-parallel ranks; nil when unreadable.
+local function parse_load(body)
+  local obj = cjson.decode(body or "")
+  if type(obj) ~= "table" then return nil end
+  if type(obj.load) == "number" then return obj.load end
+  if type(obj[1]) == "table" then   -- a list of per-rank entries
+    local sum, ranks = 0, {}
+    for i, e in ipairs(obj) do
+      local l = tonumber(e.load) or ((tonumber(e.num_reqs) or 0) + (tonumber(e.num_waiting_reqs) or 0))
+      sum = sum + l
+      ranks[tonumber(e.dp_rank) or (i - 1)] = l
     end
-    return -1
+    return sum, ranks
+  end
+end
+
+function M:get_loads(x)
+  local list = {}      -- the workers as they are now: the fan-out yields
+  for i, w in ipairs(self.workers.list) do list[i] = w end
+  local servers = self:servers()
+  local results = self:fan_out(servers, function(url)
+    local st, body = http.worker({ method = "GET", url = url .. "/get_load",
+      timeout_ms = (self.conf.health_check_timeout_secs or 5) * 1000 })
+    if st ~= 200 then return nil end
+    return parse_load(body)
   end)
+  local by_server = {}
+  for i, url in ipairs(servers) do by_server[url] = results[i] end
   local out, by_role = {}, { prefill = {}, decode = {} }
   for i, w in ipairs(list) do
-    local load = results[i][1] or -1
-    out[i] = { worker = w.url, load = load, role = w.role }
+    local res = by_server[w.base_url] or {}
+    local load = res[1] or -1
+    if w.dp_rank and res[2] then load = res[2][w.dp_rank] or -1 end
+    out[i] = { worker = w.url, load = load, role = w.role, dp_rank = w.dp_rank }
     if load >= 0 and not w.removed then stats.worker_load:set(load, w.url) end
     local r = by_role[w.role]
     if r then r[#r + 1] = { worker = w.url, load = load } end
@@ -335,7 +403,8 @@ function M:worker_view(w)
   return { url = w.url, healthy = w.healthy, load = w.load, processed = w.processed,
     role = w.role, bootstrap_port = w.role == "prefill" and (w.bootstrap_port or cjson.null) or nil,
     circuit = w.breaker.state, last_health_error = w.last_health_error,
-    source = w.source, pod = w.pod, address = pool.address, resolve_error = pool.resolve_error }
+    source = w.source, pod = w.pod, address = pool.address, resolve_error = pool.resolve_error,
+    base_url = w.dp_rank and w.base_url or nil, dp_rank = w.dp_rank, dp_size = w.dp_size }
 end
 
 function M:list_workers(x)
@@ -352,7 +421,100 @@ function M:list_workers(x)
     body.prefill_policy, body.decode_policy = self.policy_names.prefill, self.policy_names.decode
     body.decode_policy_stats = pstats(self.dpolicy)
   end
+  if next(self.pending) then
+    -- dp-aware workers that have not reported a dp_size yet (not routed to)
+    local pending = {}
+    for url, p in pairs(self.pending) do
+      pending[#pending + 1] = { url = url, role = p.opts.role, error = p.error }
+    end
+    table.sort(pending, function(a, b) return a.url < b.url end)
+    body.pending = pending
+  end
   self:send_json(x, 200, body)
+end
+
+-- --dp-aware: the dp_size a worker reports in /get_server_info, asked
+-- every --worker-startup-check-interval until deadline (a worker may
+-- answer /health before its server info is complete). A worker that
+-- reports none serves as one rank. -> n | nil, err
+function M:dp_size_of(url, deadline)
+  local interval = (self.conf.worker_startup_check_interval or 10) * 1000
+  local last
+  while true do
+    local st, body, err = http.worker({ method = "GET", url = url .. "/get_server_info",
+      timeout_ms = min(interval, 5000) })
+    local info = st == 200 and cjson.decode(body or "")
+    if type(info) == "table" then
+      local n = info.dp_size
+      if n == nil or n == cjson.null then
+        log.warn("worker reports no dp_size in /get_server_info; routing to it as one rank",
+          { worker = url })
+        return 1
+      end
+      if type(n) ~= "number" or n ~= floor(n) or n < 1 or n > MAX_DP_SIZE then
+        return nil, "/get_server_info reports dp_size " .. tostring(n) .. " (expected 1.." .. MAX_DP_SIZE .. ")"
+      end
+      return n
+    end
+    last = st and ("/get_server_info answered " .. st .. (st == 200 and " without a JSON object" or ""))
+      or ("/get_server_info: " .. tostring(err))
+    local left = deadline - core.now()
+    if left <= 0 then return nil, last end
+    core.sleep(min(interval, left))
+  end
+end
+
+-- Register a worker: its ranks with --dp-aware (dp_size asked until
+-- deadline unless given as n), else the worker itself. -> true | nil, err
+function M:register(url, opts, deadline, n)
+  if not self.dp_aware then
+    local w, err = self.workers:add(url, opts)
+    return w ~= nil or nil, err
+  end
+  local err
+  if not n then
+    n, err = self:dp_size_of(url, deadline)
+    if not n then return nil, err end
+  end
+  local ranks
+  ranks, err = self.workers:add_ranks(url, n, opts)
+  if not ranks then return nil, err end
+  log.info("worker has " .. n .. " data-parallel rank(s)", { worker = url, dp_size = n })
+  return true
+end
+
+-- --dp-aware: a worker that was not ready at startup waits here (listed as
+-- pending, not routed to) and is checked again every
+-- --worker-startup-check-interval until it answers its health check and
+-- reports a dp_size, or is removed.
+function M:join_later(url, opts, why)
+  local entry = { opts = opts, error = why }
+  self.pending[url] = entry
+  local interval = (self.conf.worker_startup_check_interval or 10) * 1000
+  core.spawn(function()
+    while self.pending[url] == entry and not self.stopping do
+      local ok, err = self.health:probe(url)
+      if ok then
+        local n
+        n, err = self:dp_size_of(url, core.now())
+        if n and self.pending[url] == entry then
+          self.pending[url] = nil
+          local o = {}
+          for k, v in pairs(opts) do o[k] = v end
+          o.healthy = true
+          local ranks, aerr = self.workers:add_ranks(url, n, o)
+          if ranks then
+            log.info("worker is ready with " .. n .. " data-parallel rank(s)", { worker = url })
+          else
+            log.warn("worker could not be added", { worker = url, error = aerr })
+          end
+          return
+        end
+      end
+      entry.error = err
+      core.sleep(interval)
+    end
+  end)
 end
 
 function M:add_worker(x, query)
@@ -362,6 +524,10 @@ function M:add_worker(x, query)
   end
   local norm, err = workers_mod.check_url(url)
   if not norm then return self:send_error(x, 400, err, "invalid_request_error") end
+  if norm:find("@", 1, true) then
+    return self:send_error(x, 400, "invalid worker URL '" .. url .. "': user info or a rank (@) is not allowed",
+      "invalid_request_error")
+  end
   -- PD mode: role=prefill|decode (required), bootstrap_port=N|none for a prefill
   local opts = {}
   local role, bport = query_param(query, "role"), query_param(query, "bootstrap_port")
@@ -387,31 +553,37 @@ function M:add_worker(x, query)
   if not w then
     return self:send_error(x, 400, aerr, why == "not_ready" and "worker_not_ready" or "invalid_request_error")
   end
-  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. w.url .. "\n")
+  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully added worker: " .. w.base_url .. "\n")
 end
 
 -- A worker joins at run time, from any source (the admin API, discovery):
 -- refused when malformed or already known (or being admitted), else its
 -- health is waited for (--worker-startup-timeout-secs, checked every
--- --worker-startup-check-interval), then the registry adds it with opts
--- (source, pod, role, bootstrap_port).
--- admit(url, opts) -> worker | nil, err, why ("invalid"|"duplicate"|"not_ready")
+-- --worker-startup-check-interval), then it is registered with opts
+-- (source, pod, role, bootstrap_port): with --dp-aware, one entry per rank.
+-- admit(url, opts) -> worker (the first entry) | nil, err, why
+-- ("invalid"|"duplicate"|"not_ready")
 function M:admit(url, opts)
   local norm, err = workers_mod.check_url(url)
   if not norm then return nil, err, "invalid" end
-  if self.workers:get(norm) or self.pending_adds[norm] then
+  if norm:find("@", 1, true) then
+    return nil, "invalid worker URL '" .. url .. "': user info or a rank (@) is not allowed", "invalid"
+  end
+  if #self.workers:entries(norm) > 0 or self.pending_adds[norm] or self.pending[norm] then
     return nil, "worker " .. norm .. " is already registered", "duplicate"
   end
   self.pending_adds[norm] = true
+  local deadline = core.now() + (self.conf.worker_startup_timeout_secs or 300) * 1000
   local ok, herr = self.health:wait_ready(norm)
+  local aerr
+  if ok then ok, aerr = self:register(norm, opts, deadline) end
   self.pending_adds[norm] = nil
-  if not ok then
+  if herr then
     return nil, "worker " .. norm .. " did not become healthy within --worker-startup-timeout-secs: "
       .. tostring(herr), "not_ready"
   end
-  local w, aerr = self.workers:add(norm, opts)
-  if not w then return nil, aerr, self.workers:get(norm) and "duplicate" or "invalid" end
-  return w
+  if not ok then return nil, "worker " .. norm .. ": " .. tostring(aerr), "invalid" end
+  return self.workers:entries(norm)[1]
 end
 
 function M:remove_worker(x, query)
@@ -419,9 +591,15 @@ function M:remove_worker(x, query)
   if not url or url == "" then
     return self:send_error(x, 400, "missing url parameter: POST /remove_worker?url=http://host:port", "invalid_request_error")
   end
-  local w, err = self.workers:remove(url)
-  if not w then return self:send_error(x, 404, err, "not_found") end
-  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully removed worker: " .. w.url .. "\n")
+  local norm = url:gsub("/+$", "")
+  if self.pending[norm] then
+    self.pending[norm] = nil
+    return x:respond(200, { ["content-type"] = "text/plain" }, "Successfully removed worker: " .. norm .. "\n")
+  end
+  local gone, err = self.workers:remove(url)
+  if not gone then return self:send_error(x, 404, err, "not_found") end
+  local what = #gone == 1 and gone[1].url or (gone[1].base_url .. " (" .. #gone .. " ranks)")
+  x:respond(200, { ["content-type"] = "text/plain" }, "Successfully removed worker: " .. what .. "\n")
 end
 
 function M:health_endpoint(x)
@@ -429,7 +607,8 @@ function M:health_endpoint(x)
   for _, w in ipairs(self.workers.list) do
     if not w.healthy then bad[#bad + 1] = w.url end
   end
-  if #self.workers.list == 0 then
+  for url in pairs(self.pending) do bad[#bad + 1] = url end
+  if #self.workers.list == 0 and #bad == 0 then
     return self:send_error(x, 503, "no workers are registered", "no_workers")
   end
   if #bad == 0 then
@@ -500,11 +679,34 @@ local POST_HANDLERS = {
   ["/remove_worker"] = function(s, x, q) return s:remove_worker(x, q) end,
 }
 
+-- Whether x carries "Authorization: Bearer KEY".
+function M:authorized(x, key)
+  local token = bearer(x:header("authorization"))
+  return token ~= nil and same_secret(token, key)
+end
+
+function M:unauthorized(x, what)
+  x:respond(401, merge(JSON_HDR, self:cors_headers(x, { ["www-authenticate"] = "Bearer" })),
+    error_body(401, "missing or wrong API key: " .. what .. " needs 'Authorization: Bearer KEY'",
+      "unauthorized"))
+end
+
 function M:handle(x)
   local path, query = x:path()
   local method = x:method()
   local route = ROUTES[path]
-  if route and method == "POST" then return self.flow:infer(x, route) end
+  if route and method == "POST" then
+    if self.inference_key and not self:authorized(x, self.inference_key) then
+      stats.errors:inc(1, route, "unauthorized")
+      self:unauthorized(x, "the inference API (--inference-api-key)")
+      if log.enabled("info") then
+        log.info("request", { route = route, status = 401, error = "unauthorized",
+          request_id = x:header("x-request-id") })
+      end
+      return
+    end
+    return self.flow:infer(x, route)
+  end
   -- everything else gets its access line here (inference logs its own)
   local t0 = core.now()
   self:dispatch_other(x, method, path, query, route)
@@ -517,7 +719,14 @@ end
 function M:dispatch_other(x, method, path, query, route)
   if method == "OPTIONS" then return self:preflight(x) end
   if route then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
+  if self.admin_key and ADMIN_ROUTES[path] and not self:authorized(x, self.admin_key) then
+    return self:unauthorized(x, path .. " (--admin-api-key)")
+  end
   if GET_PROXIED[path] then
+    -- answered by a worker: inference clients only
+    if self.inference_key and not self:authorized(x, self.inference_key) then
+      return self:unauthorized(x, path .. " (--inference-api-key)")
+    end
     if method ~= "GET" then return self:send_error(x, 405, "use GET for " .. path, "method_not_allowed") end
     if not self.pd then return self:first_worker(x, path) end
     if path == "/health_generate" then return self:health_generate_pd(x) end
@@ -548,16 +757,21 @@ function M:serve_metrics()
       stats.inflight_h:set(self.limiter.inflight)
       stats.body_bytes:set(core.body_bytes())
       stats.queue_depth_h:set(self.limiter:depth())
+      local pools = {}
       for _, w in ipairs(self.workers.list) do
         w.m.running:set(w.load)
         local policy = self:policy_for(w)
         if policy.tree_size then stats.tree_size:set(policy:tree_size(w.url) or 0, w.url) end
         w.breaker:allow(now)
         -- the pool counts its replays; add what is new since the last render
-        -- (per worker object, so a worker added again does not go back)
-        local replays = w.pool:stats().replays
-        stats.upstream_replays:inc(replays - (w.replays_reported or 0), w.url)
-        w.replays_reported = replays
+        -- (per worker object, so a worker added again does not go back;
+        -- a dp-aware worker's ranks share a pool: counted on the first)
+        if not pools[w.pool] then
+          pools[w.pool] = true
+          local replays = w.pool:stats().replays
+          stats.upstream_replays:inc(replays - (w.replays_reported or 0), w.url)
+          w.replays_reported = replays
+        end
       end
       x:respond(200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, stats.render())
     else
@@ -592,19 +806,46 @@ function M:start()
   if #urls > 0 then
     log.info("waiting for " .. #urls .. " worker(s) to become healthy")
   end
+  local deadline = core.now() + (conf.worker_startup_timeout_secs or 300) * 1000
   local ready, failed = self.health:wait_all(urls)
   local ready_set = {}
   for _, u in ipairs(ready) do ready_set[u] = true end
+  -- dp-aware: the ready workers' dp_size, asked of all at once
+  local dp_sizes = {}
+  if self.dp_aware then
+    local res = self:fan_out(ready, function(u) return self:dp_size_of(u, deadline) end)
+    for i, u in ipairs(ready) do
+      dp_sizes[u] = res[i][1]
+      if not res[i][1] then failed[u] = res[i][2] end
+    end
+  end
   local healthy_roles = {}
   for i, u in ipairs(urls) do
     opts[i].healthy = ready_set[u] == true
-    local w, aerr = self.workers:add(u, opts[i])
-    if not w then return nil, aerr end
-    if ready_set[u] then
-      healthy_roles[w.role] = true
+    if self.dp_aware then
+      if dp_sizes[u] then
+        local added, aerr = self:register(u, opts[i], deadline, dp_sizes[u])
+        if not added then return nil, aerr end
+        healthy_roles[opts[i].role or "regular"] = true
+      else
+        log.warn("worker is not ready; it is routed to once it answers its health check and reports a dp_size",
+          { worker = u, error = failed[u] })
+        opts[i].healthy = nil
+        self:join_later(u, opts[i], failed[u])
+      end
     else
-      log.warn("worker did not become healthy; it stays registered as unhealthy", { worker = u, error = failed[u] })
+      local w, aerr = self.workers:add(u, opts[i])
+      if not w then return nil, aerr end
+      if ready_set[u] then
+        healthy_roles[w.role] = true
+      else
+        log.warn("worker did not become healthy; it stays registered as unhealthy", { worker = u, error = failed[u] })
+      end
     end
+  end
+  if self.dp_aware and #urls > 0 and next(healthy_roles) == nil and not conf.service_discovery then
+    return nil, "none of the workers became ready (healthy, with a dp_size) within --worker-startup-timeout-secs: "
+      .. concat(urls, ", ")
   end
   if #urls > 0 and #ready == 0 and not conf.service_discovery then
     return nil, "none of the workers became healthy within --worker-startup-timeout-secs: " .. concat(urls, ", ")
@@ -692,20 +933,19 @@ function M.main(args)
   local cli = require "sglr.cli"
   local conf, err, kind = cli.parse_run(args)
   if not conf then
-    if kind == "help" then
-      io.stdout:write(err)
+    if kind == "help" or kind == "version" then
+      io.stdout:write(err, kind == "version" and "\n" or "")
       return core.exit(0)
     end
-    io.stderr:write("sglr run: ", tostring(err), "\n")
+    -- the message names the program and the flag already
+    io.stderr:write(tostring(err), "\n")
     return core.exit(2)
   end
   -- parsed for command-line compatibility, not served yet: refuse rather
   -- than route differently from what the operator asked for
-  for _, k in ipairs({ "service_discovery", "dp_aware" }) do
-    if conf[k] then
-      io.stderr:write("sglr run: --", (k:gsub("_", "-")), " is not supported by this version of sglr yet\n")
-      return core.exit(2)
-    end
+  if conf.service_discovery then
+    io.stderr:write("sglr run: --service-discovery is not supported by this version of sglr yet\n")
+    return core.exit(2)
   end
   if conf.lua_path then
     package.sglr_path = conf.lua_path .. "/?.lua;" .. conf.lua_path .. "/?/init.lua;" .. (package.sglr_path or "")

@@ -20,6 +20,16 @@
 --
 -- Rooms go up to 2^63-1, past the integers a double holds, so they are read
 -- as digit strings from the body text and never become Lua numbers.
+--
+-- Data parallelism: with --dp-size N the worker stands for N ranks, each
+-- with its own KV cache (of --kv-tokens) and its own counters. A request
+-- with "data_parallel_rank": r (what a dp-aware router splices in) is
+-- served by rank r; one without goes to the ranks in turn, as SGLang's
+-- data-parallel controller spreads them by default, so its prefix is
+-- cached on whichever rank it landed on.
+--
+-- For tests, /sim/stats also shows the Authorization header of the last
+-- request on each path and the last inference body as received.
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
 local argparse = require "argparse"
@@ -55,7 +65,8 @@ local function parser()
   p:option("--crash-after-tokens", "Drop the connection after N streamed tokens (0 = never).", "0"):convert(tonumber)
   p:flag("--hang", "Never answer inference requests (for timeout tests).")
   p:flag("--unhealthy", "Answer /health with 503.")
-  p:option("--dp-size", "Data-parallel size reported in /get_server_info.", "1"):convert(tonumber)
+  p:option("--dp-size", "Data-parallel ranks, each with its own KV cache; reported in /get_server_info.",
+    "1"):convert(tonumber)
   p:option("--load-offset", "Added to the load reported on /get_load.", "0"):convert(tonumber)
   p:option("--seed", "Random seed for --fail-rate.", "1"):convert(tonumber)
   p:option("--role", "PD role: regular (no PD), prefill or decode.", "regular")
@@ -342,9 +353,16 @@ function M.new(opts)
     nwaiters = 0,
     pools = {},          -- decode: "host:port" -> pool of a prefill's bootstrap port
     npools = 0,
+    dp_size = max(1, floor(opts.dp_size or 1)),
+    ranks = {},          -- [r + 1] = { requests, prompt_tokens, cached_tokens, inflight, cache }
+    next_rank = 0,       -- the rank a request without data_parallel_rank goes to
+    auth = {},           -- path -> Authorization of its last request ("" for none)
   }
   local ok, radix = pcall(require, "sglr.radix")
-  if ok then self.cache = radix.new() end
+  for r = 1, self.dp_size do
+    self.ranks[r] = { requests = 0, prompt_tokens = 0, cached_tokens = 0, inflight = 0,
+      cache = ok and radix.new() or nil }
+  end
   return setmetatable(self, { __index = M })
 end
 
@@ -499,17 +517,33 @@ function M:await_transfer(items)
   return true
 end
 
--- Look the prompt up in the KV cache, then insert it (as a worker does after
--- prefill) and evict down to the budget. Returns prompt and cached tokens.
-function M:touch_cache(text)
+-- Look the prompt up in the rank's KV cache, then insert it (as a worker
+-- does after prefill) and evict down to the budget. Returns prompt and
+-- cached tokens.
+function M:touch_cache(text, rank)
   local ptoks = ceil(#text / BYTES_PER_TOKEN)
-  if not self.cache or #text == 0 then return ptoks, 0 end
-  local matched = self.cache:match(text)
-  self.cache:insert(text, "self")
+  local cache = rank.cache
+  if not cache or #text == 0 then return ptoks, 0 end
+  local matched = cache:match(text)
+  cache:insert(text, "self")
   local budget = self.opts.kv_tokens * BYTES_PER_TOKEN
-  if self.cache:size("self") > budget then self.cache:evict(budget) end
+  if cache:size("self") > budget then cache:evict(budget) end
   local cached = floor(matched / BYTES_PER_TOKEN)
   return ptoks, min(cached, ptoks)
+end
+
+-- The rank that serves a request: its data_parallel_rank, else the next in
+-- turn. -> rank number, rank table | nil, reason
+function M:pick_rank(req)
+  local r = req.data_parallel_rank
+  if r == nil or r == cjson.null then
+    r = self.next_rank
+    self.next_rank = (r + 1) % self.dp_size
+  elseif type(r) ~= "number" or r ~= floor(r) or r < 0 or r >= self.dp_size then
+    return nil, fmt("data_parallel_rank must be an integer in [0, %d), got %s", self.dp_size,
+      tostring(r))
+  end
+  return r, self.ranks[r + 1]
 end
 
 local function output_text(n)
@@ -547,6 +581,17 @@ function M:infer(x, route)
     return err(x, 400, "invalid JSON body: " .. tostring(perr))
   end
   self.stats.requests = self.stats.requests + 1
+  self.last_body = body
+  local rank_no, rank = self:pick_rank(req)
+  if not rank_no then return err(x, 400, rank, self.id) end
+  rank.requests = rank.requests + 1
+  rank.inflight = rank.inflight + 1
+  local ok, e = pcall(self.serve, self, x, route, req, body, rank_no, rank)
+  rank.inflight = rank.inflight - 1
+  if not ok then error(e, 0) end
+end
+
+function M:serve(x, route, req, body, rank_no, rank)
   local go, rooms = self:pd_check(x, route, req, body)
   if not go then return end
   if self.opts.hang then
@@ -572,9 +617,11 @@ function M:infer(x, route)
     if x:closed() then return end
   end
   local text = prompt_text(route, req)
-  local ptoks, cached = self:touch_cache(text)
+  local ptoks, cached = self:touch_cache(text, rank)
   self.stats.prompt_tokens = self.stats.prompt_tokens + ptoks
   self.stats.cached_tokens = self.stats.cached_tokens + cached
+  rank.prompt_tokens = rank.prompt_tokens + ptoks
+  rank.cached_tokens = rank.cached_tokens + cached
   -- meta_info.input_token_logprobs (JSON text) in PD roles when asked for:
   -- the prefill's, and an empty list from the decode, which a router
   -- appends to the prefill's
@@ -589,11 +636,11 @@ function M:infer(x, route)
   local prefill_ms = (ptoks - cached) * self.opts.prefill_us_per_token / 1000
   local decode_ms = self.opts.decode_ms_per_token
   local started = core.now()
-  local hdrs = { ["x-sim-worker"] = self.id, ["x-sim-request-id"] = x:header("x-request-id") }
-  local rank = req.data_parallel_rank
+  local hdrs = { ["x-sim-worker"] = self.id, ["x-sim-request-id"] = x:header("x-request-id"),
+    ["x-sim-dp-rank"] = tostring(rank_no) }
   if req.stream then
     if prefill_ms > 0 then core.sleep(prefill_ms) end
-    return self:stream(x, route, req, ntok, ptoks, cached, decode_ms, hdrs, rank, itl)
+    return self:stream(x, route, req, ntok, ptoks, cached, decode_ms, hdrs, rank_no, itl)
   end
   local total = prefill_ms + ntok * decode_ms
   if total > 0 then core.sleep(total) end
@@ -606,7 +653,7 @@ function M:infer(x, route)
       meta_info = {
         id = id, prompt_tokens = ptoks, completion_tokens = ntok, cached_tokens = cached,
         finish_reason = { type = "length", length = ntok }, e2e_latency = e2e,
-        worker_id = self.id, dp_rank = rank, input_token_logprobs = itl and RAW_SLOT,
+        worker_id = self.id, dp_rank = rank_no, input_token_logprobs = itl and RAW_SLOT,
       },
     }, hdrs, itl)
   else
@@ -697,9 +744,36 @@ function M:stream(x, route, req, ntok, ptoks, cached, decode_ms, hdrs, rank, itl
   x:finish()
 end
 
+-- /get_load: {"load": n}; with several ranks SGLang's list, one entry per
+-- rank.
+function M:load_json()
+  local off = self.opts.load_offset
+  if self.dp_size == 1 then
+    return { load = self.inflight + off, worker_id = self.id }
+  end
+  local list = {}
+  for r, rk in ipairs(self.ranks) do
+    list[r] = { dp_rank = r - 1, load = rk.inflight + off, num_reqs = rk.inflight,
+      num_waiting_reqs = 0, num_tokens = 0 }
+  end
+  return list
+end
+
+function M:ranks_view()
+  local list = {}
+  for r, rk in ipairs(self.ranks) do
+    list[r] = { rank = r - 1, requests = rk.requests, prompt_tokens = rk.prompt_tokens,
+      cached_tokens = rk.cached_tokens, inflight = rk.inflight }
+  end
+  return list
+end
+
 function M:handle(x)
   local path, query = x:path()
   local method = x:method()
+  if path ~= "/sim/stats" and path ~= "/sim/set" then
+    self.auth[path] = x:header("authorization") or ""
+  end
   if path == "/health" or path == "/health_generate" then
     if not self.healthy then return err(x, 503, "unhealthy") end
     return x:respond(200, { ["content-type"] = "text/plain" }, "")
@@ -715,11 +789,12 @@ function M:handle(x)
     return json_response(x, 200, { object = "list", data = { { id = self.opts.model,
       object = "model", owned_by = "sglr-sim", root = self.opts.model } } })
   elseif path == "/get_load" then
-    return json_response(x, 200, { load = self.inflight + self.opts.load_offset,
-      worker_id = self.id })
+    return json_response(x, 200, self:load_json())
   elseif path == "/flush_cache" then
     if method ~= "POST" and method ~= "GET" then return err(x, 405, "use POST") end
-    if self.cache then self.cache:close(); self.cache = require("sglr.radix").new() end
+    for _, rk in ipairs(self.ranks) do
+      if rk.cache then rk.cache:close(); rk.cache = require("sglr.radix").new() end
+    end
     return x:respond(200, { ["content-type"] = "text/plain" }, "Cache flushed.\n")
   elseif path == "/sim/stats" then
     return json_response(x, 200, { id = self.id, served = self.served, inflight = self.inflight,
@@ -728,6 +803,8 @@ function M:handle(x)
       role = self.role, bootstrap_port = self.bootstrap and self.bootstrap:port() or cjson.null,
       rooms = RAW_SLOT, rooms_total = self.rooms_total, room_waiters = self.nwaiters,
       last_bootstrap_host = self.last_bootstrap_host, last_bootstrap_port = self.last_bootstrap_port,
+      dp_size = self.dp_size, ranks = self:ranks_view(), auth = self.auth,
+      last_body = self.last_body,
     }, nil, self:rooms_json())
   elseif path == "/sim/set" then
     -- runtime fault switches for tests: /sim/set?healthy=0&fail_rate=1&fail_first=3

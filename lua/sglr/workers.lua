@@ -5,6 +5,17 @@
 -- whose hooks (the router's) run the rest of the path: metric series made
 -- and removed, policy on_add / on_remove, logs. Health checks and breakers
 -- cover every registered worker alike.
+--
+-- With --dp-aware a worker of dp_size N is N entries, one per
+-- data-parallel rank, so that policies, loads, breakers and metrics see
+-- each rank on its own:
+--
+--   http://w1:8000 (dp_size 2) -> { url = "http://w1:8000@0", base_url = "http://w1:8000", dp_rank = 0 }
+--                                 { url = "http://w1:8000@1", base_url = "http://w1:8000", dp_rank = 1 }
+--
+-- The entries share one connection pool and are health-checked as one
+-- (base_url is what is probed and sent to). Every other worker's base_url
+-- is its url.
 local core = require "sglr.core"
 local breaker = require "sglr.breaker"
 
@@ -50,9 +61,24 @@ local function pod_of(pod)
   return out
 end
 
+-- The entries of a worker: its ranks for a base URL, the worker itself
+-- for a plain URL or one rank's "url@rank". Registration order.
+function M:entries(url)
+  local norm = (url or ""):gsub("/+$", "")
+  local w = self.by_url[norm]
+  if w then return { w } end
+  local out = {}
+  for _, e in ipairs(self.list) do
+    if e.base_url == norm then out[#out + 1] = e end
+  end
+  return out
+end
+
 -- add(url, { source = "static"|"admin"|"discovery" (default "static"),
 --            pod = { namespace =, name =, uid = }, role =, healthy =,
---            bootstrap_port =, dp_rank = }) -> worker | nil, err
+--            bootstrap_port =, dp_rank =, dp_size =, pool = }) -> worker | nil, err.
+-- With dp_rank the entry is "url@rank" (pool: the connections shared with
+-- the worker's other ranks).
 function M:add(url, opts)
   opts = opts or {}
   local source = opts.source or "static"
@@ -60,19 +86,24 @@ function M:add(url, opts)
   local pod = pod_of(opts.pod)
   local norm, err = M.check_url(url)
   if not norm then return nil, err end
-  local known = self.by_url[norm]
+  local rank = opts.dp_rank
+  local key = rank and (norm .. "@" .. rank) or norm
+  local known = self.by_url[key]
   if known then
-    return nil, "worker " .. norm .. " is already registered" ..
+    return nil, "worker " .. key .. " is already registered" ..
       (known.source ~= source and " (from " .. known.source .. ")" or "")
   end
   if not norm:match("^http://") then
     return nil, "worker " .. norm .. ": only http:// workers can be proxied (https is used for discovery only)"
   end
-  local pool
-  pool, err = core.upstream(norm)
-  if not pool then return nil, err end
+  local pool = opts.pool
+  if not pool then
+    pool, err = core.upstream(norm)
+    if not pool then return nil, err end
+  end
   local w = {
-    url = norm, pool = pool, load = 0, processed = 0,
+    url = key, base_url = norm, pool = pool, load = 0, processed = 0,
+    dp_size = opts.dp_size,
     -- the host as the URL writes it (an IPv6 address in brackets): PD sends
     -- it to the decode as bootstrap_host
     bootstrap_host = norm:match("^https?://(%[[^%]]+%])") or norm:match("^https?://([^:/]+)"),
@@ -85,35 +116,65 @@ function M:add(url, opts)
     if self.hooks.breaker_change then self.hooks.breaker_change(w, from, to) end
   end)
   self.list[#self.list + 1] = w
-  self.by_url[norm] = w
+  self.by_url[key] = w
   if self.hooks.added then self.hooks.added(w) end
   return w
 end
 
--- remove(url [, { source =, uid = }]) -> worker | nil, err. With source (or
--- a pod's uid), only a worker from that source (that pod) is removed: a
--- source never takes away a worker another one gave, nor a pod's successor
--- at the same address.
+-- One entry per rank 0..dp_size-1 of the worker at url, sharing a pool.
+-- -> list of entries | nil, err (then none was added)
+function M:add_ranks(url, dp_size, opts)
+  local norm, err = M.check_url(url)
+  if not norm then return nil, err end
+  if #self:entries(norm) > 0 then return nil, "worker " .. norm .. " is already registered" end
+  local pool
+  pool, err = core.upstream(norm)
+  if not pool then return nil, err end
+  local out = {}
+  for r = 0, dp_size - 1 do
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    o.dp_rank, o.dp_size, o.pool = r, dp_size, pool
+    local w
+    w, err = self:add(norm, o)
+    if not w then
+      for _, e in ipairs(out) do self:remove(e.url) end
+      return nil, err
+    end
+    out[#out + 1] = w
+  end
+  return out
+end
+
+-- remove(url [, { source =, uid = }]) -> list of the removed entries | nil,
+-- err: every rank of a dp-aware worker given by its base URL, or one entry.
+-- With source (or a pod's uid), only entries from that source (that pod) go:
+-- a source never takes away a worker another one gave, nor a pod's
+-- successor at the same address.
 function M:remove(url, opts)
-  local w = self:get(url)
-  if not w then return nil, "worker " .. tostring(url) .. " is not registered" end
+  local gone = self:entries(url)
+  if #gone == 0 then return nil, "worker " .. tostring(url) .. " is not registered" end
+  local w = gone[1]
   if opts and opts.source and opts.source ~= w.source then
     return nil, "worker " .. w.url .. " came from " .. w.source .. ", not " .. opts.source
   end
   if opts and opts.uid and (not w.pod or w.pod.uid ~= opts.uid) then
     return nil, "worker " .. w.url .. " is not pod " .. opts.uid
   end
-  for i, v in ipairs(self.list) do
-    if v == w then table.remove(self.list, i) break end
+  for _, e in ipairs(gone) do
+    for i, v in ipairs(self.list) do
+      if v == e then table.remove(self.list, i) break end
+    end
+    self.by_url[e.url] = nil
+    e.removed = true
+    if self.hooks.removed then self.hooks.removed(e) end
   end
-  self.by_url[w.url] = nil
-  w.removed = true
-  if self.hooks.removed then self.hooks.removed(w) end
-  return w
+  return gone
 end
 
--- Workers that may take a request now. `exclude` (url -> true) drops the
--- workers that already failed this request, unless nothing else is left.
+-- Workers that may take a request now. `exclude` (base URL -> true) drops
+-- the workers that already failed this request (every rank of one), unless
+-- nothing else is left.
 -- The list belongs to the caller: a policy may yield (await rt.http) while
 -- other requests route, so a list shared between calls would change under it.
 -- `out`, when given, is an empty list of the caller's to fill (the flow
@@ -123,7 +184,7 @@ function M:available(now, exclude, role, out)
   out = out or {}
   for _, w in ipairs(self.list) do
     if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then
-      if exclude and exclude[w.url] then
+      if exclude and exclude[w.base_url] then
         excluded = excluded + 1
       else
         out[#out + 1] = w

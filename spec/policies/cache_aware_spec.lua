@@ -133,6 +133,7 @@ describe("cache_aware policy", function()
     assert.equal(1.0001, P.options.balance_rel_threshold.default)
     assert.equal(60, P.options.eviction_interval.default)
     assert.equal(16777216, P.options.max_tree_size.default)
+    assert.equal(1.0, P.options.cache_routing_prob.default)
     for _, o in pairs(P.options) do assert.is_string(o.description) end
   end)
 
@@ -185,6 +186,46 @@ describe("cache_aware policy", function()
         assert.equal(owner, w)
         assert.equal("hit", req.decision)
         assert.near(4 / 7, req.match_ratio, 1e-9)
+      end)
+
+      it("routes by cache with probability cache_routing_prob, else to the shortest queue", function()
+        local ws = workers({ 0, 3 })
+        local p, rt = new(make_tree, { cache_routing_prob = 0.5 })
+        local rolls = { 0.2, 0.7, 0.2, 0.49, 0.5 }
+        rt.random = function(n)
+          assert.is_nil(n)                        -- a float in [0, 1)
+          return table.remove(rolls, 1)
+        end
+        ws[1].load, ws[2].load = 3, 0
+        route(p, "shared system prompt, question one", { ws[1] })    -- 0.2: cache (one worker)
+        -- 0.7 >= 0.5: the shortest queue, although w1 holds the prefix
+        local w, req = route(p, "shared system prompt, question one", ws)
+        assert.equal("http://w2", w)
+        assert.equal("queue", req.decision)
+        -- 0.2 < 0.5: by cache; w2 now holds it as well and was recorded last
+        _, req = route(p, "shared system prompt, question one", ws)
+        assert.equal("hit", req.decision)
+        -- 0.49: cache; 0.5: queue (strictly below the probability routes by cache)
+        _, req = route(p, "shared system prompt, question one", ws)
+        assert.equal("hit", req.decision)
+        w, req = route(p, "shared system prompt, question one", ws)
+        assert.equal("queue", req.decision)
+        assert.equal("http://w2", w)
+        assert.equal(2, p:stats().shortest_queue)
+      end)
+
+      it("never consults the dice at cache_routing_prob 1 (the default) and always queues at 0", function()
+        local p, rt = new(make_tree)
+        rt.random = function() error("rt.random called") end
+        local ws = workers({ 5, 0 })
+        local owner = route(p, "abcdefgh", { ws[1] })
+        assert.equal(owner, (route(p, "abcdefgh", ws)))
+        local q, rt0 = new(make_tree, { cache_routing_prob = 0 })
+        rt0.random = function() error("rt.random called") end
+        route(q, "abcdefgh", { ws[1] })
+        local w, req = route(q, "abcdefgh", ws)
+        assert.equal("http://w2", w)
+        assert.equal("queue", req.decision)
       end)
 
       it("honours a configured threshold", function()

@@ -158,6 +158,23 @@ describe("power_of_two policy", function()
     assert.is_nil(p:stats().polled_loads["http://a"])
   end)
 
+  it("polls a dp-aware worker once and gives each rank its own load", function()
+    local rt = runtime(nil, { ["http://a"] = { 200,
+      '[{"dp_rank": 0, "num_reqs": 9, "num_waiting_reqs": 1}, {"dp_rank": 1, "num_reqs": 2}]' } })
+    local p = new(rt)
+    local ws = {
+      { url = "http://a@0", base_url = "http://a", dp_rank = 0, load = 0 },
+      { url = "http://a@1", base_url = "http://a", dp_rank = 1, load = 5 },
+    }
+    p:on_add(ws[1])
+    p:on_add(ws[2])
+    rt.timers[1].fn(0)
+    assert.equal(1, #rt.requests)
+    assert.equal("http://a/get_load", rt.requests[1].url)
+    assert.same({ ["http://a@0"] = 10, ["http://a@1"] = 2 }, p:stats().polled_loads)
+    for _ = 1, 10 do assert.equal("http://a@1", p:select({}, ws).url) end
+  end)
+
   it("does not poll when the interval is 0", function()
     local rt = runtime()
     new(rt, { load_check_interval = 0 })
@@ -175,5 +192,12 @@ describe("power_of_two policy", function()
     assert.is_nil(parse("<html>busy</html>"))
     assert.is_nil(parse(""))
     assert.is_nil(parse(nil))
+    -- one rank's entry
+    local list = '[{"dp_rank": 0, "load": 1}, {"dp_rank": 1, "num_reqs": 4, "num_waiting_reqs": 2}]'
+    assert.equal(1, parse(list, 0))
+    assert.equal(6, parse(list, 1))
+    assert.is_nil(parse(list, 2))
+    assert.equal(3, parse('[{"load": 5}, {"load": 3}]', 1))   -- no dp_rank: by position
+    assert.is_nil(parse('{"load": 3}', 0))                    -- a total says nothing of a rank
   end)
 end)

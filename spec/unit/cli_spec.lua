@@ -31,7 +31,8 @@ describe("sglr.cli", function()
     -- Names and defaults of python -m sglang_router.launch_router, plus sglr's own.
     local expected = {
       host = "127.0.0.1", port = 30000, worker_urls = {}, policy = "cache_aware",
-      cache_threshold = 0.5, balance_abs_threshold = 32, balance_rel_threshold = 1.0001,
+      cache_threshold = 0.5, cache_routing_prob = 1.0, balance_abs_threshold = 32,
+      balance_rel_threshold = 1.0001,
       eviction_interval = 60, max_tree_size = 16777216, max_payload_size = 268435456,
       max_concurrent_requests = 64, queue_size = 100, queue_timeout_secs = 60,
       request_timeout_secs = 600, worker_startup_timeout_secs = 300,
@@ -54,7 +55,8 @@ describe("sglr.cli", function()
       client_header_timeout_secs = 30, client_body_timeout_secs = 60, keepalive_timeout_secs = 75,
       client_write_timeout_secs = 60,
     }
-    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path", "max_connections" }
+    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path", "max_connections",
+      "admin_api_key", "inference_api_key" }
 
     it("gives every flag its default with no arguments", function()
       local conf = ok()
@@ -152,6 +154,9 @@ describe("sglr.cli", function()
         { "https://a.com", "https://b.com" } },
       { { "--dp-aware" }, "dp_aware", true },
       { { "--api-key", "secret" }, "api_key", "secret" },
+      { { "--admin-api-key", "adm" }, "admin_api_key", "adm" },
+      { { "--inference-api-key", "inf" }, "inference_api_key", "inf" },
+      { { "--cache-routing-prob", "0.25" }, "cache_routing_prob", 0.25 },
       { { "--lua-path", "/opt/sglr" }, "lua_path", "/opt/sglr" },
       { { "--shutdown-grace-secs", "0" }, "shutdown_grace_secs", 0 },
       { { "--connect-timeout-ms", "250" }, "connect_timeout_ms", 250 },
@@ -205,9 +210,58 @@ describe("sglr.cli", function()
     it("fills policy_options with the cache-aware keys", function()
       local conf = ok("--cache-threshold", "0.7", "--balance-abs-threshold", "8",
                       "--balance-rel-threshold", "1.2", "--eviction-interval", "5",
-                      "--max-tree-size", "1000")
+                      "--max-tree-size", "1000", "--cache-routing-prob", "0.9")
       assert.same({ cache_threshold = 0.7, balance_abs_threshold = 8, balance_rel_threshold = 1.2,
-                    eviction_interval = 5, max_tree_size = 1000 }, conf.policy_options)
+                    eviction_interval = 5, max_tree_size = 1000, cache_routing_prob = 0.9 },
+                  conf.policy_options)
+    end)
+
+    it("reads the keys from the environment when the flags are not given", function()
+      local env = { SGLR_API_KEY = "w", SGLR_ADMIN_API_KEY = "a", SGLR_INFERENCE_API_KEY = "" }
+      local saved = cli.getenv
+      cli.getenv = function(name) return env[name] end
+      local conf, conf2 = parse(), parse("--admin-api-key", "flag-wins")
+      cli.getenv = saved
+      assert(conf and conf2)
+      assert.equal("w", conf.api_key)
+      assert.equal("a", conf.admin_api_key)
+      assert.is_nil(conf.inference_api_key)           -- empty: unset
+      assert.equal("flag-wins", conf2.admin_api_key)
+    end)
+
+    it("prints the version for --version", function()
+      local conf, text, kind = parse("--port", "1", "--version")
+      assert.is_nil(conf)
+      assert.equal("version", kind)
+      assert.equal("sglr " .. require("sglr.version"), text)
+      assert.matches("^sglr %d+%.%d+%.%d+", text)
+    end)
+
+    -- python -m sglang_router.launch_router --help, as the seeds' docs
+    -- print it (the early router's and the later one's flags)
+    it("accepts every flag of sglang_router.launch_router", function()
+      local conf = ok("--host", "0.0.0.0", "--port", "8080", "--worker-urls", "http://w1:8000",
+        "http://w2:8000", "--policy", "cache_aware", "--cache-threshold", "0.5",
+        "--cache-routing-prob", "0.8", "--eviction-interval", "60", "--max-tree-size", "16777216",
+        "--balance-abs-threshold", "32", "--balance-rel-threshold", "1.0001",
+        "--max-concurrent-requests", "64", "--request-timeout-secs", "600",
+        "--max-payload-size", "268435456", "--retry-max-retries", "3",
+        "--retry-initial-backoff-ms", "100", "--retry-max-backoff-ms", "10000",
+        "--retry-backoff-multiplier", "2.0", "--retry-jitter-factor", "0.1", "--disable-retries",
+        "--cb-failure-threshold", "5", "--cb-success-threshold", "2",
+        "--cb-timeout-duration-secs", "30", "--cb-window-duration-secs", "60",
+        "--disable-circuit-breaker", "--worker-startup-timeout-secs", "300",
+        "--worker-startup-check-interval", "10", "--service-discovery-port", "8000",
+        "--service-discovery-namespace", "default", "--bootstrap-port-annotation", "x/port",
+        "--prometheus-port", "29000", "--prometheus-host", "0.0.0.0", "--log-dir", "/tmp/logs",
+        "--log-level", "info", "--request-id-headers", "x-request-id",
+        "--cors-allowed-origins", "https://a.com", "--dp-aware", "--api-key", "k")
+      assert.equal(0.8, conf.cache_routing_prob)
+      assert.is_true(conf.dp_aware)
+      assert(ok("--pd-disaggregation", "--prefill", "http://p:8000", "9000", "--decode", "http://d:8000",
+        "--prefill-policy", "cache_aware", "--decode-policy", "round_robin"))
+      assert(ok("--service-discovery", "--selector", "app=sglang", "--pd-disaggregation",
+        "--prefill-selector", "c=p", "--decode-selector", "c=d"))
     end)
   end)
 
@@ -357,6 +411,8 @@ describe("sglr.cli", function()
       { "--prefill-policy", "nope" }, { "--decode-policy", "nope" },
       { "--shutdown-grace-secs", "-1" }, { "--connect-timeout-ms", "0" },
       { "--host", "" }, { "--port", "0x10" }, { "--cache-threshold", "nan" },
+      { "--cache-routing-prob", "1.5" }, { "--cache-routing-prob", "-0.1" },
+      { "--admin-api-key", "" }, { "--inference-api-key", "" },
       { "--request-timeout-secs", "inf" },
     }
     for _, c in ipairs(bad) do
