@@ -332,4 +332,76 @@ describe("kubernetes discovery", function()
       assert.equal(1, H.sim_stats(d1).rooms_total)
     end)
   end)
+
+  -- TLS: `openssl s_server -WWW` serves files named after the request
+  -- path and query, so the list and the watch are files; the router must
+  -- trust the server through the kubeconfig's certificate-authority-data.
+  describe("over TLS", function()
+    local has_openssl = os.execute("openssl version >/dev/null 2>&1") == 0
+    local dir
+
+    local function sh(cmd)
+      local f = assert(io.popen(cmd .. " 2>/dev/null"))
+      local out = f:read("*a")
+      f:close()
+      return out
+    end
+
+    local function tls_server()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir -p " .. dir .. "/api/v1") == 0)
+      for _, name in ipairs({ "server", "other" }) do
+        assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/%s.key -out %s/%s.pem " ..
+          "-days 1 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1")
+          :format(dir, name, dir, name)) == 0)
+      end
+      local list = { kind = "PodList", apiVersion = "v1", metadata = { resourceVersion = "5" },
+        items = { K.pod({ name = "a", ip = "127.0.0.2" }) } }
+      local base = dir .. "/api/v1/pods?labelSelector=app%3Dsglang"
+      local f = assert(io.open(base, "w"))
+      f:write(require("cjson").encode(list))
+      f:close()
+      f = assert(io.open(base .. "&watch=1&allowWatchBookmarks=true&timeoutSeconds=290&resourceVersion=5", "w"))
+      f:write('{"type":"BOOKMARK","object":{"kind":"Pod","metadata":{"resourceVersion":"5"}}}\n')
+      f:close()
+      local p = free_port()
+      H.spawn({ "s_server", "-accept", "127.0.0.1:" .. p, "-WWW", "-quiet",
+        "-cert", dir .. "/server.pem", "-key", dir .. "/server.key" }, { bin = "openssl", cwd = dir })
+      H.wait_for(function()
+        local t, ok = require("luv").new_tcp(), nil
+        t:connect("127.0.0.1", p, function(cerr) ok = not cerr; t:close() end)
+        while ok == nil do core.sleep(5) end
+        return ok
+      end, 10000, "openssl s_server")
+      return "https://127.0.0.1:" .. p
+    end
+
+    local function tls_router(server, ca)
+      local cfg = H.tmpfile(table.concat({
+        "current-context: tls", "contexts: [{name: tls, context: {cluster: k, user: u}}]",
+        "clusters:", "- name: k", "  cluster:", "    server: " .. server,
+        "    certificate-authority-data: " .. sh("base64 -w0 " .. dir .. "/" .. ca .. ".pem"),
+        "users: [{name: u, user: {token: " .. TOKEN .. "}}]", "" }, "\n"), ".yaml")
+      return H.router({ "--service-discovery", "--selector", "app=sglang", "--kubeconfig", cfg,
+        "--service-discovery-port", tostring(port), "--service-discovery-relist-secs", "1" })
+    end
+
+    it("lists and watches through the kubeconfig's CA data, and refuses a server it does not trust", function()
+      if not has_openssl then return pending("openssl is not installed") end
+      local a = sim_at("127.0.0.2", "a")
+      local server = tls_server()
+      local r = tls_router(server, "server")
+      assert.truthy(workers(r)[a.url])
+      H.wait_for(function() return metric(r, 'sgl_router_discovery_events_total{type="BOOKMARK"}') >= 1 end,
+        5000, "the watch's bookmark")
+      assert.equal(0, metric(r, 'sgl_router_discovery_errors_total{op="list"}'))
+      H.stop(r.proc)
+
+      local r2 = tls_router(server, "other")
+      H.wait_for(function() return metric(r2, 'sgl_router_discovery_errors_total{op="list"}') >= 1 end,
+        5000, "a refused list")
+      assert.is_nil(workers(r2)[a.url])
+    end)
+  end)
 end)
