@@ -3,7 +3,7 @@ SHELL := /bin/bash
 BUILD ?= build
 JOBS  ?= $(shell nproc)
 DEB_PACKAGES = build-essential cmake pkg-config libluajit2-5.1-dev libuv1-dev lua-luv-dev lua-luv \
-  node-llhttp libcurl4-openssl-dev lua-cjson lua-busted lua-argparse lua-check curl wrk nginx-light prometheus \
+  node-llhttp libcurl4-openssl-dev lua-cjson lua-yaml lua-busted lua-argparse lua-check curl wrk nginx-light prometheus \
   clang libclang-rt-14-dev
 
 PREFIX ?= /usr/local

@@ -17,11 +17,11 @@ local procs = {}
 
 -- spawn(args, opts) -> proc (sglr.proc: pid, out = all its output so far,
 -- exited, code, signal). opts.bin: another program than sglr; opts.env,
--- opts.group as sglr.proc takes them. Children die with the spec runner.
+-- opts.group, opts.cwd as sglr.proc takes them. Children die with the spec runner.
 function H.spawn(args, opts)
   opts = opts or {}
   local verbose = os.getenv("SGLR_SPEC_VERBOSE")
-  local p = assert(process.spawn(opts.bin or H.bin, args, { env = opts.env, group = opts.group,
+  local p = assert(process.spawn(opts.bin or H.bin, args, { env = opts.env, group = opts.group, cwd = opts.cwd,
     on_line = verbose and function(line) io.stderr:write(line, "\n") end }))
   procs[#procs + 1] = p
   return p

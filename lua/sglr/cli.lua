@@ -158,6 +158,12 @@ local FLAGS = {
     arg = "<namespace>" },
   { "--bootstrap-port-annotation", "string", "sglang.ai/bootstrap-port",
     "Annotation for bootstrap ports of prefill pods", arg = "<key>" },
+  { "--kubeconfig", "string", nil,
+    "Kubeconfig file for the API server (default: $KUBECONFIG, else the in-cluster service account)",
+    arg = "<path>" },
+  { "--service-discovery-relist-secs", "number", 60,
+    "Seconds between full pod lists, so that a watch that stopped delivering cannot keep dead workers",
+    gt = 0, arg = "<secs>" },
 
   { group = "Observability" },
   { "--prometheus-host", "string", "127.0.0.1", "Prometheus metrics host", arg = "<host>" },

@@ -757,6 +757,10 @@ function M:serve_metrics()
       stats.inflight_h:set(self.limiter.inflight)
       stats.body_bytes:set(core.body_bytes())
       stats.queue_depth_h:set(self.limiter:depth())
+      if self.discovery then
+        local age = self.discovery:sync_age()
+        if age then stats.discovery_sync_age:set(age) end
+      end
       local pools = {}
       for _, w in ipairs(self.workers.list) do
         w.m.running:set(w.load)
@@ -807,7 +811,21 @@ function M:start()
     log.info("waiting for " .. #urls .. " worker(s) to become healthy")
   end
   local deadline = core.now() + (conf.worker_startup_timeout_secs or 300) * 1000
+  -- discovery lists pods while the listed workers are awaited; both sets
+  -- are waited for before the router serves
+  local disc_done
+  if conf.service_discovery then
+    local d, derr = require("sglr.discovery").new(self)
+    if not d then return nil, "--service-discovery: " .. derr end
+    self.discovery = d
+    disc_done = core.event()
+    core.spawn(function()
+      d:start()
+      disc_done:set(true)
+    end)
+  end
   local ready, failed = self.health:wait_all(urls)
+  if disc_done then disc_done:wait() end
   local ready_set = {}
   for _, u in ipairs(ready) do ready_set[u] = true end
   -- dp-aware: the ready workers' dp_size, asked of all at once
@@ -880,6 +898,7 @@ function M:start()
   if not ok then return nil, err end
   self.health:start()
   self:watch_loop()
+
   log.always(string.format("sglr router listening on http://%s:%d (policy %s, %d worker(s))",
     conf.host or "127.0.0.1", srv:port(), self.policy_name, #self.workers.list), { port = srv:port() })
   return true
@@ -915,6 +934,7 @@ function M:shutdown(signame)
   if self.server then self.server:close() end
   if self.metrics_server then self.metrics_server:close() end
   self.health:stop()
+  if self.discovery then self.discovery:stop() end
   local deadline = core.now() + (self.conf.shutdown_grace_secs or 30) * 1000
   -- in flight: requests still being answered, and connections still
   -- flushing answers already given (the server closes them when done)
@@ -939,12 +959,6 @@ function M.main(args)
     end
     -- the message names the program and the flag already
     io.stderr:write(tostring(err), "\n")
-    return core.exit(2)
-  end
-  -- parsed for command-line compatibility, not served yet: refuse rather
-  -- than route differently from what the operator asked for
-  if conf.service_discovery then
-    io.stderr:write("sglr run: --service-discovery is not supported by this version of sglr yet\n")
     return core.exit(2)
   end
   if conf.lua_path then

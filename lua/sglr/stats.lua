@@ -54,6 +54,19 @@ M.rejections = c("rate_limit_rejections_total", "Requests refused by the concurr
 M.inflight = g("inflight_requests", "Inference requests holding a concurrency slot.")
 M.body_bytes = g("request_body_bytes", "Bytes of request bodies held by requests not finished yet.")
 M.script_errors = c("script_errors_total", "Lua errors raised while handling requests.")
+M.discovery_pods = g("discovery_pods", "Pods discovery tracks as workers or candidates (matching the selector, seen alive), by role.", { "role" })
+M.discovery_added = c("discovery_workers_added_total", "Workers added by Kubernetes discovery, by role.", { "role" })
+M.discovery_removed = c("discovery_workers_removed_total",
+  "Workers removed by Kubernetes discovery, by reason (deleted, terminating, not_ready, label_changed, ip_changed, replaced, ...).",
+  { "reason" })
+M.discovery_events = c("discovery_events_total", "Watch events received, by type (malformed and unknown: skipped).", { "type" })
+M.discovery_watch_restarts = c("discovery_watch_restarts_total", "Pod watches that ended early, by reason (gone: 410, error).",
+  { "reason" })
+M.discovery_relists = c("discovery_relists_total", "Full pod lists, by reason (start, periodic, gone, watch_failed, retry).",
+  { "reason" })
+M.discovery_errors = c("discovery_errors_total", "Failed pod lists and watches.", { "op" })
+M.discovery_sync_age = g("discovery_last_sync_age_seconds",
+  "Seconds since the pod view was last confirmed by a list or a watch event (bookmarks included).")
 M.loop_lag = h("event_loop_lag_seconds", "How late a 100 ms timer fired: time the event loop spent busy without polling.")
 
 -- Handles of the per-route and per-worker series, looked up once: the

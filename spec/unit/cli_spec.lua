@@ -47,6 +47,7 @@ describe("sglr.cli", function()
       prefill_policy = "cache_aware", decode_policy = "cache_aware",
       service_discovery = false, selector = {}, prefill_selector = {}, decode_selector = {},
       service_discovery_port = 80, bootstrap_port_annotation = "sglang.ai/bootstrap-port",
+      service_discovery_relist_secs = 60,
       prometheus_host = "127.0.0.1", prometheus_port = 29000, log_level = "info",
       log_json = false,
       request_id_headers = { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" },
@@ -55,8 +56,8 @@ describe("sglr.cli", function()
       client_header_timeout_secs = 30, client_body_timeout_secs = 60, keepalive_timeout_secs = 75,
       client_write_timeout_secs = 60,
     }
-    local unset = { "service_discovery_namespace", "log_dir", "api_key", "lua_path", "max_connections",
-      "admin_api_key", "inference_api_key" }
+    local unset = { "service_discovery_namespace", "kubeconfig", "log_dir", "api_key", "lua_path",
+      "max_connections", "admin_api_key", "inference_api_key" }
 
     it("gives every flag its default with no arguments", function()
       local conf = ok()
