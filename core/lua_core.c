@@ -387,6 +387,22 @@ static int event_gc(lua_State *L)
     return 0;
 }
 
+/* core.set_via(token): this router's hop token (see msg.h); "" turns it off */
+static int l_set_via(lua_State *L)
+{
+    size_t n;
+    const char *t = luaL_checklstring(L, 1, &n);
+    if (n >= sizeof sglr_via_token)
+        return luaL_argerror(L, 1, "token too long");
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)t[i] <= ' ' && t[i] != ' ')
+            return luaL_argerror(L, 1, "token has control bytes");
+    memcpy(sglr_via_token, t, n);
+    sglr_via_token[n] = 0;
+    sglr_via_len = n;
+    return 0;
+}
+
 /* --- module ------------------------------------------------------------------------- */
 
 int luaopen_sglr_core(lua_State *L)
@@ -398,6 +414,7 @@ int luaopen_sglr_core(lua_State *L)
         { "now", l_now }, { "wall", l_wall }, { "sleep", l_sleep }, { "spawn", l_spawn },
         { "exit", l_exit }, { "log", l_log }, { "set_log_level", l_set_log_level },
         { "on_signal", l_on_signal }, { "event", l_event }, { "random_id", l_random_id },
+        { "set_via", l_set_via },
         { NULL, NULL } };
     sglr_lua_new_mt(L, EVENT_MT, event_m, event_gc);
     lua_newtable(L);

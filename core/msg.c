@@ -23,6 +23,9 @@ static int buf_reserve(sglr_buf_t *b, size_t extra)
     return 0;
 }
 
+char sglr_via_token[48];
+size_t sglr_via_len;
+
 int sglr_buf_reserve(sglr_buf_t *b, size_t extra)
 {
     return buf_reserve(b, extra + 1);

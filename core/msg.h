@@ -23,6 +23,12 @@ typedef struct {
 } sglr_buf_t;
 
 int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n);   /* 0 or -ENOMEM */
+/* This router's hop token ("sglr-XXXX", empty until set): sent to workers
+ * as "via: 1.1 TOKEN", and a request that arrives carrying it has looped
+ * back (through other routers, or a router listed as its own worker). */
+extern char sglr_via_token[48];
+extern size_t sglr_via_len;
+
 /* Room for extra more bytes (and the terminator) without another realloc. */
 int sglr_buf_reserve(sglr_buf_t *b, size_t extra);
 /* Append "name: value\r\n" in one step. 0 or -ENOMEM. */

@@ -97,6 +97,7 @@ const char *sglr_status_text(int status)
     case 502: return "Bad Gateway";
     case 503: return "Service Unavailable";
     case 504: return "Gateway Timeout";
+    case 508: return "Loop Detected";
     default: return "Unknown";
     }
 }
@@ -650,6 +651,16 @@ static int on_headers_complete(llhttp_t *p)
         if (hosts != 1)
             return refuse(c, "an HTTP/1.1 request needs exactly one Host header");
     }
+    /* every Via line: each hop appends its own */
+    for (int i = 0; sglr_via_len && i < x->head.nhdrs; i++) {
+        const sglr_hdr_t *h = &x->head.hdrs[i];
+        if (h->name_len == 3 && memcmp(x->head.buf.data + h->name_off, "via", 3) == 0 &&
+            memmem(x->head.buf.data + h->value_off, h->value_len, sglr_via_token, sglr_via_len)) {
+            refuse(c, "request loop: this request already passed through this router");
+            c->reject_status = 508;
+            return -1;
+        }
+    }
     conn_wait(c, WAIT_BODY, c->srv->opts.body_timeout_ms);
     if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->opts.max_body) {
         c->reject_status = 413;
@@ -841,8 +852,8 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
                 conn_reject(c, 413, "request body exceeds --max-payload-size");
             else if (c->reject_status == 431)
                 conn_reject(c, 431, "request headers too large");
-            else if (c->reject_status == 400 && c->reject_msg)
-                conn_reject(c, 400, c->reject_msg);
+            else if ((c->reject_status == 400 || c->reject_status == 508) && c->reject_msg)
+                conn_reject(c, c->reject_status, c->reject_msg);
             else {
                 char msg[160];
                 snprintf(msg, sizeof msg, "malformed HTTP request: %s",

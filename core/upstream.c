@@ -703,6 +703,8 @@ int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size
     e = e || sglr_buf_append(b, p->hostport, strlen(p->hostport));
     e = e || sglr_buf_append(b, "\r\n", 2);
     e = e || sglr_buf_append(b, hdrs, hlen);
+    if (sglr_via_len)      /* the hop this router adds (loop detection) */
+        e = e || sglr_buf_append_header(b, "via", 3, sglr_via_token, sglr_via_len);
     if (body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
         char num[24], tmp[24];
         size_t n = 0, k = 0, v = blen;

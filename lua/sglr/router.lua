@@ -563,9 +563,24 @@ end
 -- (source, pod, role, bootstrap_port): with --dp-aware, one entry per rank.
 -- admit(url, opts) -> worker (the first entry) | nil, err, why
 -- ("invalid"|"duplicate"|"not_ready")
+-- A worker URL that is this router's own listener (a request sent there
+-- would come straight back).
+function M:is_self(norm)
+  local port = self.server and self.server:port() or self.conf.port
+  if not port or port == 0 then return false end
+  local addr = workers_mod.address_of(norm)
+  for _, h in ipairs({ self.conf.host or "127.0.0.1", "127.0.0.1", "localhost", "[::1]", "0.0.0.0" }) do
+    if addr == "http://" .. h .. ":" .. port then return true end
+  end
+  return false
+end
+
 function M:admit(url, opts)
   local norm, err = workers_mod.check_url(url)
   if not norm then return nil, err, "invalid" end
+  if self:is_self(norm) then
+    return nil, "worker " .. norm .. " is this router itself", "invalid"
+  end
   if norm:find("@", 1, true) then
     return nil, "invalid worker URL '" .. url .. "': user info or a rank (@) is not allowed", "invalid"
   end
@@ -790,6 +805,10 @@ end
 
 function M:start()
   local conf = self.conf
+  -- the hop this router adds to what it forwards: a request that comes
+  -- back carrying it (through other routers, or the router listed as its
+  -- own worker) is refused with 508 instead of looping until it times out
+  core.set_via("1.1 sglr-" .. core.random_id(""))
   local ok, err = self:load_policy()
   if not ok then return nil, err end
 
@@ -823,6 +842,10 @@ function M:start()
       d:start()
       disc_done:set(true)
     end)
+  end
+  for _, u in ipairs(urls) do
+    local norm = workers_mod.check_url(u)
+    if norm and self:is_self(norm) then return nil, "worker " .. norm .. " is this router itself" end
   end
   local ready, failed = self.health:wait_all(urls)
   if disc_done then disc_done:wait() end

@@ -29,22 +29,48 @@ function M.check_url(url)
   if type(url) ~= "string" or url == "" then return nil, "worker URL is empty" end
   local scheme, rest = url:match("^(https?)://(.+)$")
   if not scheme then return nil, "invalid worker URL '" .. url .. "': must start with http:// or https://" end
-  if rest:find("[%s?#]") then return nil, "invalid worker URL '" .. url .. "': no spaces, query or fragment allowed" end
+  if rest:find("[%c%s?#]") then
+    return nil, "invalid worker URL '" .. url:gsub("%c", "?") .. "': no spaces, control bytes, query or fragment allowed"
+  end
   local host = rest:match("^%[[^%]]+%]") or rest:match("^[^:/]+")
   if not host or host == "" then return nil, "invalid worker URL '" .. url .. "': missing host" end
-  local port = rest:sub(#host + 1):match("^:(%d*)")
+  local tail = rest:sub(#host + 1)
+  local port = tail:match("^:(%d*)")
   if port ~= nil then
     local p = tonumber(port)
     if not p or p < 1 or p > 65535 then return nil, "invalid worker URL '" .. url .. "': bad port" end
   end
-  return (url:gsub("/+$", ""))
+  -- scheme and host are case-insensitive: one spelling
+  return ((scheme .. "://" .. host:lower() .. tail):gsub("/+$", ""))
+end
+
+-- The address a checked URL dials, "scheme://host:port" with the scheme's
+-- port made explicit: two URLs with the same address are one worker.
+function M.address_of(norm)
+  local scheme, host, port = norm:match("^(https?)://(%[[^%]]+%])(:?%d*)")
+  if not scheme then scheme, host, port = norm:match("^(https?)://([^:/@]+)(:?%d*)") end
+  if not scheme then return norm end
+  if port == "" then port = scheme == "https" and ":443" or ":80" end
+  return scheme .. "://" .. host .. port
 end
 
 function M.new(conf, hooks)
-  return setmetatable({ conf = conf, list = {}, by_url = {}, hooks = hooks or {} }, M)
+  return setmetatable({ conf = conf, list = {}, by_url = {}, by_addr = {}, hooks = hooks or {} }, M)
 end
 
-function M:get(url) return self.by_url[(url or ""):gsub("/+$", "")] end
+-- A URL as the registry keys it (checked when it can be, so a spelling
+-- that check_url would change still finds its worker).
+local function key_of(url)
+  url = url or ""
+  local norm = M.check_url((url:gsub("@%d+$", "")))
+  if norm then return norm .. (url:match("@%d+$") or "") end
+  return (url:gsub("/+$", ""))
+end
+
+function M:get(url)
+  local key = key_of(url)
+  return self.by_url[key] or self.by_addr[M.address_of((key:gsub("@%d+$", ""))) .. (key:match("@%d+$") or "")]
+end
 
 -- A pod's identity, copied: { namespace =, name =, uid = } (strings).
 local function pod_of(pod)
@@ -64,12 +90,15 @@ end
 -- The entries of a worker: its ranks for a base URL, the worker itself
 -- for a plain URL or one rank's "url@rank". Registration order.
 function M:entries(url)
-  local norm = (url or ""):gsub("/+$", "")
-  local w = self.by_url[norm]
+  local norm = key_of(url)
+  local rank = norm:match("@%d+$")
+  local base_addr = M.address_of((norm:gsub("@%d+$", "")))
+  local w = self.by_url[norm] or self.by_addr[base_addr .. (rank or "")]
   if w then return { w } end
   local out = {}
+  if rank then return out end
   for _, e in ipairs(self.list) do
-    if e.base_url == norm then out[#out + 1] = e end
+    if e.base_addr == base_addr then out[#out + 1] = e end
   end
   return out
 end
@@ -88,9 +117,11 @@ function M:add(url, opts)
   if not norm then return nil, err end
   local rank = opts.dp_rank
   local key = rank and (norm .. "@" .. rank) or norm
-  local known = self.by_url[key]
+  local addr = M.address_of(norm) .. (rank and "@" .. rank or "")
+  local known = self.by_url[key] or self.by_addr[addr]
   if known then
     return nil, "worker " .. key .. " is already registered" ..
+      (known.url ~= key and " as " .. known.url or "") ..
       (known.source ~= source and " (from " .. known.source .. ")" or "")
   end
   if not norm:match("^http://") then
@@ -117,6 +148,8 @@ function M:add(url, opts)
   end)
   self.list[#self.list + 1] = w
   self.by_url[key] = w
+  w.addr, w.base_addr = addr, M.address_of(norm)
+  self.by_addr[addr] = w
   if self.hooks.added then self.hooks.added(w) end
   return w
 end
@@ -166,6 +199,7 @@ function M:remove(url, opts)
       if v == e then table.remove(self.list, i) break end
     end
     self.by_url[e.url] = nil
+    if self.by_addr[e.addr] == e then self.by_addr[e.addr] = nil end
     e.removed = true
     if self.hooks.removed then self.hooks.removed(e) end
   end

@@ -84,3 +84,31 @@ describe("huge prompts", function()
     assert.truthy(res.json.error.message:find("stream", 1, true))
   end)
 end)
+
+describe("request loops", function()
+  local w, a, b
+  setup(function()
+    w = H.sim({ "--id", "w1" })
+    a = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--disable-retries" })
+    b = H.router({ "--worker-urls", a.url, "--policy", "round_robin", "--disable-retries" })
+  end)
+  teardown(H.stop_all)
+
+  it("refuse the router itself as a worker", function()
+    local res = assert(H.post(a.url, "/add_worker?url=" .. a.url, ""))
+    assert.equal(400, res.status)
+    assert.truthy(res.json.error.message:find("this router itself", 1, true))
+  end)
+
+  it("answer 508 when a request comes back through another router", function()
+    -- b forwards to a; a is then given b as a worker: a request to a that
+    -- a sends to b comes back to a and is stopped there
+    assert.equal(200, assert(H.post(b.url, "/generate", H.gen_body("x"))).status)
+    assert.equal(200, assert(H.post(a.url, "/remove_worker?url=" .. w.url, "")).status)
+    assert.equal(200, assert(H.post(a.url, "/add_worker?url=" .. b.url, "")).status)
+    local t0 = core.now()
+    local res = assert(H.post(a.url, "/generate", H.gen_body("loop")))
+    assert.equal(508, res.status)
+    assert.is_true(core.now() - t0 < 5000)
+  end)
+end)
