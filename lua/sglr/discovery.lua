@@ -580,8 +580,10 @@ function D:start()
   -- the relist timer: cut the watches short every --service-discovery-relist-secs
   local uv = require "luv"
   local ms = floor((conf.service_discovery_relist_secs or 60) * 1000)
+  -- checked at least once a second, so a relist is at most 1 s late
+  local tick = math.min(1000, floor(ms / 4) + 1)
   self.timer = uv.new_timer()
-  self.timer:start(ms, floor(ms / 4) + 1, function()
+  self.timer:start(tick, tick, function()
     local now = core.now()
     for _, w in ipairs(self.watchers) do
       if w.req and w.next_relist and now >= w.next_relist then
