@@ -291,6 +291,9 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
     size_t plen = x ? x->head.url_len : 1;
     const char *body = x ? x->body.data : NULL;
     size_t blen = x ? x->body.len : 0;
+    /* the client's body is sent from where it is: the proxy holds the
+     * exchange, so it outlives the leg's request */
+    int borrowed = x != NULL;
     unsigned connect_ms = 5000, timeout_ms = 600000;
     int hidx = 0;
     if (opts) {
@@ -301,8 +304,10 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
         if (lua_isstring(L, -1))
             path = lua_tolstring(L, -1, &plen);
         lua_getfield(L, opts, "body");
-        if (lua_isstring(L, -1))
+        if (lua_isstring(L, -1)) {
             body = lua_tolstring(L, -1, &blen);
+            borrowed = 0;               /* a Lua string: copied */
+        }
         lua_getfield(L, opts, "connect_timeout_ms");
         if (lua_isnumber(L, -1))
             connect_ms = timeout_arg(lua_tonumber(L, -1));
@@ -329,11 +334,12 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
         }
         body = ranked.data ? ranked.data : "";
         blen = ranked.len;
+        borrowed = 0;                   /* freed below: copied */
     }
     sglr_buf_t hb = sglr_lua_scratch_take();
     const char *err = sglr_lua_headers(L, x ? &x->head : NULL, hidx, &hb);
-    if (!err && sglr_upreq_build(f->leg->req, method, path, plen, hb.data ? hb.data : "",
-                                 hb.len, body, blen))
+    if (!err && (borrowed ? sglr_upreq_build_ref : sglr_upreq_build)(f->leg->req, method, path,
+                                 plen, hb.data ? hb.data : "", hb.len, body, blen))
         err = "out of memory";
     sglr_lua_scratch_give(&hb);
     sglr_buf_free(&ranked);

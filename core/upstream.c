@@ -18,7 +18,7 @@ struct sglr_upconn_s {
     uv_tcp_t tcp;
     uv_connect_t creq;
     uv_write_t wreq;
-    uv_buf_t wbuf;
+    uv_buf_t wbuf[2];        /* what uv_try_write left of head and body */
     sglr_pool_t *pool;
     sglr_upreq_t *req;       /* NULL while idle */
     sglr_upconn_t *next;     /* idle list */
@@ -475,20 +475,31 @@ static void conn_send(sglr_upconn_t *c, sglr_upreq_t *r)
     r->state = UP_WAIT_HEAD;
     r->sent_at = sglr_loop_now();
     /* Usually the socket takes the whole request at once: no write request,
-     * no callback. Otherwise the rest is queued from r->out, which stays
-     * put: r is freed only from its timer's close callback, after an abort
-     * has closed this connection and so cancelled the write. */
-    uv_buf_t buf = uv_buf_init(r->out.data, (unsigned)r->out.len);
-    int n = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
+     * no callback. Otherwise the rest is queued from r->out and r->body,
+     * which stay put: r is freed only from its timer's close callback, after
+     * an abort has closed this connection and so cancelled the write, and a
+     * borrowed body outlives r (its owner frees r first). */
+    uv_buf_t bufs[2] = { uv_buf_init(r->out.data, (unsigned)r->out.len),
+                         uv_buf_init((char *)(r->body ? r->body : ""), (unsigned)r->body_len) };
+    unsigned nbufs = r->body_len ? 2 : 1;
+    int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
     if (n < 0 && n != UV_EAGAIN) {
         req_fail(r, SGLR_UP_ERESET);
         return;
     }
     size_t done = n > 0 ? (size_t)n : 0;
-    if (done < r->out.len) {
-        c->wbuf = uv_buf_init(r->out.data + done, (unsigned)(r->out.len - done));
+    if (done < r->out.len + r->body_len) {
+        unsigned k = 0;
+        if (done < r->out.len) {
+            c->wbuf[k++] = uv_buf_init(r->out.data + done, (unsigned)(r->out.len - done));
+            done = 0;
+        } else {
+            done -= r->out.len;
+        }
+        if (r->body_len)
+            c->wbuf[k++] = uv_buf_init((char *)r->body + done, (unsigned)(r->body_len - done));
         c->wreq.data = c;
-        if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &c->wbuf, 1, write_cb) < 0) {
+        if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, c->wbuf, k, write_cb) < 0) {
             req_fail(r, SGLR_UP_ERESET);
             return;
         }
@@ -689,7 +700,7 @@ sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p)
     return r;
 }
 
-int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
+int sglr_upreq_build_ref(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
                      const char *hdrs, size_t hlen, const char *body, size_t blen)
 {
     sglr_buf_t *b = &r->out;
@@ -718,8 +729,20 @@ int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size
             sglr_buf_append(b, "\r\n", 2);
     }
     e = e || sglr_buf_append(b, "\r\n", 2);
-    e = e || sglr_buf_append(b, body, blen);
+    r->body = body;
+    r->body_len = body ? blen : 0;
     return e ? -ENOMEM : 0;
+}
+
+int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
+                     const char *hdrs, size_t hlen, const char *body, size_t blen)
+{
+    if (sglr_upreq_build_ref(r, method, path, plen, hdrs, hlen, body, blen) ||
+        sglr_buf_append(&r->out, body, r->body_len))
+        return -ENOMEM;
+    r->body = NULL;
+    r->body_len = 0;
+    return 0;
 }
 
 /* Stop the deadline timer, unless the request was freed: then the timer

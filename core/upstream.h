@@ -78,7 +78,9 @@ struct sglr_pool_s {
 struct sglr_upreq_s {
     sglr_pool_t *pool;
     sglr_upconn_t *conn;
-    sglr_buf_t out;          /* the serialized request */
+    sglr_buf_t out;          /* the serialized request (its head, with a borrowed body) */
+    const char *body;        /* a borrowed body, sent after out (build_ref) */
+    size_t body_len;
     sglr_head_t head;        /* response: headers, names lowercased */
     int status;
     long long content_length; /* -1 when unknown */
@@ -120,6 +122,11 @@ sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p);
  * host/content-length (added here). */
 int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
                      const char *hdrs, size_t hlen, const char *body, size_t blen);
+/* The same without copying the body: it is sent from body[0..blen), which
+ * must stay as it is until r is freed (a client's request body, held by
+ * the exchange the proxy holds). */
+int sglr_upreq_build_ref(sglr_upreq_t *r, const char *method, const char *path, size_t plen,
+                         const char *hdrs, size_t hlen, const char *body, size_t blen);
 int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned timeout_ms);
 /* After on_head: deliver the body (on_body*, then on_done). */
 void sglr_upreq_continue(sglr_upreq_t *r);

@@ -699,6 +699,34 @@ TEST(chunked_response)
 /* A 204 has no body whatever its framing says: it ends at its head, not
  * at the deadline, even when the worker then closes (found by
  * fuzz_response). */
+/* A borrowed body (build_ref) goes out as it is, however the socket takes
+ * it: 3 MiB is more than one write. */
+TEST(borrowed_body_is_sent_whole)
+{
+    sglr_pool_t *pool = pool_up("");
+    size_t n = 3u << 20;
+    char *body = malloc(n);
+    for (size_t i = 0; i < n; i++)
+        body[i] = (char)('a' + i % 23);
+    call_t *c = call_reset(0);
+    c->r = sglr_upreq_new(pool);
+    c->r->data = c;
+    c->r->on_head = on_head;
+    c->r->on_body = on_body;
+    c->r->on_done = on_done;
+    CHECK_EQ_INT(sglr_upreq_build_ref(c->r, "POST", "/ok", 3, "", 0, body, n), 0);
+    CHECK(c->r->out.len < 256);             /* the head only */
+    sglr_upreq_start(c->r, 1000, 5000);
+    WAIT(c->ndone, 5000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    CHECK_EQ_INT(c->status, 200);
+    CHECK(last_req.len > n);
+    CHECK(memcmp(last_req.data + last_req.len - n, body, n) == 0);
+    call_free(c);
+    free(body);
+    POOL_DOWN(pool);
+}
+
 TEST(no_content_with_chunked_framing)
 {
     sglr_pool_t *pool = pool_up("");
@@ -1454,6 +1482,7 @@ int main(void)
     RUN(chunked_response);
     RUN(no_body);
     RUN(no_content_with_chunked_framing);
+    RUN(borrowed_body_is_sent_whole);
     RUN(continue_later);
     RUN(paused_while_connection_ends);
     RUN(paused_with_much_pending);
