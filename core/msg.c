@@ -23,6 +23,19 @@ static int buf_reserve(sglr_buf_t *b, size_t extra)
     return 0;
 }
 
+size_t sglr_u64_dec(char *out, unsigned long long v)
+{
+    char tmp[24];
+    size_t n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
 char sglr_via_token[48];
 size_t sglr_via_len;
 

@@ -29,6 +29,9 @@ int sglr_buf_append(sglr_buf_t *b, const char *p, size_t n);   /* 0 or -ENOMEM *
 extern char sglr_via_token[48];
 extern size_t sglr_via_len;
 
+/* The decimal digits of v at out (room for 20); returns their count. */
+size_t sglr_u64_dec(char *out, unsigned long long v);
+
 /* Room for extra more bytes (and the terminator) without another realloc. */
 int sglr_buf_reserve(sglr_buf_t *b, size_t extra);
 /* Append "name: value\r\n" in one step. 0 or -ENOMEM. */

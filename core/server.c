@@ -287,19 +287,6 @@ static size_t status_line(char *out, int status)
     return 15 + tl;
 }
 
-/* Decimal digits of v at out; returns the count. */
-static size_t put_u64(char *out, unsigned long long v)
-{
-    char tmp[24];
-    size_t n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    for (size_t i = 0; i < n; i++)
-        out[i] = tmp[n - 1 - i];
-    return n;
-}
 
 /* "content-length: N\r\n" [+ "connection: close" or, for an HTTP/1.0
  * client that asked to keep the connection, "connection: keep-alive"] +
@@ -308,7 +295,7 @@ static size_t length_tail(char *out, unsigned long long len, int keep, int http1
 {
     size_t n = 0;
     memcpy(out, "content-length: ", 16);
-    n = 16 + put_u64(out + 16, len);
+    n = 16 + sglr_u64_dec(out + 16, len);
     if (!keep) {
         memcpy(out + n, "\r\nconnection: close", 19);
         n += 19;

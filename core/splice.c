@@ -248,18 +248,6 @@ static int is_bootstrap_key(const sglr_json_key_t *k)
            SGLR_JSON_KEY_IS(k, "bootstrap_room");
 }
 
-static size_t u64_dec(char *dst, uint64_t v)
-{
-    char tmp[20];
-    size_t n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    for (size_t i = 0; i < n; i++)
-        dst[i] = tmp[n - 1 - i];
-    return n;
-}
 
 /* One field: "name":v or, for a batch, "name":[v,v,...]; each v is the
  * same text or, when rooms is given, rooms[i] in decimal. */
@@ -274,7 +262,7 @@ static int add_field(sglr_buf_t *out, const char *name, const char *v, size_t vn
         if (i)
             TRY(append(out, ",", 1));
         if (rooms)
-            TRY(append(out, num, u64_dec(num, rooms[i])));
+            TRY(append(out, num, sglr_u64_dec(num, rooms[i])));
         else
             TRY(append(out, v, vn));
     }
@@ -285,7 +273,7 @@ static int add_bootstrap(sglr_buf_t *out, const char *qhost, size_t qn, int port
                          const uint64_t *rooms, int batch)
 {
     char ptxt[8];
-    size_t pn = port < 0 ? 4 : u64_dec(ptxt, (uint64_t)port);
+    size_t pn = port < 0 ? 4 : sglr_u64_dec(ptxt, (uint64_t)port);
     TRY(add_field(out, "\"bootstrap_host\":", qhost, qn, NULL, batch));
     TRY(add_field(out, ",\"bootstrap_port\":", port < 0 ? "null" : ptxt, pn, NULL, batch));
     return add_field(out, ",\"bootstrap_room\":", NULL, 0, rooms, batch);
@@ -376,7 +364,7 @@ static int add_rank_cb(sglr_buf_t *out, const void *ctx)
 {
     char num[20];
     TRY(append(out, "\"data_parallel_rank\":", 21));
-    return append(out, num, u64_dec(num, (uint64_t)*(const int *)ctx));
+    return append(out, num, sglr_u64_dec(num, (uint64_t)*(const int *)ctx));
 }
 
 int sglr_splice_rank(sglr_buf_t *out, const char *body, size_t len, int rank)
