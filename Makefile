@@ -4,7 +4,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 DEB_PACKAGES = build-essential cmake pkg-config libluajit2-5.1-dev libuv1-dev lua-luv-dev lua-luv \
   node-llhttp libcurl4-openssl-dev lua-cjson lua-yaml lua-busted lua-argparse lua-check curl wrk nginx-light prometheus \
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev openssl
 
 PREFIX ?= /usr/local
 DESTDIR ?=
