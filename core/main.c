@@ -10,6 +10,7 @@
  *   4. the usual package.path / cpath (Debian's busted, cjson, argparse ...)
  */
 #include "sglr.h"
+#include "logbuf.h"
 #include "httpc.h"
 #include "upstream.h"
 #include "server.h"
@@ -237,6 +238,7 @@ int main(int argc, char **argv)
         return 1;
 
     uv_run(sglr_loop, UV_RUN_DEFAULT);
+    sglr_logbuf_flush();
     fflush(stdout);
     fflush(stderr);
     /* Close what is left so pending close callbacks run, then leave without

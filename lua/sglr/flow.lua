@@ -118,7 +118,7 @@ function M:infer(x, route)
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
     policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
-    match_ratio = false }, req_mt)
+    match_ratio = false, prefill = false }, req_mt)
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -149,9 +149,10 @@ function M:access(x, req)
   req.rs.duration:observe(dur)
   if req.dpolicy then stats.for_pd_route(req.route).duration:observe(dur) end
   if log.enabled("info") then
-    log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
-      prefill = req.prefill, status = x:status(), duration_ms = floor(dur * 1e4) / 10,
-      retries = req.retries, stream = req.stream or false, error = req.error or nil })
+    -- keys in sorted order: the line log.info("request", {...}) printed
+    log.fields("info", "request", "duration_ms", floor(dur * 1e4) / 10, "error", req.error or nil,
+      "prefill", req.prefill or nil, "request_id", req.id, "retries", req.retries, "route", req.route,
+      "status", x:status(), "stream", req.stream or false, "worker", req.worker or "-")
   end
 end
 

@@ -166,6 +166,18 @@ describe("logs", function()
     assert.truthy(r.proc.out:match("info%s+request .*status=200"))
   end)
 
+  it("keep a request's warning before its access line (access lines are queued per loop turn)", function()
+    local w = H.sim({ "--id", "w" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--disable-retries" })
+    assert.equal(200, assert(H.get(w.url, "/sim/set?reset_rate=1")).status)
+    assert.equal(502, assert(H.post(r.url, "/generate", H.gen_body("x"), { ["x-request-id"] = "order-id" })).status)
+    H.wait_for(function() return r.proc.out:find("request_id=order-id retries=0", 1, true) end, 3000, "access line")
+    local warn_at = r.proc.out:find("worker request failed", 1, true)
+    local access_at = r.proc.out:find("info  request duration_ms=[%d.]+ error=")
+    assert.truthy(warn_at and access_at)
+    assert.truthy(warn_at < access_at)
+  end)
+
   it("log worker state changes", function()
     local w = H.sim({ "--id", "w" })
     local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--health-check-interval-secs", "0.1",
