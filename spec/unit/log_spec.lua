@@ -87,6 +87,13 @@ describe("native log lines", function()
     end
   end)
 
+  it("pad every level name as log.log does", function()
+    for _, lvl in ipairs({ "debug", "info", "warn", "error" }) do
+      local got = c_line(lvl, "msg", { "k" }, { k = "v" })
+      assert.equal(lua_line(lvl, "msg", { k = "v" }):sub(25), got:sub(25))
+    end
+  end)
+
   it("carry the same timestamp format", function()
     local got = c_line("info", "request", { "status" }, { status = 200 })
     assert.truthy(got:match("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ info  request status=200\n$"))
