@@ -29,12 +29,39 @@ local bump, record = stats.bump, stats.record
 
 -- The clock through LuaJIT's FFI: compiled into the trace, where core.now
 -- (a classic C call) ends it. Read several times per request.
+-- The exchange's status, closed and body_size the same way, for a userdata
+-- exchange (else, or when it is not a live one, its methods answer).
 local now_ms = core.now
+local function x_status(x) return x:status() end
+local function x_closed(x) return x:closed() end
+local function x_body_size(x) return x:body_size() end
 do
   local ok, ffi = pcall(require, "ffi")
-  if ok and pcall(ffi.cdef, "double sglr_now_ms(void);") and
-     pcall(function() return ffi.C.sglr_now_ms end) then
-    now_ms = ffi.C.sglr_now_ms
+  if ok and pcall(ffi.cdef, [[
+      double sglr_now_ms(void);
+      int sglr_lua_x_status(void *x);
+      int sglr_lua_x_closed(void *x);
+      double sglr_lua_x_body_size(void *x);
+    ]]) and pcall(function()
+      return ffi.C.sglr_now_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size
+    end) then
+    local C = ffi.C
+    now_ms = C.sglr_now_ms
+    x_status = function(x)
+      local v = type(x) == "userdata" and C.sglr_lua_x_status(x) or -1
+      if v < 0 then return x:status() end
+      return v
+    end
+    x_closed = function(x)
+      local v = type(x) == "userdata" and C.sglr_lua_x_closed(x) or -1
+      if v < 0 then return x:closed() end
+      return v == 1
+    end
+    x_body_size = function(x)
+      local v = type(x) == "userdata" and C.sglr_lua_x_body_size(x) or -1
+      if v < 0 then return x:body_size() end
+      return v
+    end
   end
 end
 local unpack = unpack or table.unpack
@@ -142,7 +169,7 @@ function M:infer(x, route)
     return self:access(x, req)
   end
   local okr, err = true, nil
-  if x:closed() then
+  if x_closed(x) then
     req.error = "client_closed"    -- gave up while queued: do not bother a worker
   else
     okr, err = pcall(self.run, self, x, req)
@@ -164,7 +191,7 @@ function M:access(x, req)
     -- keys in sorted order: the line log.info("request", {...}) printed
     log.fields("info", "request", "duration_ms", floor(dur * 1e4) / 10, "error", req.error or nil,
       "prefill", req.prefill or nil, "request_id", req.id, "retries", req.retries, "route", req.route,
-      "status", x:status(), "stream", req.stream or false, "worker", req.worker or "-")
+      "status", x_status(x), "stream", req.stream or false, "worker", req.worker or "-")
   end
 end
 
@@ -221,7 +248,7 @@ function M:run(x, req)
   local r = self.r
   local route, extra = req.route, req.extra
   local ok, stream_or_err, model, text
-  if ok_extract and x:body_size() > BIG_BODY then
+  if ok_extract and x_body_size(x) > BIG_BODY then
     ok, stream_or_err, model, text = extract.check_text(route, x, MAX_TEXT)
     if ok then rawset(req, "text", text) end
   else

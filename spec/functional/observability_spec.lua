@@ -178,6 +178,18 @@ describe("logs", function()
     assert.truthy(warn_at < access_at)
   end)
 
+  it("log the status of a request whose body is validated on the thread pool (over 1 MB)", function()
+    local w = H.sim({ "--id", "w" })
+    local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin" })
+    local body = H.gen_body(string.rep("a", 1536 * 1024))
+    assert.equal(200, assert(H.post(r.url, "/generate", body, { ["x-request-id"] = "big-id" })).status)
+    assert.equal(400, assert(H.post(r.url, "/generate", "{" .. string.rep(" ", 1536 * 1024),
+      { ["x-request-id"] = "big-bad" })).status)
+    H.wait_for(function() return r.proc.out:find("request_id=big-bad", 1, true) end, 3000, "access lines")
+    assert.truthy(r.proc.out:find("request_id=big-id retries=0 route=generate status=200", 1, true))
+    assert.truthy(r.proc.out:find("error=bad_request request_id=big-bad retries=0 route=generate status=400", 1, true))
+  end)
+
   it("log worker state changes", function()
     local w = H.sim({ "--id", "w" })
     local r = H.router({ "--worker-urls", w.url, "--policy", "round_robin", "--health-check-interval-secs", "0.1",
