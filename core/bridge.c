@@ -3,6 +3,7 @@
  * globals, the coroutine pin/resume pair, the pcall gateway and logging.
  */
 #include "sglr.h"
+#include "logbuf.h"
 
 #include <math.h>
 
@@ -21,6 +22,7 @@ void sglr_log(int level, const char *fmt, ...)
 {
     if (level < sglr_log_level)
         return;
+    sglr_logbuf_flush();        /* lines queued before this one go first */
     char ts[32];
     struct timeval tv;
     gettimeofday(&tv, NULL);

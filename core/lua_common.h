@@ -58,6 +58,7 @@ void sglr_lua_free_data_close_cb(uv_handle_t *h);
 void sglr_lua_open_server(lua_State *L);
 void sglr_lua_open_proxy(lua_State *L);
 void sglr_lua_open_pd(lua_State *L);
+void sglr_lua_open_log(lua_State *L);
 
 /* The worker pool in box idx (sglr.pool, lua_proxy.c); raises otherwise. */
 struct sglr_pool_s *sglr_lua_check_pool(lua_State *L, int idx);

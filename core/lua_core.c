@@ -11,6 +11,8 @@
  *   sglr.pool      -> sglr_pool_t        (core.upstream(url), lua_proxy.c)
  *   sglr.response  -> one proxy leg      (x:forward / core.request, lua_proxy.c)
  *   sglr.pd        -> a prefill and a decode leg (x:forward_pd, lua_pd.c)
+ *
+ * The native log lines (core.log_line, logbuf.c) are bound in lua_log.c.
  */
 #include "lua_common.h"
 
@@ -422,5 +424,6 @@ int luaopen_sglr_core(lua_State *L)
     sglr_lua_open_server(L);
     sglr_lua_open_proxy(L);
     sglr_lua_open_pd(L);
+    sglr_lua_open_log(L);
     return 1;
 }

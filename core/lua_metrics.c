@@ -14,6 +14,8 @@
  */
 #include "metrics.h"
 
+#include <errno.h>
+
 #include <lua.h>
 #include <lauxlib.h>
 #include <math.h>
@@ -224,6 +226,31 @@ static int s_get(lua_State *L)
     }
     lua_pushnumber(L, sglr_metrics_get(h->s));
     return 1;
+}
+
+/* The request path's updates through LuaJIT's FFI (stats.lua): a call the
+ * JIT compiles into its trace, where a lua_CFunction ends the trace and
+ * costs a stitch. p is a series handle as FFI passes a userdata to void *
+ * (its payload); the Lua object keeps the handle, and so its reference,
+ * alive across the call. -> 0 | -EINVAL (not a live handle that takes
+ * this update; nothing changes). */
+int sglr_lua_series_inc(void *p, double v)
+{
+    lseries_t *h = p;
+    if (!h || h->tag != series_tag || !h->s || h->type == SGLR_METRIC_HISTOGRAM ||
+        (h->type == SGLR_METRIC_COUNTER && !(v >= 0)))
+        return -EINVAL;
+    sglr_metrics_inc(h->s, v);
+    return 0;
+}
+
+int sglr_lua_series_observe(void *p, double v)
+{
+    lseries_t *h = p;
+    if (!h || h->tag != series_tag || !h->s || h->type != SGLR_METRIC_HISTOGRAM)
+        return -EINVAL;
+    sglr_metrics_observe(h->s, v);
+    return 0;
 }
 
 static int s_gc(lua_State *L)

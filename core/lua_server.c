@@ -239,6 +239,35 @@ sglr_exchange_t *sglr_lua_check_exchange(lua_State *L, int idx)
     return sglr_lua_check_box(L, idx, EXCHANGE_MT);
 }
 
+/* The request flow's reads of an exchange through LuaJIT's FFI (flow.lua):
+ * compiled into the JIT's trace, where a method call ends it. b is an
+ * exchange userdata as FFI passes it to void * (its payload); -1 when it
+ * is not a live exchange (the caller then asks the method, which says
+ * why). */
+static sglr_exchange_t *ffi_x(void *b)
+{
+    sglr_box_t *box = b;
+    return box && box->type == EXCHANGE_MT ? box->p : NULL;
+}
+
+int sglr_lua_x_status(void *b)
+{
+    sglr_exchange_t *x = ffi_x(b);
+    return x ? x->status : -1;
+}
+
+int sglr_lua_x_closed(void *b)
+{
+    sglr_exchange_t *x = ffi_x(b);
+    return x ? sglr_exchange_closed(x) != 0 : -1;
+}
+
+double sglr_lua_x_body_size(void *b)
+{
+    sglr_exchange_t *x = ffi_x(b);
+    return x ? (double)x->body.len : -1;
+}
+
 static sglr_exchange_t *check_x(lua_State *L)
 {
     return sglr_lua_check_exchange(L, 1);

@@ -10,6 +10,8 @@
  *   4. the usual package.path / cpath (Debian's busted, cjson, argparse ...)
  */
 #include "sglr.h"
+#include "lalloc.h"
+#include "logbuf.h"
 #include "httpc.h"
 #include "upstream.h"
 #include "server.h"
@@ -140,18 +142,6 @@ static int open_embedded(lua_State *L)
     return 1;
 }
 
-/* Lua allocations go through malloc: LuaJIT's own allocator maps and unmaps
- * every block over 128 KB (a long prompt string), and on a VM each fresh
- * page costs a fault; glibc reuses freed memory instead. */
-static void *lua_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-    if (nsize == 0) {
-        free(ptr);
-        return NULL;
-    }
-    return realloc(ptr, nsize);
-}
-
 static int lua_panic(lua_State *L)
 {
     fprintf(stderr, "sglr: unprotected Lua error: %s\n", lua_tostring(L, -1));
@@ -183,7 +173,7 @@ int main(int argc, char **argv)
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
     sglr_loop = uv_default_loop();
-    lua_State *L = lua_newstate(lua_alloc, NULL);
+    lua_State *L = lua_newstate(sglr_lalloc, NULL);
     if (L)
         lua_atpanic(L, lua_panic);
     if (!L) {
@@ -237,6 +227,7 @@ int main(int argc, char **argv)
         return 1;
 
     uv_run(sglr_loop, UV_RUN_DEFAULT);
+    sglr_logbuf_flush();
     fflush(stdout);
     fflush(stderr);
     /* Close what is left so pending close callbacks run, then leave without

@@ -26,7 +26,9 @@
 #        NGINX_PORT (31803), BASE_PORT (31804), PD_PORT (31805; prefill and
 #        decode workers on 31806-31808), TARGETS ("direct sglr nginx", plus
 #        "base" when SGLR_BASE_BIN is set; "pd" on request), PD_BOOTSTRAP
-#        (none; a port makes the decode sim check each room with the prefill)
+#        (none; a port makes the decode sim check each room with the prefill),
+#        LOGS (off; "on": the routers log at the default info level, one access
+#        line per request, to a file, and nginx writes its access_log to one)
 set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
@@ -42,8 +44,10 @@ BASE_PORT=${BASE_PORT:-31804}
 PD_PORT=${PD_PORT:-31805}
 if [ -n "$SGLR_BASE_BIN" ]; then TARGETS=${TARGETS:-direct base sglr nginx}; fi
 TARGETS=${TARGETS:-direct sglr nginx}
+LOGS=${LOGS:-off}
+if [ "$LOGS" = on ]; then SGLR_LOG_LEVEL=info; else SGLR_LOG_LEVEL=warn; fi
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:c:t:h" opt; do
   case $opt in
     d) DURATION=$OPTARG ;;
@@ -93,7 +97,7 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$WORKER_PORT/health" worker "$!"
 
 "$SGLR_BIN" run --host 127.0.0.1 --worker-urls "http://127.0.0.1:$WORKER_PORT" --port "$ROUTER_PORT" \
-  --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
+  --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level "$SGLR_LOG_LEVEL" \
   >"$TMP/sglr.log" 2>&1 &
 PIDS+=($!)
 SGLR_PID=$!
@@ -110,7 +114,7 @@ if [[ " $TARGETS " == *" pd "* ]]; then
   wait_http "http://127.0.0.1:$((PD_PORT + 3))/health" decode "$!"
   "$SGLR_BIN" run --host 127.0.0.1 --port "$PD_PORT" --pd-disaggregation \
     --prefill "http://127.0.0.1:$((PD_PORT + 1))" ${PD_BOOTSTRAP:-none} --decode "http://127.0.0.1:$((PD_PORT + 3))" \
-    --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
+    --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level "$SGLR_LOG_LEVEL" \
     >"$TMP/pd.log" 2>&1 &
   PIDS+=($!)
   PD_PID=$!
@@ -120,7 +124,7 @@ fi
 BASE_PID=
 if [ -n "$SGLR_BASE_BIN" ]; then
   "$SGLR_BASE_BIN" run --host 127.0.0.1 --worker-urls "http://127.0.0.1:$WORKER_PORT" --port "$BASE_PORT" \
-    --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level warn \
+    --policy round_robin --prometheus-port 0 --max-concurrent-requests 0 --log-level "$SGLR_LOG_LEVEL" \
     >"$TMP/base.log" 2>&1 &
   PIDS+=($!)
   BASE_PID=$!
@@ -135,7 +139,7 @@ pid $TMP/nginx.pid;
 error_log $TMP/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $( [ "$LOGS" = on ] && echo "access_log $TMP/nginx/access.log;" || echo "access_log off;" )
   client_body_temp_path $TMP/nginx/body;
   proxy_temp_path $TMP/nginx/proxy;
   fastcgi_temp_path $TMP/nginx/fastcgi;

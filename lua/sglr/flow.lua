@@ -25,6 +25,45 @@ local retry = require "sglr.retry"
 local ok_extract, extract = pcall(require, "sglr.extract")
 
 local floor, min, max = math.floor, math.min, math.max
+local bump, record = stats.bump, stats.record
+
+-- The clock through LuaJIT's FFI: compiled into the trace, where core.now
+-- (a classic C call) ends it. Read several times per request.
+-- The exchange's status, closed and body_size the same way, for a userdata
+-- exchange (else, or when it is not a live one, its methods answer).
+local now_ms = core.now
+local function x_status(x) return x:status() end
+local function x_closed(x) return x:closed() end
+local function x_body_size(x) return x:body_size() end
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok and pcall(ffi.cdef, [[
+      double sglr_now_ms(void);
+      int sglr_lua_x_status(void *x);
+      int sglr_lua_x_closed(void *x);
+      double sglr_lua_x_body_size(void *x);
+    ]]) and pcall(function()
+      return ffi.C.sglr_now_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size
+    end) then
+    local C = ffi.C
+    now_ms = C.sglr_now_ms
+    x_status = function(x)
+      local v = type(x) == "userdata" and C.sglr_lua_x_status(x) or -1
+      if v < 0 then return x:status() end
+      return v
+    end
+    x_closed = function(x)
+      local v = type(x) == "userdata" and C.sglr_lua_x_closed(x) or -1
+      if v < 0 then return x:closed() end
+      return v == 1
+    end
+    x_body_size = function(x)
+      local v = type(x) == "userdata" and C.sglr_lua_x_body_size(x) or -1
+      if v < 0 then return x:body_size() end
+      return v
+    end
+  end
+end
 local unpack = unpack or table.unpack
 
 local M = {}
@@ -105,12 +144,12 @@ end
 
 function M:infer(x, route)
   local r = self.r
-  local t0 = core.now()
+  local t0 = now_ms()
   local rid = self:request_id(x, route)
   local extra = { ["x-request-id"] = rid }
   if r.cors_check then r:cors_headers(x, extra) end
   local rs = stats.for_route(route)
-  rs.requests:inc()
+  bump(rs.requests)
   -- one table per request: the policy's view and the access log's record.
   -- The fields set later are present from the start (false), so the table
   -- is allocated once at its final size; `failed` (the workers a retry
@@ -118,7 +157,7 @@ function M:infer(x, route)
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
     policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
-    match_ratio = false }, req_mt)
+    match_ratio = false, prefill = false }, req_mt)
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -130,7 +169,7 @@ function M:infer(x, route)
     return self:access(x, req)
   end
   local okr, err = true, nil
-  if x:closed() then
+  if x_closed(x) then
     req.error = "client_closed"    -- gave up while queued: do not bother a worker
   else
     okr, err = pcall(self.run, self, x, req)
@@ -145,13 +184,14 @@ function M:infer(x, route)
 end
 
 function M:access(x, req)
-  local dur = (core.now() - req.t0) / 1000
-  req.rs.duration:observe(dur)
-  if req.dpolicy then stats.for_pd_route(req.route).duration:observe(dur) end
+  local dur = (now_ms() - req.t0) / 1000
+  record(req.rs.duration, dur)
+  if req.dpolicy then record(stats.for_pd_route(req.route).duration, dur) end
   if log.enabled("info") then
-    log.info("request", { request_id = req.id, route = req.route, worker = req.worker or "-",
-      prefill = req.prefill, status = x:status(), duration_ms = floor(dur * 1e4) / 10,
-      retries = req.retries, stream = req.stream or false, error = req.error or nil })
+    -- keys in sorted order: the line log.info("request", {...}) printed
+    log.fields("info", "request", "duration_ms", floor(dur * 1e4) / 10, "error", req.error or nil,
+      "prefill", req.prefill or nil, "request_id", req.id, "retries", req.retries, "route", req.route,
+      "status", x_status(x), "stream", req.stream or false, "worker", req.worker or "-")
   end
 end
 
@@ -160,11 +200,11 @@ end
 function M:take(req, w)
   req.worker = w.url
   local wm = w.m
-  wm.decisions:inc()
+  bump(wm.decisions)
   w.breaker:dispatched()
   w.load = w.load + 1
   w.processed = w.processed + 1
-  wm.processed:inc()
+  bump(wm.processed)
 end
 
 -- The end of one leg on worker w: outcome "success", "failure" or nil
@@ -172,13 +212,13 @@ end
 function M:settle(req, w, policy, outcome, status)
   w.load = w.load - 1
   local wm = w.m
-  local now = core.now()
+  local now = now_ms()
   if outcome == "success" then
     w.breaker:success(now)
-    wm.success:inc()
+    bump(wm.success)
   elseif outcome == "failure" then
     w.breaker:failure(now)
-    wm.failure:inc()
+    bump(wm.failure)
   else
     w.breaker:cancelled()
   end
@@ -208,7 +248,7 @@ function M:run(x, req)
   local r = self.r
   local route, extra = req.route, req.extra
   local ok, stream_or_err, model, text
-  if ok_extract and x:body_size() > BIG_BODY then
+  if ok_extract and x_body_size(x) > BIG_BODY then
     ok, stream_or_err, model, text = extract.check_text(route, x, MAX_TEXT)
     if ok then rawset(req, "text", text) end
   else
@@ -238,7 +278,7 @@ function M:run(x, req)
   local last_status, last_body, last_ctype, last_err
 
   for attempt = 1, attempts do
-    local now = core.now()
+    local now = now_ms()
     local a, b = d.pick(self, req, now)
     if not a then
       last_err = b or last_err
@@ -362,7 +402,7 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
   local policy = req.policy
   local route, rs = req.route, req.rs
   flow:take(req, w)
-  local now = core.now()
+  local now = now_ms()
   local left = deadline - now
   if left <= 0 then
     flow:settle(req, w, policy, nil, 504)
@@ -379,7 +419,7 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
       return "done"
     end
     flow:settle(req, w, policy, "failure", 502)
-    rs.upstream:observe((core.now() - now) / 1000)
+    record(rs.upstream, (now_ms() - now) / 1000)
     log.warn("worker request failed", { request_id = req.id, worker = w.url, error = ferr,
       attempt = req.retries + 1 })
     local status = ferr == "timeout" and 504 or 502
@@ -390,7 +430,7 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     return "retry", status, nil, nil, ferr
   end
   local status = resp:status()
-  rs.ttfb:observe((core.now() - req.t0) / 1000)
+  record(rs.ttfb, (now_ms() - req.t0) / 1000)
   if status >= 400 and retry.retryable_status(status) and can_retry then
     -- not sent to the client yet: drain it and try elsewhere
     local body = resp:read()
@@ -404,7 +444,7 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
   end
   -- commit: from here on the client sees this worker's response
   local okp, perr = resp:pipe(req.extra)
-  rs.upstream:observe((core.now() - now) / 1000)
+  record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, w, policy, (status >= 500 or not okp and perr ~= "client_closed") and "failure" or "success",
     status)
   if status >= 400 then
@@ -483,10 +523,10 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   flow:take(req, pw)
   flow:take(req, dw)
   req.prefill, req.worker = pw.url, dw.url
-  stats.for_pd_route(route).requests:inc()
-  pw.m.pd_prefill:inc()
-  dw.m.pd_decode:inc()
-  local now = core.now()
+  bump(stats.for_pd_route(route).requests)
+  bump(pw.m.pd_prefill)
+  bump(dw.m.pd_decode)
+  local now = now_ms()
   local left = deadline - now
   if left <= 0 then
     flow:settle(req, pw, req.policy, nil, 504)
@@ -518,7 +558,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     local bad = leg == "prefill" and pw or dw
     flow:settle(req, pw, req.policy, leg == "prefill" and "failure" or nil, 502)
     flow:settle(req, dw, req.dpolicy, leg == "decode" and "failure" or nil, 502)
-    rs.upstream:observe((core.now() - now) / 1000)
+    record(rs.upstream, (now_ms() - now) / 1000)
     pd_error(leg, ferr)
     log.warn(leg .. " worker request failed", { request_id = req.id, worker = bad.url, error = ferr,
       attempt = req.retries + 1 })
@@ -529,7 +569,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     avoid(req, bad)
     return "retry", status, nil, nil, leg .. " " .. ferr
   end
-  rs.ttfb:observe((core.now() - req.t0) / 1000)
+  record(rs.ttfb, (now_ms() - req.t0) / 1000)
 
   local pst = pdx:prefill_status()
   if pst < 200 or pst >= 300 then
@@ -569,7 +609,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
 
   -- commit: the client gets the decode's response
   local okp, perr = pdx:pipe(req.extra)
-  rs.upstream:observe((core.now() - now) / 1000)
+  record(rs.upstream, (now_ms() - now) / 1000)
   local pres, dres = pdx:outcome()
   pdx:close()
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)

@@ -108,8 +108,31 @@ function M.log(lvl, msg, fields)
     parts[#parts + 1] = "\n"
     line = table.concat(parts)
   end
+  core.log_flush()     -- request lines queued in C go first
   io.stderr:write(line)
   if dir then to_file(line) end
+end
+
+-- log.fields(level, msg, k1, v1, k2, v2, ...): the line log.log(level, msg,
+-- { k1 = v1, ... }) prints, for the request path: keys given in sorted
+-- order, a nil value left out. A text line is formatted and queued in C
+-- (written once per loop turn) with no table or string built here.
+function M.fields(lvl, msg, ...)
+  local n = LEVELS[lvl] or 1
+  if n < level then return end
+  if json_mode then
+    local f = {}
+    for i = 1, select("#", ...), 2 do
+      local k, v = select(i, ...)
+      f[k] = v
+    end
+    return M.log(lvl, msg, f)
+  end
+  if dir then
+    to_file(core.log_line(NAMES[n], msg, 1, ...))
+  else
+    core.log_line(NAMES[n], msg, 0, ...)
+  end
 end
 
 -- Startup and shutdown lines: printed whatever the level, tagged info.

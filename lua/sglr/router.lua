@@ -715,8 +715,8 @@ function M:handle(x)
       stats.errors:inc(1, route, "unauthorized")
       self:unauthorized(x, "the inference API (--inference-api-key)")
       if log.enabled("info") then
-        log.info("request", { route = route, status = 401, error = "unauthorized",
-          request_id = x:header("x-request-id") })
+        log.fields("info", "request", "error", "unauthorized", "request_id", x:header("x-request-id"),
+          "route", route, "status", 401)
       end
       return
     end
@@ -726,8 +726,8 @@ function M:handle(x)
   local t0 = core.now()
   self:dispatch_other(x, method, path, query, route)
   if log.enabled("info") then
-    log.info("request", { route = path, method = method, status = x:status(),
-      duration_ms = floor((core.now() - t0) * 10) / 10, request_id = x:header("x-request-id") })
+    log.fields("info", "request", "duration_ms", floor((core.now() - t0) * 10) / 10, "method", method,
+      "request_id", x:header("x-request-id"), "route", path, "status", x:status())
   end
 end
 

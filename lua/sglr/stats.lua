@@ -115,6 +115,27 @@ function M.remove_worker(url) return metrics.remove_label("worker", url) end
 M.inflight_h = M.inflight:series()
 M.queue_depth_h = M.queue_depth:series()
 
+-- The request path's updates of a series handle: M.bump(h) adds 1,
+-- M.record(h, v) observes v. Through LuaJIT's FFI the JIT compiles them
+-- into its trace (a classic C call ends the trace); elsewhere they are the
+-- handle's own methods.
+local ffi_ok, ffi = pcall(require, "ffi")
+if ffi_ok then
+  ffi_ok = pcall(ffi.cdef, [[
+    int sglr_lua_series_inc(void *h, double v);
+    int sglr_lua_series_observe(void *h, double v);
+  ]])
+  ffi_ok = ffi_ok and pcall(function() return ffi.C.sglr_lua_series_inc, ffi.C.sglr_lua_series_observe end)
+end
+if ffi_ok then
+  local C = ffi.C
+  function M.bump(s) C.sglr_lua_series_inc(s, 1) end
+  function M.record(s, v) C.sglr_lua_series_observe(s, v) end
+else
+  function M.bump(s) s:inc() end
+  function M.record(s, v) s:observe(v) end
+end
+
 function M.render() return metrics.render() end
 M.metrics = metrics
 

@@ -31,3 +31,76 @@ describe("text log values", function()
     assert.truthy(line:find('request_id="id\\nFAKE level=error" status=200', 1, true))
   end)
 end)
+
+-- The request path's lines are formatted in C (core.log_line): each must be
+-- the line log.log prints for the same fields, byte for byte after the
+-- timestamp.
+describe("native log lines", function()
+  local core = require "sglr.core"
+
+  local function lua_line(lvl, msg, fields)
+    local out = {}
+    local real = io.stderr
+    io.stderr = { write = function(_, s) out[#out + 1] = s end } -- luacheck: ignore 122
+    log.configure({ log_level = "debug" })
+    local ok, err = pcall(log.log, lvl, msg, fields)
+    io.stderr = real -- luacheck: ignore 122
+    log.configure({ log_level = "info" })
+    assert(ok, err)
+    return table.concat(out)
+  end
+
+  -- fields as sorted key/value pairs (nil values kept in place)
+  local function c_line(lvl, msg, keys, fields)
+    local args = {}
+    for i, k in ipairs(keys) do args[2 * i - 1], args[2 * i] = k, fields[k] end
+    return core.log_line(lvl, msg, 2, unpack(args, 1, 2 * #keys))
+  end
+
+  local KEYS = { "duration_ms", "error", "prefill", "request_id", "retries", "route", "status",
+    "stream", "worker" }
+  local cases = {
+    { request_id = "gnt-0123456789abcdef", route = "generate", worker = "http://127.0.0.1:8000",
+      status = 200, duration_ms = 1.3, retries = 0, stream = false },
+    { request_id = "id\nFAKE level=error", route = "chat", worker = "-", status = 503,
+      duration_ms = 0, retries = 2, stream = true, error = "no_workers" },
+    { request_id = 'q"\\ \t\r\a\127end', route = "completions", worker = "http://w:1",
+      prefill = "http://p:2", status = 502, duration_ms = 12345.6, retries = 1, stream = false,
+      error = "retries_exhausted" },
+    { request_id = "", route = "generate", worker = "x=y", status = 200, duration_ms = 0.1,
+      retries = 0, stream = false },
+    { request_id = "caf\195\169", route = "generate", worker = "w", status = 200,
+      duration_ms = 1e15, retries = 0, stream = false },
+  }
+
+  it("match log.log's text line for the access line's fields", function()
+    for _, f in ipairs(cases) do
+      local want = lua_line("info", "request", f)
+      local got = c_line("info", "request", KEYS, f)
+      assert.equal(want:sub(25), got:sub(25))
+    end
+    local nums = { 0, 1, 9, 10, 0.1, 0.5, 1.3, 99.9, 100.1, 12345.6, 0.05, 1 / 3, -2, -0.5, 1e13,
+      123456789012.3, 1e15, 2 ^ 53, 1e300, 2.5e-7 }
+    for _, v in ipairs(nums) do
+      local got = c_line("warn", "worker request failed", { "a" }, { a = v })
+      assert.equal(lua_line("warn", "worker request failed", { a = v }):sub(25), got:sub(25))
+    end
+  end)
+
+  it("pad every level name as log.log does", function()
+    for _, lvl in ipairs({ "debug", "info", "warn", "error" }) do
+      local got = c_line(lvl, "msg", { "k" }, { k = "v" })
+      assert.equal(lua_line(lvl, "msg", { k = "v" }):sub(25), got:sub(25))
+    end
+  end)
+
+  it("carry the same timestamp format", function()
+    local got = c_line("info", "request", { "status" }, { status = 200 })
+    assert.truthy(got:match("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ info  request status=200\n$"))
+  end)
+
+  it("are one line each, whatever a value holds", function()
+    local got = c_line("info", "request", { "request_id" }, { request_id = "a\nb\r\nc" })
+    assert.equal(1, select(2, got:gsub("\n", "")))
+  end)
+end)

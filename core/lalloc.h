@@ -1,0 +1,11 @@
+/* lalloc.h: the Lua state's allocator (lalloc.c). */
+#ifndef SGLR_LALLOC_H
+#define SGLR_LALLOC_H
+
+#include <stddef.h>
+
+/* A lua_Alloc: blocks up to 512 bytes from free lists by size class, the
+ * rest from malloc. Single-threaded (one Lua state). */
+void *sglr_lalloc(void *ud, void *ptr, size_t osize, size_t nsize);
+
+#endif

@@ -1,0 +1,88 @@
+/*
+ * lua_log.c: log lines formatted and queued natively (logbuf.c), bound into
+ * `sglr.core`:
+ *
+ *   core.log_line(level, msg, mode, k1, v1, k2, v2, ...)
+ *       the text line "<ts> <level> <msg> k1=v1 ...", keys in the order
+ *       given, a nil value left out; mode 0 queues it for stderr, 1 queues
+ *       it and returns it, 2 only returns it
+ *   core.log_write(s)   queue s for stderr as it is
+ *   core.log_flush()    write what is queued now
+ *
+ * The request path's access line goes through here in one call, with no
+ * table, no string.format and no write(2) of its own.
+ */
+#include "lua_common.h"
+#include "logbuf.h"
+
+static int l_log_line(lua_State *L)
+{
+    size_t lvl_len, ml;
+    const char *lvl = luaL_checklstring(L, 1, &lvl_len);
+    const char *msg = luaL_checklstring(L, 2, &ml);
+    int mode = (int)luaL_checkinteger(L, 3);
+    int top = lua_gettop(L);
+    /* check first: nothing raises once the line is begun */
+    for (int i = 4; i <= top; i += 2) {
+        luaL_checkstring(L, i);
+        int t = i + 1 <= top ? lua_type(L, i + 1) : LUA_TNIL;
+        if (t != LUA_TNIL && t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
+            luaL_argerror(L, i + 1, "string, number or boolean expected");
+    }
+    uv_timeval64_t tv;
+    uv_gettimeofday(&tv);
+    size_t start = sglr_logline_begin((double)tv.tv_sec + tv.tv_usec / 1e6, lvl, msg, ml);
+    for (int i = 4; i + 1 <= top; i += 2) {
+        size_t kl, vl;
+        const char *k = lua_tolstring(L, i, &kl);
+        switch (lua_type(L, i + 1)) {
+        case LUA_TSTRING: {
+            const char *v = lua_tolstring(L, i + 1, &vl);
+            sglr_logline_str(k, kl, v, vl);
+            break;
+        }
+        case LUA_TNUMBER:
+            sglr_logline_num(k, kl, lua_tonumber(L, i + 1));
+            break;
+        case LUA_TBOOLEAN:
+            if (lua_toboolean(L, i + 1))
+                sglr_logline_str(k, kl, "true", 4);
+            else
+                sglr_logline_str(k, kl, "false", 5);
+            break;
+        default:
+            break;
+        }
+    }
+    size_t n = 0;
+    const char *line = sglr_logline_end(start, &n);
+    if (!line)
+        return 0;
+    if (mode != 0)
+        lua_pushlstring(L, line, n);
+    sglr_logline_commit(start, mode != 2);
+    return mode != 0;
+}
+
+static int l_log_write(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    sglr_logbuf_write(s, n);
+    return 0;
+}
+
+static int l_log_flush(lua_State *L)
+{
+    (void)L;
+    sglr_logbuf_flush();
+    return 0;
+}
+
+void sglr_lua_open_log(lua_State *L)
+{
+    static const luaL_Reg fns[] = {
+        { "log_line", l_log_line }, { "log_write", l_log_write }, { "log_flush", l_log_flush },
+        { NULL, NULL } };
+    luaL_register(L, NULL, fns);
+}

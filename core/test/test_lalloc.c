@@ -1,0 +1,83 @@
+/*
+ * test_lalloc.c: the Lua allocator keeps contents across every kind of
+ * resize, hands a freed small block back to the next request of its class,
+ * and runs a real Lua state.
+ */
+#include "test.h"
+#include "lalloc.h"
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+static void fill(unsigned char *p, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (unsigned char)(seed + i * 7);
+}
+
+static int same(const unsigned char *p, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] != (unsigned char)(seed + i * 7))
+            return 0;
+    return 1;
+}
+
+TEST(resizes_keep_contents)
+{
+    /* small -> same class -> other class -> large -> larger -> small -> freed */
+    size_t sizes[] = { 24, 30, 200, 4000, 100000, 64, 1 };
+    unsigned char *p = sglr_lalloc(NULL, NULL, 0, 10);
+    CHECK(p);
+    fill(p, 10, 3);
+    size_t had = 10;
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        p = sglr_lalloc(NULL, p, had, sizes[i]);
+        CHECK(p);
+        CHECK(same(p, had < sizes[i] ? had : sizes[i], 3));
+        fill(p, sizes[i], 3);
+        had = sizes[i];
+    }
+    CHECK(sglr_lalloc(NULL, p, had, 0) == NULL);
+}
+
+TEST(small_blocks_are_reused_by_class)
+{
+    void *a = sglr_lalloc(NULL, NULL, 0, 40);
+    CHECK(a);
+    CHECK(sglr_lalloc(NULL, a, 40, 0) == NULL);
+    void *b = sglr_lalloc(NULL, NULL, 0, 48);     /* same class: 33..48 */
+    CHECK(b == a);
+    void *c = sglr_lalloc(NULL, b, 48, 33);       /* shrinks within its class: stays */
+    CHECK(c == b);
+    sglr_lalloc(NULL, c, 33, 0);
+    void *big = sglr_lalloc(NULL, NULL, 0, 600);  /* large: from malloc */
+    CHECK(big);
+    sglr_lalloc(NULL, big, 600, 0);
+}
+
+TEST(runs_a_lua_state)
+{
+    lua_State *L = lua_newstate(sglr_lalloc, NULL);
+    CHECK(L);
+    luaL_openlibs(L);
+    const char *chunk =
+        "local t = {} "
+        "for i = 1, 20000 do t[i] = { i, tostring(i) .. string.rep('x', i % 700) } end "
+        "for i = 1, 20000, 2 do t[i] = nil end collectgarbage() "
+        "local n = 0 for i = 2, 20000, 2 do "
+        "  if t[i][1] == i and #t[i][2] == #tostring(i) + i % 700 then n = n + 1 end end "
+        "return n";
+    CHECK_EQ_INT(luaL_dostring(L, chunk), 0);
+    CHECK_EQ_INT(lua_tointeger(L, -1), 10000);
+    lua_close(L);
+}
+
+int main(void)
+{
+    RUN(resizes_keep_contents);
+    RUN(small_blocks_are_reused_by_class);
+    RUN(runs_a_lua_state);
+    TEST_EXIT();
+}
