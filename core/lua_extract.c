@@ -75,9 +75,25 @@ static int l_inspect(lua_State *L)
 
 /* extract.check(route, body) -> true, stream, model | nil, err: inspect
  * without a result table (the router calls it per request). */
+/* At most max bytes of text (0: all), cut at a UTF-8 character boundary. */
+static size_t text_cap(const char *t, size_t len, lua_Number max)
+{
+    if (!(max > 0) || (lua_Number)len <= max)
+        return len;
+    size_t n = (size_t)max;
+    while (n > 0 && ((unsigned char)t[n] & 0xC0) == 0x80)
+        n--;
+    return n;
+}
+
+/* extract.check(route, body_or_exchange [, max_text]) -> true, stream,
+ * model [, text] | nil, message. With max_text (a number; 0: no cap) the
+ * routing text comes from the same pass, for a policy that reads it. */
 static int l_check(lua_State *L)
 {
-    if (run(L, 0) < 0) {
+    int want_text = lua_isnumber(L, 3);
+    lua_Number max = want_text ? lua_tonumber(L, 3) : 0;
+    if (run(L, want_text ? SGLR_EXTRACT_TEXT : 0) < 0) {
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
@@ -89,20 +105,13 @@ static int l_check(lua_State *L)
         lua_pushlstring(L, x->model, x->model_len);
     else
         lua_pushnil(L);
-    return 3;
+    if (!want_text)
+        return 3;
+    lua_pushlstring(L, x->text, text_cap(x->text, x->text_len, max));
+    return 4;
 }
 
 /* extract.route_text(route, body) -> text | "", err */
-/* At most max bytes of text (0: all), cut at a UTF-8 character boundary. */
-static size_t text_cap(const char *t, size_t len, lua_Number max)
-{
-    if (!(max > 0) || (lua_Number)len <= max)
-        return len;
-    size_t n = (size_t)max;
-    while (n > 0 && ((unsigned char)t[n] & 0xC0) == 0x80)
-        n--;
-    return n;
-}
 
 /* extract.route_text(route, body_or_exchange [, max_bytes]) -> text */
 static int l_route_text(lua_State *L)

@@ -33,6 +33,9 @@ local setmetatable, type = setmetatable, type
 local P = {
   name = "cache_aware",
   version = "1.0.0",
+  -- select reads req.text: the runtime decodes it in the pass that checks
+  -- the body, instead of a second pass
+  wants_text = true,
   description = "Send requests sharing a prompt prefix to the worker that has it cached; "
              .. "fall back to the emptiest worker, and to the least loaded one under skew.",
 }

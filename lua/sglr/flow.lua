@@ -251,6 +251,10 @@ function M:run(x, req)
   if ok_extract and x_body_size(x) > BIG_BODY then
     ok, stream_or_err, model, text = extract.check_text(route, x, MAX_TEXT)
     if ok then rawset(req, "text", text) end
+  elseif ok_extract and req.policy.wants_text then
+    -- a policy that matches on the routing text gets it from the same pass
+    ok, stream_or_err, model, text = extract.check(route, x, MAX_TEXT)
+    if ok then rawset(req, "text", text) end
   else
     ok, stream_or_err, model = inspect(route, x)
   end
