@@ -216,6 +216,15 @@ function H.prefill_sim(id, extra)
   return w
 end
 
+-- The data events of an SSE body, decoded ([DONE] left out).
+function H.sse_events(body)
+  local list = {}
+  for data in body:gmatch("data: ([^\n]*)\n\n") do
+    if data ~= "[DONE]" then list[#list + 1] = assert(cjson.decode(data), data) end
+  end
+  return list
+end
+
 -- A sim worker's /sim/stats, decoded.
 function H.sim_stats(w)
   local res = assert(H.get(w.url, "/sim/stats"))

@@ -79,14 +79,7 @@ local function with_raw(req, raw)
   return cjson.encode(req):sub(1, -2) .. "," .. raw .. "}"
 end
 
--- The data events of an SSE body, decoded.
-local function events(body)
-  local list = {}
-  for data in body:gmatch("data: ([^\n]*)\n\n") do
-    if data ~= "[DONE]" then list[#list + 1] = assert(cjson.decode(data), data) end
-  end
-  return list
-end
+local events = H.sse_events
 
 local function expect_error(res, status, pattern)
   assert.equal(status, res.status, res.body)

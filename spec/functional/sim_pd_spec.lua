@@ -31,14 +31,7 @@ local function has_room(st, room)
   return false
 end
 
--- The data events of an SSE body, decoded.
-local function events(body)
-  local list = {}
-  for data in body:gmatch("data: ([^\n]*)\n\n") do
-    if data ~= "[DONE]" then list[#list + 1] = assert(cjson.decode(data), data) end
-  end
-  return list
-end
+local events = H.sse_events
 
 local function expect_error(res, status, pattern)
   assert.equal(status, res.status, res.body)

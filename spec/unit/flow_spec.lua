@@ -2,6 +2,7 @@
 -- handler runs the flow, a worker played by another listener, and a router
 -- table with only what the flow reads.
 local core = require "sglr.core"
+local H = require "spec.helpers"
 local cjson = require "cjson.safe"
 local flow_mod = require "sglr.flow"
 local workers_mod = require "sglr.workers"
@@ -26,11 +27,8 @@ local function listen(handler)
   return assert(core.listen("127.0.0.1", 0, {}, handler))
 end
 
-local function await(cond, ms)
-  local t = core.now()
-  while not cond() and core.now() - t < (ms or 2000) do core.sleep(2) end
-  return cond()
-end
+-- a condition met within 2 s (H.wait_for raises otherwise)
+local function await(cond) return H.wait_for(cond, 2000) end
 
 describe("request flow", function()
   local servers = {}

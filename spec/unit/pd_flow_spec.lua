@@ -5,6 +5,7 @@
 -- of which leg, each leg's breaker outcome, and the loads after every
 -- ending.
 local core = require "sglr.core"
+local H = require "spec.helpers"
 local cjson = require "cjson.safe"
 local flow_mod = require "sglr.flow"
 local workers_mod = require "sglr.workers"
@@ -25,11 +26,8 @@ local function recording_policy(name)
   return p
 end
 
-local function await(cond, ms)
-  local t = core.now()
-  while not cond() and core.now() - t < (ms or 2000) do core.sleep(2) end
-  return cond()
-end
+-- a condition met within 2 s (H.wait_for raises otherwise)
+local function await(cond) return H.wait_for(cond, 2000) end
 
 describe("PD request flow", function()
   local servers = {}
