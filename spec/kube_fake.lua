@@ -8,7 +8,7 @@
 --        a watch from a compacted RV gets 410 (status or ERROR event)
 -- Faults: stall (watches get nothing, their connection stays open), drop
 -- (open watches cut), expire (open watches get ERROR 410 / new ones 410),
--- raw lines, a bearer token required, down (no listener at all).
+-- raw lines, a bearer token required.
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
 

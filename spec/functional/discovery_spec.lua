@@ -241,14 +241,20 @@ describe("kubernetes discovery", function()
     local a = sim_at("127.0.0.2", "a")
     local api_port = api.port
     api:close()
+    -- The kubeconfig names this port; until the API server is up it stays
+    -- bound without a listener (connections refused), so no other socket
+    -- (or the router's own connect to it) can take it in the meantime.
+    local hold = require("luv").new_tcp()
+    assert(hold:bind("127.0.0.1", api_port))
     api = K.new({ token = TOKEN })
-    api.port = api_port          -- the kubeconfig names it; nothing listens yet
+    api.port = api_port
     local r = router({ "--worker-urls", s.url }, 1)
     assert.same({ static = 2 }, served(r, 2))
     assert.equal(200, assert(H.get(r.url, "/readiness")).status)
     H.wait_for(function() return metric(r, 'sgl_router_discovery_errors_total{op="list"}') >= 2 end, 8000,
       "retries")
     api:put(K.pod({ name = "a", ip = "127.0.0.2" }))
+    hold:close()
     assert(api:listen(api_port))
     wait_workers(r, { present = { s.url, a.url } }, "a found")
     local seen = served(r, 4)
