@@ -22,11 +22,17 @@
 -- it. Every eviction_interval seconds each worker's tree is cut back to
 -- max_tree_size characters, least recently used leaves first.
 --
--- The decision is left on the request for logs and tests:
--- req.decision = "balance" | "hit" | "miss" | "queue", req.match_ratio = 0..1; and,
--- where the runtime offers metrics (rt.metrics), counted in the SGLang
--- router's cache metrics (hits, misses, load-balancing events, min/max
--- load) and in sglr's own (matched share, characters expected to hit).
+-- select states its reason in its return values (no table per request):
+--   worker, reason, matched, total
+-- reason "cache_hit" | "cache_miss" | "imbalance" | "shortest_queue";
+-- matched: characters of the text the chosen worker holds as far as the
+-- tree knows (nil when the tree was not consulted: imbalance, shortest
+-- queue); total: characters of the routing text. Nothing is written on
+-- the request: a shadow instance sees the same request as the live one.
+-- Where the runtime offers metrics (rt.metrics), decisions are counted in
+-- the SGLang router's cache metrics (hits, misses, load-balancing events,
+-- min/max load) and in sglr's own (matched share, characters expected to
+-- hit).
 
 local setmetatable, type = setmetatable, type
 
@@ -69,6 +75,9 @@ P.options = {
 }
 
 local mt = { __index = P }
+
+-- the reason each decision reports
+local REASON = { hit = "cache_hit", miss = "cache_miss", balance = "imbalance", queue = "shortest_queue" }
 
 local RATIO = { 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1 }
 
@@ -193,14 +202,14 @@ function P:select(req, workers)
   end
 
   local text = req.text or ""
-  local chosen, decision, ratio
+  local len = #text
+  local chosen, decision, ratio, held
   local prob = self.cache_routing_prob
   if prob < 1 and (prob <= 0 or self.rt.random() >= prob) then
     chosen, decision = least_loaded(self, workers, min_load), "queue"
   elseif max_load - min_load > self.balance_abs and max_load > self.balance_rel * min_load then
     chosen, decision = least_loaded(self, workers, min_load), "balance"
   else
-    local len = #text
     local matched, url = 0, nil
     if len > 0 then matched, url = self.tree:match(text, workers) end
     ratio = len > 0 and matched / len or 0
@@ -210,28 +219,27 @@ function P:select(req, workers)
     if not chosen then
       chosen, decision = emptiest(self, workers), "miss"
     end
+    held = chosen.url == url and matched or 0
   end
 
-  if #text > 0 then
+  if len > 0 then
     self.tree:insert(text, chosen.url)
     self.urls[chosen.url] = true
   end
   self.counts[decision] = self.counts[decision] + 1
-  req.decision, req.match_ratio = decision, ratio
   local m = self.m
   if m then
     if m[decision] then m[decision]:inc() end
     if ratio then
       m.ratio:observe(ratio)
-      local len = #text
-      local hit = decision == "hit" and math.floor(len * ratio + 0.5) or 0
+      local hit = decision == "hit" and held or 0
       m.chars_hit:inc(hit)
       m.chars_miss:inc(len - hit)
     end
     m.max_load:set(max_load)
     m.min_load:set(min_load)
   end
-  return chosen
+  return chosen, REASON[decision], held, len
 end
 
 function P:on_remove(w)

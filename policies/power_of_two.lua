@@ -10,6 +10,10 @@
 -- "load" (else "num_reqs" + "num_waiting_reqs") found is summed. With
 -- --dp-aware each rank is a worker of its own (w.dp_rank, w.base_url): the
 -- server is polled once and each rank takes its own entry of the list.
+--
+-- select returns the worker and its reason: "only_choice" when one worker
+-- is available, "lower_load" when the other probe was more loaded, "tie"
+-- when both probes were equally loaded.
 
 local setmetatable, type, tonumber, pairs, ipairs = setmetatable, type, tonumber, pairs, ipairs
 local gmatch, match = string.gmatch, string.match
@@ -127,13 +131,14 @@ function P:select(req, workers)
     local w = workers[i]
     if not known[w.url] then self:on_add(w) end
   end
-  if n == 1 then return workers[1] end
+  if n == 1 then return workers[1], "only_choice" end
   local i = self.rt.random(n)
   local j = self.rt.random(n - 1)
   if j >= i then j = j + 1 end
   local a, b = workers[i], workers[j]
-  if self:load_of(b) < self:load_of(a) then return b end
-  return a
+  local la, lb = self:load_of(a), self:load_of(b)
+  if lb < la then return b, "lower_load" end
+  return a, la < lb and "lower_load" or "tie"
 end
 
 function P:on_add(w)

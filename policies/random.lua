@@ -4,6 +4,9 @@
 -- runtime passes only workers that may take a request; a worker explicitly
 -- marked healthy = false is still skipped, so a stale list never routes to
 -- a known-bad worker.
+--
+-- select returns the worker and its reason: "only_choice" when one worker
+-- is available, else "random".
 
 local setmetatable, random = setmetatable, math.random
 
@@ -28,7 +31,7 @@ function P:select(req, workers)
   local n = #workers
   if n == 0 then return nil, "no workers" end
   local w = workers[self.random(n)]
-  if w and w.healthy ~= false then return w end
+  if w and w.healthy ~= false then return w, n == 1 and "only_choice" or "random" end
 
   -- Rare path: the pick was unhealthy; choose among the healthy ones.
   local ok = {}
@@ -36,7 +39,7 @@ function P:select(req, workers)
     if workers[i].healthy ~= false then ok[#ok + 1] = workers[i] end
   end
   if #ok == 0 then return nil, "no healthy workers" end
-  return ok[self.random(#ok)]
+  return ok[self.random(#ok)], #ok == 1 and "only_choice" or "random"
 end
 
 return P

@@ -5,6 +5,9 @@
 -- calls the index stays in range and the cycle simply continues over the new
 -- list. Workers explicitly marked healthy = false are skipped without
 -- breaking the order of the others.
+--
+-- select returns the worker and its reason: "only_choice" when one worker
+-- is available, else "next_in_turn".
 
 local setmetatable = setmetatable
 
@@ -31,7 +34,7 @@ function P:select(req, workers)
     local w = workers[i]
     if w.healthy ~= false then
       self.cursor = i
-      return w
+      return w, n == 1 and "only_choice" or "next_in_turn"
     end
   end
   return nil, "no healthy workers"

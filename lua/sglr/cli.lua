@@ -186,6 +186,19 @@ local FLAGS = {
     .. "(or $SGLR_INFERENCE_API_KEY)", arg = "<key>", env = "SGLR_INFERENCE_API_KEY" },
   { "--dp-aware", "flag", false,
     "Route to each data-parallel rank of a worker (dp_size from its /get_server_info)" },
+
+  { group = "Shadow policies and explained decisions" },
+  { "--shadow-policy", "words", {},
+    "Policy (name or .lua path) offered every request beside the live one; its choice is counted, "
+    .. "never served (repeatable; also POST /admin/policy/shadow)", arg = "<policy>" },
+  { "--shadow-budget-us", "number", 1000,
+    "A shadow candidate whose select takes longer than this 3 times in a row is dropped", gt = 0,
+    arg = "<us>" },
+  { "--explain", "flag", false,
+    "Answer x-sglr-explain: 1 with an x-sglr-decision header (without it, only requests carrying "
+    .. "--admin-api-key may ask)" },
+  { "--decision-log-size", "int", 1000,
+    "Routing decisions kept for GET /admin/decisions (0: none)", min = 0, max = 100000 },
 }
 
 -- Row accessors, with the config key: "--worker-urls" -> "worker_urls".
@@ -645,6 +658,10 @@ local function check_conf(conf)
         return fail("--" .. key:gsub("_", "-"), "requires --service-discovery")
       end
     end
+  end
+  for _, v in ipairs(conf.shadow_policy) do
+    local okp, perr = check_policy(v, conf)
+    if not okp then return fail("--shadow-policy", "%s", perr) end
   end
   return true
 end

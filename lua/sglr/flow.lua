@@ -21,6 +21,7 @@ local cjson = require "cjson.safe"
 local log = require "sglr.log"
 local stats = require "sglr.stats"
 local retry = require "sglr.retry"
+local decisions = require "sglr.decisions"
 
 local ok_extract, extract = pcall(require, "sglr.extract")
 
@@ -94,6 +95,13 @@ function M.new(r)
     -- metatable lookup per request.
     set_auth = r.forward_auth ~= nil,
     forward_auth = r.forward_auth or false,
+    -- what each decision feeds besides the dispatch: the decision log (or
+    -- false), the shadow candidates (r.shadow.n > 0 when any), and whether
+    -- a request may ask for an explanation ("all" with --explain, "key"
+    -- when only a request carrying --admin-api-key may, else false)
+    ring = r.decisions or false,
+    shadow = r.shadow,
+    explain_mode = conf.explain and "all" or (r.admin_key and "key") or false,
   }, M)
   self.request_id_headers = conf.request_id_headers or
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
@@ -156,8 +164,13 @@ function M:infer(x, route)
   -- avoids) comes only with a failure.
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
-    policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
-    match_ratio = false, prefill = false }, req_mt)
+    policy = r.policy, dpolicy = r.dpolicy or false, explain = false,
+    shadow = false, prefill = false }, req_mt)
+  local em = self.explain_mode
+  if em then
+    local v = x:header("x-sglr-explain")
+    if v == "1" or v == "true" then req.explain = em == "all" or r:authorized(x, r.admin_key) end
+  end
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -223,6 +236,44 @@ function M:settle(req, w, policy, outcome, status)
     w.breaker:cancelled()
   end
   if policy.on_done then policy:on_done(req, w, status, now - req.t0) end
+  if req.shadow and policy == req.policy then self.shadow:settle(req, status, now - req.t0) end
+end
+
+-- What one policy decided for an attempt (role: nil in regular mode, else
+-- "prefill" or "decode"): into the decision log, offered to the shadow
+-- candidates (they shadow the regular or prefill policy), and for a
+-- request that asked, into its x-sglr-decision header. Between the
+-- prefill's note and the decode's nothing yields, so the attempt's slot
+-- and explanation wait on the flow.
+local fill, fill_decode = decisions.fill, decisions.fill_decode
+function M:note(req, now, policy, w, reason, matched, total, avail, role)
+  local ring = self.ring
+  local slot = false
+  if role == "decode" then
+    slot = self.cur_slot
+    if slot then fill_decode(slot, policy, w, reason, matched, total) end
+  else
+    if ring then
+      slot = ring:next_slot()
+      fill(slot, now, req, policy, w, reason, matched, total)
+    end
+    local sh = self.shadow
+    if sh.n > 0 then
+      if not slot and req.explain then slot = { nsh = 0, sh = {} } end
+      sh:offer(req, avail, w, slot or nil)
+    end
+    self.cur_slot = slot
+  end
+  if req.explain then
+    local leg = decisions.explain_leg(policy, w, reason, matched, total, avail, req.retries + 1)
+    if role == "prefill" then
+      self.cur_leg = leg
+    elseif role == "decode" then
+      req.extra["x-sglr-decision"] = decisions.explain_json(req, self.cur_leg, leg, slot or nil)
+    else
+      req.extra["x-sglr-decision"] = decisions.explain_json(req, leg, nil, slot or nil)
+    end
+  end
 end
 
 -- Candidate lists for the policies, recycled: a list is the caller's from
@@ -393,9 +444,14 @@ function regular.pick(flow, req, now)
     flow:give_list(avail)
     return nil
   end
-  local w, why = req.policy:select(req, avail)
+  local policy = req.policy
+  local w, why, matched, total = policy:select(req, avail)
+  if not w then
+    flow:give_list(avail)
+    return nil, why or "policy selected no worker"
+  end
+  flow:note(req, now, policy, w, why, matched, total, avail)
   flow:give_list(avail)
-  if not w then return nil, why or "policy selected no worker" end
   return w
 end
 
@@ -485,9 +541,13 @@ local function pick_role(flow, req, now, role, policy)
       or healthy == 0 and ("no healthy " .. role .. " workers")
       or ("no available " .. role .. " workers (all circuits open)")
   end
-  local w, why = policy:select(req, avail)
+  local w, why, matched, total = policy:select(req, avail)
+  if not w then
+    flow:give_list(avail)
+    return nil, why or (role .. " policy selected no worker")
+  end
+  flow:note(req, now, policy, w, why, matched, total, avail, role)
   flow:give_list(avail)
-  if not w then return nil, why or (role .. " policy selected no worker") end
   return w
 end
 

@@ -12,6 +12,8 @@ local flow_mod = require "sglr.flow"
 local workers_mod = require "sglr.workers"
 local health_mod = require "sglr.health"
 local policy_mod = require "sglr.policy"
+local shadow_mod = require "sglr.shadow"
+local decisions_mod = require "sglr.decisions"
 
 local floor, min = math.floor, math.min
 local concat = table.concat
@@ -30,7 +32,8 @@ local ROUTES = {
 local JSON_HDR = { ["content-type"] = "application/json" }
 
 -- Routes behind --admin-api-key (every route that changes the fleet).
-local ADMIN_ROUTES = { ["/add_worker"] = true, ["/remove_worker"] = true, ["/flush_cache"] = true }
+local ADMIN_ROUTES = { ["/add_worker"] = true, ["/remove_worker"] = true, ["/flush_cache"] = true,
+  ["/admin/policy/shadow"] = true, ["/admin/decisions"] = true }
 
 -- Largest dp_size believed from a worker's /get_server_info.
 local MAX_DP_SIZE = 1024
@@ -105,6 +108,10 @@ function M.new(conf)
   -- none (the client's inference key stays here), or the client's (nil)
   self.forward_auth = http.worker_auth()
   if not self.forward_auth and conf.inference_api_key then self.forward_auth = false end
+  -- the decision log (--decision-log-size, 0: none) and shadow candidates
+  local dsize = conf.decision_log_size or 1000
+  self.decisions = dsize > 0 and decisions_mod.new(dsize) or false
+  self.shadow = shadow_mod.new(self, conf.shadow_budget_us)
 
   self.workers = workers_mod.new(conf, {
     added = function(w)
@@ -116,11 +123,13 @@ function M.new(conf)
       stats.cb_state:set(0, w.url)
       stats.running:set(0, w.url)
       if policy and policy.on_add then policy:on_add(w) end
+      self.shadow:on_add(w)
       stats.active_workers:set(#self.workers.list)
     end,
     removed = function(w)
       local policy = self:policy_for(w)
       if policy and policy.on_remove then policy:on_remove(w) end
+      self.shadow:on_remove(w)
       -- every series of it, a policy's own included; w.m's handles still
       -- count what requests in flight settle, into series no longer shown
       stats.remove_worker(w.url)
@@ -674,6 +683,8 @@ function M:preflight(x)
   }, "")
 end
 
+local OBSERVE_HANDLERS      -- below: method -> handler per path
+
 local GET_PROXIED = {
   ["/health_generate"] = true, ["/get_server_info"] = true, ["/get_model_info"] = true,
   ["/v1/models"] = true,
@@ -692,6 +703,71 @@ local POST_HANDLERS = {
   ["/flush_cache"] = function(s, x) return s:flush_cache(x) end,
   ["/add_worker"] = function(s, x, q) return s:add_worker(x, q) end,
   ["/remove_worker"] = function(s, x, q) return s:remove_worker(x, q) end,
+}
+
+-- --- shadow candidates and decisions (admin) ------------------------------------------
+
+-- The shadow candidates and their counts (also for GET /admin/policy).
+function M:shadow_status()
+  return setmetatable(self.shadow:status(), cjson.array_mt)
+end
+
+local DEFAULT_DECISIONS = 100
+
+-- GET /admin/decisions?n=N: the last N decisions, newest first (N: 1 to
+-- the log's size, default 100; a larger N is capped).
+function M:decisions_endpoint(x, query)
+  local raw = query_param(query, "n")
+  local n = DEFAULT_DECISIONS
+  if raw ~= nil then
+    n = tonumber(raw)
+    if not raw:match("^%d+$") or not n or n < 1 then
+      return self:send_error(x, 400, "n must be a positive integer, got '" .. raw .. "'", "invalid_request_error")
+    end
+  end
+  local ring = self.decisions
+  local size = ring and ring.size or 0
+  if n > size then n = size end
+  local sec, usec = require("luv").gettimeofday()
+  local list = ring and ring:last(n, sec * 1000 + floor(usec / 1000), core.now())
+    or setmetatable({}, cjson.array_mt)
+  self:send_json(x, 200, { size = size, recorded = ring and ring.n or 0, decisions = list })
+end
+
+function M:shadow_add(x)
+  local body = cjson.decode(x:body() or "")
+  if type(body) ~= "table" or type(body.policy) ~= "string" then
+    return self:send_error(x, 400, 'expected a JSON object {"policy": NAME|PATH, "options": {...}, "name": ...}',
+      "invalid_request_error")
+  end
+  local options = body.options
+  if options == cjson.null then options = nil end
+  local name = body.name
+  if name == cjson.null then name = nil end
+  local c, err = self.shadow:add(body.policy, options, name)
+  if not c then return self:send_error(x, 400, err, "invalid_request_error") end
+  for _, v in ipairs(self.shadow:status()) do
+    if v.name == c.name then return self:send_json(x, 200, v) end
+  end
+end
+
+function M:shadow_remove(x, query)
+  local name = query_param(query, "name")
+  if not name or name == "" then
+    return self:send_error(x, 400, "missing name parameter: DELETE /admin/policy/shadow?name=NAME",
+      "invalid_request_error")
+  end
+  local ok, err = self.shadow:remove(name)
+  if not ok then return self:send_error(x, 404, err, "not_found") end
+  self:send_json(x, 200, { removed = name })
+end
+
+OBSERVE_HANDLERS = {
+  ["/admin/policy/shadow"] = { methods = "GET, POST or DELETE",
+    GET = function(s, x) return s:send_json(x, 200, { candidates = s:shadow_status() }) end,
+    POST = function(s, x) return s:shadow_add(x) end,
+    DELETE = function(s, x, q) return s:shadow_remove(x, q) end },
+  ["/admin/decisions"] = { methods = "GET", GET = function(s, x, q) return s:decisions_endpoint(x, q) end },
 }
 
 -- Whether x carries "Authorization: Bearer KEY".
@@ -736,6 +812,12 @@ function M:dispatch_other(x, method, path, query, route)
   if route then return self:send_error(x, 405, "use POST for " .. path, "method_not_allowed") end
   if self.admin_key and ADMIN_ROUTES[path] and not self:authorized(x, self.admin_key) then
     return self:unauthorized(x, path .. " (--admin-api-key)")
+  end
+  local observe = OBSERVE_HANDLERS[path]
+  if observe then
+    local h = observe[method]
+    if h then return h(self, x, query) end
+    return self:send_error(x, 405, "use " .. observe.methods .. " for " .. path, "method_not_allowed")
   end
   if GET_PROXIED[path] then
     -- answered by a worker: inference clients only
@@ -811,6 +893,10 @@ function M:start()
   core.set_via("1.1 sglr-" .. core.random_id(""))
   local ok, err = self:load_policy()
   if not ok then return nil, err end
+  for _, name in ipairs(conf.shadow_policy or {}) do
+    local c, serr = self.shadow:add(name)
+    if not c then return nil, "--shadow-policy " .. name .. ": " .. tostring(serr) end
+  end
 
   -- wait for the listed workers (in parallel), then serve with the healthy ones
   local urls, opts = {}, {}

@@ -116,7 +116,7 @@ M.inflight_h = M.inflight:series()
 M.queue_depth_h = M.queue_depth:series()
 
 -- The request path's updates of a series handle: M.bump(h) adds 1,
--- M.record(h, v) observes v. Through LuaJIT's FFI the JIT compiles them
+-- M.add(h, v) adds v, M.record(h, v) observes v. Through LuaJIT's FFI the JIT compiles them
 -- into its trace (a classic C call ends the trace); elsewhere they are the
 -- handle's own methods.
 local ffi_ok, ffi = pcall(require, "ffi")
@@ -130,9 +130,11 @@ end
 if ffi_ok then
   local C = ffi.C
   function M.bump(s) C.sglr_lua_series_inc(s, 1) end
+  function M.add(s, v) C.sglr_lua_series_inc(s, v) end
   function M.record(s, v) C.sglr_lua_series_observe(s, v) end
 else
   function M.bump(s) s:inc() end
+  function M.add(s, v) s:inc(v) end
   function M.record(s, v) s:observe(v) end
 end
 
