@@ -78,6 +78,9 @@ local MAX_TEXT = 1024 * 1024
 local BIG_BODY = 1024 * 1024
 local SSE_TIMEOUT = 'data: {"error":{"message":"worker timed out","type":"timeout","code":504}}\n\n'
 
+-- a router without shadow candidates (one built by hand in a spec)
+local NO_SHADOW = { n = 0 }
+
 -- r: the router (conf, workers, limiter, retry, policy, error helpers)
 function M.new(r)
   local conf = r.conf
@@ -100,7 +103,7 @@ function M.new(r)
     -- a request may ask for an explanation ("all" with --explain, "key"
     -- when only a request carrying --admin-api-key may, else false)
     ring = r.decisions or false,
-    shadow = r.shadow,
+    shadow = r.shadow or NO_SHADOW,
     explain_mode = conf.explain and "all" or (r.admin_key and "key") or false,
   }, M)
   self.request_id_headers = conf.request_id_headers or

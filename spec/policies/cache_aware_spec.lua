@@ -117,10 +117,22 @@ local function new(make_tree, opts)
   return inst, rt
 end
 
+-- select's reason, in the short names the tests use
+local SHORT = { cache_hit = "hit", cache_miss = "miss", imbalance = "balance", shortest_queue = "queue" }
+
+-- route(p, text, ws) -> url, outcome, why (select's second value when it
+-- chose none). outcome: decision (short reason), matched and total (what
+-- select reported), match_ratio (matched / total).
 local function route(p, text, ws)
   local req = { route = "generate", text = text }
-  local w, reason = p:select(req, ws)
-  return w and w.url, req, reason
+  local w, reason, matched, total = p:select(req, ws)
+  if not w then return nil, req, reason end
+  assert.is_nil(rawget(req, "decision"))        -- nothing is written on the request
+  assert.equal(#(text or ""), total)
+  local out = { decision = SHORT[reason], reason = reason, matched = matched, total = total,
+    match_ratio = matched and (total > 0 and matched / total or 0) or nil }
+  assert.truthy(out.decision, "a known reason: " .. tostring(reason))
+  return w.url, out
 end
 
 describe("cache_aware policy", function()
@@ -172,7 +184,7 @@ describe("cache_aware policy", function()
         local owner = route(p, "abcd", ws)
         local other, req = route(p, "abcdwxyz", ws)        -- 4/8 = 0.5
         assert.equal("miss", req.decision)
-        assert.equal(0.5, req.match_ratio)
+        assert.equal(0, req.match_ratio)                    -- the 4 chars are the owner's, not the choice's
         assert.not_equal(owner, other)                      -- the emptier one
         local again, req2 = route(p, "abcdwxy", { ws[1], ws[2] })
         assert.equal(other, again)                          -- 7/7 held by `other`
@@ -416,7 +428,7 @@ describe("cache_aware policy", function()
     end)
 
     it("counts matches in bytes without cutting a character", function()
-      local p, ws = new(real_radix), workers({ 0, 0 })
+      local p, ws = new(real_radix, { cache_threshold = 0.1 }), workers({ 0, 0 })
       route(p, "h\195\169llo", ws)                          -- héllo
       local _, req = route(p, "h\195\168llo", ws)           -- hèllo: 1 of 6 bytes
       assert.near(1 / 6, req.match_ratio, 1e-9)

@@ -55,6 +55,7 @@ describe("sglr.cli", function()
       shutdown_grace_secs = 30, connect_timeout_ms = 5000,
       client_header_timeout_secs = 30, client_body_timeout_secs = 60, keepalive_timeout_secs = 75,
       client_write_timeout_secs = 60,
+      shadow_policy = {}, shadow_budget_us = 1000, explain = false, decision_log_size = 1000,
     }
     local unset = { "service_discovery_namespace", "kubeconfig", "log_dir", "api_key", "lua_path",
       "max_connections", "admin_api_key", "inference_api_key" }
@@ -161,6 +162,11 @@ describe("sglr.cli", function()
       { { "--lua-path", "/opt/sglr" }, "lua_path", "/opt/sglr" },
       { { "--shutdown-grace-secs", "0" }, "shutdown_grace_secs", 0 },
       { { "--connect-timeout-ms", "250" }, "connect_timeout_ms", 250 },
+      { { "--shadow-policy", "cache_aware", "--shadow-policy", "power_of_two" }, "shadow_policy",
+        { "cache_aware", "power_of_two" } },
+      { { "--shadow-budget-us", "50" }, "shadow_budget_us", 50 },
+      { { "--explain" }, "explain", true },
+      { { "--decision-log-size", "0" }, "decision_log_size", 0 },
     }
     for _, c in ipairs(cases) do
       it(table.concat(c[1], " ") .. " sets " .. c[2], function()
@@ -398,6 +404,8 @@ describe("sglr.cli", function()
       { "--max-payload-size", "0" }, { "--max-payload-size", "lots" },
       { "--max-payload-size", "1TB" },
       { "--max-concurrent-requests", "-1" }, { "--queue-size", "-5" },
+      { "--shadow-policy", "no_such_policy" }, { "--shadow-policy", "missing.lua" },
+      { "--shadow-budget-us", "0" }, { "--decision-log-size", "-1" }, { "--decision-log-size", "100001" },
       { "--queue-timeout-secs", "0" }, { "--request-timeout-secs", "-3" },
       { "--worker-startup-timeout-secs", "0" }, { "--worker-startup-check-interval", "0" },
       { "--health-check-interval-secs", "0" }, { "--health-failure-threshold", "0" },
