@@ -296,3 +296,36 @@ describe("the decision log", function()
     assert.equal(405, assert(H.post(r.url, "/admin/decisions")).status)
   end)
 end)
+
+describe("explained decisions in PD mode", function()
+  local p1, d1, r
+  setup(function()
+    p1 = H.prefill_sim("p1")
+    d1 = H.sim({ "--id", "d1", "--role", "decode" })
+    r = H.router({ "--pd-disaggregation", "--prefill", p1.url, tostring(p1.bootstrap_port),
+      "--decode", d1.url, "--prefill-policy", "cache_aware", "--decode-policy", "round_robin",
+      "--explain", "--shadow-policy", "random" })
+  end)
+  teardown(H.stop_all)
+
+  it("explains both legs, streamed or not, and logs both", function()
+    for _, stream in ipairs({ false, true }) do
+      local res = assert(H.post(r.url, "/generate", H.gen_body("pd prompt", { stream = stream }),
+        { ["x-sglr-explain"] = "1" }))
+      assert.equal(200, res.status, res.body)
+      local d = assert(cjson.decode(res.headers["x-sglr-decision"] or ""), "a decision header")
+      assert.equal("pd", d.mode)
+      assert.equal("cache_aware", d.prefill.policy)
+      assert.equal(p1.url, d.prefill.worker)
+      assert.equal("round_robin", d.decode.policy)
+      assert.equal(d1.url, d.decode.worker)
+      assert.equal("only_choice", d.decode.reason)
+      assert.equal("random", d.shadow[1].candidate)       -- candidates shadow the prefill policy
+      assert.is_true(d.shadow[1].agree)
+    end
+    local last = assert(H.get(r.url, "/admin/decisions?n=1")).json.decisions[1]
+    assert.equal("pd", last.mode)
+    assert.equal(p1.url, last.prefill.worker)
+    assert.equal(d1.url, last.decode.worker)
+  end)
+end)
