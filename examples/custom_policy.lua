@@ -1,7 +1,8 @@
 -- A custom policy: session affinity. Requests carrying the same session
 -- header go to the same worker (rendezvous hashing, so adding or removing a
 -- worker moves only that worker's sessions); requests without it go to the
--- least loaded worker. Use it without rebuilding anything:
+-- least loaded worker. select states why (the reason shows in
+-- x-sglr-decision and GET /admin/decisions). Use it without rebuilding anything:
 --
 --   sglr run --policy examples/custom_policy.lua --worker-urls http://w1:8000 http://w2:8000
 local P = { name = "session_affinity", version = "1.0.0" }
@@ -35,13 +36,13 @@ function P:select(req, workers)
       local sc = score(session .. w.url)
       if not best or sc > best_score then best, best_score = w, sc end
     end
-    return best
+    return best, "session"
   end
   local best = workers[1]
   for _, w in ipairs(workers) do
     if w.load < best.load then best = w end
   end
-  return best
+  return best, "least_loaded"
 end
 
 return P
