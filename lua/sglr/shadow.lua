@@ -131,7 +131,7 @@ function M:add(name_or_path, options, label)
   local c = { name = label, policy = base, version = P.version, source = name_or_path, inst = inst,
     select = inst.select, options = options, timers = timers, state = "active", reason = false,
     decisions = 0, agree = 0, none = 0, matched = 0, text = 0, errors = 0, slow = 0, strikes = 0,
-    us_total = 0, us_max = 0, on_done = inst.on_done and true or false, added = os.time() }
+    us_total = 0, us_max = 0, on_done = inst.on_done and true or false }
   local m = candidate_metrics()
   if m then
     c.s_agree, c.s_disagree = m.decisions:series(label, "true"), m.decisions:series(label, "false")
