@@ -11,12 +11,14 @@
 -- and no encoding: its slots are tables made once, at their final size,
 -- and recording is a handful of field stores. Encoding happens on read.
 --
---   slot fields   t (monotonic ms), id, route, attempt, policy, version,
---                 worker, reason, matched, total (the leg a regular
---                 attempt or the prefill of a PD one), d_policy, d_version,
---                 d_worker, d_reason, d_matched, d_total (a PD decode leg,
---                 else false), nsh + sh = { name1, url1, name2, url2, ... }
---                 (the shadow candidates' choices; url false: none)
+--   slot fields   t (monotonic ms), id, route, attempt, policy (the
+--                 instance: its name and version are read on read),
+--                 worker (URL), reason, matched, total (the leg of a
+--                 regular attempt or the prefill of a PD one), d_policy,
+--                 d_worker, d_reason, d_matched, d_total (a PD decode leg;
+--                 d_worker false: none), nsh + sh = { name1, url1, name2,
+--                 url2, ... } (the shadow candidates' choices; url false:
+--                 none)
 --
 -- A policy reports its reason through select's extra return values
 -- (worker, reason, matched, total); one that returns only a worker is
@@ -35,9 +37,9 @@ M.MAX_SIZE = 100000
 
 local function new_slot()
   return { t = 0, id = false, route = false, attempt = 0,
-    policy = false, version = false, worker = false, reason = false, matched = false, total = false,
-    d_policy = false, d_version = false, d_worker = false, d_reason = false, d_matched = false,
-    d_total = false, nsh = 0, sh = {} }
+    policy = false, worker = false, reason = false, matched = false, total = false,
+    d_policy = false, d_worker = false, d_reason = false, d_matched = false, d_total = false,
+    nsh = 0, sh = {} }
 end
 
 -- A ring of `size` decisions (size 0: none kept).
@@ -47,30 +49,26 @@ function M.new(size)
   return self
 end
 
--- The slot for the next decision: the oldest one is reused once the ring
--- is full. The caller fills every field it knows (next_slot resets the
--- optional ones).
-function M:next_slot()
-  local pos = self.pos % self.size + 1
+-- Record the first leg of a decision in the next slot (the oldest once the
+-- ring is full) and return the slot. Called on every attempt: plain
+-- stores, no call, no allocation.
+function M:record(now, req, policy, w, reason, matched, total)
+  local pos, size = self.pos + 1, self.size
+  if pos > size then pos = 1 end
   self.pos = pos
-  if self.n < self.size then self.n = self.n + 1 end
+  if self.n < size then self.n = self.n + 1 end
   local s = self.slots[pos]
-  s.d_policy, s.d_version, s.d_worker, s.d_reason, s.d_matched, s.d_total = false, false, false, false, false, false
-  s.nsh = 0
+  s.t, s.id, s.route, s.attempt = now, req.id, req.route, req.retries + 1
+  s.policy, s.worker, s.reason, s.matched, s.total = policy, w.url, reason or false, matched or false,
+    total or false
+  s.d_worker, s.nsh = false, 0
   return s
 end
 
--- Fill the first leg of a slot.
-function M.fill(s, now, req, policy, w, reason, matched, total)
-  s.t, s.id, s.route, s.attempt = now, req.id, req.route, req.retries + 1
-  s.policy, s.version = policy.name or false, policy.version or false
-  s.worker, s.reason, s.matched, s.total = w.url, reason or M.UNSPECIFIED, matched or false, total or false
-end
-
--- Fill the decode leg of a PD slot.
-function M.fill_decode(s, policy, w, reason, matched, total)
-  s.d_policy, s.d_version = policy.name or false, policy.version or false
-  s.d_worker, s.d_reason, s.d_matched, s.d_total = w.url, reason or M.UNSPECIFIED, matched or false, total or false
+-- Record the decode leg of a PD decision.
+function M.record_decode(s, policy, w, reason, matched, total)
+  s.d_policy, s.d_worker, s.d_reason, s.d_matched, s.d_total = policy, w.url, reason or false,
+    matched or false, total or false
 end
 
 local function nz(v)
@@ -87,7 +85,7 @@ end
 
 local function leg_view(policy, version, worker, reason, matched, total, attempt)
   local v = { policy = nz(policy), version = nz(version), worker = nz(worker),
-    reason = reason, matched_chars = nz(matched), total_chars = nz(total),
+    reason = reason or M.UNSPECIFIED, matched_chars = nz(matched), total_chars = nz(total),
     match_ratio = ratio(matched, total) }
   if attempt and attempt > 1 then v.reason, v.policy_reason = "retry", reason end
   return v
@@ -105,13 +103,15 @@ end
 
 -- A slot as a plain table (for JSON); wall: ms since the epoch at mono_now.
 function M.view(s, wall_now, mono_now)
-  local v = leg_view(s.policy, s.version, s.worker, s.reason, s.matched, s.total, s.attempt)
+  local p, dp = s.policy, s.d_policy
+  local v = leg_view(p.name or false, p.version or false, s.worker, s.reason, s.matched, s.total, s.attempt)
   v.time_ms = floor(wall_now - (mono_now - s.t))
   v.request_id, v.route, v.attempt = nz(s.id), nz(s.route), s.attempt
   if s.d_worker then
     v = { time_ms = v.time_ms, request_id = v.request_id, route = v.route, attempt = v.attempt, mode = "pd",
       prefill = v,
-      decode = leg_view(s.d_policy, s.d_version, s.d_worker, s.d_reason, s.d_matched, s.d_total, s.attempt) }
+      decode = leg_view(dp.name or false, dp.version or false, s.d_worker, s.d_reason, s.d_matched, s.d_total,
+        s.attempt) }
     v.prefill.time_ms, v.prefill.request_id, v.prefill.route, v.prefill.attempt = nil, nil, nil, nil
   end
   v.shadow = shadow_view(s, s.worker)

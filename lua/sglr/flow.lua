@@ -248,24 +248,23 @@ end
 -- request that asked, into its x-sglr-decision header. Between the
 -- prefill's note and the decode's nothing yields, so the attempt's slot
 -- and explanation wait on the flow.
-local fill, fill_decode = decisions.fill, decisions.fill_decode
+local record_decode = decisions.record_decode
 function M:note(req, now, policy, w, reason, matched, total, avail, role)
   local ring = self.ring
   local slot = false
   if role == "decode" then
     slot = self.cur_slot
-    if slot then fill_decode(slot, policy, w, reason, matched, total) end
+    if slot then record_decode(slot, policy, w, reason, matched, total) end
   else
     if ring then
-      slot = ring:next_slot()
-      fill(slot, now, req, policy, w, reason, matched, total)
+      slot = ring:record(now, req, policy, w, reason, matched, total)
     end
     local sh = self.shadow
     if sh.n > 0 then
       if not slot and req.explain then slot = { nsh = 0, sh = {} } end
       sh:offer(req, avail, w, slot or nil)
     end
-    self.cur_slot = slot
+    if role then self.cur_slot = slot end
   end
   if req.explain then
     local leg = decisions.explain_leg(policy, w, reason, matched, total, avail, req.retries + 1)

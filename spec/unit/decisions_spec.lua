@@ -167,10 +167,8 @@ end)
 
 describe("the decision ring", function()
   local function record(ring, i)
-    local s = ring:next_slot()
-    decisions.fill(s, 1000 + i, { id = "r" .. i, route = "chat", retries = 0 },
+    return ring:record(1000 + i, { id = "r" .. i, route = "chat", retries = 0 },
       { name = "rr", version = "1" }, { url = "http://w" .. i }, "next_in_turn", nil, 10)
-    return s
   end
 
   it("keeps the last N, newest first, and reuses its slots", function()
@@ -192,7 +190,7 @@ describe("the decision ring", function()
   it("clears a reused slot's decode leg and shadow choices", function()
     local ring = decisions.new(1)
     local s = record(ring, 1)
-    decisions.fill_decode(s, { name = "rr" }, { url = "http://d1" }, "only_choice")
+    decisions.record_decode(s, { name = "rr" }, { url = "http://d1" }, "only_choice")
     s.nsh, s.sh[1], s.sh[2] = 1, "cand", "http://w1"
     local v = ring:last(1, 0, 0)[1]
     assert.equal("pd", v.mode)
