@@ -8,17 +8,19 @@
 --                      header of a request that asked for it
 --
 -- The ring is written on every attempt, so writing costs no allocation
--- and no encoding: its slots are tables made once, at their final size,
--- and recording is a handful of field stores. Encoding happens on read.
+-- and no encoding: it is one flat array made at startup, STRIDE entries
+-- per decision, written with integer-indexed stores (a table per slot
+-- with named fields cost twice as many instructions). Encoding happens
+-- on read. The entries of decision pos, at b = (pos - 1) * STRIDE:
 --
---   slot fields   t (monotonic ms), id, route, attempt, policy (the
---                 instance: its name and version are read on read),
---                 worker (URL), reason, matched, total (the leg of a
---                 regular attempt or the prefill of a PD one), d_policy,
---                 d_worker, d_reason, d_matched, d_total (a PD decode leg;
---                 d_worker false: none), nsh + sh = { name1, url1, name2,
---                 url2, ... } (the shadow candidates' choices; url false:
---                 none)
+--   b+1 t (monotonic ms)   b+2 request id   b+3 route   b+4 attempt
+--   b+5 policy (the instance: name and version are read on read)
+--   b+6 worker URL   b+7 reason   b+8 matched   b+9 total
+--   b+10..14 the decode leg of a PD attempt: policy, worker URL (false:
+--            none), reason, matched, total
+--   b+15 the shadow candidates' choices (false: none): a table made at
+--        startup per slot, { nsh = n, sh = { name1, url1, ... } } (url
+--        false: that candidate chose none)
 --
 -- A policy reports its reason through select's extra return values
 -- (worker, reason, matched, total); one that returns only a worker is
@@ -35,40 +37,43 @@ M.UNSPECIFIED = "unspecified"
 -- Largest --decision-log-size and n of GET /admin/decisions.
 M.MAX_SIZE = 100000
 
-local function new_slot()
-  return { t = 0, id = false, route = false, attempt = 0,
-    policy = false, worker = false, reason = false, matched = false, total = false,
-    d_policy = false, d_worker = false, d_reason = false, d_matched = false, d_total = false,
-    nsh = 0, sh = {} }
-end
+local STRIDE = 16
 
 -- A ring of `size` decisions (size 0: none kept).
 function M.new(size)
-  local self = setmetatable({ size = size, n = 0, pos = 0, slots = {} }, M)
-  for i = 1, size do self.slots[i] = new_slot() end
-  return self
+  local a, shs = {}, {}
+  for i = 1, size * STRIDE do a[i] = false end
+  for i = 1, size do shs[i] = { nsh = 0, sh = {} } end
+  return setmetatable({ size = size, n = 0, pos = 0, a = a, shs = shs }, M)
 end
 
 -- Record the first leg of a decision in the next slot (the oldest once the
--- ring is full) and return the slot. Called on every attempt: plain
--- stores, no call, no allocation.
+-- ring is full) -> its position.
 function M:record(now, req, policy, w, reason, matched, total)
   local pos, size = self.pos + 1, self.size
   if pos > size then pos = 1 end
   self.pos = pos
   if self.n < size then self.n = self.n + 1 end
-  local s = self.slots[pos]
-  s.t, s.id, s.route, s.attempt = now, req.id, req.route, req.retries + 1
-  s.policy, s.worker, s.reason, s.matched, s.total = policy, w.url, reason or false, matched or false,
-    total or false
-  s.d_worker, s.nsh = false, 0
-  return s
+  local a, b = self.a, (pos - 1) * 16
+  a[b + 1], a[b + 2], a[b + 3], a[b + 4], a[b + 5] = now, req.id, req.route, req.retries + 1, policy
+  a[b + 6], a[b + 7], a[b + 8], a[b + 9] = w.url, reason or false, matched or false, total or false
+  a[b + 11], a[b + 15] = false, false
+  return pos
 end
 
--- Record the decode leg of a PD decision.
-function M.record_decode(s, policy, w, reason, matched, total)
-  s.d_policy, s.d_worker, s.d_reason, s.d_matched, s.d_total = policy, w.url, reason or false,
-    matched or false, total or false
+-- Record the decode leg of the PD decision at pos.
+function M:record_decode(pos, policy, w, reason, matched, total)
+  local a, b = self.a, (pos - 1) * 16
+  a[b + 10], a[b + 11], a[b + 12], a[b + 13], a[b + 14] = policy, w.url, reason or false, matched or false,
+    total or false
+end
+
+-- The table the shadow candidates' choices of the decision at pos go in.
+function M:shadow_of(pos)
+  local s = self.shs[pos]
+  s.nsh = 0
+  self.a[(pos - 1) * 16 + 15] = s
+  return s
 end
 
 local function nz(v)
@@ -101,21 +106,23 @@ local function shadow_view(s, live_url)
   return out
 end
 
--- A slot as a plain table (for JSON); wall: ms since the epoch at mono_now.
-function M.view(s, wall_now, mono_now)
-  local p, dp = s.policy, s.d_policy
-  local v = leg_view(p.name or false, p.version or false, s.worker, s.reason, s.matched, s.total, s.attempt)
-  v.time_ms = floor(wall_now - (mono_now - s.t))
-  v.request_id, v.route, v.attempt = nz(s.id), nz(s.route), s.attempt
-  if s.d_worker then
-    v = { time_ms = v.time_ms, request_id = v.request_id, route = v.route, attempt = v.attempt, mode = "pd",
-      prefill = v,
-      decode = leg_view(dp.name or false, dp.version or false, s.d_worker, s.d_reason, s.d_matched, s.d_total,
-        s.attempt) }
-    v.prefill.time_ms, v.prefill.request_id, v.prefill.route, v.prefill.attempt = nil, nil, nil, nil
+-- The decision at pos as a plain table (for JSON); wall: ms since the
+-- epoch at mono_now.
+function M:view(pos, wall_now, mono_now)
+  local a, b = self.a, (pos - 1) * STRIDE
+  local p, attempt = a[b + 5], a[b + 4]
+  local v = leg_view(p.name or false, p.version or false, a[b + 6], a[b + 7], a[b + 8], a[b + 9], attempt)
+  local head = v
+  if a[b + 11] then
+    local dp = a[b + 10]
+    head = { mode = "pd", prefill = v,
+      decode = leg_view(dp.name or false, dp.version or false, a[b + 11], a[b + 12], a[b + 13], a[b + 14], attempt) }
   end
-  v.shadow = shadow_view(s, s.worker)
-  return v
+  head.time_ms = floor(wall_now - (mono_now - a[b + 1]))
+  head.request_id, head.route, head.attempt = nz(a[b + 2]), nz(a[b + 3]), attempt
+  local sh = a[b + 15]
+  if sh then head.shadow = shadow_view(sh, a[b + 6]) end
+  return head
 end
 
 -- The last n decisions, newest first, as plain tables.
@@ -124,7 +131,7 @@ function M:last(n, wall_now, mono_now)
   if n > self.n then n = self.n end
   local pos = self.pos
   for i = 1, n do
-    out[i] = M.view(self.slots[pos], wall_now, mono_now)
+    out[i] = self:view(pos, wall_now, mono_now)
     pos = pos - 1
     if pos < 1 then pos = self.size end
   end
@@ -149,7 +156,7 @@ function M.explain_leg(policy, w, reason, matched, total, avail, attempt)
 end
 
 -- The header value: one JSON object. legs: the regular leg, or prefill and
--- decode; shadow: a slot-like table (nsh, sh) or nil.
+-- decode; shadow: the candidates' choices (a table like shadow_of's) or nil.
 function M.explain_json(req, leg, dleg, shadow)
   local v
   if dleg then

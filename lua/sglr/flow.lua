@@ -246,34 +246,37 @@ end
 -- "prefill" or "decode"): into the decision log, offered to the shadow
 -- candidates (they shadow the regular or prefill policy), and for a
 -- request that asked, into its x-sglr-decision header. Between the
--- prefill's note and the decode's nothing yields, so the attempt's slot
--- and explanation wait on the flow.
-local record_decode = decisions.record_decode
+-- prefill's note and the decode's nothing yields, so the attempt's log
+-- position, shadow choices and explanation wait on the flow.
 function M:note(req, now, policy, w, reason, matched, total, avail, role)
   local ring = self.ring
-  local slot = false
+  local shadows = nil
   if role == "decode" then
-    slot = self.cur_slot
-    if slot then record_decode(slot, policy, w, reason, matched, total) end
+    local pos = self.cur_pos
+    if pos then ring:record_decode(pos, policy, w, reason, matched, total) end
+    shadows = self.cur_shadows
   else
-    if ring then
-      slot = ring:record(now, req, policy, w, reason, matched, total)
-    end
+    local pos = false
+    if ring then pos = ring:record(now, req, policy, w, reason, matched, total) end
     local sh = self.shadow
     if sh.n > 0 then
-      if not slot and req.explain then slot = { nsh = 0, sh = {} } end
-      sh:offer(req, avail, w, slot or nil)
+      if pos then
+        shadows = ring:shadow_of(pos)
+      elseif req.explain then
+        shadows = { nsh = 0, sh = {} }
+      end
+      sh:offer(req, avail, w, shadows)
     end
-    if role then self.cur_slot = slot end
+    if role then self.cur_pos, self.cur_shadows = pos, shadows end
   end
   if req.explain then
     local leg = decisions.explain_leg(policy, w, reason, matched, total, avail, req.retries + 1)
     if role == "prefill" then
       self.cur_leg = leg
     elseif role == "decode" then
-      req.extra["x-sglr-decision"] = decisions.explain_json(req, self.cur_leg, leg, slot or nil)
+      req.extra["x-sglr-decision"] = decisions.explain_json(req, self.cur_leg, leg, shadows)
     else
-      req.extra["x-sglr-decision"] = decisions.explain_json(req, leg, nil, slot or nil)
+      req.extra["x-sglr-decision"] = decisions.explain_json(req, leg, nil, shadows)
     end
   end
 end

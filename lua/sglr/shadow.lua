@@ -199,7 +199,7 @@ function M:remove(name)
 end
 
 -- Offer one request to every active candidate. live: the live choice;
--- out: a decision slot (nsh, sh) to note the choices in, or nil.
+-- out: a table { nsh, sh } to note the choices in (a decision log entry's), or nil.
 function M:offer(req, avail, live, out)
   local list, budget = self.list, self.budget_ms
   local dropped

@@ -175,7 +175,7 @@ describe("the decision ring", function()
     local ring = decisions.new(3)
     local slots = {}
     for i = 1, 5 do slots[i] = record(ring, i) end
-    assert.equal(slots[1], slots[4])              -- no table per decision
+    assert.equal(slots[1], slots[4])              -- the oldest slot is reused
     local list = ring:last(10, 1e6, 2000)
     assert.equal(3, #list)
     assert.same({ "r5", "r4", "r3" }, { list[1].request_id, list[2].request_id, list[3].request_id })
@@ -189,8 +189,9 @@ describe("the decision ring", function()
 
   it("clears a reused slot's decode leg and shadow choices", function()
     local ring = decisions.new(1)
-    local s = record(ring, 1)
-    decisions.record_decode(s, { name = "rr" }, { url = "http://d1" }, "only_choice")
+    local pos = record(ring, 1)
+    ring:record_decode(pos, { name = "rr" }, { url = "http://d1" }, "only_choice")
+    local s = ring:shadow_of(pos)
     s.nsh, s.sh[1], s.sh[2] = 1, "cand", "http://w1"
     local v = ring:last(1, 0, 0)[1]
     assert.equal("pd", v.mode)
