@@ -16,7 +16,9 @@
 #        ROUTER_PORT (31812), PREFILL_PORT (31813), BOOTSTRAP_PORT (31814),
 #        DECODE_PORT (31815), ROUTER_ARGS (extra router flags, e.g.
 #        "--log-level info"), SIM_BIN (the sglr that runs the sim workers;
-#        default build/sglr, so an older build can be measured beside it)
+#        default build/sglr, so an older build can be measured beside it),
+#        KEEP_DIR (keep each run's callgrind file there, named
+#        callgrind.BIN-INDEX.MODE, for callgrind_annotate)
 set -euo pipefail
 
 N=${N:-2000}
@@ -91,6 +93,7 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$DECODE_PORT/health" "$!"
 
 printf '%-40s %-8s %14s\n' binary mode "instr/request"
+bin_i=1
 for bin in "$@"; do
  for mode in $MODES; do
   out="$TMP/callgrind.out"
@@ -114,6 +117,11 @@ for bin in "$@"; do
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
   ir=$(for f in "$out".*; do awk '/^(summary|totals):/ {print $2}' "$f"; done | sort -n | tail -1)
   printf '%-40s %-8s %14.0f\n' "$bin" "$mode" "$(awk -v i="$ir" -v n="$N" 'BEGIN { print i / n }')"
+  if [ -n "${KEEP_DIR:-}" ]; then
+    mkdir -p "$KEEP_DIR"
+    for f in "$out".*; do cp "$f" "$KEEP_DIR/callgrind.$bin_i.$mode"; done
+  fi
   rm -f "$out".*
  done
+ bin_i=$((bin_i + 1))
 done
