@@ -21,7 +21,7 @@
 # Target "ca" is the same sglr build with --policy cache_aware: next to
 # "sglr" it gives what prefix-aware routing costs per request. With
 # PROMPT=chat4k every target gets POST /v1/chat/completions bodies of about
-# 4 KB (64 distinct prompts sharing a system prompt) instead of the small
+# 4 KB (each request its own prompt after a shared system prompt) instead of the small
 # /generate body.
 #
 # Three passes by default: 32 and 256 connections (throughput, saturated)
@@ -235,20 +235,23 @@ PATH_Q=/generate
 if [ "$PROMPT" = chat4k ]; then
   PATH_Q=/v1/chat/completions
   cat >"$TMP/post.lua" <<'EOF'
--- 64 distinct chat prompts of about 4 KB that share a system prompt
+-- chat prompts of about 4 KB: a shared system prompt, then a question no
+-- earlier request asked (as live traffic), of varying length
 local system = ("You are a careful assistant for a GPU fleet. "):rep(20)
-local bodies = {}
-for i = 1, 64 do
-  local user = ("Question " .. i .. ": how do I size the KV cache for this model? "):rep(40):sub(1, 3000)
-  bodies[i] = '{"model":"m","max_tokens":1,"messages":[{"role":"system","content":"' .. system ..
-    '"},{"role":"user","content":"' .. user .. '"}]}'
+local filler = ("how do I size the KV cache for this model? "):rep(70)
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
 end
 local n = 0
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 request = function()
-  n = n % 64 + 1
-  return wrk.format(nil, nil, nil, bodies[n])
+  n = n + 1
+  local user = "Question " .. tostring(id) .. "-" .. n .. ": " .. filler:sub(1, 2700 + n % 64 * 9)
+  return wrk.format(nil, nil, nil, '{"model":"m","max_tokens":1,"messages":[{"role":"system","content":"' ..
+    system .. '"},{"role":"user","content":"' .. user .. '"}]}')
 end
 EOF
 else
