@@ -431,20 +431,20 @@ static int x_forward_pd(lua_State *L)
         lua_pushliteral(L, "decode");
         return 3;
     }
-    lua_getfield(L, 4, "route");
+    sglr_lua_getopt(L, 4, SGLR_KEY_ROUTE);
     size_t rlen;
     const char *rname = luaL_optlstring(L, -1, "generate", &rlen);
     int route = sglr_extract_route(rname, rlen);
-    lua_getfield(L, 4, "host");
+    sglr_lua_getopt(L, 4, SGLR_KEY_HOST);
     size_t hlen;
     const char *host = luaL_optlstring(L, -1, "", &hlen);
-    lua_getfield(L, 4, "port");
+    sglr_lua_getopt(L, 4, SGLR_KEY_PORT);
     int port = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : -1;
-    lua_getfield(L, 4, "timeout_ms");
+    sglr_lua_getopt(L, 4, SGLR_KEY_TIMEOUT_MS);
     double timeout = luaL_optnumber(L, -1, 600000);
-    lua_getfield(L, 4, "connect_timeout_ms");
+    sglr_lua_getopt(L, 4, SGLR_KEY_CONNECT_TIMEOUT_MS);
     double connect = luaL_optnumber(L, -1, 5000);
-    lua_getfield(L, 4, "headers");
+    sglr_lua_getopt(L, 4, SGLR_KEY_HEADERS);
     int hidx = lua_istable(L, -1) ? lua_gettop(L) : 0;
     if (route < 0)
         return luaL_error(L, "forward_pd: unknown route '%s'", rname);
@@ -453,8 +453,8 @@ static int x_forward_pd(lua_State *L)
      * found here, in one pass), then the splice */
     int logprobs = 0;
     const char *body = x->body.data ? x->body.data : "";
-    lua_getfield(L, 4, "batch");
-    lua_getfield(L, 4, "logprobs");
+    sglr_lua_getopt(L, 4, SGLR_KEY_BATCH);
+    sglr_lua_getopt(L, 4, SGLR_KEY_LOGPROBS);
     int batch;
     if (lua_isnumber(L, -2)) {
         batch = (int)lua_tointeger(L, -2);
@@ -682,7 +682,9 @@ static int pd_close(lua_State *L)
 
 static int pd_gc(lua_State *L)
 {
-    void **box = luaL_checkudata(L, 1, PD_MT);
+    void **box = sglr_lua_gc_box(L, PD_MT);
+    if (!box)
+        return 0;
     lpd_t *pd = *box;
     if (!pd)
         return 0;

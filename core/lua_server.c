@@ -503,7 +503,9 @@ static int x_bytes_out(lua_State *L)
 
 static int x_gc(lua_State *L)
 {
-    void **box = luaL_checkudata(L, 1, EXCHANGE_MT);
+    void **box = sglr_lua_gc_box(L, EXCHANGE_MT);
+    if (!box)
+        return 0;
     sglr_exchange_t *x = *box;
     if (!x)
         return 0;
