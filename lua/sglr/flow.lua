@@ -494,9 +494,9 @@ end
 -- The body's batch shape decides whether PD can split it: checked before
 -- any policy sees the request (a refused body moves no counter and no tree).
 function pd.prepare(_, x, req, fwd)
-  local batch, logprobs = x:pd_check(req.route)
-  if not batch then return nil, logprobs end
-  fwd.route, fwd.batch, fwd.logprobs = req.route, batch, logprobs
+  local batch, flags = x:pd_check(req.route)
+  if not batch then return nil, flags end
+  fwd.route, fwd.batch, fwd.logprobs = req.route, batch, flags
   return true
 end
 
@@ -575,7 +575,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   end
   record(rs.ttfb, (now_ms() - req.t0) / 1000)
 
-  local pst = pdx:prefill_status()
+  local pst, dst = ferr, leg           -- both heads' statuses (dst 0: not in yet)
   if pst < 200 or pst >= 300 then
     -- the prefill refused: its answer is the request's, the decode goes
     local body = pdx:read_prefill()
@@ -596,7 +596,6 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     return "done"
   end
 
-  local dst = pdx:status()
   if dst >= 400 and retry.retryable_status(dst) and can_retry then
     local body = pdx:read()
     local ctype = pdx:header("content-type")
@@ -612,10 +611,8 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   end
 
   -- commit: the client gets the decode's response
-  local okp, perr = pdx:pipe(req.extra)
+  local okp, perr, _, pres, dres = pdx:pipe(req.extra)
   record(rs.upstream, (now_ms() - now) / 1000)
-  local pres, dres = pdx:outcome()
-  pdx:close()
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
   flow:settle(req, dw, req.dpolicy, okp and leg_outcome("ok", dst) or leg_outcome(dres, dst), dst)
   if pres ~= "ok" and pres ~= "cancelled" and pres ~= "client_closed" then pd_error("prefill", pres) end
