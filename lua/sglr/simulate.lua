@@ -30,7 +30,7 @@ local policy_mod = require "sglr.policy"
 local ok_extract, extract = pcall(require, "sglr.extract")
 
 local floor, max, min = math.floor, math.max, math.min
-local fmt, concat, sort = string.format, table.concat, table.sort
+local fmt, concat = string.format, table.concat
 local co_create, co_resume, co_yield, co_running = coroutine.create, coroutine.resume,
   coroutine.yield, coroutine.running
 
@@ -259,7 +259,7 @@ function Sim:dispatch(item)
     _body = body }, req_mt)
   local w, why = self.policy:select(req, self.avail)
   if not w then
-    return self:finish_failed(item, why or "policy selected no worker")
+    return self:finish_failed(why or "policy selected no worker")
   end
   req.worker = w.url
   set_load(self, w, 1)
@@ -323,13 +323,11 @@ function Sim:complete(job)
   self:pump()
 end
 
-function Sim:finish_failed(item, why)
+-- The policy picked no worker: the request fails (a 503 in the router).
+function Sim:finish_failed(why)
   self.nres = self.nres + 1
   self.results[self.nres] = { ok = false, err = tostring(why), latency_ms = 0, t = self.now }
   self.inflight = self.inflight - 1
-  -- pump runs after dispatch returns
-  self.need_pump = true
-  local _ = item
 end
 
 -- --- arrivals ----------------------------------------------------------------------
@@ -443,6 +441,12 @@ function Sim:summary()
   -- skew: the busiest worker's share over a fair share (1 = even)
   s.skew = #self.workers > 0 and hi / (n / #self.workers) or 0
   s.min_worker_requests, s.max_worker_requests = lo == math.huge and 0 or lo, hi
+  local routes = {}
+  for i = 1, self.nres do
+    local r = self.results[i].route
+    if r then routes[r] = (routes[r] or 0) + 1 end
+  end
+  s.routes = routes
   s.policy_warnings = self.warnings
   s.timeline = self.results
   return s
