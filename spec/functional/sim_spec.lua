@@ -107,7 +107,8 @@ describe("sglr sim fidelity", function()
 
   -- service times of tens of ms, so the router hop and timer rounding
   -- (a millisecond or two, more under sanitizers) stay small beside them
-  local MODEL = { "--prefill-us-per-token", "80", "--decode-ms-per-token", "3", "--kv-tokens", "6000" }
+  local MODEL = { "--prefill-us-per-token", "80", "--decode-ms-per-token", "2.5", "--kv-tokens", "6000",
+    "--max-running-requests", "3", "--decode-batch-ms", "0.5" }
   local WL = { workload = "shared-prefix", groups = 25, prompts_per_group = 20, system_tokens = 600,
     question_tokens = 60, output_tokens = 16, concurrency = 12, seed = 3, quiet = true }
 

@@ -96,6 +96,18 @@ describe("sglr sim on a virtual clock", function()
     assert.is_true(open.duration_s > 6 and open.duration_s < 14, tostring(open.duration_s))
   end)
 
+  it("--plot draws TTFT and each worker's load per policy as SVG", function()
+    local o = assert(simulate.parse_args(with({ "--policy", "round_robin", "--policy", "cache_aware",
+      "--groups", "4", "--prompts-per-group", "10", "--rate", "50" })))
+    local cols = assert(simulate.run(o))
+    local svg = require("sglr.simplot").render(cols)
+    assert.truthy(svg:find("^<svg"))
+    assert.truthy(svg:find("round_robin: TTFT", 1, true))
+    assert.truthy(svg:find("cache_aware: load per worker", 1, true))
+    local _, lines = svg:gsub("<polyline", "")
+    assert.equal(2 * (2 + 4), lines)   -- per policy: TTFT mean and max, 4 workers
+  end)
+
   it("validates --policy-opt against the policies' schemas", function()
     local o = assert(simulate.parse_args({ "--policy", "cache_aware", "--policy-opt", "cache_threshold=2" }))
     local cols, err = simulate.run(o)
