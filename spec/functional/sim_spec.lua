@@ -110,7 +110,7 @@ describe("sglr sim fidelity", function()
   local MODEL = { "--prefill-us-per-token", "80", "--decode-ms-per-token", "2.5", "--kv-tokens", "6000",
     "--max-running-requests", "3", "--decode-batch-ms", "0.5" }
   local WL = { workload = "shared-prefix", groups = 25, prompts_per_group = 20, system_tokens = 600,
-    question_tokens = 60, output_tokens = 16, concurrency = 12, seed = 3, quiet = true }
+    question_tokens = 60, output_tokens = 16, concurrency = 24, seed = 3, quiet = true }
 
   it("is within 3 points of hit rate and 15% of mean TTFT of a live run (500 requests)", function()
     local workers, urls = {}, {}
@@ -132,7 +132,7 @@ describe("sglr sim fidelity", function()
       H.wait_stopped(r.proc)
       local sargs = { "--workers", "4", "--policy", policy, "--groups", "25", "--prompts-per-group", "20",
         "--system-tokens", "600", "--question-tokens", "60", "--output-tokens", "16",
-        "--concurrency", "12", "--seed", "3" }
+        "--concurrency", "24", "--seed", "3" }
       for _, a in ipairs(MODEL) do sargs[#sargs + 1] = a end
       local so = assert(simulate.parse_args(sargs))
       local cols = assert(simulate.run(so))

@@ -96,6 +96,23 @@ describe("sglr sim on a virtual clock", function()
     assert.is_true(open.duration_s > 6 and open.duration_s < 14, tostring(open.duration_s))
   end)
 
+  it("models dp ranks: one cache each, routed to by rank with --dp-aware", function()
+    local args = with({ "--policy", "cache_aware", "--groups", "8", "--prompts-per-group", "8",
+      "--system-tokens", "400", "--dp-size", "2" })
+    local plain = sim(args).cache_aware
+    local n = 0
+    for url in pairs(plain.worker_share) do n = n + 1; assert.falsy(url:find("@", 1, true)) end
+    assert.equal(4, n)
+    args[#args + 1] = "--dp-aware"
+    local aware = sim(args).cache_aware
+    n = 0
+    for url in pairs(aware.worker_share) do n = n + 1; assert.truthy(url:match("^http://sim%-%d@[01]$")) end
+    assert.equal(8, n)
+    -- ranks in turn scatter a group's prefix over both caches; rank-aware
+    -- routing keeps it on one
+    assert.is_true(aware.cache_hit_rate > plain.cache_hit_rate)
+  end)
+
   it("--plot draws TTFT and each worker's load per policy as SVG", function()
     local o = assert(simulate.parse_args(with({ "--policy", "round_robin", "--policy", "cache_aware",
       "--groups", "4", "--prompts-per-group", "10", "--rate", "50" })))
