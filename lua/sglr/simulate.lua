@@ -188,27 +188,44 @@ end
 
 function Sim:build_fleet()
   local o = self.o
-  local model = simmodel.new(o)
-  self.model = model
+  self.model = simmodel.new(o)
   self.servers, self.workers = {}, {}
-  for i = 1, o.workers do
-    local base = fmt("http://sim-%d", i)
+  if self.pd then
+    self.avail = self:add_servers("prefill", o.prefill, "http://prefill-%d")
+    self.davail = self:add_servers("decode", o.decode, "http://decode-%d")
+  else
+    self.avail = self:add_servers("regular", o.workers, "http://sim-%d")
+  end
+end
+
+-- n servers of a role -> the workers a policy picks from (one per rank
+-- with --dp-aware)
+function Sim:add_servers(role, n, pattern)
+  local o, model = self.o, self.model
+  local list = {}
+  for i = 1, n do
+    local base = fmt(pattern, i)
     local s = setmetatable({ base = base, ranks = {}, next_rank = 0 }, Server)
     for r = 1, o.dp_size do s.ranks[r] = model:rank() end
     self.servers[base] = s
     local ranks = (o.dp_aware and o.dp_size > 1) and o.dp_size or 1
     for r = 1, ranks do
       local aware = ranks > 1
-      self.workers[#self.workers + 1] = {
+      local w = {
         url = aware and fmt("%s@%d", base, r - 1) or base, base_url = base, server = s,
-        load = 0, processed = 0, healthy = true, role = "regular",
+        load = 0, processed = 0, healthy = true, role = role,
         dp_rank = aware and (r - 1) or nil,
         -- accounting for the summary
         requests = 0, load_area = 0, load_since = 0, load_max = 0,
       }
+      self.workers[#self.workers + 1] = w
+      list[#list + 1] = w
     end
   end
+  return list
 end
+
+local take
 
 local function set_load(sim, w, delta)
   local now = sim.now
@@ -261,8 +278,28 @@ function Sim:dispatch(item)
   if not w then
     return self:finish_failed(why or "policy selected no worker")
   end
-  req.worker = w.url
-  set_load(self, w, 1)
+  local dw
+  if self.pd then
+    req.dpolicy = self.dpolicy
+    dw, why = self.dpolicy:select(req, self.davail)
+    if not dw then
+      return self:finish_failed(why or "decode policy selected no worker")
+    end
+    req.prefill = w.url
+  end
+  req.worker = (dw or w).url
+  local job = { item = item, req = req, w = w, dw = dw, body = body, route = route,
+    ntok = self.model:output_tokens(spec.output_tokens), phase = dw and "prefill" or "full" }
+  -- loads are held by both legs until the answer ends, as in the router
+  job.rank = take(self, w)
+  if dw then job.drank = take(self, dw) end
+  if self.model:admit(job.rank, job) then self:begin(job) end
+end
+
+-- The rank of w's server that serves a request (its own with --dp-aware,
+-- else the next in turn), with the load counted.
+function take(sim, w)
+  set_load(sim, w, 1)
   w.processed = w.processed + 1
   w.requests = w.requests + 1
   local s = w.server
@@ -275,27 +312,44 @@ function Sim:dispatch(item)
   end
   rank.requests = rank.requests + 1
   rank.inflight = rank.inflight + 1
-  local job = { item = item, req = req, w = w, rank = rank, body = body, route = route,
-    ntok = self.model:output_tokens(spec.output_tokens) }
-  if self.model:admit(rank, job) then self:begin(job) end
+  return rank
 end
 
--- A job gets its place in the batch: cache, prefill, decode.
+-- A job gets its place in a batch. "full": cache, prefill, decode on one
+-- worker; PD: "prefill" (cache and prefill on the prefill worker), then
+-- "decode" on the decode worker (the KV cache arrives with the request).
 function Sim:begin(job)
-  local model = self.model
+  local model, now = self.model, self.now
+  if job.phase == "decode" then
+    local step = model:step_ms(job.drank.running)
+    job.first = now + (job.ntok > 0 and step or 0)
+    return self:at(now + job.ntok * step, self.complete, job)
+  end
   local text = simmodel.prompt_text(job.route, job.body)
   local ptoks, cached = model:touch_cache(text, job.rank)
   local prefill = model:prefill_ms(ptoks, cached)
-  local step = model:step_ms(job.rank.running)
   job.ptoks, job.cached = ptoks, cached
-  local now = self.now
+  if job.phase == "prefill" then
+    return self:at(now + prefill, self.prefilled, job)
+  end
+  local step = model:step_ms(job.rank.running)
   job.first = now + prefill + (job.ntok > 0 and step or 0)
   self:at(now + prefill + job.ntok * step, self.complete, job)
 end
 
+-- PD: the prefill is done; the prefill worker's slot frees and the
+-- request joins the decode worker's batch.
+function Sim:prefilled(job)
+  local nxt = self.model:release(job.rank)
+  if nxt then self:begin(nxt) end
+  job.phase = "decode"
+  if self.model:admit(job.drank, job) then self:begin(job) end
+end
+
 function Sim:complete(job)
   local model, now = self.model, self.now
-  local nxt = model:release(job.rank)
+  local rank = job.drank or job.rank
+  local nxt = model:release(rank)
   if nxt then self:begin(nxt) end
   job.rank.inflight = job.rank.inflight - 1
   local w, req = job.w, job.req
@@ -303,11 +357,16 @@ function Sim:complete(job)
   local latency = now - req.t0
   local p = self.policy
   if p.on_done then p:on_done(req, w, 200, latency) end
+  if job.dw then
+    job.drank.inflight = job.drank.inflight - 1
+    set_load(self, job.dw, -1)
+    if self.dpolicy.on_done then self.dpolicy:on_done(req, job.dw, 200, latency) end
+  end
   local ttft = self.o.stream and (job.first - req.t0) or latency
   self.nres = self.nres + 1
   self.results[self.nres] = { ok = true, latency_ms = latency, ttft_ms = ttft,
     prompt_tokens = job.ptoks, cached_tokens = job.cached, output_tokens = job.ntok,
-    t = now, worker = w.url, route = job.route }
+    t = now, worker = req.worker, route = job.route }
   self.prefill_tokens = self.prefill_tokens + (job.ptoks - job.cached)
   self.last_done = now
   -- the next turn of a conversation carries this answer
@@ -396,14 +455,22 @@ function M.run_policy(o, wl, P, policy_opts)
     arrivals = bench.rng(o.seed + 7919), t_start = 0, last_gate = 0, last_done = 0 }, Sim)
   -- a closed loop needs a concurrency; timed arrivals are capped only when asked
   sim.cap = o.concurrency or (sim.timed and math.huge) or bench.DEFAULT_CONCURRENCY
+  sim.pd = (o.prefill or 0) > 0
   sim:build_fleet()
   local inst, err = policy_mod.instantiate(P, policy_opts, sim:runtime())
   if not inst then return nil, err end
   sim.policy = inst
-  sim.avail = {}
-  for i, w in ipairs(sim.workers) do
-    sim.avail[i] = w
+  for _, w in ipairs(sim.avail) do
     if inst.on_add then inst:on_add(w) end
+  end
+  if sim.pd then
+    -- one instance per pool, as sglr run builds them in PD mode
+    local dinst, derr = policy_mod.instantiate(P, policy_opts, sim:runtime())
+    if not dinst then return nil, derr end
+    sim.dpolicy = dinst
+    for _, w in ipairs(sim.davail) do
+      if dinst.on_add then dinst:on_add(w) end
+    end
   end
   for _, s in ipairs(wl.sessions) do sim:ready_push({ s, 1, {} }) end
   sim:pump()
@@ -416,6 +483,7 @@ function M.run_policy(o, wl, P, policy_opts)
   end
   sim.done = true
   if inst.close then pcall(inst.close, inst) end
+  if sim.dpolicy and sim.dpolicy.close then pcall(sim.dpolicy.close, sim.dpolicy) end
   return sim:summary()
 end
 
@@ -430,16 +498,22 @@ function Sim:summary()
   local share, loads = {}, {}
   local n = max(1, s.requests)
   local hi, lo = 0, math.huge
-  for _, w in ipairs(self.workers) do
-    set_load(self, w, 0)
-    share[w.url] = w.requests / n
-    hi, lo = max(hi, w.requests), min(lo, w.requests)
-    loads[w.url] = { mean = self.now > 0 and w.load_area / self.now or 0, max = w.load_max }
+  local skew = 0
+  -- shares add up to 1 per pool (prefill, decode) in PD mode; skew is
+  -- the busiest worker's share over a fair share of its pool (1 = even)
+  for _, pool in ipairs({ self.avail, self.davail or {} }) do
+    local top = 0
+    for _, w in ipairs(pool) do
+      set_load(self, w, 0)
+      share[w.url] = w.requests / n
+      hi, lo, top = max(hi, w.requests), min(lo, w.requests), max(top, w.requests)
+      loads[w.url] = { mean = self.now > 0 and w.load_area / self.now or 0, max = w.load_max }
+    end
+    if #pool > 0 then skew = max(skew, top / (n / #pool)) end
   end
   s.worker_share = share
   s.worker_load = loads
-  -- skew: the busiest worker's share over a fair share (1 = even)
-  s.skew = #self.workers > 0 and hi / (n / #self.workers) or 0
+  s.skew = skew
   s.min_worker_requests, s.max_worker_requests = lo == math.huge and 0 or lo, hi
   local routes = {}
   for i = 1, self.nres do
@@ -484,6 +558,8 @@ Examples:
   p:option("--policy-opt", "A policy option, key=value (repeatable).")
     :count("*")
   p:flag("--dp-aware", "With --dp-size > 1, route to each rank (as sglr run --dp-aware).")
+  p:option("--prefill", "PD: number of prefill workers (with --decode; replaces --workers)."):convert(tonumber)
+  p:option("--decode", "PD: number of decode workers."):convert(tonumber)
   bench.add_workload_flags(p)
   simmodel.add_flags(p)
   p:option("--plot", "Draw TTFT over time and per-worker load per policy into FILE.svg.")
@@ -535,6 +611,15 @@ function M.parse_args(args)
   end
   -- bench defaults the concurrency of a closed loop; a trace keeps its pace
   if o.workload == "trace" and concurrency == nil then o.concurrency = nil end
+  if (o.prefill ~= nil) ~= (o.decode ~= nil) then
+    return nil, "PD needs both --prefill N and --decode N", p:get_usage()
+  end
+  for _, k in ipairs({ "prefill", "decode" }) do
+    local v = o[k]
+    if v ~= nil and (v < 1 or v ~= floor(v)) then
+      return nil, "--" .. k .. " must be a positive integer", p:get_usage()
+    end
+  end
   o.policies = (policies and #policies > 0) and policies or { "cache_aware" }
   return o
 end
@@ -600,8 +685,10 @@ function M.format(cols, o)
   else
     load = fmt("concurrency %d", o.concurrency)
   end
-  local out = { fmt("sglr sim: %s workload, %d requests, %d workers%s, %s", o.workload,
-    cols[1] and cols[1][2].requests or 0, o.workers,
+  local fleet = o.prefill and fmt("%d prefill + %d decode workers", o.prefill, o.decode)
+    or fmt("%d workers", o.workers)
+  local out = { fmt("sglr sim: %s workload, %d requests, %s%s, %s", o.workload,
+    cols[1] and cols[1][2].requests or 0, fleet,
     o.dp_size > 1 and fmt(" x %d dp ranks", o.dp_size) or "", load) }
   local head = { fmt("%-" .. lw .. "s", "") }
   for c, col in ipairs(cols) do head[#head + 1] = fmt("%" .. widths[c] .. "s", col[1]) end

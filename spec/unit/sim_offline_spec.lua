@@ -113,6 +113,29 @@ describe("sglr sim on a virtual clock", function()
     assert.is_true(aware.cache_hit_rate > plain.cache_hit_rate)
   end)
 
+  it("models PD fleets: a prefill pool and a decode pool, one policy instance each", function()
+    local res = sim({ "--prefill", "2", "--decode", "3", "--policy", "round_robin", "--policy", "cache_aware",
+      "--groups", "6", "--prompts-per-group", "10", "--system-tokens", "500", "--output-tokens", "10",
+      "--prefill-us-per-token", "100", "--decode-ms-per-token", "2", "--concurrency", "4" })
+    for _, name in ipairs({ "round_robin", "cache_aware" }) do
+      local s = res[name]
+      assert.equal(60, s.ok)
+      local p, d = 0, 0
+      for url, share in pairs(s.worker_share) do
+        if url:match("^http://prefill%-%d$") then p = p + share
+        elseif url:match("^http://decode%-%d$") then d = d + share
+        else error("unexpected worker " .. url) end
+      end
+      assert.near(1, p, 1e-9)
+      assert.near(1, d, 1e-9)
+      -- every answer decodes 10 tokens of 2 ms after its prefill
+      assert.is_true(s.latency_ms.p50 >= 20)
+    end
+    -- the prefill pool holds the cache
+    assert.is_true(res.cache_aware.cache_hit_rate > res.round_robin.cache_hit_rate)
+    assert.is_nil(simulate.parse_args({ "--prefill", "2" }))
+  end)
+
   it("--plot draws TTFT and each worker's load per policy as SVG", function()
     local o = assert(simulate.parse_args(with({ "--policy", "round_robin", "--policy", "cache_aware",
       "--groups", "4", "--prompts-per-group", "10", "--rate", "50" })))
