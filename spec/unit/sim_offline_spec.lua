@@ -280,6 +280,26 @@ describe("trace files", function()
     assert.is_true(res.round_robin.cache_hit_rate < res.cache_aware.cache_hit_rate)
   end)
 
+  it("capture files move to FILE.1 past their size limit", function()
+    local path = os.tmpname()
+    os.remove(path)
+    local w = assert(trace.open(path, 1000, function() return 0 end))
+    local line = ("x"):rep(99)
+    for _ = 1, 25 do assert.is_true(w:write(line)) end
+    w:close()
+    local function size(p)
+      local f = io.open(p, "rb")
+      if not f then return nil end
+      local n = #f:read("*a")
+      f:close()
+      return n
+    end
+    assert.equal(500, size(path))          -- 5 lines of 100 bytes since the last move
+    assert.equal(1000, size(path .. ".1"))
+    os.remove(path)
+    os.remove(path .. ".1")
+  end)
+
   it("chained block hashes: a shared prefix shares its leading blocks only", function()
     local a = trace.block_hashes(("x"):rep(600) .. "tail-a")
     local b = trace.block_hashes(("x"):rep(600) .. "tail-b")
