@@ -142,19 +142,42 @@ local function words(seed, n)
   return concat(t)
 end
 
--- A block's text from its id (a number or a hex string), cached.
-local function block_text(cache, id, chars)
-  local key = id
-  local t = cache[key]
-  if t then return t end
-  local seed
-  if type(id) == "number" then
-    seed = tobit(floor(id) % 2147483647 * 7919 + 17)
-  else
-    seed = tonumber(id, 16) or fnv(tobit(2166136261), tostring(id), 1, #tostring(id))
+-- Blocks are strung together from 1024 pieces of 16 words, picked by a
+-- generator seeded with the block's id: 32 picks for a Mooncake block
+-- instead of 512 words. Two blocks start alike with odds 1/1024, and
+-- then share 16 tokens at most.
+local PIECE_WORDS = 16
+local pieces
+local function piece_table()
+  if not pieces then
+    pieces = {}
+    for i = 1, 1024 do pieces[i] = words(i * 7919, PIECE_WORDS) end
   end
-  t = words(seed, floor(chars / BYTES_PER_TOKEN))
-  cache[key] = t
+  return pieces
+end
+
+-- A block's text from its id (a number or a hex string). Ids that occur
+-- more than once in the trace (cache.shared) are kept; the rest are made
+-- each time they are needed, so a long trace does not pile up text.
+local function block_text(cache, id, chars)
+  local t = cache[id]
+  if t then return t end
+  local s
+  if type(id) == "number" then
+    s = tobit(floor(id) % 2147483647 * 7919 + 17)
+  else
+    s = tonumber(id, 16) or fnv(tobit(2166136261), tostring(id), 1, #tostring(id))
+  end
+  local p = piece_table()
+  local nwords = floor(chars / BYTES_PER_TOKEN)
+  local parts = {}
+  for i = 1, floor((nwords + PIECE_WORDS - 1) / PIECE_WORDS) do
+    s = bxor(s, lshift(s, 13)); s = bxor(s, bit.rshift(s, 17)); s = bxor(s, lshift(s, 5))
+    parts[i] = p[band(s, 1023) + 1]
+  end
+  t = concat(parts)
+  if #t > nwords * BYTES_PER_TOKEN then t = t:sub(1, nwords * BYTES_PER_TOKEN) end
+  if cache.shared[id] then cache[id] = t end
   return t
 end
 
@@ -253,7 +276,7 @@ end
 -- line (skipped). -> { sessions, total, timed, skipped } | nil, err
 function M.parse(text, opts)
   opts = opts or {}
-  local cache = {}
+  local cache = { shared = {} }
   local specs, skipped = {}, 0
   local n = 0
   local warn = opts.warn
@@ -277,6 +300,17 @@ function M.parse(text, opts)
     end
   end
   if #specs == 0 then return nil, "trace has no usable requests" end
+  -- the block ids used more than once: their text is kept
+  local seen, shared = {}, {}
+  for _, sp in ipairs(specs) do
+    local g = sp._gen
+    if g then
+      for _, id in ipairs(g[2]) do
+        if seen[id] then shared[id] = true else seen[id] = true end
+      end
+    end
+  end
+  cache.shared = shared
   -- timestamps: replayed relative to the first, in order
   local timed = false
   for _, s in ipairs(specs) do timed = timed or s.at ~= nil end
