@@ -17,11 +17,16 @@
 -- Tokens are approximated as 4 bytes of text, the usual ratio for English
 -- with BPE tokenizers.
 local floor, max, min, ceil = math.floor, math.max, math.min, math.ceil
-
-local M = {}
 local concat = table.concat
 
--- Text of a request, as the worker would tokenize it.
+
+local M = {}
+
+M.BYTES_PER_TOKEN = 4
+local BYTES_PER_TOKEN = M.BYTES_PER_TOKEN
+
+-- --- request text ---------------------------------------------------------------------
+
 -- A prompt list as text: strings as they are, id lists as decimal ids.
 local function join_prompts(list)
   local out = {}
@@ -37,6 +42,7 @@ local function join_prompts(list)
   return concat(out, " ")
 end
 
+-- Text of a request, as the worker would tokenize it.
 function M.prompt_text(route, req)
   if route == "generate" then
     local t = req.text or req.prompt
@@ -70,7 +76,6 @@ function M.prompt_text(route, req)
   end
 end
 
-
 -- The answer text of n output tokens ("tok1 tok2 ..."): a multi-turn
 -- client resends it, so both simulators must produce the same bytes.
 function M.output_text(n)
@@ -79,9 +84,7 @@ function M.output_text(n)
   return concat(words, " ")
 end
 
-
-M.BYTES_PER_TOKEN = 4
-local BYTES_PER_TOKEN = M.BYTES_PER_TOKEN
+-- --- the model ------------------------------------------------------------------------
 
 -- The model's flags, shared by both commands' parsers: { flag, help, default }.
 M.FLAGS = {
