@@ -19,7 +19,6 @@
 local floor, max, min, ceil = math.floor, math.max, math.min, math.ceil
 local concat = table.concat
 
-
 local M = {}
 
 M.BYTES_PER_TOKEN = 4
