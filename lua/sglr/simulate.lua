@@ -22,6 +22,9 @@
 -- with LRU, prefill and decode time, continuous batching, dp ranks), and
 -- the workloads and arrivals those of `sglr bench` (closed loop with a
 -- concurrency, Poisson at a rate) or a trace replayed at its timestamps.
+-- A PD fleet has a prefill and a decode pool, each with its own instance
+-- of the policy: a request is prefilled in one batch, then decoded in the
+-- other.
 local cjson = require "cjson.safe"
 local bench = require "sglr.bench"
 local simmodel = require "sglr.simmodel"
