@@ -171,6 +171,11 @@ local FLAGS = {
   { "--log-dir", "string", nil, "Directory for log files (default: stderr only)", arg = "<dir>" },
   { "--log-level", "level", "info", "Logging level: debug, info, warn(ing), error, critical" },
   { "--log-json", "flag", false, "Write log lines as JSON" },
+  { "--trace-out", "string", nil,
+    "Capture every request, hashes only (no prompt text), for `sglr sim --trace` (default: off)",
+    arg = "<file>" },
+  { "--trace-out-max-mb", "number", 100, "Size at which the capture moves to FILE.1 and starts over",
+    gt = 0, arg = "<mb>" },
   { "--request-id-headers", "words", M.DEFAULT_REQUEST_ID_HEADERS, "Headers carrying a request id",
     lower = true, arg = "<header>" },
 

@@ -102,6 +102,22 @@ function M.new(r)
   return self
 end
 
+-- --trace-out: every request also leaves a capture line (sglr.trace). The
+-- access method is swapped only then, so without the flag a request does
+-- no capture work at all. -> true | nil, err
+function M:start_capture(path, max_mb)
+  local trace = require "sglr.trace"
+  local w, err = trace.open(path, max_mb * 1024 * 1024, now_ms)
+  if not w then return nil, err end
+  self.capture = w
+  self.access = function(flow, x, req)
+    M.access(flow, x, req)
+    local ok, cerr = pcall(w.record, w, req, x_status(x), now_ms())
+    if not ok then log.warn("trace capture failed", { error = tostring(cerr) }) end
+  end
+  return true
+end
+
 function M:request_id(x, route)
   local v = x:header(unpack(self.request_id_headers))
   if v then return v end
@@ -157,7 +173,7 @@ function M:infer(x, route)
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
     policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
-    match_ratio = false, prefill = false }, req_mt)
+    match_ratio = false, prefill = false, ttfb = false }, req_mt)
 
   local limiter = self.limiter
   local ok, status, msg = limiter:acquire()
@@ -434,7 +450,9 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     return "retry", status, nil, nil, ferr
   end
   local status = resp:status()
-  record(rs.ttfb, (now_ms() - req.t0) / 1000)
+  local ttfb = now_ms() - req.t0
+  req.ttfb = ttfb
+  record(rs.ttfb, ttfb / 1000)
   if status >= 400 and retry.retryable_status(status) and can_retry then
     -- not sent to the client yet: drain it and try elsewhere
     local body = resp:read()

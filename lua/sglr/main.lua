@@ -9,6 +9,7 @@ commands:
   run          run the router (sglr run --help for its flags)
   launch       start N workers and the router in front of them (sglr launch --help)
   sim-worker   run a simulated SGLang worker (sglr sim-worker --help)
+  sim          compare routing policies offline on a virtual clock (sglr sim --help)
   bench        replay a workload against a URL (sglr bench --help)
   test         run busted specs inside the runtime (sglr test spec/unit)
   lua FILE     run a Lua script with the native primitives available
@@ -50,6 +51,7 @@ local commands = {
   run = function(args) return require("sglr.router").main(args) end,
   launch = function(args) return require("sglr.launch").main(args) end,
   ["sim-worker"] = function(args) return require("sglr.sim").main(args) end,
+  sim = function(args) return require("sglr.simulate").main(args) end,
   bench = function(args) return require("sglr.bench").main(args) end,
   test = run_busted,
   lua = run_lua,

@@ -811,6 +811,15 @@ function M:start()
   core.set_via("1.1 sglr-" .. core.random_id(""))
   local ok, err = self:load_policy()
   if not ok then return nil, err end
+  if conf.trace_out then
+    ok, err = self.flow:start_capture(conf.trace_out, conf.trace_out_max_mb or 100)
+    if not ok then return nil, "--trace-out: " .. tostring(err) end
+    -- lines reach the file within a second even when traffic stops
+    local t = require("luv").new_timer()
+    t:start(1000, 1000, function() self.flow.capture:flush() end)
+    t:unref()
+    log.info("capturing requests", { file = conf.trace_out })
+  end
 
   -- wait for the listed workers (in parallel), then serve with the healthy ones
   local urls, opts = {}, {}
@@ -968,6 +977,7 @@ function M:shutdown(signame)
   if core.active() > 0 then
     log.warn("grace period over with " .. core.active() .. " request(s) still in flight")
   end
+  if self.flow.capture then self.flow.capture:close() end
   log.info("bye")
   core.exit(0)
 end
