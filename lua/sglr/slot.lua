@@ -115,7 +115,7 @@ end
 
 -- Make entry live: migrate, on_add, swap, close the old one.
 -- -> true | nil, err (entry is closed then, the old one stays)
-function M:install(entry, result)
+function M:install(entry, result, message)
   local old = self.current
   local inst = entry.inst
   if old and type(inst.migrate) == "function" then
@@ -148,7 +148,7 @@ function M:install(entry, result)
   end
   if old and stats.enabled then stats.policy_info:remove(self.pool, old.name, old.version, old.hash) end
   if stats.enabled then stats.policy_info:set(1, self.pool, entry.name, entry.version, entry.hash) end
-  self:event(result or "ok", entry)
+  self:event(result or "ok", entry, message)
   return true
 end
 
@@ -201,12 +201,8 @@ function M:select_failed(inst, err)
     if entry then
       entry.source = good.source
       local ok
-      ok, ierr = self:install(entry, "rollback")
-      if ok then
-        self.events[#self.events].message = msg
-        log.warn("policy rolled back to its last good version", { pool = self.pool, policy = entry.name,
-          hash = entry.hash, reason = msg })
-        return entry.inst
+      ok, ierr = self:install(entry, "rollback", msg)
+      if ok then return entry.inst
       end
     end
     log.error("policy rollback failed", { pool = self.pool, error = ierr })
