@@ -271,7 +271,8 @@ end
 --   code     Lua source of a policy, or
 --   policy   a built-in name or a path to a .lua file
 --   options  { key = value }: the policy must declare each; without it,
---            the pool's options are kept where the new policy declares them
+--            the pool's options are kept where the new policy declares them;
+--            alone, the live code is instantiated again with them
 -- A pool's new instance goes live only when it loads, its options check and
 -- its select answers on synthetic workers; else the pool keeps its policy.
 -- -> true, views | nil, err, views
@@ -316,6 +317,8 @@ function M:reload_policy(change, why)
         opts[k], strict[k] = v, true
       end
       spec.options, spec.strict = opts, strict
+      -- options alone: the live code with them, not the file as it is now
+      if not (change.code or change.policy) then spec.reuse_src = slot.current.src end
     end
     log.info("policy reload", { pool = pool, by = why, policy = spec.policy or "posted code" })
     local ok, err = slot:load(spec, "ok")

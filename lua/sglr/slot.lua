@@ -51,7 +51,9 @@ function M.new(o)
     current = false,   -- the live entry
     good = false,      -- the entry live before it: the last good version
     events = {},
-    win_start = 0, win_errors = 0, win_base = 0,
+    -- the error window: its start, errors, the pool's routed count at its
+    -- start, and the requests in it routed by a fallback after an error
+    win_start = 0, win_errors = 0, win_base = 0, win_fallback = 0,
   }, M)
 end
 
@@ -70,13 +72,18 @@ end
 
 -- Build and check an entry (not live yet).
 -- spec = { policy = name or path | code = source, options = map,
---          strict = set of option keys the operator named, source = label }
+--          strict = set of option keys the operator named, source = label,
+--          reuse_src = the live code's source (a change of options only) }
 -- -> entry | nil, err
 function M:prepare(spec)
   local P, src, err
   if spec.code then
     src = spec.code
     P, err = policy.from_source(src, "posted policy code", "posted")
+  elseif spec.reuse_src then
+    src = spec.reuse_src
+    P, err = policy.from_source(src, "policy '" .. tostring(spec.policy) .. "'",
+      tostring(spec.policy):match("([^/\\]+)%.lua$") or spec.policy)
   else
     P, src = policy.fetch(spec.policy)
     if not P then err = src end
@@ -188,11 +195,13 @@ function M:select_failed(inst, err)
   end
   local now = core.now()
   if now - self.win_start > self.window_ms then
-    self.win_start, self.win_errors, self.win_base = now, 0, routed(self)
+    self.win_start, self.win_errors, self.win_base, self.win_fallback = now, 0, routed(self), 0
     log.warn("policy select raised an error", { pool = self.pool, policy = cur.name, error = tostring(err) })
   end
   self.win_errors = self.win_errors + 1
-  local total = self.win_errors + routed(self) - self.win_base
+  -- requests of the window: the ones that raised, and the others routed
+  -- (not counting the raised ones a fallback routed)
+  local total = self.win_errors + routed(self) - self.win_base - self.win_fallback
   local good = self.good
   if good and total >= self.min_requests and self.win_errors > self.rate * total then
     local msg = fmt("select raised on %d of %d requests in %gs: %s", self.win_errors, total,
@@ -207,6 +216,7 @@ function M:select_failed(inst, err)
     end
     log.error("policy rollback failed", { pool = self.pool, error = ierr })
   end
+  if good then self.win_fallback = self.win_fallback + 1 end
   return good and good.inst or nil
 end
 

@@ -309,10 +309,12 @@ describe("sglr.slot", function()
       .. "function P:select(req, ws) if req.text == 'boom' then error('flaky') end return ws[1] end\n"
       .. "return P" }, "ok"))
     local flaky = s.live
-    -- the first errors fall back to the previous instance
+    -- the first errors fall back to the previous instance (whose picks
+    -- bump the worker's processed count: not counted twice)
     assert.equal(good, s.slot:select_failed(flaky, "flaky"))
     ws[1].processed = 1
     assert.equal(good, s.slot:select_failed(flaky, "flaky"))
+    ws[1].processed = 3     -- the fallback's pick, and one request the new code routed
     assert.equal(flaky, s.live)
     -- 3 errors of 4 requests: over half, and enough of them
     local inst = s.slot:select_failed(flaky, "flaky")
