@@ -118,8 +118,9 @@ local function max_tokens_of(body)
   return type(n) == "number" and n or false
 end
 
--- req.text, req.body, req.headers, req.path and req.max_tokens are
--- computed on first read only: most policies need none of them.
+-- req.text, req.body, req.headers, req.path, req.client (the client's IP
+-- address) and req.max_tokens are computed on first read only: most
+-- policies need none of them.
 local req_mt = {
   __index = function(t, k)
     if k == "text" then
@@ -134,6 +135,10 @@ local req_mt = {
       local h = t._x:headers()
       rawset(t, "headers", h)
       return h
+    elseif k == "client" then
+      local addr = t._x:peer() or false
+      rawset(t, "client", addr)
+      return addr
     elseif k == "path" then
       local path = t._x:path()
       rawset(t, "path", path)

@@ -539,7 +539,10 @@ function M:get_loads(x)
     local load = res[1] or -1
     if w.dp_rank and res[2] then load = res[2][w.dp_rank] or -1 end
     out[i] = { worker = w.url, load = load, role = w.role, dp_rank = w.dp_rank }
-    if load >= 0 and not w.removed then stats.worker_load:set(load, w.url) end
+    if load >= 0 and not w.removed then
+      stats.worker_load:set(load, w.url)
+      w.reported_load = load      -- what policies see (w.reported_load)
+    end
     local r = by_role[w.role]
     if r then r[#r + 1] = { worker = w.url, load = load } end
   end

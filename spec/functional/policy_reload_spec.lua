@@ -293,3 +293,49 @@ describe("policy reload in PD mode", function()
     assert.equal(200, gen(r).status)
   end)
 end)
+
+describe("what select sees", function()
+  teardown(H.stop_all)
+
+  it("per request route, path, model, headers, client, max tokens, text; per worker its state", function()
+    local w1 = H.sim({ "--id", "w1" })
+    local file = H.tmpfile([[
+local P = { name = "seer", version = "1.0.0", options = {} }
+function P.new() return setmetatable({ seen = {} }, { __index = P }) end
+function P:select(req, workers)
+  local w = workers[1]
+  self.seen[#self.seen + 1] = {
+    route = req.route, path = req.path, model = req.model, tenant = req.headers["x-tenant"],
+    client = req.client, max_tokens = req.max_tokens, text = req.text,
+    url = w.url, role = w.role, load = w.load, healthy = w.healthy, circuit = w.circuit,
+    labels = type(w.labels), latency = w.latency_ms, reported = w.reported_load,
+  }
+  return w
+end
+function P:stats() return { seen = self.seen } end
+return P
+]], ".lua")
+    local r = H.router({ "--worker-urls", w1.url, "--policy", file })
+    local body = { model = "m1", max_tokens = 7, messages = { { role = "user", content = "hi there" } } }
+    assert.equal(200, assert(H.post(r.url, "/v1/chat/completions", body, { ["x-tenant"] = "t1" })).status)
+    assert.equal(200, assert(H.get(r.url, "/get_loads")).status)
+    assert.equal(200, gen(r, "second").status)
+    local seen = H.list_workers(r).policy_stats.seen
+    os.remove(file)
+    local a, b = seen[1], seen[2]
+    assert.equal("chat", a.route)
+    assert.equal("/v1/chat/completions", a.path)
+    assert.equal("m1", a.model)
+    assert.equal("t1", a.tenant)
+    assert.equal("127.0.0.1", a.client)
+    assert.equal(7, a.max_tokens)
+    assert.truthy(a.text:find("hi there", 1, true))
+    assert.same({ w1.url, "regular", 0, true, "closed", "table" }, { a.url, a.role, a.load, a.healthy, a.circuit, a.labels })
+    assert.is_false(a.latency)
+    assert.is_false(a.reported)
+    assert.equal("/generate", b.path)
+    assert.equal(4, b.max_tokens)                   -- sampling_params.max_new_tokens
+    assert.is_number(b.latency)
+    assert.is_number(b.reported)
+  end)
+end)
