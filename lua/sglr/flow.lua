@@ -272,7 +272,8 @@ end
 -- select of policy (req[field], the pool's instance) raised err: the
 -- pool's slot counts it (and may roll back) and names the instance to
 -- route with instead, which the request keeps from here on (its on_done
--- goes there too). -> worker | nil, why
+-- goes there too). With none, the error goes on to infer's handler: a
+-- logged 500 for this request. -> worker | nil, why
 function M:select_failed(req, field, pool, policy, err, avail)
   local slot = self.r.slots and self.r.slots[pool]
   local inst = slot and slot:select_failed(policy, err)
@@ -282,7 +283,8 @@ function M:select_failed(req, field, pool, policy, err, avail)
     if ok then return w, why end
     err = w
   end
-  return nil, "routing policy failed: " .. tostring(err)
+  self:give_list(avail)
+  error(pool .. " policy select failed: " .. tostring(err), 0)
 end
 
 -- Validate, then attempt until the request is answered or out of attempts.

@@ -12,6 +12,23 @@
 --           min = n, max = n, integer = true, choices = { ... }, required = true }
 -- instantiate() hands new() only the declared keys, each checked and defaulted,
 -- so a policy never sees options it did not ask for and never a wrong type.
+--
+-- What select(req, workers) sees, read-only (README "Policies as live code"):
+--   worker  url, base_url, role, dp_rank, dp_size, bootstrap_port, load (in
+--           flight here), reported_load (its last /get_load, or false),
+--           healthy, circuit (breaker state), labels (the pod's), latency_ms
+--           (moving average, or false), processed, source, pod
+--   req     route, path, model, stream, headers, client (IP address),
+--           max_tokens (or false), text (routing text), id; path, headers,
+--           client, text, body and max_tokens are computed when first read
+-- A policy may set req.decision and req.match_ratio (M.REQ_WRITABLE) and
+-- nothing else. The read-only rule is checked by the probe that every load
+-- runs (select on read-only proxies), not per request: a proxy on the hot
+-- path would cost every request a metatable. select must not yield.
+--
+-- Optional lifecycle hooks: migrate(self, old) takes a replaced instance's
+-- state on reload; close(self) runs when the instance is replaced (after
+-- its scope stopped its timers and requests).
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs, tostring, tonumber
 local pcall, loadfile, require = pcall, loadfile, require
