@@ -454,6 +454,16 @@ local function synthetic_req()
   }, "req", M.REQ_WRITABLE)
 end
 
+-- Metrics that count nothing: the probe's runtime has them in place of
+-- the router's (rt.metrics, rt.stats), so a probed select moves no series.
+-- Any field, call or method of it is itself.
+local nop_metrics
+nop_metrics = setmetatable({}, {
+  __index = function() return nop_metrics end,
+  __call = function() return nop_metrics end,
+})
+M.NOP_METRICS = nop_metrics
+
 -- Ask a fresh instance (the probe: it is thrown away after, so its state
 -- does not leak into the live one) to route a synthetic request. select
 -- must answer with one of the workers, or nil and a reason.

@@ -94,6 +94,8 @@ function M:prepare(spec)
   if not opts then return nil, err end
   -- the probe: a throwaway instance, closed before the live one is made
   local prt, pscope = policy.scope(self.base_rt())
+  if prt.metrics then prt.metrics = policy.NOP_METRICS end
+  if prt.stats then prt.stats = policy.NOP_METRICS end
   local probe
   probe, err = policy.instantiate(P, opts, prt)
   if not probe then

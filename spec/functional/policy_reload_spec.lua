@@ -169,7 +169,10 @@ describe("policy hot reload", function()
       placed[i] = H.worker_of(gen(r, text))
     end
     local hash = policy_state(r).regular.hash
+    local misses = H.metric(H.scrape(r), "sgl_router_cache_misses_total")
     assert.equal(200, reload(r).status)
+    -- the reload's probe routed a synthetic request: no metric saw it
+    assert.equal(misses, H.metric(H.scrape(r), "sgl_router_cache_misses_total"))
     -- asked in the other order: a fresh tree would place them anew
     for i = 8, 1, -1 do
       local text = ("shared system prompt number %d. "):format(i):rep(8) .. "next turn " .. i

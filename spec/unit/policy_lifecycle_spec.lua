@@ -215,6 +215,15 @@ describe("policy.probe", function()
     assert.is_true(probe(HEAD .. "function P:select(req, ws) req.decision = 'hit' return ws[1] end return P"))
   end)
 
+  it("gives the probe metrics that count nothing", function()
+    local m = policy.NOP_METRICS
+    local c = m.counter("x_total", "help", { "a" })
+    c:inc(1, "a")
+    c:series("a"):inc()
+    m.histogram("h", "help", {}, { 1 }):series():observe(2)
+    assert.equal(m, m.worker_load:set(1, "w"))
+  end)
+
   it("passes every built-in policy", function()
     for _, name in ipairs(policy.BUILTIN) do
       local P = assert(policy.load(name))
