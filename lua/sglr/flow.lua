@@ -124,7 +124,18 @@ function M:request_id(x, route)
   return core.random_id(ID_PREFIX[route] or "req-")
 end
 
--- req.text, req.body and req.headers are computed on first read only: most
+-- The tokens a request asks for at most, from its body: max_tokens,
+-- max_completion_tokens, or sampling_params.max_new_tokens; false if none.
+local function max_tokens_of(body)
+  local obj = cjson.decode(body)
+  if type(obj) ~= "table" then return false end
+  local n = obj.max_tokens or obj.max_completion_tokens
+  if n == nil and type(obj.sampling_params) == "table" then n = obj.sampling_params.max_new_tokens end
+  return type(n) == "number" and n or false
+end
+
+-- req.text, req.body, req.headers, req.path, req.client (the client's IP
+-- address) and req.max_tokens are computed on first read only: most
 -- policies need none of them.
 local req_mt = {
   __index = function(t, k)
@@ -140,6 +151,18 @@ local req_mt = {
       local h = t._x:headers()
       rawset(t, "headers", h)
       return h
+    elseif k == "client" then
+      local addr = t._x:peer() or false
+      rawset(t, "client", addr)
+      return addr
+    elseif k == "path" then
+      local path = t._x:path()
+      rawset(t, "path", path)
+      return path
+    elseif k == "max_tokens" then
+      local n = max_tokens_of(t.body)
+      rawset(t, "max_tokens", n)
+      return n
     end
   end,
 }
@@ -238,7 +261,10 @@ function M:settle(req, w, policy, outcome, status)
   else
     w.breaker:cancelled()
   end
-  if policy.on_done then policy:on_done(req, w, status, now - req.t0) end
+  -- the latency policies see: a moving average over about ten requests
+  local ms, lat = now - req.t0, w.latency_ms
+  w.latency_ms = lat and lat + (ms - lat) * 0.1 or ms
+  if policy.on_done then policy:on_done(req, w, status, ms) end
 end
 
 -- Candidate lists for the policies, recycled: a list is the caller's from
@@ -257,6 +283,24 @@ function M:give_list(t)
   for i = #t, 1, -1 do t[i] = nil end
   local spare = self.spare
   if #spare < 64 then spare[#spare + 1] = t end
+end
+
+-- select of policy (req[field], the pool's instance) raised err: the
+-- pool's slot counts it (and may roll back) and names the instance to
+-- route with instead, which the request keeps from here on (its on_done
+-- goes there too). With none, the error goes on to infer's handler: a
+-- logged 500 for this request. -> worker | nil, why
+function M:select_failed(req, field, pool, policy, err, avail)
+  local slot = self.r.slots and self.r.slots[pool]
+  local inst = slot and slot:select_failed(policy, err)
+  if inst and inst ~= policy then
+    req[field] = inst
+    local ok, w, why = pcall(inst.select, inst, req, avail)
+    if ok then return w, why end
+    err = w
+  end
+  self:give_list(avail)
+  error(pool .. " policy select failed: " .. tostring(err), 0)
 end
 
 -- Validate, then attempt until the request is answered or out of attempts.
@@ -409,7 +453,9 @@ function regular.pick(flow, req, now)
     flow:give_list(avail)
     return nil
   end
-  local w, why = req.policy:select(req, avail)
+  local policy = req.policy
+  local ok, w, why = pcall(policy.select, policy, req, avail)
+  if not ok then w, why = flow:select_failed(req, "policy", "regular", policy, w, avail) end
   flow:give_list(avail)
   if not w then return nil, why or "policy selected no worker" end
   return w
@@ -488,7 +534,7 @@ end
 local pd = {}
 M.pd = pd
 
-local function pick_role(flow, req, now, role, policy)
+local function pick_role(flow, req, now, role, field)
   local avail = flow.workers:available(now, req.failed, role, flow:take_list())
   if #avail == 0 then
     flow:give_list(avail)
@@ -503,7 +549,9 @@ local function pick_role(flow, req, now, role, policy)
       or healthy == 0 and ("no healthy " .. role .. " workers")
       or ("no available " .. role .. " workers (all circuits open)")
   end
-  local w, why = policy:select(req, avail)
+  local policy = req[field]
+  local ok, w, why = pcall(policy.select, policy, req, avail)
+  if not ok then w, why = flow:select_failed(req, field, role, policy, w, avail) end
   flow:give_list(avail)
   if not w then return nil, why or (role .. " policy selected no worker") end
   return w
@@ -519,10 +567,10 @@ function pd.prepare(_, x, req, fwd)
 end
 
 function pd.pick(flow, req, now)
-  local pw, why = pick_role(flow, req, now, "prefill", req.policy)
+  local pw, why = pick_role(flow, req, now, "prefill", "policy")
   if not pw then return nil, why end
   local dw
-  dw, why = pick_role(flow, req, now, "decode", req.dpolicy)
+  dw, why = pick_role(flow, req, now, "decode", "dpolicy")
   if not dw then return nil, why end
   return pw, dw
 end

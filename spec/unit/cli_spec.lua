@@ -55,6 +55,8 @@ describe("sglr.cli", function()
       shutdown_grace_secs = 30, connect_timeout_ms = 5000,
       client_header_timeout_secs = 30, client_body_timeout_secs = 60, keepalive_timeout_secs = 75,
       client_write_timeout_secs = 60, trace_out_max_mb = 100,
+      policy_opt = {}, prefill_policy_opt = {}, decode_policy_opt = {},
+      policy_rollback_error_rate = 0.5, policy_rollback_window_secs = 10, policy_rollback_min_requests = 20,
     }
     local unset = { "service_discovery_namespace", "kubeconfig", "log_dir", "api_key", "lua_path",
       "max_connections", "admin_api_key", "inference_api_key", "trace_out" }
