@@ -460,7 +460,10 @@ function M.run_policy(o, wl, P, policy_opts)
   sim.cap = o.concurrency or (sim.timed and math.huge) or bench.DEFAULT_CONCURRENCY
   sim.pd = (o.prefill or 0) > 0
   sim:build_fleet()
-  local inst, err = policy_mod.instantiate(P, policy_opts, sim:runtime())
+  -- the scoped runtime sglr run gives each instance: closing it stops the
+  -- instance's timers, as a reload does
+  local rt, scope = policy_mod.scope(sim:runtime())
+  local inst, err = policy_mod.instantiate(P, policy_opts, rt)
   if not inst then return nil, err end
   sim.policy = inst
   for _, w in ipairs(sim.avail) do
@@ -468,7 +471,9 @@ function M.run_policy(o, wl, P, policy_opts)
   end
   if sim.pd then
     -- one instance per pool, as sglr run builds them in PD mode
-    local dinst, derr = policy_mod.instantiate(P, policy_opts, sim:runtime())
+    local drt
+    drt, sim.dscope = policy_mod.scope(sim:runtime())
+    local dinst, derr = policy_mod.instantiate(P, policy_opts, drt)
     if not dinst then return nil, derr end
     sim.dpolicy = dinst
     for _, w in ipairs(sim.davail) do
@@ -485,8 +490,8 @@ function M.run_policy(o, wl, P, policy_opts)
     ev[3](sim, ev[4], ev[5])
   end
   sim.done = true
-  if inst.close then pcall(inst.close, inst) end
-  if sim.dpolicy and sim.dpolicy.close then pcall(sim.dpolicy.close, sim.dpolicy) end
+  policy_mod.close(inst, scope)
+  if sim.dpolicy then policy_mod.close(sim.dpolicy, sim.dscope) end
   return sim:summary()
 end
 
