@@ -21,12 +21,44 @@ void *sglr_lua_check_box(lua_State *L, int idx, const char *mt)
     return b->p;
 }
 
+void **sglr_lua_gc_box(lua_State *L, const char *mt)
+{
+    sglr_box_t *b = lua_touserdata(L, 1);
+    if (!b || lua_objlen(L, 1) != sizeof *b || b->type != mt)
+        return NULL;
+    return &b->p;
+}
+
+/* Metatables by type tag, so a new box does not look its metatable up by
+ * name (hashing the name) on every request. */
+static struct {
+    const char *mt;
+    int ref;
+} mt_refs[16];
+
+static void push_mt(lua_State *L, const char *mt)
+{
+    size_t i;
+    for (i = 0; i < sizeof mt_refs / sizeof mt_refs[0] && mt_refs[i].mt; i++) {
+        if (mt_refs[i].mt == mt) {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, mt_refs[i].ref);
+            return;
+        }
+    }
+    luaL_getmetatable(L, mt);
+    if (i < sizeof mt_refs / sizeof mt_refs[0] && lua_istable(L, -1)) {
+        lua_pushvalue(L, -1);
+        mt_refs[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        mt_refs[i].mt = mt;
+    }
+}
+
 void **sglr_lua_new_box(lua_State *L, const char *mt, void *p)
 {
     sglr_box_t *b = lua_newuserdata(L, sizeof *b);
     b->p = p;
     b->type = mt;
-    luaL_getmetatable(L, mt);
+    push_mt(L, mt);
     lua_setmetatable(L, -2);
     return &b->p;
 }
@@ -216,4 +248,26 @@ void sglr_lua_new_mt(lua_State *L, const char *name, const luaL_Reg *methods, lu
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
+}
+
+/* --- interned option keys ------------------------------------------------- */
+
+static const char *const key_names[SGLR_KEY_COUNT] = {
+    "method", "path", "body", "connect_timeout_ms", "timeout_ms", "max_body", "headers",
+    "route", "host", "port", "batch", "logprobs",
+};
+static int key_refs[SGLR_KEY_COUNT];
+static int keys_ready;
+
+void sglr_lua_getopt(lua_State *L, int idx, int key)
+{
+    if (!keys_ready) {
+        for (int i = 0; i < SGLR_KEY_COUNT; i++) {
+            lua_pushstring(L, key_names[i]);
+            key_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+        }
+        keys_ready = 1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, key_refs[key]);
+    lua_gettable(L, idx);
 }

@@ -21,10 +21,24 @@ typedef struct {
 /* metatable names, shared because they are type tags */
 extern const char sglr_lua_exchange_mt[];
 
+/* Option keys read on every request, interned once: sglr_lua_getopt(L,
+ * idx, SGLR_KEY_ROUTE) pushes t.route for the table at idx (an absolute
+ * index), as lua_getfield does without hashing and looking up the key's
+ * string again each call. */
+enum {
+    SGLR_KEY_METHOD, SGLR_KEY_PATH, SGLR_KEY_BODY, SGLR_KEY_CONNECT_TIMEOUT_MS,
+    SGLR_KEY_TIMEOUT_MS, SGLR_KEY_MAX_BODY, SGLR_KEY_HEADERS, SGLR_KEY_ROUTE,
+    SGLR_KEY_HOST, SGLR_KEY_PORT, SGLR_KEY_BATCH, SGLR_KEY_LOGPROBS, SGLR_KEY_COUNT
+};
+void sglr_lua_getopt(lua_State *L, int idx, int key);
+
 /* The object in box idx of type mt; raises on another type or a closed box. */
 void *sglr_lua_check_box(lua_State *L, int idx, const char *mt);
 /* Push a new box of type mt around p; returns where the pointer lives. */
 void **sglr_lua_new_box(lua_State *L, const char *mt, void *p);
+/* In a __gc function: the box at 1 when it is of type mt (a script could
+ * call the function on anything), else NULL. */
+void **sglr_lua_gc_box(lua_State *L, const char *mt);
 /* The client exchange in box idx (sglr.exchange); raises otherwise. */
 struct sglr_exchange_s *sglr_lua_check_exchange(lua_State *L, int idx);
 

@@ -2,16 +2,17 @@
  * lua_pd.c: prefill/decode (PD) dispatch, bound to Lua: one client request,
  * two proxy legs (proxy.c), part of sglr.core.
  *
- *   x:pd_check(route) -> batch, logprobs | nil, message    (before picking)
+ *   x:pd_check(route) -> batch, flags | nil, message      (before picking)
  *   x:forward_pd(prefill_pool, decode_pool, opts[, prefill_rank, decode_rank])
- *       -> pd | nil, err, leg
+ *       -> pd, prefill_status, decode_status | nil, err, leg
  *
  * The client's body is spliced once (splice.c: bootstrap_host, _port and a
  * fresh _room per request, arrays for a batch; then, for dp-aware workers,
- * each leg's data_parallel_rank) and sent to both workers at once. The call returns when the attempt can be judged:
+ * each leg's data_parallel_rank) and sent to both workers at once. The
+ * call returns when the attempt can be judged:
  *
- *   both heads known                      -> pd  (decode waits at its head)
- *   the prefill's head is not 2xx          -> pd  (pd:prefill_status() says so)
+ *   both heads known                      -> pd, pst, dst (decode waits at its head)
+ *   the prefill's head is not 2xx          -> pd, pst, dst (dst 0 if not in yet)
  *   a leg failed (the other is cancelled)  -> nil, err, "prefill" | "decode"
  *
  * and then the caller either commits the decode response to the client
@@ -20,8 +21,8 @@
  * stream, or into the whole body of a plain response), or reads a failed
  * leg's body (pd:read_prefill(), pd:read()) to answer with it or retry.
  * The prefill's own response is read and dropped unless the merge needs it.
- * Lua is resumed once per call; nothing per chunk. pd:outcome() tells how
- * each leg ended, for the breakers and loads.
+ * Lua is resumed once per call; nothing per chunk. pd:pipe() returns how
+ * each leg ended, for the breakers and loads (as pd:outcome() does).
  */
 #include "lua_common.h"
 #include "proxy.h"
@@ -37,6 +38,8 @@ enum { PREFILL = 0, DECODE = 1 };
 enum { PD_HEADS, PD_READY, PD_PIPE, PD_READ_PREFILL, PD_READ_DECODE, PD_DONE };
 
 #define PREFILL_MAX_BODY (64 << 20)
+
+enum { PD_LOGPROBS = 1, PD_OWN_BOOTSTRAP = 2 };
 
 typedef struct lpd lpd_t;
 typedef int (*push_fn)(lua_State *, lpd_t *);
@@ -113,12 +116,21 @@ static int push_fail(lua_State *L, lpd_t *pd)
     return 3;
 }
 
+static int head_status(const lpd_t *pd, int i)
+{
+    const sglr_upreq_t *r = pd->leg[i]->req;
+    return r && pd->head[i] ? r->status : 0;
+}
+
+/* pd, the prefill's status, the decode's (0 while its head is not in) */
 static int push_pd(lua_State *L, lpd_t *pd)
 {
     if (pd->fail_leg >= 0 && !(pd->head[PREFILL] && !ok2xx(pd->leg[PREFILL])))
         return push_fail(L, pd);
     lua_rawgeti(L, LUA_REGISTRYINDEX, pd->ud_ref);
-    return 1;
+    lua_pushinteger(L, head_status(pd, PREFILL));
+    lua_pushinteger(L, head_status(pd, DECODE));
+    return 3;
 }
 
 static int push_body(lua_State *L, lpd_t *pd, int i)
@@ -144,13 +156,34 @@ static int push_decode_body(lua_State *L, lpd_t *pd)
     return push_body(L, pd, DECODE);
 }
 
-/* the commit's result: true once the decode's response went out whole */
+static void pd_cancel(lpd_t *pd);
+
+/* A leg's outcome: "ok", an error name, or nil while it runs. */
+static void push_outcome(lua_State *L, const sglr_leg_t *leg)
+{
+    if (leg->state != SGLR_LEG_DONE)
+        lua_pushnil(L);
+    else if (leg->err == 0)
+        lua_pushliteral(L, "ok");
+    else
+        lua_pushstring(L, errname(leg->err));
+}
+
+/* the commit's result: true once the decode's response went out whole (else
+ * nil, err, "decode"), then both legs' outcomes */
 static int push_pipe(lua_State *L, lpd_t *pd)
 {
-    if (pd->leg[DECODE]->err)
-        return push_body(L, pd, DECODE);
-    lua_pushboolean(L, 1);
-    return 1;
+    if (pd->leg[DECODE]->err) {
+        push_body(L, pd, DECODE);
+    } else {
+        lua_pushboolean(L, 1);
+        lua_pushnil(L);
+        lua_pushnil(L);
+    }
+    push_outcome(L, pd->leg[PREFILL]);
+    push_outcome(L, pd->leg[DECODE]);
+    pd_cancel(pd);              /* both ended: their upstream requests go back now */
+    return 5;
 }
 
 /* Resume the waiting coroutine with push's results. Inside a Lua call the
@@ -377,9 +410,12 @@ static const char *pd_refusal(int err)
                            "a batch field of mixed or wrong types";
 }
 
-/* x:pd_check(route) -> batch, logprobs | nil, message: whether the body can
- * go to a prefill and a decode worker (its batch shape), before any worker
- * is picked; the results feed forward_pd's opts.batch / opts.logprobs. */
+/* x:pd_check(route) -> batch, flags | nil, message: whether the body can go
+ * to a prefill and a decode worker (its batch shape), before any worker is
+ * picked; the results feed forward_pd's opts.batch / opts.logprobs. flags:
+ * PD_LOGPROBS (the client asked for logprobs) | PD_OWN_BOOTSTRAP (it sent
+ * bootstrap fields of its own, which the splice must remove); a number
+ * rather than two fields, as one more key would grow the opts table. */
 static int x_pd_check(lua_State *L)
 {
     sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
@@ -388,15 +424,16 @@ static int x_pd_check(lua_State *L)
     int route = sglr_extract_route(rname, rlen);
     if (route < 0)
         return luaL_error(L, "pd_check: unknown route '%s'", rname);
-    int logprobs = 0;
-    int batch = sglr_splice_request(route, x->body.data ? x->body.data : "", x->body.len, &logprobs);
+    int logprobs = 0, own = 0;
+    int batch = sglr_splice_request_ex(route, x->body.data ? x->body.data : "", x->body.len,
+                                       &logprobs, &own);
     if (batch < 0) {
         lua_pushnil(L);
         lua_pushstring(L, pd_refusal(batch));
         return 2;
     }
     lua_pushinteger(L, batch);
-    lua_pushboolean(L, logprobs);
+    lua_pushinteger(L, (logprobs ? PD_LOGPROBS : 0) | (own ? PD_OWN_BOOTSTRAP : 0));
     return 2;
 }
 
@@ -406,7 +443,9 @@ static lpd_t *check_pd(lua_State *L)
 }
 
 /* x:forward_pd(prefill_pool, decode_pool, {route=, host=, port=, timeout_ms=,
- * connect_timeout_ms=, headers=}[, prefill_rank, decode_rank]) -> pd | nil, err, leg
+ * connect_timeout_ms=, headers=, batch=, logprobs=}[, prefill_rank, decode_rank])
+ * -> pd, prefill_status, decode_status | nil, err, leg (logprobs: a boolean,
+ * or pd_check's flags)
  * (a leg's rank, when given, is spliced into its body as data_parallel_rank;
  * arguments rather than opts fields, which would cost every request)
  * err "bad_request" (with a message as the third value) when the body cannot
@@ -431,38 +470,44 @@ static int x_forward_pd(lua_State *L)
         lua_pushliteral(L, "decode");
         return 3;
     }
-    lua_getfield(L, 4, "route");
+    sglr_lua_getopt(L, 4, SGLR_KEY_ROUTE);
     size_t rlen;
     const char *rname = luaL_optlstring(L, -1, "generate", &rlen);
     int route = sglr_extract_route(rname, rlen);
-    lua_getfield(L, 4, "host");
+    sglr_lua_getopt(L, 4, SGLR_KEY_HOST);
     size_t hlen;
     const char *host = luaL_optlstring(L, -1, "", &hlen);
-    lua_getfield(L, 4, "port");
+    sglr_lua_getopt(L, 4, SGLR_KEY_PORT);
     int port = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : -1;
-    lua_getfield(L, 4, "timeout_ms");
+    sglr_lua_getopt(L, 4, SGLR_KEY_TIMEOUT_MS);
     double timeout = luaL_optnumber(L, -1, 600000);
-    lua_getfield(L, 4, "connect_timeout_ms");
+    sglr_lua_getopt(L, 4, SGLR_KEY_CONNECT_TIMEOUT_MS);
     double connect = luaL_optnumber(L, -1, 5000);
-    lua_getfield(L, 4, "headers");
+    sglr_lua_getopt(L, 4, SGLR_KEY_HEADERS);
     int hidx = lua_istable(L, -1) ? lua_gettop(L) : 0;
     if (route < 0)
         return luaL_error(L, "forward_pd: unknown route '%s'", rname);
 
     /* the batch and the logprobs flag, as x:pd_check found them (else
      * found here, in one pass), then the splice */
-    int logprobs = 0;
+    int logprobs = 0, own = 1;
     const char *body = x->body.data ? x->body.data : "";
-    lua_getfield(L, 4, "batch");
-    lua_getfield(L, 4, "logprobs");
+    sglr_lua_getopt(L, 4, SGLR_KEY_BATCH);
+    sglr_lua_getopt(L, 4, SGLR_KEY_LOGPROBS);
     int batch;
     if (lua_isnumber(L, -2)) {
         batch = (int)lua_tointeger(L, -2);
-        logprobs = lua_toboolean(L, -1);
+        if (lua_type(L, -1) == LUA_TNUMBER) {          /* pd_check's flags */
+            int flags = (int)lua_tointeger(L, -1);
+            logprobs = (flags & PD_LOGPROBS) != 0;
+            own = (flags & PD_OWN_BOOTSTRAP) != 0;
+        } else {
+            logprobs = lua_toboolean(L, -1);
+        }
         if (batch < 0 || batch > SGLR_SPLICE_MAX_BATCH)
             return luaL_error(L, "forward_pd: batch out of range");
     } else {
-        batch = sglr_splice_request(route, body, x->body.len, &logprobs);
+        batch = sglr_splice_request_ex(route, body, x->body.len, &logprobs, &own);
     }
     if (batch < 0) {
         lua_pushnil(L);
@@ -477,7 +522,13 @@ static int x_forward_pd(lua_State *L)
     for (size_t i = 0; i < nrooms; i++)
         rooms[i] = sglr_splice_room();
     sglr_buf_t spliced = { 0 };
-    int r = sglr_splice_bootstrap(&spliced, body, x->body.len, host, hlen, port, rooms, nrooms,
+    /* without bootstrap members of the client's own, the fields go before
+     * the closing brace with no second pass over the body */
+    int r = own ? -EINVAL
+                : sglr_splice_bootstrap_append(&spliced, body, x->body.len, host, hlen, port,
+                                               rooms, nrooms, batch);
+    if (r == -EINVAL)
+        r = sglr_splice_bootstrap(&spliced, body, x->body.len, host, hlen, port, rooms, nrooms,
                                   batch);
     if (rooms != &room1)
         free(rooms);
@@ -562,7 +613,8 @@ static int pd_status_of(lua_State *L, int i)
 {
     lpd_t *pd = check_pd(L);
     sglr_upreq_t *r = pd->leg[i]->req;
-    lua_pushinteger(L, r && pd->head[i] ? r->status : 0);
+    (void)r;
+    lua_pushinteger(L, head_status(pd, i));
     return 1;
 }
 
@@ -614,9 +666,11 @@ static int pd_read(lua_State *L)
     return wait_for(L, pd, push_decode_body);
 }
 
-/* pd:pipe([extra_headers]) -> true | nil, err, "decode": send the decode's
- * response to the client (merged with the prefill's logprobs when asked);
- * returns once both legs have ended. */
+/* pd:pipe([extra_headers]) -> true | nil, err, "decode"; then the prefill's
+ * and the decode's outcomes (as pd:outcome()): send the decode's response
+ * to the client (merged with the prefill's logprobs when asked); returns
+ * once both legs have ended, their upstream requests released as
+ * pd:close() does. */
 static int pd_pipe(lua_State *L)
 {
     lpd_t *pd = check_pd(L);
@@ -651,15 +705,8 @@ static int pd_pipe(lua_State *L)
 static int pd_outcome(lua_State *L)
 {
     lpd_t *pd = check_pd(L);
-    for (int i = 0; i < 2; i++) {
-        sglr_leg_t *leg = pd->leg[i];
-        if (leg->state != SGLR_LEG_DONE)
-            lua_pushnil(L);
-        else if (leg->err == 0)
-            lua_pushliteral(L, "ok");
-        else
-            lua_pushstring(L, errname(leg->err));
-    }
+    push_outcome(L, pd->leg[PREFILL]);
+    push_outcome(L, pd->leg[DECODE]);
     return 2;
 }
 
@@ -682,7 +729,9 @@ static int pd_close(lua_State *L)
 
 static int pd_gc(lua_State *L)
 {
-    void **box = luaL_checkudata(L, 1, PD_MT);
+    void **box = sglr_lua_gc_box(L, PD_MT);
+    if (!box)
+        return 0;
     lpd_t *pd = *box;
     if (!pd)
         return 0;

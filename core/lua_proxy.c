@@ -297,27 +297,27 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
     unsigned connect_ms = 5000, timeout_ms = 600000;
     int hidx = 0;
     if (opts) {
-        lua_getfield(L, opts, "method");
+        sglr_lua_getopt(L, opts, SGLR_KEY_METHOD);
         if (lua_isstring(L, -1))
             method = lua_tostring(L, -1);
-        lua_getfield(L, opts, "path");
+        sglr_lua_getopt(L, opts, SGLR_KEY_PATH);
         if (lua_isstring(L, -1))
             path = lua_tolstring(L, -1, &plen);
-        lua_getfield(L, opts, "body");
+        sglr_lua_getopt(L, opts, SGLR_KEY_BODY);
         if (lua_isstring(L, -1)) {
             body = lua_tolstring(L, -1, &blen);
             borrowed = 0;               /* a Lua string: copied */
         }
-        lua_getfield(L, opts, "connect_timeout_ms");
+        sglr_lua_getopt(L, opts, SGLR_KEY_CONNECT_TIMEOUT_MS);
         if (lua_isnumber(L, -1))
             connect_ms = timeout_arg(lua_tonumber(L, -1));
-        lua_getfield(L, opts, "timeout_ms");
+        sglr_lua_getopt(L, opts, SGLR_KEY_TIMEOUT_MS);
         if (lua_isnumber(L, -1))
             timeout_ms = timeout_arg(lua_tonumber(L, -1));
-        lua_getfield(L, opts, "max_body");
+        sglr_lua_getopt(L, opts, SGLR_KEY_MAX_BODY);
         if (lua_isnumber(L, -1))
             f->leg->max_body = (long long)lua_tonumber(L, -1);
-        lua_getfield(L, opts, "headers");
+        sglr_lua_getopt(L, opts, SGLR_KEY_HEADERS);
         hidx = lua_gettop(L);
         /* strings above stay on the stack (anchored) until we return */
     }
@@ -530,7 +530,9 @@ static int resp_close(lua_State *L)
 
 static int resp_gc(lua_State *L)
 {
-    void **box = luaL_checkudata(L, 1, RESPONSE_MT);
+    void **box = sglr_lua_gc_box(L, RESPONSE_MT);
+    if (!box)
+        return 0;
     lleg_t *f = *box;
     if (!f)
         return 0;

@@ -301,6 +301,21 @@ static int x_path(lua_State *L)
     return 2;
 }
 
+/* x:peer() -> the client's IP address | nil, err */
+static int x_peer(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    char buf[64];
+    int rc = sglr_exchange_peer(x, buf, sizeof buf);
+    if (rc < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, uv_err_name(rc));
+        return 2;
+    }
+    lua_pushstring(L, buf);
+    return 1;
+}
+
 /* x:header(name [, name2 ...]) -> the value of the first present (names
  * lowercase), or nil */
 static int x_header(lua_State *L)
@@ -503,7 +518,9 @@ static int x_bytes_out(lua_State *L)
 
 static int x_gc(lua_State *L)
 {
-    void **box = luaL_checkudata(L, 1, EXCHANGE_MT);
+    void **box = sglr_lua_gc_box(L, EXCHANGE_MT);
+    if (!box)
+        return 0;
     sglr_exchange_t *x = *box;
     if (!x)
         return 0;
@@ -543,7 +560,7 @@ void sglr_lua_open_server(lua_State *L)
         { "port", server_port }, { "close", server_close }, { "connections", server_conns },
         { NULL, NULL } };
     static const luaL_Reg x_m[] = {
-        { "method", x_method }, { "url", x_url }, { "path", x_path }, { "header", x_header },
+        { "method", x_method }, { "url", x_url }, { "path", x_path }, { "header", x_header }, { "peer", x_peer },
         { "headers", x_headers }, { "body", x_body }, { "body_size", x_body_size },
         { "respond", x_respond }, { "start", x_start }, { "write", x_write },
         { "finish", x_finish }, { "abort", x_abort }, { "closed", x_closed },

@@ -182,6 +182,20 @@ size_t sglr_exchange_write_queue(const sglr_exchange_t *x)
     return x->conn ? x->conn->tcp.write_queue_size : 0;
 }
 
+int sglr_exchange_peer(const sglr_exchange_t *x, char *buf, size_t len)
+{
+    struct sockaddr_storage ss;
+    int n = (int)sizeof ss, rc;
+    if (!x->conn)
+        return UV_ENOTCONN;
+    rc = uv_tcp_getpeername(&x->conn->tcp, (struct sockaddr *)&ss, &n);
+    if (rc < 0)
+        return rc;
+    if (ss.ss_family == AF_INET6)
+        return uv_ip6_name((const struct sockaddr_in6 *)&ss, buf, len);
+    return uv_ip4_name((const struct sockaddr_in *)&ss, buf, len);
+}
+
 /* --- writing -------------------------------------------------------------- */
 
 static void write_cb(uv_write_t *req, int status)

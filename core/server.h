@@ -112,6 +112,9 @@ void sglr_exchange_release(sglr_exchange_t *x);
 static inline int sglr_exchange_closed(const sglr_exchange_t *x) { return x->conn == NULL; }
 const char *sglr_exchange_method(const sglr_exchange_t *x);
 size_t sglr_exchange_write_queue(const sglr_exchange_t *x);
+/* The client's IP address as text into buf; 0 or a negative errno
+ * (UV_ENOTCONN once the client has gone). */
+int sglr_exchange_peer(const sglr_exchange_t *x, char *buf, size_t len);
 
 /* hdrs: a block of "name: value\r\n" lines (may be empty). content-length and
  * connection are added here. */

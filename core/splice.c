@@ -166,9 +166,17 @@ static int logprob_value(sglr_json_t *j, int *on)
     return sglr_json_skip(j);
 }
 
+static int is_bootstrap_key(const sglr_json_key_t *k);
+
 int sglr_splice_request(int route, const char *body, size_t len, int *logprobs)
 {
-    int lp = 0;
+    return sglr_splice_request_ex(route, body, len, logprobs, NULL);
+}
+
+int sglr_splice_request_ex(int route, const char *body, size_t len, int *logprobs,
+                           int *bootstrap_keys)
+{
+    int lp = 0, bk = 0;
     if ((!body && len) ||
         (route != SGLR_ROUTE_GENERATE && route != SGLR_ROUTE_CHAT &&
          route != SGLR_ROUTE_COMPLETIONS))
@@ -194,8 +202,10 @@ int sglr_splice_request(int route, const char *body, size_t len, int *logprobs)
             TRY(choices(&j, &n));
         else if (SGLR_JSON_KEY_IS(&k, "return_logprob") || SGLR_JSON_KEY_IS(&k, "logprobs"))
             TRY(logprob_value(&j, &lp));
-        else
+        else {
+            bk |= is_bootstrap_key(&k);
             TRY(sglr_json_skip(&j));
+        }
         TRY(more = sglr_json_next(&j, '}'));
     }
     if (sglr_json_peek(&j) >= 0)
@@ -208,6 +218,8 @@ int sglr_splice_request(int route, const char *body, size_t len, int *logprobs)
     }
     if (logprobs)
         *logprobs = lp;
+    if (bootstrap_keys)
+        *bootstrap_keys = bk;
     return batch > 0 ? (int)batch : 0;
 }
 
@@ -351,6 +363,43 @@ int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
         return -EINVAL;
     bootstrap_t b = { qhost, (size_t)qn, port, rooms, batch };
     return rewrite_members(out, body, len, is_bootstrap_key, add_bootstrap_cb, &b);
+}
+
+int sglr_splice_bootstrap_append(sglr_buf_t *out, const char *body, size_t len,
+                                 const char *host, size_t hlen, int port,
+                                 const uint64_t *rooms, size_t nrooms, int batch)
+{
+    char qhost[HOST_MAX * 6 + 2];
+    if (!out || !body || (!host && hlen) || !rooms || hlen > HOST_MAX ||
+        batch < 0 || batch > SGLR_SPLICE_MAX_BATCH ||
+        nrooms != (batch ? (size_t)batch : 1) || port > 65535)
+        return -EINVAL;
+    /* the closing brace: the last byte that is not JSON whitespace */
+    size_t close = len;
+    while (close > 0 && strchr(" \t\r\n", body[close - 1]) && body[close - 1])
+        close--;
+    if (close < 2 || body[close - 1] != '}')
+        return -EINVAL;
+    close--;
+    /* the end of the last member, or just after the opening brace */
+    size_t last = close;
+    while (last > 0 && strchr(" \t\r\n", body[last - 1]) && body[last - 1])
+        last--;
+    int qn = sglr_json_quote(qhost, sizeof qhost, host ? host : "", hlen);
+    if (qn < 0)
+        return -EINVAL;
+    size_t mark = out->len;
+    /* one allocation: the body, the three fields (arrays for a batch) */
+    size_t each = (size_t)qn + 8 + 21;
+    if (sglr_buf_reserve(out, len + 64 + (batch ? (size_t)batch : 1) * each) < 0)
+        return -ENOMEM;
+    int r;
+    if ((r = append(out, body, last)) < 0 ||
+        (body[last - 1] != '{' && (r = append(out, ",", 1)) < 0) ||
+        (r = add_bootstrap(out, qhost, (size_t)qn, port, rooms, batch)) < 0 ||
+        (r = append(out, body + last, len - last)) < 0)
+        return rollback(out, mark, r);
+    return 0;
 }
 
 /* ---- data-parallel rank ------------------------------------------------------ */

@@ -53,6 +53,11 @@ int sglr_splice_batch(int route, const char *body, size_t len);
  * logprobs (*logprobs = 1 for top-level "return_logprob": true, or
  * "logprobs" true or a number), which the PD merge needs. */
 int sglr_splice_request(int route, const char *body, size_t len, int *logprobs);
+/* The same, also telling (*bootstrap_keys = 1) whether the object has
+ * top-level bootstrap_* members of its own, which decides how the
+ * bootstrap fields can be added. */
+int sglr_splice_request_ex(int route, const char *body, size_t len, int *logprobs,
+                           int *bootstrap_keys);
 
 /* Append to out the body with top-level bootstrap_host (a JSON string:
  * host[0..hlen), an IPv6 address already in brackets), bootstrap_port
@@ -65,6 +70,15 @@ int sglr_splice_request(int route, const char *body, size_t len, int *logprobs);
 int sglr_splice_bootstrap(sglr_buf_t *out, const char *body, size_t len,
                           const char *host, size_t hlen, int port,
                           const uint64_t *rooms, size_t nrooms, int batch);
+/* sglr_splice_bootstrap for a body sglr_splice_request_ex accepted and
+ * found without bootstrap members: the fields are written before its
+ * closing brace without a second pass over it. Other bytes are kept as
+ * they are (sglr_splice_bootstrap drops whitespace between members).
+ * Returns 0, -EINVAL (no closing brace, bad arguments, host not UTF-8)
+ * with out as it was, or -ENOMEM. */
+int sglr_splice_bootstrap_append(sglr_buf_t *out, const char *body, size_t len,
+                                 const char *host, size_t hlen, int port,
+                                 const uint64_t *rooms, size_t nrooms, int batch);
 
 /* Append to out the body with top-level "data_parallel_rank": rank added
  * as its last member, the client's own top-level data_parallel_rank

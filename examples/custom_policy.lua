@@ -4,7 +4,13 @@
 -- least loaded worker. select states why (the reason shows in
 -- x-sglr-decision and GET /admin/decisions). Use it without rebuilding anything:
 --
---   sglr run --policy examples/custom_policy.lua --worker-urls http://w1:8000 http://w2:8000
+--   sglr run --policy examples/custom_policy.lua --worker-urls http://w1:8000 http://w2:8000 \
+--     --policy-opt session_header=x-user-id
+--
+-- Edit it while the router runs, then `kill -HUP <router pid>` or
+-- `sglr reload --url http://127.0.0.1:30000`: the new code routes new
+-- requests once its select answers a synthetic request (else the router
+-- keeps this version and says why).
 local P = { name = "session_affinity", version = "1.0.0" }
 
 P.options = {

@@ -131,6 +131,16 @@ function P.new(conf, rt)
   return self
 end
 
+-- A reload's new instance takes the old one's tree (policy hot reload,
+-- sglr.slot): the prefixes routed before it keep their workers, so a
+-- reload costs no cache affinity.
+function P:migrate(old)
+  if type(old) ~= "table" or type(old.tree) ~= "userdata" and type(old.tree) ~= "table" then return end
+  self.tree = old.tree
+  for url in pairs(old.urls or {}) do self.urls[url] = true end
+  self.evicted = old.evicted or 0
+end
+
 -- Drop least recently used prefixes until every worker is within budget.
 -- One native call: its cost is one walk over the tree plus the entries
 -- removed (about 70 ms for 330k nodes holding 73M characters), so cutting

@@ -119,6 +119,14 @@ function P:poll()
   self.polling = false
 end
 
+-- A reload's new instance takes the loads polled so far, so it does not
+-- route on in-flight counts alone until its first poll.
+function P:migrate(old)
+  if type(old) ~= "table" or type(old.polled) ~= "table" or type(old.known) ~= "table" then return end
+  for url, l in pairs(old.polled) do self.polled[url] = l end
+  for url, k in pairs(old.known) do self.known[url] = k end
+end
+
 function P:load_of(w)
   return self.polled[w.url] or w.load or 0
 end

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -49,6 +50,59 @@ static int batch(int route, const char *body)
     return sglr_splice_batch(route, body, strlen(body));
 }
 
+/* JSON text without the whitespace outside strings, for comparing two
+ * spellings of one document; returns the new length (in place). */
+static size_t json_squeeze(char *p, size_t n)
+{
+    size_t o = 0;
+    int in_str = 0, esc = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (in_str) {
+            if (esc)
+                esc = 0;
+            else if (c == '\\')
+                esc = 1;
+            else if (c == '"')
+                in_str = 0;
+        } else if (c == '"') {
+            in_str = 1;
+        } else if (c == ' ' || c == '\t' || c == '\r' || c == '\n') {
+            continue;
+        }
+        p[o++] = c;
+    }
+    return o;
+}
+
+static int same_from_append;     /* splices the append path also made, the same */
+
+/* The append path (for a body a request check found without bootstrap
+ * members of its own) must write what the rewriting path wrote. */
+static void check_append(const char *body, const char *host, int port, const uint64_t *rooms,
+                         int n)
+{
+    int lp, own = -1;
+    if (sglr_splice_request_ex(GEN, body, strlen(body), &lp, &own) < 0 || own)
+        return;
+    sglr_buf_t b = { 0 };
+    CHECK_EQ_INT(sglr_splice_bootstrap_append(&b, body, strlen(body), host, strlen(host), port,
+                                              rooms, n ? (size_t)n : 1, n), 0);
+    /* the same members; whitespace between them may differ (the rewrite
+     * drops what stood between a value and its comma) */
+    char *x = malloc(OUT.len + 1), *y = malloc(b.len + 1);
+    CHECK(x && y);
+    memcpy(x, OUT.data, OUT.len);
+    memcpy(y, b.data, b.len);
+    size_t xn = json_squeeze(x, OUT.len), yn = json_squeeze(y, b.len);
+    int same = xn == yn && memcmp(x, y, xn) == 0;
+    free(x);
+    free(y);
+    CHECK(same);
+    same_from_append++;
+    sglr_buf_free(&b);
+}
+
 /* The spliced body (as a C string), or NULL on failure. */
 static const char *boot(const char *body, const char *host, int port, uint64_t room)
 {
@@ -56,6 +110,7 @@ static const char *boot(const char *body, const char *host, int port, uint64_t r
     if (sglr_splice_bootstrap(&OUT, body, strlen(body), host, strlen(host), port,
                               &room, 1, 0) < 0)
         return NULL;
+    check_append(body, host, port, &room, 0);
     return valid_json(OUT.data, OUT.len) ? OUT.data : "(invalid JSON)";
 }
 
@@ -64,6 +119,7 @@ static const char *boot_batch(const char *body, int port, const uint64_t *rooms,
     sglr_buf_reset(&OUT);
     if (sglr_splice_bootstrap(&OUT, body, strlen(body), "h", 1, port, rooms, (size_t)n, n) < 0)
         return NULL;
+    check_append(body, "h", port, rooms, n);
     return valid_json(OUT.data, OUT.len) ? OUT.data : "(invalid JSON)";
 }
 
@@ -231,6 +287,35 @@ TEST(bootstrap_empty_objects)
     CHECK_EQ_STR(boot("{}", "h", 1, 2), "{" FIELDS("h", "1", "2") "}");
     CHECK_EQ_STR(boot("{ }", "h", 1, 2), "{" FIELDS("h", "1", "2") " }");
     CHECK_EQ_STR(boot("\r\n\t{\n}\n ", "h", 1, 2), "\r\n\t{" FIELDS("h", "1", "2") "\n}\n ");
+}
+
+TEST(bootstrap_append_matches_the_rewrite)
+{
+    int before = same_from_append;
+    CHECK_EQ_STR(boot("{\"text\":\"hi\"}", "10.0.0.1", 8998, 42),
+                 "{\"text\":\"hi\"," FIELDS("10.0.0.1", "8998", "42") "}");
+    CHECK_EQ_STR(boot("\r\n\t{\n}\n ", "h", 1, 2), "\r\n\t{" FIELDS("h", "1", "2") "\n}\n ");
+    CHECK_EQ_STR(boot("{\"a\": {\"bootstrap_room\": 1} \t}", "h", 1, 2),
+                 "{\"a\": {\"bootstrap_room\": 1}," FIELDS("h", "1", "2") " \t}");
+    uint64_t rooms[2] = { 5, 6 };
+    CHECK(boot_batch("{\"text\": [\"a\", \"b\"]}", 7, rooms, 2) != NULL);
+    CHECK_EQ_INT(same_from_append - before, 4);
+    /* a body with members of its own is for the rewrite, which the check says */
+    int lp, own = 0;
+    static const char b[] = "{\"text\":\"a\",\"bootstrap_port\":1}";
+    CHECK_EQ_INT(sglr_splice_request_ex(GEN, b, sizeof b - 1, &lp, &own), 0);
+    CHECK_EQ_INT(own, 1);
+    static const char nested[] = "{\"text\":\"a\",\"o\":{\"bootstrap_port\":1}}";
+    CHECK_EQ_INT(sglr_splice_request_ex(GEN, nested, sizeof nested - 1, &lp, &own), 0);
+    CHECK_EQ_INT(own, 0);
+    /* refused without a closing brace, out as it was */
+    sglr_buf_t out = { 0 };
+    uint64_t room = 1;
+    CHECK_EQ_INT(sglr_splice_bootstrap_append(&out, "{\"a\":1", 6, "h", 1, 1, &room, 1, 0), -EINVAL);
+    CHECK_EQ_INT(sglr_splice_bootstrap_append(&out, "  ", 2, "h", 1, 1, &room, 1, 0), -EINVAL);
+    CHECK_EQ_INT(sglr_splice_bootstrap_append(&out, "}", 1, "h", 1, 1, &room, 1, 0), -EINVAL);
+    CHECK_EQ_INT(out.len, 0);
+    sglr_buf_free(&out);
 }
 
 TEST(bootstrap_replaces_client_fields)
@@ -1038,6 +1123,7 @@ int main(void)
     RUN(batch_refuses_non_objects);
     RUN(bootstrap_single);
     RUN(bootstrap_empty_objects);
+    RUN(bootstrap_append_matches_the_rewrite);
     RUN(bootstrap_replaces_client_fields);
     RUN(bootstrap_leaves_nested_and_quoted_keys);
     RUN(bootstrap_rooms_are_exact);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proxy overhead benchmark: the same wrk load against a simulated worker
-# directly, through sglr (round_robin, one worker) and through nginx as a
-# plain keep-alive reverse proxy. Prints requests/s, latency percentiles,
+# directly, through sglr (round_robin, one worker), through nginx as a
+# plain keep-alive reverse proxy and, when it is installed, through HAProxy
+# (one thread, keep-alive to the worker). Prints requests/s, latency percentiles,
 # what each proxy adds to the direct p50, and each proxy's CPU time per
 # request (user + system, read from /proc before and after its wrk pass):
 # the figure that still compares on a noisy machine.
@@ -17,15 +18,24 @@
 # Everything listens on 127.0.0.1; every process started here is stopped by
 # its pid on exit.
 #
-# Two passes by default: 64 connections (throughput, saturated) and 1
-# connection (the latency a proxy adds to one request, without queueing).
+# Target "ca" is the same sglr build with --policy cache_aware: next to
+# "sglr" it gives what prefix-aware routing costs per request. With
+# PROMPT=chat4k every target gets POST /v1/chat/completions bodies of about
+# 4 KB (each request its own prompt after a shared system prompt) instead of the small
+# /generate body.
+#
+# Three passes by default: 32 and 256 connections (throughput, saturated)
+# and 1 connection (the latency a proxy adds to one request, without
+# queueing).
 #
 # usage: examples/benchmarks/proxy.sh [-d DURATION] [-c "CONNECTIONS..."] [-t THREADS]
-# env:   SGLR_BIN (build/sglr), DURATION (10s), CONNECTIONS ("64 1"), THREADS (2),
+# env:   SGLR_BIN (build/sglr), DURATION (10s), CONNECTIONS ("32 256 1"), THREADS (2),
 #        NGINX_WORKERS (1), WORKER_PORT (31801), ROUTER_PORT (31802),
 #        NGINX_PORT (31803), BASE_PORT (31804), PD_PORT (31805; prefill and
-#        decode workers on 31806-31808), TARGETS ("direct sglr nginx", plus
-#        "base" when SGLR_BASE_BIN is set; "pd" on request), PD_BOOTSTRAP
+#        decode workers on 31806-31808), HAPROXY_PORT (31809), CA_PORT (31810),
+#        TARGETS ("direct sglr nginx", plus "haproxy" when installed and
+#        "base" when SGLR_BASE_BIN is set; "pd" and "ca" on request), PROMPT
+#        (small; chat4k), PD_BOOTSTRAP
 #        (none; a port makes the decode sim check each room with the prefill),
 #        LOGS (off; "on": the routers log at the default info level, one access
 #        line per request, to a file, and nginx writes its access_log to one)
@@ -33,7 +43,7 @@ set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
 DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-64 1}
+CONNECTIONS=${CONNECTIONS:-32 256 1}
 THREADS=${THREADS:-2}
 NGINX_WORKERS=${NGINX_WORKERS:-1}
 WORKER_PORT=${WORKER_PORT:-31801}
@@ -42,12 +52,18 @@ NGINX_PORT=${NGINX_PORT:-31803}
 SGLR_BASE_BIN=${SGLR_BASE_BIN:-}
 BASE_PORT=${BASE_PORT:-31804}
 PD_PORT=${PD_PORT:-31805}
-if [ -n "$SGLR_BASE_BIN" ]; then TARGETS=${TARGETS:-direct base sglr nginx}; fi
-TARGETS=${TARGETS:-direct sglr nginx}
+HAPROXY_PORT=${HAPROXY_PORT:-31809}
+CA_PORT=${CA_PORT:-31810}
+PROMPT=${PROMPT:-small}
+HAPROXY=
+command -v haproxy >/dev/null && HAPROXY=haproxy
+if [ -n "$SGLR_BASE_BIN" ]; then TARGETS=${TARGETS:-direct base sglr nginx $HAPROXY}; fi
+TARGETS=${TARGETS:-direct sglr nginx $HAPROXY}
+case $PROMPT in small|chat4k) ;; *) echo "proxy.sh: PROMPT is small or chat4k" >&2; exit 2 ;; esac
 LOGS=${LOGS:-off}
 if [ "$LOGS" = on ]; then SGLR_LOG_LEVEL=info; else SGLR_LOG_LEVEL=warn; fi
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:c:t:h" opt; do
   case $opt in
     d) DURATION=$OPTARG ;;
@@ -74,7 +90,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT" "$PD_PORT"; do
+for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT" "$PD_PORT" "$HAPROXY_PORT" "$CA_PORT"; do
   if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/"; then
     echo "proxy.sh: port $port is in use (set WORKER_PORT / ROUTER_PORT / NGINX_PORT)" >&2
     exit 1
@@ -121,6 +137,16 @@ if [[ " $TARGETS " == *" pd "* ]]; then
   wait_http "http://127.0.0.1:$PD_PORT/health" pd "$!"
 fi
 
+CA_PID=
+if [[ " $TARGETS " == *" ca "* ]]; then
+  "$SGLR_BIN" run --host 127.0.0.1 --worker-urls "http://127.0.0.1:$WORKER_PORT" --port "$CA_PORT" \
+    --policy cache_aware --prometheus-port 0 --max-concurrent-requests 0 --log-level "$SGLR_LOG_LEVEL" \
+    >"$TMP/ca.log" 2>&1 &
+  PIDS+=($!)
+  CA_PID=$!
+  wait_http "http://127.0.0.1:$CA_PORT/health" ca "$!"
+fi
+
 BASE_PID=
 if [ -n "$SGLR_BASE_BIN" ]; then
   "$SGLR_BASE_BIN" run --host 127.0.0.1 --worker-urls "http://127.0.0.1:$WORKER_PORT" --port "$BASE_PORT" \
@@ -164,6 +190,34 @@ PIDS+=($!)
 NGINX_PID=$!
 wait_http "http://127.0.0.1:$NGINX_PORT/health" nginx "$!"
 
+HAPROXY_PID=
+if [[ " $TARGETS " == *" haproxy "* ]]; then
+  command -v haproxy >/dev/null || { echo "proxy.sh: haproxy not found (apt-get install haproxy)" >&2; exit 1; }
+  cat >"$TMP/haproxy.cfg" <<EOF
+global
+  maxconn 8192
+  nbthread 1
+$( [ "$LOGS" = on ] && echo "  log stdout format raw local0" )
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+$( [ "$LOGS" = on ] && printf '  log global\n  option httplog\n' )
+frontend fe
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend be
+backend be
+  http-reuse always
+  server worker 127.0.0.1:$WORKER_PORT
+EOF
+  haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+  PIDS+=($!)
+  HAPROXY_PID=$!
+  wait_http "http://127.0.0.1:$HAPROXY_PORT/health" haproxy "$!"
+fi
+
 # cpu_ticks PID: user + system clock ticks of PID and its children (nginx's
 # workers are children of its master)
 cpu_ticks() {
@@ -177,11 +231,36 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-cat >"$TMP/post.lua" <<'EOF'
+PATH_Q=/generate
+if [ "$PROMPT" = chat4k ]; then
+  PATH_Q=/v1/chat/completions
+  cat >"$TMP/post.lua" <<'EOF'
+-- chat prompts of about 4 KB: a shared system prompt, then a question no
+-- earlier request asked (as live traffic), of varying length
+local system = ("You are a careful assistant for a GPU fleet. "):rep(20)
+local filler = ("how do I size the KV cache for this model? "):rep(70)
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  n = n + 1
+  local user = "Question " .. tostring(id) .. "-" .. n .. ": " .. filler:sub(1, 2700 + n % 64 * 9)
+  return wrk.format(nil, nil, nil, '{"model":"m","max_tokens":1,"messages":[{"role":"system","content":"' ..
+    system .. '"},{"role":"user","content":"' .. user .. '"}]}')
+end
+EOF
+else
+  cat >"$TMP/post.lua" <<'EOF'
 wrk.method = "POST"
 wrk.body = '{"text":"hello","sampling_params":{"max_new_tokens":1}}'
 wrk.headers["Content-Type"] = "application/json"
 EOF
+fi
 
 # to_us VALUE: wrk's "812.00us" / "1.23ms" / "1.01s" in microseconds
 to_us() {
@@ -198,23 +277,26 @@ bench() {
   [ "$threads" -gt "$conns" ] && threads=$conns
   declare -A RPS P50 P90 P99 ERRS CPU
   local pid c0 c1 nreq
-  echo "wrk -t$threads -c$conns -d$DURATION, POST /generate (max_new_tokens 1), $(nproc) cores" >&2
+  echo "wrk -t$threads -c$conns -d$DURATION, POST $PATH_Q ($PROMPT, 1 output token), $(nproc) cores" >&2
   for target in $TARGETS; do
     case $target in
       direct) port=$WORKER_PORT ;;
       sglr) port=$ROUTER_PORT ;;
       base) port=$BASE_PORT ;;
       pd) port=$PD_PORT ;;
+      ca) port=$CA_PORT ;;
       nginx) port=$NGINX_PORT ;;
+      haproxy) port=$HAPROXY_PORT ;;
       *) echo "proxy.sh: unknown target $target" >&2; exit 2 ;;
     esac
     echo "  $target ..." >&2
     case $target in
-      sglr) pid=$SGLR_PID ;; base) pid=$BASE_PID ;; pd) pid=$PD_PID ;; nginx) pid=$NGINX_PID ;; *) pid= ;;
+      sglr) pid=$SGLR_PID ;; base) pid=$BASE_PID ;; pd) pid=$PD_PID ;; ca) pid=$CA_PID ;;
+      nginx) pid=$NGINX_PID ;; haproxy) pid=$HAPROXY_PID ;; *) pid= ;;
     esac
     c0=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
     out=$(wrk -t"$threads" -c"$conns" -d"$DURATION" -s "$TMP/post.lua" --latency \
-      "http://127.0.0.1:$port/generate")
+      "http://127.0.0.1:$port$PATH_Q")
     c1=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
     echo "$out" >"$TMP/wrk-$target-c$conns.txt"
     nreq=$(awk '/requests in/ {print $1}' <<<"$out")

@@ -54,6 +54,7 @@ M.DEFAULTS = {
   quiet = false,
 }
 local DEFAULT_CONCURRENCY = 32
+M.DEFAULT_CONCURRENCY = DEFAULT_CONCURRENCY
 
 -- --- deterministic random numbers ---------------------------------------------------
 -- Park-Miller "minimal standard" generator: pure Lua, exact in doubles, and
@@ -231,7 +232,7 @@ end
 -- Prompt text of a turn for the text routes (generate, completions). The
 -- system prompt and the question are concatenated as is, so a group's
 -- requests share exactly the system prompt's bytes as a prefix.
-local function turn_text(spec, history)
+function M.turn_text(spec, history)
   if spec.text then return spec.text end
   if spec.system then return spec.system .. spec.question end
   local parts = {}
@@ -253,13 +254,13 @@ function M.body(route, spec, history, o)
   local n = spec.output_tokens
   local b
   if route == "generate" then
-    b = { text = turn_text(spec, history),
+    b = { text = M.turn_text(spec, history),
       sampling_params = { max_new_tokens = n, ignore_eos = true, temperature = 0 } }
   elseif route == "chat" then
     b = { model = o.model, messages = turn_messages(spec, history), max_tokens = n,
       ignore_eos = true, temperature = 0 }
   else
-    b = { model = o.model, prompt = turn_text(spec, history), max_tokens = n,
+    b = { model = o.model, prompt = M.turn_text(spec, history), max_tokens = n,
       ignore_eos = true, temperature = 0 }
   end
   if o.stream then
@@ -598,9 +599,18 @@ Examples:
   sglr bench --url http://127.0.0.1:30000 --groups 16 --prompts-per-group 8
   sglr bench --workload multi-turn --route chat --stream --rate 20
   sglr bench --workload trace --trace requests.jsonl --json]])
-  local D = M.DEFAULTS
   p:flag("-h --help", "Show this help message and exit.")
-  p:option("--url", "Base URL of the router or worker.", D.url)
+  p:option("--url", "Base URL of the router or worker.", M.DEFAULTS.url)
+  M.add_workload_flags(p)
+  p:option("--timeout-secs", "Per-request timeout.", tostring(M.DEFAULTS.timeout_secs)):convert(tonumber)
+  p:flag("--json", "Print the summary as one JSON object.")
+  p:flag("--quiet", "No progress line.")
+  return p
+end
+
+-- The workload and arrival flags, shared with `sglr sim`.
+function M.add_workload_flags(p)
+  local D = M.DEFAULTS
   p:option("--workload", "Workload: shared-prefix, multi-turn or trace.", D.workload)
     :choices(M.WORKLOADS)
   p:option("--route", "API route: generate (/generate), chat (/v1/chat/completions), "
@@ -629,10 +639,6 @@ Examples:
   p:flag("--stream", "Ask for streamed (SSE) responses; TTFT is then the first body byte.")
   p:option("--seed", "Seed for prompts, request order and arrivals.", tostring(D.seed))
     :convert(tonumber)
-  p:option("--timeout-secs", "Per-request timeout.", tostring(D.timeout_secs)):convert(tonumber)
-  p:flag("--json", "Print the summary as one JSON object.")
-  p:flag("--quiet", "No progress line.")
-  return p
 end
 
 -- Flags to options: opts, or nil, err, usage. opts.help asks for the help.

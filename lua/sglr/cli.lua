@@ -38,8 +38,10 @@ M.POLICIES = { "random", "round_robin", "cache_aware", "power_of_two" }
 
 M.DEFAULT_REQUEST_ID_HEADERS = { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
 
--- Keys copied into conf.policy_options; a policy's schema picks the ones it
--- declares (see sglr.policy.instantiate).
+-- The SGLang-named flags that are aliases of policy options: those given on
+-- the command line are copied into conf.policy_options, and a policy takes
+-- the ones its schema declares (see sglr.policy.options; --policy-opt
+-- names options the policy must declare).
 M.POLICY_OPTION_KEYS = {
   "cache_threshold", "balance_abs_threshold", "balance_rel_threshold",
   "eviction_interval", "max_tree_size", "cache_routing_prob",
@@ -61,6 +63,7 @@ local LOG_LEVELS = { debug = "debug", info = "info", warn = "warn", warning = "w
 --   urls      zero or more worker URLs, also comma separated; repeatable
 --   words     zero or more words, also comma separated; repeatable
 --   selector  zero or more key=value words -> map; repeatable
+--   opts      policy options, key=value words -> map (values as text); repeatable
 --   prefill   URL [BOOTSTRAP_PORT|none]; repeatable -> {url=, bootstrap_port=}
 --   decode    URL; repeatable -> array of URLs
 --------------------------------------------------------------------------------
@@ -72,6 +75,8 @@ local FLAGS = {
   { "--worker-urls", "urls", {}, "Worker URLs for separate launch mode (space or comma separated)" },
   { "--policy", "policy", "cache_aware",
     "Routing policy: random, round_robin, cache_aware, power_of_two, or a path to a .lua file" },
+  { "--policy-opt", "opts", {},
+    "Option of the policy, key=value (repeatable; 'sglr run --policy P --help' lists them)" },
   { "--max-payload-size", "size", 268435456,
     "Maximum request body in bytes (suffixes K, M, G accepted: 256MB = 268435456)" },
   { "--request-timeout-secs", "number", 600, "Request timeout in seconds", gt = 0 },
@@ -147,6 +152,14 @@ local FLAGS = {
   { "--decode", "decode", {}, "Decode server URL (repeatable)" },
   { "--prefill-policy", "policy", nil, "Routing policy for prefill nodes (default: --policy)" },
   { "--decode-policy", "policy", nil, "Routing policy for decode nodes (default: --policy)" },
+  { "--prefill-policy-opt", "opts", {}, "Option of the prefill policy, key=value (over --policy-opt)" },
+  { "--decode-policy-opt", "opts", {}, "Option of the decode policy, key=value (over --policy-opt)" },
+
+  { group = "Policy reload and rollback" },
+  { "--policy-rollback-error-rate", "number", 0.5,
+    "Roll a reloaded policy back when its select raises on more than this share of requests", min = 0, max = 1 },
+  { "--policy-rollback-window-secs", "number", 10, "Window over which that share is measured", gt = 0 },
+  { "--policy-rollback-min-requests", "int", 20, "Requests a window needs before it can roll back", min = 1 },
 
   { group = "Kubernetes service discovery" },
   { "--service-discovery", "flag", false, "Enable Kubernetes service discovery" },
@@ -171,6 +184,11 @@ local FLAGS = {
   { "--log-dir", "string", nil, "Directory for log files (default: stderr only)", arg = "<dir>" },
   { "--log-level", "level", "info", "Logging level: debug, info, warn(ing), error, critical" },
   { "--log-json", "flag", false, "Write log lines as JSON" },
+  { "--trace-out", "string", nil,
+    "Capture every request, hashes only (no prompt text), for `sglr sim --trace` (default: off)",
+    arg = "<file>" },
+  { "--trace-out-max-mb", "number", 100, "Size at which the capture moves to FILE.1 and starts over",
+    gt = 0, arg = "<mb>" },
   { "--request-id-headers", "words", M.DEFAULT_REQUEST_ID_HEADERS, "Headers carrying a request id",
     lower = true, arg = "<header>" },
 
@@ -214,10 +232,10 @@ M.FLAGS = FLAGS
 local ARGNAME = {
   string = "<string>", int = "<int>", number = "<number>", port = "<port>", size = "<bytes>",
   level = "<level>", policy = "<policy>", urls = "<url>", words = "<word>",
-  selector = "<key=value>", prefill = { "<url>", "<bootstrap_port>|none" }, decode = "<url>",
+  selector = "<key=value>", opts = "<key=value>", prefill = { "<url>", "<bootstrap_port>|none" }, decode = "<url>",
 }
 
-local LIST_KINDS = { urls = true, words = true, selector = true }
+local LIST_KINDS = { urls = true, words = true, selector = true, opts = true }
 
 --------------------------------------------------------------------------------
 -- Helpers
@@ -445,6 +463,19 @@ function convert.selector(_, raw)
   return map
 end
 
+function convert.opts(_, raw)
+  local map = {}
+  for _, w in ipairs(raw) do
+    local k, v = w:match("^%s*([%w_]+)%s*=(.*)$")
+    if not k then return nil, fmt("expected key=value (an option name, '=', a value), got '%s'", w) end
+    if map[k] ~= nil and map[k] ~= v then
+      return nil, fmt("option '%s' given twice ('%s' and '%s')", k, map[k], v)
+    end
+    map[k] = v
+  end
+  return map
+end
+
 function convert.prefill(_, raw)
   local out = {}
   for _, entry in ipairs(raw) do
@@ -542,6 +573,27 @@ end
 
 function M.run_help()
   return parser():get_help()
+end
+
+-- `sglr run --policy P --help`: the options of the policies named on the
+-- command line, from their schemas.
+function M.policy_help(words)
+  local out, seen = {}, {}
+  for i, w in ipairs(words) do
+    local flag, v = w:match("^(%-%-[%w-]*policy)=(.+)$")
+    if not flag and (w == "--policy" or w == "--prefill-policy" or w == "--decode-policy") then
+      flag, v = w, words[i + 1]
+    end
+    if flag and v and not seen[v] then
+      seen[v] = true
+      local policy = require "sglr.policy"
+      local P, err = policy.load(v)
+      out[#out + 1] = P and policy.describe(P) or ("Policy " .. v .. ": " .. tostring(err))
+    end
+  end
+  if #out == 0 then return "" end
+  return "\n\n" .. concat(out, "\n\n") .. "\n\nSet them with --policy-opt key=value (PD mode: also "
+    .. "--prefill-policy-opt, --decode-policy-opt).\n"
 end
 
 -- Option names that take exactly one value: "--port -1" is handed to
@@ -678,7 +730,7 @@ function M.parse_run(args)
   for i = 1, #args do
     words[i] = tostring(args[i])
     if words[i] == "--help" or words[i] == "-h" then
-      return nil, M.run_help(), "help"
+      return nil, M.run_help() .. M.policy_help(words), "help"
     end
     if words[i] == "--version" or words[i] == "-V" then
       return nil, "sglr " .. require("sglr.version"), "version"
@@ -694,10 +746,11 @@ function M.parse_run(args)
                 raw.extra[1])
   end
 
-  local conf = {}
+  local conf, given = {}, {}
   for _, f in ipairs(FLAGS) do
     if f.kind then
       local v = raw[f.key]
+      given[f.key] = v ~= nil
       if v == nil and f.env then
         v = M.getenv(f.env)
         if v == "" then v = nil end
@@ -722,7 +775,9 @@ function M.parse_run(args)
   conf.decode_policy = conf.decode_policy or conf.policy
 
   local po = {}
-  for _, key in ipairs(M.POLICY_OPTION_KEYS) do po[key] = conf[key] end
+  for _, key in ipairs(M.POLICY_OPTION_KEYS) do
+    if given[key] then po[key] = conf[key] end
+  end
   conf.policy_options = po
   return conf
 end

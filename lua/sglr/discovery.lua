@@ -284,7 +284,7 @@ function W:admit(e)
   d.admitting = d.admitting + 1
   core.spawn(function()
     local w, err, why = d.router:admit(e.url, { source = "discovery", pod = e.pod, role = self.role,
-      bootstrap_port = e.bootstrap_port })
+      bootstrap_port = e.bootstrap_port, labels = e.labels })
     d.admitting = d.admitting - 1
     if d.admitting == 0 and d.admitted_ev then d.admitted_ev:set(true) end
     if self.tracked[e.pod.uid] ~= e or d.stopped then
@@ -331,8 +331,15 @@ function W:apply(pod)
   end
   if e then return end
   self:evict_other(want.url, uid)
+  -- the pod's labels as they were when it joined: policies see them (w.labels)
+  local labels = {}
+  if type(pod.metadata.labels) == "table" then
+    for k, v in pairs(pod.metadata.labels) do
+      if type(k) == "string" and type(v) == "string" then labels[k] = v end
+    end
+  end
   e = { url = want.url, bootstrap_port = want.bootstrap_port, pod = { namespace = ns, name = name, uid = uid },
-    state = "admitting" }
+    labels = labels, state = "admitting" }
   self.tracked[uid] = e
   self:admit(e)
 end

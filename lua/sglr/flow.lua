@@ -113,13 +113,40 @@ function M.new(r)
   return self
 end
 
+-- --trace-out: every request also leaves a capture line (sglr.trace). The
+-- access method is swapped only then, so without the flag a request does
+-- no capture work at all. -> true | nil, err
+function M:start_capture(path, max_mb)
+  local trace = require "sglr.trace"
+  local w, err = trace.open(path, max_mb * 1024 * 1024, now_ms)
+  if not w then return nil, err end
+  self.capture = w
+  self.access = function(flow, x, req)
+    M.access(flow, x, req)
+    local ok, cerr = pcall(w.record, w, req, x_status(x), now_ms())
+    if not ok then log.warn("trace capture failed", { error = tostring(cerr) }) end
+  end
+  return true
+end
+
 function M:request_id(x, route)
   local v = x:header(unpack(self.request_id_headers))
   if v then return v end
   return core.random_id(ID_PREFIX[route] or "req-")
 end
 
--- req.text, req.body and req.headers are computed on first read only: most
+-- The tokens a request asks for at most, from its body: max_tokens,
+-- max_completion_tokens, or sampling_params.max_new_tokens; false if none.
+local function max_tokens_of(body)
+  local obj = cjson.decode(body)
+  if type(obj) ~= "table" then return false end
+  local n = obj.max_tokens or obj.max_completion_tokens
+  if n == nil and type(obj.sampling_params) == "table" then n = obj.sampling_params.max_new_tokens end
+  return type(n) == "number" and n or false
+end
+
+-- req.text, req.body, req.headers, req.path, req.client (the client's IP
+-- address) and req.max_tokens are computed on first read only: most
 -- policies need none of them.
 local req_mt = {
   __index = function(t, k)
@@ -135,6 +162,18 @@ local req_mt = {
       local h = t._x:headers()
       rawset(t, "headers", h)
       return h
+    elseif k == "client" then
+      local addr = t._x:peer() or false
+      rawset(t, "client", addr)
+      return addr
+    elseif k == "path" then
+      local path = t._x:path()
+      rawset(t, "path", path)
+      return path
+    elseif k == "max_tokens" then
+      local n = max_tokens_of(t.body)
+      rawset(t, "max_tokens", n)
+      return n
     end
   end,
 }
@@ -167,8 +206,8 @@ function M:infer(x, route)
   -- avoids) comes only with a failure.
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
-    policy = r.policy, dpolicy = r.dpolicy or false, explain = false,
-    shadow = false, prefill = false }, req_mt)
+    policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
+    match_ratio = false, prefill = false, ttfb = false, explain = false, shadow = false }, req_mt)
   local em = self.explain_mode
   if em then
     local v = x:header("x-sglr-explain")
@@ -238,8 +277,11 @@ function M:settle(req, w, policy, outcome, status)
   else
     w.breaker:cancelled()
   end
-  if policy.on_done then policy:on_done(req, w, status, now - req.t0) end
-  if req.shadow and policy == req.policy then self.shadow:settle(req, status, now - req.t0) end
+  -- the latency policies see: a moving average over about ten requests
+  local ms, lat = now - req.t0, w.latency_ms
+  w.latency_ms = lat and lat + (ms - lat) * 0.1 or ms
+  if policy.on_done then policy:on_done(req, w, status, ms) end
+  if req.shadow and policy == req.policy then self.shadow:settle(req, status, ms) end
 end
 
 -- What one policy decided for an attempt (role: nil in regular mode, else
@@ -297,6 +339,24 @@ function M:give_list(t)
   for i = #t, 1, -1 do t[i] = nil end
   local spare = self.spare
   if #spare < 64 then spare[#spare + 1] = t end
+end
+
+-- select of policy (req[field], the pool's instance) raised err: the
+-- pool's slot counts it (and may roll back) and names the instance to
+-- route with instead, which the request keeps from here on (its on_done
+-- goes there too). With none, the error goes on to infer's handler: a
+-- logged 500 for this request. -> worker | nil, why
+function M:select_failed(req, field, pool, policy, err, avail)
+  local slot = self.r.slots and self.r.slots[pool]
+  local inst = slot and slot:select_failed(policy, err)
+  if inst and inst ~= policy then
+    req[field] = inst
+    local ok, w, why = pcall(inst.select, inst, req, avail)
+    if ok then return w, why end
+    err = w
+  end
+  self:give_list(avail)
+  error(pool .. " policy select failed: " .. tostring(err), 0)
 end
 
 -- Validate, then attempt until the request is answered or out of attempts.
@@ -450,7 +510,11 @@ function regular.pick(flow, req, now)
     return nil
   end
   local policy = req.policy
-  local w, why, matched, total = policy:select(req, avail)
+  local ok, w, why, matched, total = pcall(policy.select, policy, req, avail)
+  if not ok then
+    w, why = flow:select_failed(req, "policy", "regular", policy, w, avail)
+    policy, matched, total = req.policy, nil, nil
+  end
   if not w then
     flow:give_list(avail)
     return nil, why or "policy selected no worker"
@@ -495,7 +559,9 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     return "retry", status, nil, nil, ferr
   end
   local status = resp:status()
-  record(rs.ttfb, (now_ms() - req.t0) / 1000)
+  local ttfb = now_ms() - req.t0
+  req.ttfb = ttfb
+  record(rs.ttfb, ttfb / 1000)
   if status >= 400 and retry.retryable_status(status) and can_retry then
     -- not sent to the client yet: drain it and try elsewhere
     local body = resp:read()
@@ -531,7 +597,7 @@ end
 local pd = {}
 M.pd = pd
 
-local function pick_role(flow, req, now, role, policy)
+local function pick_role(flow, req, now, role, field)
   local avail = flow.workers:available(now, req.failed, role, flow:take_list())
   if #avail == 0 then
     flow:give_list(avail)
@@ -546,7 +612,12 @@ local function pick_role(flow, req, now, role, policy)
       or healthy == 0 and ("no healthy " .. role .. " workers")
       or ("no available " .. role .. " workers (all circuits open)")
   end
-  local w, why, matched, total = policy:select(req, avail)
+  local policy = req[field]
+  local ok, w, why, matched, total = pcall(policy.select, policy, req, avail)
+  if not ok then
+    w, why = flow:select_failed(req, field, role, policy, w, avail)
+    policy, matched, total = req[field], nil, nil
+  end
   if not w then
     flow:give_list(avail)
     return nil, why or (role .. " policy selected no worker")
@@ -559,17 +630,17 @@ end
 -- The body's batch shape decides whether PD can split it: checked before
 -- any policy sees the request (a refused body moves no counter and no tree).
 function pd.prepare(_, x, req, fwd)
-  local batch, logprobs = x:pd_check(req.route)
-  if not batch then return nil, logprobs end
-  fwd.route, fwd.batch, fwd.logprobs = req.route, batch, logprobs
+  local batch, flags = x:pd_check(req.route)
+  if not batch then return nil, flags end
+  fwd.route, fwd.batch, fwd.logprobs = req.route, batch, flags
   return true
 end
 
 function pd.pick(flow, req, now)
-  local pw, why = pick_role(flow, req, now, "prefill", req.policy)
+  local pw, why = pick_role(flow, req, now, "prefill", "policy")
   if not pw then return nil, why end
   local dw
-  dw, why = pick_role(flow, req, now, "decode", req.dpolicy)
+  dw, why = pick_role(flow, req, now, "decode", "dpolicy")
   if not dw then return nil, why end
   return pw, dw
 end
@@ -640,7 +711,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   end
   record(rs.ttfb, (now_ms() - req.t0) / 1000)
 
-  local pst = pdx:prefill_status()
+  local pst, dst = ferr, leg           -- both heads' statuses (dst 0: not in yet)
   if pst < 200 or pst >= 300 then
     -- the prefill refused: its answer is the request's, the decode goes
     local body = pdx:read_prefill()
@@ -661,7 +732,6 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     return "done"
   end
 
-  local dst = pdx:status()
   if dst >= 400 and retry.retryable_status(dst) and can_retry then
     local body = pdx:read()
     local ctype = pdx:header("content-type")
@@ -677,10 +747,8 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   end
 
   -- commit: the client gets the decode's response
-  local okp, perr = pdx:pipe(req.extra)
+  local okp, perr, _, pres, dres = pdx:pipe(req.extra)
   record(rs.upstream, (now_ms() - now) / 1000)
-  local pres, dres = pdx:outcome()
-  pdx:close()
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
   flow:settle(req, dw, req.dpolicy, okp and leg_outcome("ok", dst) or leg_outcome(dres, dst), dst)
   if pres ~= "ok" and pres ~= "cancelled" and pres ~= "client_closed" then pd_error("prefill", pres) end

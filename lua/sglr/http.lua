@@ -109,18 +109,25 @@ end
 
 function M.worker_auth() return worker_auth end
 
-function M.worker(opts)
-  if worker_auth then
-    local h = { authorization = worker_auth }
-    for k, v in pairs(opts.headers or {}) do
-      if k:lower() ~= "authorization" then h[k] = v end
-    end
-    local o = {}
-    for k, v in pairs(opts) do o[k] = v end
-    o.headers = h
-    opts = o
+local function with_auth(opts)
+  if not worker_auth then return opts end
+  local h = { authorization = worker_auth }
+  for k, v in pairs(opts.headers or {}) do
+    if k:lower() ~= "authorization" then h[k] = v end
   end
-  return M.request(opts)
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.headers = h
+  return o
+end
+
+function M.worker(opts)
+  return M.request(with_auth(opts))
+end
+
+-- start{...} to a worker (with --api-key): a request its caller can cancel
+function M.worker_start(opts)
+  return M.start(with_auth(opts))
 end
 
 M.has_curl = ok_httpc

@@ -7,8 +7,10 @@ usage: sglr <command> [options]
 
 commands:
   run          run the router (sglr run --help for its flags)
+  reload       reload a running router's policies (sglr reload --help)
   launch       start N workers and the router in front of them (sglr launch --help)
   sim-worker   run a simulated SGLang worker (sglr sim-worker --help)
+  sim          compare routing policies offline on a virtual clock (sglr sim --help)
   bench        replay a workload against a URL (sglr bench --help)
   test         run busted specs inside the runtime (sglr test spec/unit)
   lua FILE     run a Lua script with the native primitives available
@@ -48,8 +50,10 @@ end
 
 local commands = {
   run = function(args) return require("sglr.router").main(args) end,
+  reload = function(args) return require("sglr.router").reload_main(args) end,
   launch = function(args) return require("sglr.launch").main(args) end,
   ["sim-worker"] = function(args) return require("sglr.sim").main(args) end,
+  sim = function(args) return require("sglr.simulate").main(args) end,
   bench = function(args) return require("sglr.bench").main(args) end,
   test = run_busted,
   lua = run_lua,

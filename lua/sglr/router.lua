@@ -14,6 +14,7 @@ local health_mod = require "sglr.health"
 local policy_mod = require "sglr.policy"
 local shadow_mod = require "sglr.shadow"
 local decisions_mod = require "sglr.decisions"
+local slot_mod = require "sglr.slot"
 
 local floor, min = math.floor, math.min
 local concat = table.concat
@@ -33,7 +34,7 @@ local JSON_HDR = { ["content-type"] = "application/json" }
 
 -- Routes behind --admin-api-key (every route that changes the fleet).
 local ADMIN_ROUTES = { ["/add_worker"] = true, ["/remove_worker"] = true, ["/flush_cache"] = true,
-  ["/admin/policy/shadow"] = true, ["/admin/decisions"] = true }
+  ["/admin/policy"] = true, ["/admin/policy/shadow"] = true, ["/admin/decisions"] = true }
 
 -- Largest dp_size believed from a worker's /get_server_info.
 local MAX_DP_SIZE = 1024
@@ -161,7 +162,9 @@ function M.new(conf)
   return self
 end
 
--- The runtime API handed to policies: the only way a policy touches the world.
+-- The runtime API handed to policies: the only way a policy touches the
+-- world. Each instance gets it through policy.scope, which tracks what the
+-- instance starts (timers, requests) so that closing it stops them.
 function M:runtime()
   local uv = require "luv"
   local rt = {
@@ -174,6 +177,7 @@ function M:runtime()
     metrics = stats.enabled and stats.metrics or nil,
     stats = stats,
     http = http.worker,       -- a policy's requests go to workers: they carry --api-key
+    http_start = http.has_curl and http.worker_start or nil,
     sleep = core.sleep,     -- only inside rt.every callbacks (they run in coroutines)
   }
   rt.radix = function()
@@ -183,42 +187,190 @@ function M:runtime()
     local t = uv.new_timer()
     t:start(ms, ms, function() core.spawn(fn, core.now()) end)
     t:unref()
-    return t
+    return { stop = function()
+      if not t:is_closing() then
+        t:stop()
+        t:close()
+      end
+    end }
   end
   return rt
 end
 
--- One policy instance: name_or_path -> instance, its name | nil, err
-function M:new_policy(name_or_path)
+local POOL_FLAG = { regular = "--policy", prefill = "--prefill-policy", decode = "--decode-policy" }
+
+-- What a pool's policy is built from at start: its name or path, and its
+-- options. --policy-opt (and in PD mode the pool's --prefill-policy-opt /
+-- --decode-policy-opt, which win over it) name options the policy must
+-- declare; the SGLang-named flags (--cache-threshold ...) apply to the
+-- policies that declare them, and contradicting --policy-opt is an error.
+-- power_of_two's poll interval defaults to --worker-startup-check-interval,
+-- as in SGLang's router. -> spec | nil, err
+function M:policy_spec(pool)
   local conf = self.conf
-  local P, err = policy_mod.load(name_or_path or "cache_aware")
-  if not P then return nil, err end
-  -- power_of_two polls /get_load on the startup check interval, as SGLang's
-  -- router does
-  local opts = merge(conf.policy_options, nil)
-  if opts.load_check_interval == nil then opts.load_check_interval = conf.worker_startup_check_interval end
-  local inst
-  inst, err = policy_mod.instantiate(P, opts, self:runtime())
-  if not inst then return nil, err end
-  return inst, P.name or name_or_path
+  local given = merge(conf.policy_opt, pool ~= "regular" and conf[pool .. "_policy_opt"] or nil)
+  local opts = merge({ load_check_interval = conf.worker_startup_check_interval }, conf.policy_options)
+  for key, alias in pairs(conf.policy_options or {}) do
+    local v = given[key]
+    if v ~= nil and tonumber(v) ~= alias then
+      return nil, string.format("--%s %s and --policy-opt %s=%s disagree (give one of them)",
+        (key:gsub("_", "-")), tostring(alias), key, tostring(v))
+    end
+  end
+  local strict = {}
+  for key, v in pairs(given) do
+    opts[key] = v
+    strict[key] = true
+  end
+  local name = pool == "regular" and conf.policy or conf[pool .. "_policy"] or conf.policy
+  return { policy = name or "cache_aware", options = opts, strict = strict, aliases = conf.policy_options }
 end
 
--- Regular mode has one instance; PD mode one per pool (--prefill-policy
--- and --decode-policy, each falling back to --policy).
-function M:load_policy()
-  local conf = self.conf
-  if not self.pd then
-    self.policy, self.policy_name = self:new_policy(conf.policy)
-    return self.policy ~= nil or nil, self.policy_name
+-- The registered workers a pool's policy routes to.
+function M:pool_workers(pool)
+  local out = {}
+  for _, w in ipairs(self.workers.list) do
+    if w.role == pool then out[#out + 1] = w end
   end
-  local p, pname = self:new_policy(conf.prefill_policy or conf.policy)
-  if not p then return nil, "--prefill-policy: " .. tostring(pname) end
-  local d, dname = self:new_policy(conf.decode_policy or conf.policy)
-  if not d then return nil, "--decode-policy: " .. tostring(dname) end
-  self.policy, self.dpolicy = p, d
-  self.policy_names = { prefill = pname, decode = dname }
-  self.policy_name = pname == dname and pname or (pname .. "/" .. dname)
+  return out
+end
+
+-- A slot's new instance goes live: new requests capture it (flow's
+-- req.policy / req.dpolicy).
+function M:swap_policy(pool, inst, entry)
+  if pool == "decode" then
+    self.dpolicy, self.policy_names.decode = inst, entry.name
+  else
+    self.policy = inst
+    if self.pd then self.policy_names.prefill = entry.name end
+  end
+  if self.pd then
+    local pn, dn = self.policy_names.prefill, self.policy_names.decode
+    self.policy_name = (pn == dn or not dn) and pn or ((pn or "?") .. "/" .. dn)
+  else
+    self.policy_name = entry.name
+  end
+end
+
+-- Regular mode has one pool ("regular"); PD mode two, "prefill" and
+-- "decode" (--prefill-policy and --decode-policy, each falling back to
+-- --policy). Each pool's policy lives in a slot (sglr.slot), which swaps
+-- it on reload.
+function M:load_policy()
+  self.slots, self.policy_names = {}, {}
+  for _, pool in ipairs(self.pd and { "prefill", "decode" } or { "regular" }) do
+    local spec, err = self:policy_spec(pool)
+    if not spec then return nil, err end
+    local slot = slot_mod.new({ pool = pool, conf = self.conf,
+      base_rt = function() return self:runtime() end,
+      workers = function() return self:pool_workers(pool) end,
+      swap = function(inst, entry) self:swap_policy(pool, inst, entry) end })
+    self.slots[pool] = slot
+    local ok
+    ok, err = slot:load(spec, "start")
+    if not ok then return nil, (self.pd and POOL_FLAG[pool] .. ": " or "") .. tostring(err) end
+  end
   return true
+end
+
+-- Reload the policies while serving. `change` (nil: every pool's code read
+-- again from disk, with its options) may carry:
+--   pool     "regular" | "prefill" | "decode" (default: every pool)
+--   code     Lua source of a policy, or
+--   policy   a built-in name or a path to a .lua file
+--   options  { key = value }: the policy must declare each; without it,
+--            the pool's options are kept where the new policy declares them;
+--            alone, the live code is instantiated again with them
+-- A pool's new instance goes live only when it loads, its options check and
+-- its select answers on synthetic workers; else the pool keeps its policy.
+-- -> true, views | nil, err, views
+function M:reload_policy(change, why)
+  change = change or {}
+  local pools = {}
+  if change.pool ~= nil then
+    if not self.slots[change.pool] then
+      local have = {}
+      for p in pairs(self.slots) do have[#have + 1] = p end
+      table.sort(have)
+      return nil, "unknown pool '" .. tostring(change.pool) .. "' (this router has: " .. concat(have, ", ") .. ")"
+    end
+    pools[1] = change.pool
+  else
+    for _, p in ipairs({ "regular", "prefill", "decode" }) do
+      if self.slots[p] then pools[#pools + 1] = p end
+    end
+  end
+  if change.options ~= nil and type(change.options) ~= "table" then
+    return nil, "options must be an object { key: value }"
+  end
+  if change.code ~= nil and type(change.code) ~= "string" then return nil, "code must be a string" end
+  if change.policy ~= nil and (type(change.policy) ~= "string" or change.policy == "") then
+    return nil, "policy must be a built-in name or a path to a .lua file"
+  end
+  local errs, views = {}, {}
+  for _, pool in ipairs(pools) do
+    local slot = self.slots[pool]
+    local cur = slot.current.spec
+    local spec = { policy = cur.policy, code = cur.code, options = cur.options, strict = cur.strict,
+      aliases = cur.aliases, source = cur.source }
+    if change.code or change.policy then
+      spec.code, spec.policy, spec.source = change.code, change.policy, change.policy or "posted code"
+      spec.strict = nil   -- the old options carry over only where the new code declares them
+    end
+    if change.options then
+      local opts = merge({ load_check_interval = self.conf.worker_startup_check_interval }, cur.aliases)
+      local strict = {}
+      for k, v in pairs(change.options) do
+        if type(v) == "table" then return nil, "option '" .. tostring(k) .. "' must be a number, string or boolean" end
+        opts[k], strict[k] = v, true
+      end
+      spec.options, spec.strict = opts, strict
+      -- options alone: the live code with them, not the file as it is now
+      if not (change.code or change.policy) then spec.reuse_src = slot.current.src end
+    end
+    log.info("policy reload", { pool = pool, by = why, policy = spec.policy or "posted code" })
+    local ok, err = slot:load(spec, "ok")
+    if not ok then errs[#errs + 1] = pool .. ": " .. tostring(err) end
+    views[pool] = slot:view()
+  end
+  if #errs > 0 then return nil, concat(errs, "; "), views end
+  return true, views
+end
+
+-- GET /admin/policy: every pool's live policy, its last good version and
+-- recent events.
+function M:policy_view()
+  local pools = {}
+  for pool, slot in pairs(self.slots) do
+    local v = slot:view()
+    v.events = setmetatable(v.events, cjson.array_mt)
+    pools[pool] = v
+  end
+  return { pools = pools }
+end
+
+function M:admin_policy_get(x)
+  self:send_json(x, 200, self:policy_view())
+end
+
+-- POST /admin/policy: an empty body reloads every pool from disk; a JSON
+-- body says what to change (reload_policy).
+function M:admin_policy_post(x)
+  local body = x:body()
+  local change
+  if body and body:match("%S") then
+    change = cjson.decode(body)
+    if type(change) ~= "table" then
+      return self:send_error(x, 400, "body must be a JSON object: {\"code\": ...} or {\"policy\": ..., \"options\": {...}}",
+        "invalid_request_error")
+    end
+  end
+  local ok, err, views = self:reload_policy(change, "POST /admin/policy")
+  if not ok then
+    return self:send_json(x, 422, { error = { message = "policy refused: " .. tostring(err), type = "policy_refused",
+      code = 422 }, pools = views })
+  end
+  self:send_json(x, 200, { result = "ok", pools = err })
 end
 
 -- The policy instance (and its name) that routes to worker w.
@@ -395,7 +547,10 @@ function M:get_loads(x)
     local load = res[1] or -1
     if w.dp_rank and res[2] then load = res[2][w.dp_rank] or -1 end
     out[i] = { worker = w.url, load = load, role = w.role, dp_rank = w.dp_rank }
-    if load >= 0 and not w.removed then stats.worker_load:set(load, w.url) end
+    if load >= 0 and not w.removed then
+      stats.worker_load:set(load, w.url)
+      w.reported_load = load      -- what policies see (w.reported_load)
+    end
     local r = by_role[w.role]
     if r then r[#r + 1] = { worker = w.url, load = load } end
   end
@@ -698,11 +853,13 @@ local GET_HANDLERS = {
   ["/readiness"] = function(s, x) return s:readiness(x) end,
   ["/get_loads"] = function(s, x) return s:get_loads(x) end,
   ["/list_workers"] = function(s, x) return s:list_workers(x) end,
+  ["/admin/policy"] = function(s, x) return s:admin_policy_get(x) end,
 }
 local POST_HANDLERS = {
   ["/flush_cache"] = function(s, x) return s:flush_cache(x) end,
   ["/add_worker"] = function(s, x, q) return s:add_worker(x, q) end,
   ["/remove_worker"] = function(s, x, q) return s:remove_worker(x, q) end,
+  ["/admin/policy"] = function(s, x) return s:admin_policy_post(x) end,
 }
 
 -- --- shadow candidates and decisions (admin) ------------------------------------------
@@ -897,6 +1054,15 @@ function M:start()
     local c, serr = self.shadow:add(name)
     if not c then return nil, "--shadow-policy " .. name .. ": " .. tostring(serr) end
   end
+  if conf.trace_out then
+    ok, err = self.flow:start_capture(conf.trace_out, conf.trace_out_max_mb or 100)
+    if not ok then return nil, "--trace-out: " .. tostring(err) end
+    -- lines reach the file within a second even when traffic stops
+    local t = require("luv").new_timer()
+    t:start(1000, 1000, function() self.flow.capture:flush() end)
+    t:unref()
+    log.info("capturing requests", { file = conf.trace_out })
+  end
 
   -- wait for the listed workers (in parallel), then serve with the healthy ones
   local urls, opts = {}, {}
@@ -1007,6 +1173,7 @@ function M:start()
   if not ok then return nil, err end
   self.health:start()
   self:watch_loop()
+  self:watch_sighup()
 
   log.always(string.format("sglr router listening on http://%s:%d (policy %s, %d worker(s))",
     conf.host or "127.0.0.1", srv:port(), self.policy_name, #self.workers.list), { port = srv:port() })
@@ -1034,6 +1201,22 @@ function M:watch_loop()
   self.loop_timer = t
 end
 
+-- SIGHUP reloads every pool's policy from disk (as POST /admin/policy
+-- with no body does).
+function M:watch_sighup()
+  local uv = require "luv"
+  local sig = uv.new_signal()
+  if not sig then return end
+  sig:start("sighup", function()
+    core.spawn(function()
+      local ok, err = self:reload_policy(nil, "SIGHUP")
+      if not ok then log.warn("policy reload on SIGHUP refused", { error = err }) end
+    end)
+  end)
+  sig:unref()
+  self.hup_signal = sig
+end
+
 -- Graceful shutdown: stop accepting, let requests in flight finish for up
 -- to the grace period, then exit 0.
 function M:shutdown(signame)
@@ -1054,6 +1237,7 @@ function M:shutdown(signame)
   if core.active() > 0 then
     log.warn("grace period over with " .. core.active() .. " request(s) still in flight")
   end
+  if self.flow.capture then self.flow.capture:close() end
   log.info("bye")
   core.exit(0)
 end
@@ -1084,6 +1268,87 @@ function M.main(args)
     return core.exit(1)
   end
   M.current = r
+end
+
+-- `sglr reload`: ask a running router to reload its policies (POST
+-- /admin/policy). Exits 0 when every pool took the new code, 1 when it
+-- was refused (the router says why), 2 on a usage error.
+local RELOAD_USAGE = [[
+usage: sglr reload [--url http://127.0.0.1:30000] [--admin-api-key KEY] [--pool POOL]
+                   [--policy NAME|PATH.lua | --code FILE.lua] [--policy-opt key=value ...]
+
+Reloads the router's policies: with no --policy or --code every pool's code
+is read again from disk. --code sends FILE's source to the router (which
+need not see the file). POOL: regular, or prefill / decode in PD mode.
+The admin key is also read from $SGLR_ADMIN_API_KEY.
+]]
+
+function M.reload_main(args)
+  local url, key, change, opts = "http://127.0.0.1:30000", os.getenv("SGLR_ADMIN_API_KEY"), {}, nil
+  local i = 1
+  local function value(name)
+    local v = args[i + 1]
+    if v == nil then
+      io.stderr:write("sglr reload: ", name, " needs a value\n", RELOAD_USAGE)
+      return core.exit(2)
+    end
+    i = i + 1
+    return v
+  end
+  while i <= #args do
+    local a = args[i]
+    if a == "--help" or a == "-h" then
+      io.stdout:write(RELOAD_USAGE)
+      return core.exit(0)
+    elseif a == "--url" then url = value(a)
+    elseif a == "--admin-api-key" then key = value(a)
+    elseif a == "--pool" then change.pool = value(a)
+    elseif a == "--policy" then change.policy = value(a)
+    elseif a == "--code" then
+      local file = value(a)
+      local fh, err = io.open(file, "rb")
+      if not fh then
+        io.stderr:write("sglr reload: --code: ", tostring(err), "\n")
+        return core.exit(2)
+      end
+      change.code = fh:read("*a")
+      fh:close()
+    elseif a == "--policy-opt" then
+      local k, v = policy_mod.parse_opt(value(a))
+      if not k then
+        io.stderr:write("sglr reload: --policy-opt: ", v, "\n")
+        return core.exit(2)
+      end
+      opts = opts or {}
+      opts[k] = v
+    else
+      io.stderr:write("sglr reload: unknown argument '", tostring(a), "'\n", RELOAD_USAGE)
+      return core.exit(2)
+    end
+    i = i + 1
+  end
+  change.options = opts
+  local headers = { ["content-type"] = "application/json" }
+  if key and key ~= "" then headers.authorization = "Bearer " .. key end
+  local st, body = http.request({ method = "POST", url = url:gsub("/+$", "") .. "/admin/policy",
+    headers = headers, body = next(change) and cjson.encode(change) or "", timeout_ms = 30000 })
+  if not st then
+    io.stderr:write("sglr reload: ", url, ": ", tostring(body), "\n")
+    return core.exit(1)
+  end
+  local res = cjson.decode(body or "")
+  if st ~= 200 then
+    local msg = type(res) == "table" and type(res.error) == "table" and res.error.message or body
+    io.stderr:write("sglr reload: ", st, " ", tostring(msg), "\n")
+    return core.exit(1)
+  end
+  local pools = {}
+  for pool, v in pairs(type(res) == "table" and res.pools or {}) do
+    pools[#pools + 1] = string.format("%s: %s %s (%s)", pool, tostring(v.name), tostring(v.version), tostring(v.hash))
+  end
+  table.sort(pools)
+  io.stdout:write("reloaded: ", concat(pools, ", "), "\n")
+  return core.exit(0)
 end
 
 return M

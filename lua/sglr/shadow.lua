@@ -151,13 +151,21 @@ function M:add(name_or_path, options, label)
   return c
 end
 
-local function stop(c)
-  for _, t in ipairs(c.timers) do
+-- A timer from rt.every: a handle with stop() (the router's), or a luv
+-- timer.
+local function stop_timer(t)
+  if type(t) == "userdata" then
     if not t:is_closing() then
       t:stop()
       t:close()
     end
+  elseif type(t) == "table" and t.stop then
+    pcall(t.stop, t)
   end
+end
+
+local function stop(c)
+  for _, t in ipairs(c.timers) do stop_timer(t) end
   c.timers = {}
   if c.inst.close then pcall(c.inst.close, c.inst) end
 end

@@ -33,10 +33,11 @@
 local core = require "sglr.core"
 local cjson = require "cjson.safe"
 local argparse = require "argparse"
+local simmodel = require "sglr.simmodel"
 
 local M = {}
 
-local BYTES_PER_TOKEN = 4
+local BYTES_PER_TOKEN = simmodel.BYTES_PER_TOKEN
 local floor, max, min, ceil = math.floor, math.max, math.min, math.ceil
 local concat = table.concat
 local byte, sub, find, fmt = string.byte, string.sub, string.find, string.format
@@ -53,10 +54,7 @@ local function parser()
   p:option("--port", "Port to listen on (0 picks a free one; printed on stdout).", "30001"):convert(tonumber)
   p:option("--id", "Name reported in responses (x-sim-worker header, meta_info.worker_id).")
   p:option("--model", "Model name reported by the worker.", "sim-model")
-  p:option("--kv-tokens", "KV cache capacity in tokens.", "1000000"):convert(tonumber)
-  p:option("--prefill-us-per-token", "Prefill time per uncached prompt token (microseconds).", "0"):convert(tonumber)
-  p:option("--decode-ms-per-token", "Decode time per output token (milliseconds).", "0"):convert(tonumber)
-  p:option("--max-new-tokens", "Output tokens when the request does not say.", "16"):convert(tonumber)
+  simmodel.add_flags(p)
   p:option("--latency-ms", "Fixed extra latency before every inference response.", "0"):convert(tonumber)
   p:option("--fail-first", "Answer the first N inference requests with --fail-status.", "0"):convert(tonumber)
   p:option("--fail-rate", "Answer this fraction of inference requests with --fail-status.", "0"):convert(tonumber)
@@ -65,8 +63,6 @@ local function parser()
   p:option("--crash-after-tokens", "Drop the connection after N streamed tokens (0 = never).", "0"):convert(tonumber)
   p:flag("--hang", "Never answer inference requests (for timeout tests).")
   p:flag("--unhealthy", "Answer /health with 503.")
-  p:option("--dp-size", "Data-parallel ranks, each with its own KV cache; reported in /get_server_info.",
-    "1"):convert(tonumber)
   p:option("--load-offset", "Added to the load reported on /get_load.", "0"):convert(tonumber)
   p:option("--seed", "Random seed for --fail-rate.", "1"):convert(tonumber)
   p:option("--role", "PD role: regular (no PD), prefill or decode.", "regular")
@@ -117,54 +113,7 @@ local function rand_id()
   return core.random_id("")
 end
 
--- Text of a request, as the worker would tokenize it.
--- A prompt list as text: strings as they are, id lists as decimal ids.
-local function join_prompts(list)
-  local out = {}
-  for i, e in ipairs(list) do
-    if type(e) == "table" then
-      local ids = {}
-      for j, id in ipairs(e) do ids[j] = tostring(id) end
-      out[i] = concat(ids, " ")
-    else
-      out[i] = tostring(e)
-    end
-  end
-  return concat(out, " ")
-end
-
-local function prompt_text(route, req)
-  if route == "generate" then
-    local t = req.text or req.prompt
-    if type(t) == "table" then return join_prompts(t) end
-    if type(t) == "string" then return t end
-    if type(req.input_ids) == "table" then
-      local ids = req.input_ids
-      if type(ids[1]) == "table" then ids = ids[1] end
-      local out = {}
-      for i = 1, #ids do out[i] = tostring(ids[i]) end
-      return concat(out, " ")
-    end
-    return ""
-  elseif route == "chat" then
-    local parts = {}
-    for _, m in ipairs(req.messages or {}) do
-      local c = m.content
-      if type(c) == "string" then
-        parts[#parts + 1] = c
-      elseif type(c) == "table" then
-        for _, part in ipairs(c) do
-          if type(part) == "table" and part.type == "text" then parts[#parts + 1] = part.text end
-        end
-      end
-    end
-    return concat(parts, " ")
-  else
-    local p = req.prompt
-    if type(p) == "table" then return join_prompts(p) end
-    return type(p) == "string" and p or ""
-  end
-end
+local prompt_text = simmodel.prompt_text
 
 -- PD request fields ----------------------------------------------------------
 
@@ -354,15 +303,12 @@ function M.new(opts)
     pools = {},          -- decode: "host:port" -> pool of a prefill's bootstrap port
     npools = 0,
     dp_size = max(1, floor(opts.dp_size or 1)),
-    ranks = {},          -- [r + 1] = { requests, prompt_tokens, cached_tokens, inflight, cache }
+    ranks = {},          -- [r + 1] = the model's rank: cache, batch, counters
     next_rank = 0,       -- the rank a request without data_parallel_rank goes to
     auth = {},           -- path -> Authorization of its last request ("" for none)
   }
-  local ok, radix = pcall(require, "sglr.radix")
-  for r = 1, self.dp_size do
-    self.ranks[r] = { requests = 0, prompt_tokens = 0, cached_tokens = 0, inflight = 0,
-      cache = ok and radix.new() or nil }
-  end
+  self.model = simmodel.new(opts)
+  for r = 1, self.dp_size do self.ranks[r] = self.model:rank() end
   return setmetatable(self, { __index = M })
 end
 
@@ -517,21 +463,6 @@ function M:await_transfer(items)
   return true
 end
 
--- Look the prompt up in the rank's KV cache, then insert it (as a worker
--- does after prefill) and evict down to the budget. Returns prompt and
--- cached tokens.
-function M:touch_cache(text, rank)
-  local ptoks = ceil(#text / BYTES_PER_TOKEN)
-  local cache = rank.cache
-  if not cache or #text == 0 then return ptoks, 0 end
-  local matched = cache:match(text)
-  cache:insert(text, "self")
-  local budget = self.opts.kv_tokens * BYTES_PER_TOKEN
-  if cache:size("self") > budget then cache:evict(budget) end
-  local cached = floor(matched / BYTES_PER_TOKEN)
-  return ptoks, min(cached, ptoks)
-end
-
 -- The rank that serves a request: its data_parallel_rank, else the next in
 -- turn. -> rank number, rank table | nil, reason
 function M:pick_rank(req)
@@ -546,11 +477,7 @@ function M:pick_rank(req)
   return r, self.ranks[r + 1]
 end
 
-local function output_text(n)
-  local words = {}
-  for i = 1, n do words[i] = "tok" .. (i % 10) end
-  return concat(words, " ")
-end
+local output_text = simmodel.output_text
 
 function M:inject_failure()
   if self.failures_left > 0 then
@@ -616,12 +543,30 @@ function M:serve(x, route, req, body, rank_no, rank)
     end
     if x:closed() then return end
   end
+  -- continuous batching: wait for a slot in the rank's batch
+  local model = self.model
+  local ev = model:full(rank) and core.event() or nil
+  if not model:admit(rank, ev) then
+    ev:wait()
+    if x:closed() then
+      local nxt = model:release(rank)
+      if nxt then nxt:set(true) end
+      return
+    end
+  end
+  local ok, e = pcall(self.respond, self, x, route, req, rank_no, rank)
+  local nxt = model:release(rank)
+  if nxt then nxt:set(true) end
+  if not ok then error(e, 0) end
+end
+
+-- Serve an admitted request: the KV cache, then prefill and decode time.
+function M:respond(x, route, req, rank_no, rank)
+  local model = self.model
   local text = prompt_text(route, req)
-  local ptoks, cached = self:touch_cache(text, rank)
+  local ptoks, cached = model:touch_cache(text, rank)
   self.stats.prompt_tokens = self.stats.prompt_tokens + ptoks
   self.stats.cached_tokens = self.stats.cached_tokens + cached
-  rank.prompt_tokens = rank.prompt_tokens + ptoks
-  rank.cached_tokens = rank.cached_tokens + cached
   -- meta_info.input_token_logprobs (JSON text) in PD roles when asked for:
   -- the prefill's, and an empty list from the decode, which a router
   -- appends to the prefill's
@@ -630,11 +575,9 @@ function M:serve(x, route, req, body, rank_no, rank)
     itl = self.role == "prefill" and input_logprobs_json(text, ptoks) or "[]"
   end
   local sp = req.sampling_params or {}
-  local ntok = tonumber(sp.max_new_tokens or req.max_tokens or req.max_completion_tokens)
-    or self.opts.max_new_tokens
-  ntok = max(0, floor(ntok))
-  local prefill_ms = (ptoks - cached) * self.opts.prefill_us_per_token / 1000
-  local decode_ms = self.opts.decode_ms_per_token
+  local ntok = model:output_tokens(sp.max_new_tokens or req.max_tokens or req.max_completion_tokens)
+  local prefill_ms = model:prefill_ms(ptoks, cached)
+  local decode_ms = model:step_ms(rank.running)
   local started = core.now()
   local hdrs = { ["x-sim-worker"] = self.id, ["x-sim-request-id"] = x:header("x-request-id"),
     ["x-sim-dp-rank"] = tostring(rank_no) }
@@ -792,9 +735,7 @@ function M:handle(x)
     return json_response(x, 200, self:load_json())
   elseif path == "/flush_cache" then
     if method ~= "POST" and method ~= "GET" then return err(x, 405, "use POST") end
-    for _, rk in ipairs(self.ranks) do
-      if rk.cache then rk.cache:close(); rk.cache = require("sglr.radix").new() end
-    end
+    for _, rk in ipairs(self.ranks) do self.model:flush(rk) end
     return x:respond(200, { ["content-type"] = "text/plain" }, "Cache flushed.\n")
   elseif path == "/sim/stats" then
     return json_response(x, 200, { id = self.id, served = self.served, inflight = self.inflight,

@@ -67,6 +67,12 @@ M.discovery_relists = c("discovery_relists_total", "Full pod lists, by reason (s
 M.discovery_errors = c("discovery_errors_total", "Failed pod lists and watches.", { "op" })
 M.discovery_sync_age = g("discovery_last_sync_age_seconds",
   "Seconds since the pod view was last confirmed by a list or a watch event (bookmarks included).")
+M.policy_reloads = c("policy_reloads_total", "Policy reloads by pool and result (ok, refused, rollback).",
+  { "pool", "result" })
+M.policy_info = g("policy_info", "The live policy of each pool: 1 for its name, version and source hash.",
+  { "pool", "name", "version", "hash" })
+M.policy_errors = c("policy_select_errors_total", "Requests whose policy select raised an error, by pool.",
+  { "pool" })
 M.loop_lag = h("event_loop_lag_seconds", "How late a 100 ms timer fired: time the event loop spent busy without polling.")
 
 -- Handles of the per-route and per-worker series, looked up once: the

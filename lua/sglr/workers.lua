@@ -105,7 +105,7 @@ end
 
 -- add(url, { source = "static"|"admin"|"discovery" (default "static"),
 --            pod = { namespace =, name =, uid = }, role =, healthy =,
---            bootstrap_port =, dp_rank =, dp_size =, pool = }) -> worker | nil, err.
+--            bootstrap_port =, dp_rank =, dp_size =, pool =, labels = }) -> worker | nil, err.
 -- With dp_rank the entry is "url@rank" (pool: the connections shared with
 -- the worker's other ranks).
 function M:add(url, opts)
@@ -142,8 +142,14 @@ function M:add(url, opts)
     source = source, pod = pod,
     healthy = opts.healthy ~= false,
     health_failures = 0, health_successes = 0,
+    -- what policies read besides the above (README "What select sees"):
+    -- the breaker's state, the pod's labels, the load the worker last
+    -- reported in /get_load (false until then) and a moving average of
+    -- its request latency in ms (false until a request settled)
+    circuit = "closed", labels = opts.labels or {}, reported_load = false, latency_ms = false,
   }
   w.breaker = breaker.new(self.conf, function(from, to)
+    w.circuit = to
     if self.hooks.breaker_change then self.hooks.breaker_change(w, from, to) end
   end)
   self.list[#self.list + 1] = w

@@ -116,6 +116,20 @@ describe("power_of_two policy", function()
     for _ = 1, 20 do assert.equal("http://w1", p:select({}, ws).url) end
   end)
 
+  it("keeps the polled loads across a reload (migrate)", function()
+    local rt = runtime(nil, {
+      ["http://w1"] = { 200, '{"load": 1}' },
+      ["http://w2"] = { 200, '{"load": 50}' },
+    })
+    local old = new(rt, { load_check_interval = 3 })
+    local ws = workers({ 100, 0 })                        -- local counts say w2
+    old:select({}, ws)
+    rt.timers[1].fn(0)
+    local p = new(runtime(), { load_check_interval = 3 })
+    p:migrate(old)
+    for _ = 1, 20 do assert.equal("http://w1", p:select({}, ws).url) end
+  end)
+
   it("falls back to the local count when a poll fails", function()
     local bodies = { ["http://w1"] = { 200, '{"load": 1}' }, ["http://w2"] = { 200, '{"load": 50}' } }
     local rt = runtime(nil, bodies)

@@ -54,11 +54,13 @@ describe("sglr.cli", function()
       cors_allowed_origins = {}, dp_aware = false,
       shutdown_grace_secs = 30, connect_timeout_ms = 5000,
       client_header_timeout_secs = 30, client_body_timeout_secs = 60, keepalive_timeout_secs = 75,
-      client_write_timeout_secs = 60,
+      client_write_timeout_secs = 60, trace_out_max_mb = 100,
+      policy_opt = {}, prefill_policy_opt = {}, decode_policy_opt = {},
+      policy_rollback_error_rate = 0.5, policy_rollback_window_secs = 10, policy_rollback_min_requests = 20,
       shadow_policy = {}, shadow_budget_us = 1000, explain = false, decision_log_size = 1000,
     }
     local unset = { "service_discovery_namespace", "kubeconfig", "log_dir", "api_key", "lua_path",
-      "max_connections", "admin_api_key", "inference_api_key" }
+      "max_connections", "admin_api_key", "inference_api_key", "trace_out" }
 
     it("gives every flag its default with no arguments", function()
       local conf = ok()
@@ -148,6 +150,8 @@ describe("sglr.cli", function()
       { { "--log-level", "WARNING" }, "log_level", "warn" },
       { { "--log-level", "critical" }, "log_level", "error" },
       { { "--log-json" }, "log_json", true },
+      { { "--trace-out", "traffic.jsonl" }, "trace_out", "traffic.jsonl" },
+      { { "--trace-out-max-mb", "5" }, "trace_out_max_mb", 5 },
       { { "--request-id-headers", "X-Req", "x-trace" }, "request_id_headers", { "x-req", "x-trace" } },
       { { "--request-id-headers" }, "request_id_headers", {} },
       { { "--cors-allowed-origins", "https://a.com", "https://b.com" }, "cors_allowed_origins",

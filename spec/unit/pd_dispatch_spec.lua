@@ -61,11 +61,15 @@ local function fake_x(script)
     function pdx.prefill_header() return "application/json" end
     function pdx.read() return script.decode_body or "" end
     function pdx.header() return "application/json" end
-    function pdx.pipe() x.piped = true; return script.pipe_ok ~= false or nil, script.pipe_err end
+    function pdx.pipe()
+      x.piped = true
+      return script.pipe_ok ~= false or nil, script.pipe_err, script.pipe_err and "decode" or nil,
+        script.prefill_result or "ok", script.decode_result or "ok"
+    end
     function pdx.outcome() return script.prefill_result or "ok", script.decode_result or "ok" end
     function pdx.close() closed = true end
     x.pdx_closed = function() return closed end
-    return pdx
+    return pdx, script.prefill_status or 200, script.decode_status or 200
   end
   function x.respond(_, status, _, body) x.responded = { status = status, body = body } end
   function x.state() return x.responded and "done" or "handling" end

@@ -156,11 +156,11 @@ describe("sglr.policy", function()
       assert.is_nil(inst.conf.balance_abs_threshold)
     end)
 
-    it("accepts conf.policy_options from the CLI", function()
+    it("accepts conf.policy_options from the CLI: the flags given, the policy's defaults else", function()
       local conf = assert(require("sglr.cli").parse_run({ "--cache-threshold", "0.9" }))
       local inst = assert(policy.instantiate(P, conf.policy_options))
       assert.equal(0.9, inst.conf.cache_threshold)
-      assert.equal(16777216, inst.conf.max_tree_size)
+      assert.equal(100, inst.conf.max_tree_size)
     end)
 
     it("coerces numbers and booleans written as text", function()
