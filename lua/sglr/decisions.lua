@@ -7,28 +7,15 @@
 --   the explanation    one JSON object in the x-sglr-decision response
 --                      header of a request that asked for it
 --
--- The ring is written on every attempt, so writing costs no allocation
--- and no encoding: it is one flat array made at startup, STRIDE entries
--- per decision, written with integer-indexed stores. Encoding happens on
--- read. The entries of decision pos, at b = (pos - 1) * STRIDE:
---
---   b+1 t (monotonic ms)   b+2 request id   b+3 route   b+4 attempt
---   b+5 policy (the instance: name and version are read on read)
---   b+6 worker URL   b+7 reason   b+8 matched   b+9 total
---   b+10..14 the decode leg of a PD attempt: policy, worker URL (false:
---            none), reason, matched, total
---   b+15 the shadow candidates' choices (false: none): a table per
---        slot, made the first time candidates are offered its decision,
---        { nsh = n, sh = { name1, url1, ... } } (url false: that candidate
---        chose none)
---
--- What recording costs grows with the ring's size, not with the stores:
--- measured by callgrind, 1000 decisions add about 1,300 instructions a
--- request and 10 decisions about 200. Neither keeping the numbers in a C
--- array (3 Lua values a decision instead of 15) nor dropping the request
--- id changed it by more than 400, so the cause is not pinned down yet
--- (the collector's work on a large, often written table is the suspect).
--- Per-slot tables are made only when shadows need them.
+-- The ring is written on every attempt, so writing costs no allocation,
+-- no encoding and no work for the collector: the decisions live in one
+-- FFI array made at startup (the collector never walks into it), strings
+-- as small ids into an intern table (URLs, reasons, policy names: a few
+-- of each), the request id copied into the slot. A Lua table of 15 values
+-- per decision cost about 1,300 instructions a request at 1000 decisions
+-- (the collector walked it every cycle); this costs about the same at any
+-- size. Encoding happens on read. Shadow choices, when candidates are
+-- configured, go in a table per slot, made the first time one is needed.
 --
 -- A policy reports its reason through select's extra return values
 -- (worker, reason, matched, total); one that returns only a worker is
@@ -37,6 +24,7 @@
 
 local type, floor = type, math.floor
 local cjson = require "cjson.safe"
+local ffi = require "ffi"
 
 local M = {}
 M.__index = M
@@ -45,13 +33,55 @@ M.UNSPECIFIED = "unspecified"
 -- Largest --decision-log-size and n of GET /admin/decisions.
 M.MAX_SIZE = 100000
 
-local STRIDE = 15
+local ID_MAX = 63               -- request id bytes kept (longer ones are cut)
+
+ffi.cdef [[
+typedef struct {
+  double t, matched, total, dmatched, dtotal;
+  int32_t attempt;
+  uint16_t route, pname, pversion, worker, reason, dpname, dpversion, dworker, dreason;
+  uint8_t has_shadow, idlen;
+  char id[63];
+} sglr_decision_t;
+]]
+local slots_t = ffi.typeof("sglr_decision_t[?]")
+local copy = ffi.copy
+local string_of = ffi.string
+local NAN = 0 / 0
+
+-- Strings by small id (0: none). Bounded: past MAX_STRINGS distinct ones
+-- (a custom policy could make a reason per request) every new one reads
+-- back as "(other)".
+local MAX_STRINGS = 4096
+local OTHER = 1
+
+local function intern(self, s)
+  if not s then return 0 end
+  local id = self.ids[s]
+  if id then return id end
+  local n = self.nstr
+  if n >= MAX_STRINGS then return OTHER end
+  n = n + 1
+  self.nstr, self.ids[s], self.strs[n] = n, n, s
+  return n
+end
+
+local function str(self, id)
+  if id == 0 then return false end
+  return self.strs[id]
+end
+
+local function num(v)
+  if v ~= v then return false end      -- NaN: not given
+  return v
+end
 
 -- A ring of `size` decisions (size 0: none kept).
 function M.new(size)
-  local a = {}
-  for i = 1, size * STRIDE do a[i] = false end
-  return setmetatable({ size = size, n = 0, pos = 0, a = a, shs = {} }, M)
+  local self = setmetatable({ size = size, n = 0, pos = 0, shs = {},
+    ids = { ["(other)"] = OTHER }, strs = { "(other)" }, nstr = OTHER }, M)
+  self.a = size > 0 and slots_t(size) or false
+  return self
 end
 
 -- Record the first leg of a decision in the next slot (the oldest once the
@@ -61,18 +91,26 @@ function M:record(now, req, policy, w, reason, matched, total)
   if pos > size then pos = 1 end
   self.pos = pos
   if self.n < size then self.n = self.n + 1 end
-  local a, b = self.a, (pos - 1) * 15
-  a[b + 1], a[b + 2], a[b + 3], a[b + 4], a[b + 5] = now, req.id, req.route, req.retries + 1, policy
-  a[b + 6], a[b + 7], a[b + 8], a[b + 9] = w.url, reason or false, matched or false, total or false
-  a[b + 11], a[b + 15] = false, false
+  local d = self.a[pos - 1]
+  d.t, d.attempt = now, req.retries + 1
+  d.route, d.pname, d.pversion = intern(self, req.route), intern(self, policy.name), intern(self, policy.version)
+  d.worker, d.reason = intern(self, w.url), intern(self, reason)
+  d.matched, d.total = matched or NAN, total or NAN
+  d.dworker, d.has_shadow = 0, 0
+  local id = req.id
+  local len = #id
+  if len > ID_MAX then len = ID_MAX end
+  copy(d.id, id, len)
+  d.idlen = len
   return pos
 end
 
 -- Record the decode leg of the PD decision at pos.
 function M:record_decode(pos, policy, w, reason, matched, total)
-  local a, b = self.a, (pos - 1) * 15
-  a[b + 10], a[b + 11], a[b + 12], a[b + 13], a[b + 14] = policy, w.url, reason or false, matched or false,
-    total or false
+  local d = self.a[pos - 1]
+  d.dpname, d.dpversion = intern(self, policy.name), intern(self, policy.version)
+  d.dworker, d.dreason = intern(self, w.url), intern(self, reason)
+  d.dmatched, d.dtotal = matched or NAN, total or NAN
 end
 
 -- The table the shadow candidates' choices of the decision at pos go in.
@@ -83,7 +121,7 @@ function M:shadow_of(pos)
     self.shs[pos] = s
   end
   s.nsh = 0
-  self.a[(pos - 1) * 15 + 15] = s
+  self.a[pos - 1].has_shadow = 1
   return s
 end
 
@@ -120,19 +158,19 @@ end
 -- The decision at pos as a plain table (for JSON); wall: ms since the
 -- epoch at mono_now.
 function M:view(pos, wall_now, mono_now)
-  local a, b = self.a, (pos - 1) * STRIDE
-  local p, attempt = a[b + 5], a[b + 4]
-  local v = leg_view(p.name or false, p.version or false, a[b + 6], a[b + 7], a[b + 8], a[b + 9], attempt)
+  local d = self.a[pos - 1]
+  local attempt = d.attempt
+  local v = leg_view(str(self, d.pname), str(self, d.pversion), str(self, d.worker), str(self, d.reason) or nil,
+    num(d.matched), num(d.total), attempt)
   local head = v
-  if a[b + 11] then
-    local dp = a[b + 10]
+  if d.dworker ~= 0 then
     head = { mode = "pd", prefill = v,
-      decode = leg_view(dp.name or false, dp.version or false, a[b + 11], a[b + 12], a[b + 13], a[b + 14], attempt) }
+      decode = leg_view(str(self, d.dpname), str(self, d.dpversion), str(self, d.dworker),
+        str(self, d.dreason) or nil, num(d.dmatched), num(d.dtotal), attempt) }
   end
-  head.time_ms = floor(wall_now - (mono_now - a[b + 1]))
-  head.request_id, head.route, head.attempt = nz(a[b + 2]), nz(a[b + 3]), attempt
-  local sh = a[b + 15]
-  if sh then head.shadow = shadow_view(sh, a[b + 6]) end
+  head.time_ms = floor(wall_now - (mono_now - d.t))
+  head.request_id, head.route, head.attempt = string_of(d.id, d.idlen), nz(str(self, d.route)), attempt
+  if d.has_shadow ~= 0 and self.shs[pos] then head.shadow = shadow_view(self.shs[pos], str(self, d.worker)) end
   return head
 end
 

@@ -187,6 +187,22 @@ describe("the decision ring", function()
     assert.equal(2, #ring:last(2, 0, 0))
   end)
 
+  it("keeps a request id up to 63 bytes and bounds the strings it remembers", function()
+    local ring = decisions.new(2)
+    local long = ("x"):rep(100)
+    ring:record(1, { id = long, route = "chat", retries = 0 }, { name = "p" }, { url = "http://w" }, "r")
+    assert.equal(long:sub(1, 63), ring:last(1, 0, 0)[1].request_id)
+    -- a policy that makes a reason per request cannot grow the router
+    for i = 1, 5000 do
+      ring:record(i, { id = "r" .. i, route = "chat", retries = 0 }, { name = "p" }, { url = "http://w" },
+        "reason-" .. i)
+    end
+    assert.is_true(ring.nstr <= 4096)
+    assert.equal("(other)", ring:last(1, 0, 0)[1].reason)
+    assert.equal("r5000", ring:last(1, 0, 0)[1].request_id)
+    assert.equal("http://w", ring:last(1, 0, 0)[1].worker)
+  end)
+
   it("clears a reused slot's decode leg and shadow choices", function()
     local ring = decisions.new(1)
     local pos = record(ring, 1)
