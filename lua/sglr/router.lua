@@ -346,7 +346,9 @@ function M:policy_view()
     v.events = setmetatable(v.events, cjson.array_mt)
     pools[pool] = v
   end
-  return { pools = pools }
+  -- the shadow candidates beside the live policies (POST/DELETE
+  -- /admin/policy/shadow change them)
+  return { pools = pools, shadows = setmetatable(self:shadow_status(), cjson.array_mt) }
 end
 
 function M:admin_policy_get(x)

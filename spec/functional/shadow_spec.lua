@@ -152,6 +152,12 @@ describe("shadow candidates added and removed at run time", function()
     local agree = H.metric(m, 'sgl_router_shadow_decisions_total{candidate="ca_strict",agree="true"}')
     local disagree = H.metric(m, 'sgl_router_shadow_decisions_total{candidate="ca_strict",agree="false"}')
     assert.equal(4, agree + disagree)
+    -- GET /admin/policy shows the candidates beside the live policy
+    local pol = assert(H.get(r.url, "/admin/policy", ADMIN))
+    assert.equal(200, pol.status)
+    local names = {}
+    for _, cand in ipairs(pol.json.shadows) do names[#names + 1] = cand.name end
+    assert.same({ "ca_strict" }, names)
 
     res = assert(H.request(r.url, "DELETE", "/admin/policy/shadow?name=ca_strict", nil, ADMIN))
     assert.equal(200, res.status, res.body)
