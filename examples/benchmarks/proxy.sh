@@ -173,7 +173,7 @@ http {
   scgi_temp_path $TMP/nginx/scgi;
   upstream worker {
     server 127.0.0.1:$WORKER_PORT;
-    keepalive 64;
+    keepalive 1024;
   }
   server {
     listen 127.0.0.1:$NGINX_PORT;
