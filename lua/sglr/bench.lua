@@ -157,13 +157,8 @@ function M.parse_trace(text, output_tokens)
       if type(obj) ~= "table" then
         return nil, fmt("trace line %d: invalid JSON: %s", n, tostring(err or "not an object"))
       end
-      local spec = { output_tokens = tonumber(obj.output_tokens) or output_tokens }
-      local t = obj.text or obj.prompt
-      if type(t) == "string" then
-        spec.text = t
-      elseif type(obj.messages) == "table" and #obj.messages > 0 then
-        spec.messages = obj.messages
-      else
+      local spec = require("sglr.trace").bench_spec(obj, output_tokens)
+      if not spec then
         return nil, fmt("trace line %d: needs \"text\" (a string) or \"messages\" (a list)", n)
       end
       reqs[#reqs + 1] = { spec }

@@ -26,6 +26,21 @@ local floor, min = math.floor, math.min
 
 local M = {}
 
+-- A bench trace line's request (text or prompt, else messages) | nil; shared
+-- with sglr bench's own trace reader.
+function M.bench_spec(obj, output_tokens)
+  local spec = { output_tokens = tonumber(obj.output_tokens) or output_tokens }
+  local t = obj.text or obj.prompt
+  if type(t) == "string" then
+    spec.text = t
+  elseif type(obj.messages) == "table" and #obj.messages > 0 then
+    spec.messages = obj.messages
+  else
+    return nil
+  end
+  return spec
+end
+
 M.BLOCK_CHARS = 256          -- capture: characters of routing text per block
 M.MOONCAKE_BLOCK_TOKENS = 512
 local BYTES_PER_TOKEN = 4
@@ -260,13 +275,8 @@ local function spec_of(obj, n, cache, o)
       captured_worker = type(obj.worker) == "string" and obj.worker or nil,
       _gen = { cache, ids, bc, floor(chars), n } }, lazy_mt)
   end
-  local spec = { output_tokens = tonumber(obj.output_tokens) or o.output_tokens }
-  local t = obj.text or obj.prompt
-  if type(t) == "string" then
-    spec.text = t
-  elseif type(obj.messages) == "table" and #obj.messages > 0 then
-    spec.messages = obj.messages
-  else
+  local spec = M.bench_spec(obj, o.output_tokens)
+  if not spec then
     return nil, "not a Mooncake, capture or bench trace line (needs hash_ids, blocks, text or messages)"
   end
   return spec
