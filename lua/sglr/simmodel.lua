@@ -98,9 +98,11 @@ M.FLAGS = {
   { "--dp-size", "Data-parallel ranks, each with its own KV cache and batch.", "1" },
 }
 
-function M.add_flags(p)
+-- defaults: flag -> default text, for a command whose defaults differ
+-- (sglr sim models a GPU; sglr sim-worker answers at once for tests).
+function M.add_flags(p, defaults)
   for _, f in ipairs(M.FLAGS) do
-    p:option(f[1], f[2], f[3]):convert(tonumber)
+    p:option(f[1], f[2], defaults and defaults[f[1]] or f[3]):convert(tonumber)
   end
 end
 

@@ -536,6 +536,13 @@ end
 
 -- --- options and output ---------------------------------------------------------------
 
+-- The worker model's defaults here (see parser); sglr sim-worker's are
+-- zero times, for tests.
+local SIM_MODEL_DEFAULTS = {
+  ["--prefill-us-per-token"] = "50", ["--decode-ms-per-token"] = "10",
+  ["--decode-batch-ms"] = "0.05", ["--max-running-requests"] = "64",
+}
+
 local function parser()
   local argparse = require "argparse"
   local p = argparse("sglr sim", "Run a workload through routing policies against simulated "
@@ -569,7 +576,9 @@ Examples:
   p:option("--prefill", "PD: number of prefill workers (with --decode; replaces --workers)."):convert(tonumber)
   p:option("--decode", "PD: number of decode workers."):convert(tonumber)
   bench.add_workload_flags(p)
-  simmodel.add_flags(p)
+  -- a GPU-like server by default (sglr sim-worker's defaults answer at
+  -- once): 20k prefill tokens/s, 10 ms a decode step, 64 running at once
+  simmodel.add_flags(p, SIM_MODEL_DEFAULTS)
   p:option("--plot", "Draw TTFT over time and per-worker load per policy into FILE.svg.")
   p:flag("--json", "Print one JSON object: {\"policies\": {NAME: summary}}.")
   p:flag("--quiet", "No warnings from the policies on stderr.")

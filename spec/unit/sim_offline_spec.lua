@@ -76,12 +76,16 @@ describe("sglr sim on a virtual clock", function()
   it("queues past --max-running-requests, so load shows in TTFT", function()
     local base = { "--policy", "round_robin", "--workers", "1", "--groups", "1", "--prompts-per-group",
       "32", "--system-tokens", "0", "--question-tokens", "10", "--output-tokens", "10",
-      "--decode-ms-per-token", "1", "--concurrency", "8" }
-    local free = sim(base).round_robin
-    local t = {}
-    for i, a in ipairs(base) do t[i] = a end
-    t[#t + 1] = "--max-running-requests"; t[#t + 1] = "2"
-    local capped = sim(t).round_robin
+      "--decode-ms-per-token", "1", "--concurrency", "8", "--prefill-us-per-token", "0",
+      "--decode-batch-ms", "0" }
+    local function limit(n)
+      local t = {}
+      for i, a in ipairs(base) do t[i] = a end
+      t[#t + 1] = "--max-running-requests"; t[#t + 1] = tostring(n)
+      return t
+    end
+    local free = sim(limit(0)).round_robin
+    local capped = sim(limit(2)).round_robin
     assert.near(10, free.ttft_ms.mean, 0.01)
     assert.is_true(capped.ttft_ms.mean > 3 * free.ttft_ms.mean)
   end)
