@@ -22,6 +22,7 @@ local log = require "sglr.log"
 local stats = require "sglr.stats"
 local retry = require "sglr.retry"
 local decisions = require "sglr.decisions"
+local call_select = require("sglr.policy").call_select
 
 local ok_extract, extract = pcall(require, "sglr.extract")
 
@@ -351,7 +352,7 @@ function M:select_failed(req, field, pool, policy, err, avail)
   local inst = slot and slot:select_failed(policy, err)
   if inst and inst ~= policy then
     req[field] = inst
-    local ok, w, why = pcall(inst.select, inst, req, avail)
+    local ok, w, why = call_select(inst, req, avail)
     if ok then return w, why end
     err = w
   end
@@ -510,7 +511,7 @@ function regular.pick(flow, req, now)
     return nil
   end
   local policy = req.policy
-  local ok, w, why, matched, total = pcall(policy.select, policy, req, avail)
+  local ok, w, why, matched, total = call_select(policy, req, avail)
   if not ok then
     w, why = flow:select_failed(req, "policy", "regular", policy, w, avail)
     policy, matched, total = req.policy, nil, nil
@@ -613,7 +614,7 @@ local function pick_role(flow, req, now, role, field)
       or ("no available " .. role .. " workers (all circuits open)")
   end
   local policy = req[field]
-  local ok, w, why, matched, total = pcall(policy.select, policy, req, avail)
+  local ok, w, why, matched, total = call_select(policy, req, avail)
   if not ok then
     w, why = flow:select_failed(req, field, role, policy, w, avail)
     policy, matched, total = req[field], nil, nil

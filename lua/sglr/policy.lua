@@ -24,7 +24,8 @@
 -- A policy may set req.decision and req.match_ratio (M.REQ_WRITABLE) and
 -- nothing else. The read-only rule is checked by the probe that every load
 -- runs (select on read-only proxies), not per request: a proxy on the hot
--- path would cost every request a metatable. select must not yield.
+-- path would cost every request a metatable. select must not yield: rt.sleep
+-- and rt.http raise inside it (call_select).
 --
 -- Optional lifecycle hooks: migrate(self, old) takes a replaced instance's
 -- state on reload; close(self) runs when the instance is replaced (after
@@ -349,6 +350,19 @@ function M.hash(src)
   return bit.tohex(h)
 end
 
+-- True while a select runs (the flow, the shadow candidates, the probe
+-- set it around their calls): rt.sleep and rt.http raise then.
+M.selecting = false
+
+-- Call policy:select(req, workers) as the router does: protected, and with
+-- the calls that would wait refused. -> pcall's results
+function M.call_select(policy, req, workers)
+  M.selecting = true
+  local ok, w, why, matched, total = pcall(policy.select, policy, req, workers)
+  M.selecting = false
+  return ok, w, why, matched, total
+end
+
 -- A runtime scoped to one instance: rt.every and rt.http of the base
 -- runtime, tracked, so that scope:close() stops every timer the instance
 -- started and cancels its requests in flight. Everything else is the base's.
@@ -359,6 +373,14 @@ function M.scope(base)
   local scope = { closed = false, timers = {}, reqs = {} }
   local rt = {}
   for k, v in pairs(base) do rt[k] = v end
+
+  -- select must not yield: the two calls that wait raise inside it
+  if base.sleep then
+    rt.sleep = function(ms)
+      if M.selecting then error("rt.sleep inside select: select must not yield", 2) end
+      return base.sleep(ms)
+    end
+  end
 
   -- rt.every(ms, fn) -> handle; handle:stop() ends it early
   rt.every = function(ms, fn)
@@ -378,6 +400,7 @@ function M.scope(base)
   end
   if base.http then
     rt.http = function(opts)
+      if M.selecting then error("rt.http inside select: select must not yield", 2) end
       if scope.closed then return nil, "cancelled" end
       if not base.http_start then return base.http(opts) end
       local req, err = base.http_start(opts)
@@ -472,7 +495,7 @@ function M.probe(inst, role)
   local workers = M.synthetic_workers(role)
   local plain = {}
   for i = 1, #workers do plain[i] = workers[i] end
-  local ok, w, why = pcall(inst.select, inst, synthetic_req(), plain)
+  local ok, w, why = M.call_select(inst, synthetic_req(), plain)
   local name = tostring(inst.name or "?")
   if not ok then return nil, fmt("policy '%s': select raised an error: %s", name, tostring(w)) end
   if w == nil then

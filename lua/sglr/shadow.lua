@@ -215,7 +215,7 @@ function M:offer(req, avail, live, out)
   for i = 1, #list do
     local c = list[i]
     local t0 = now_ms()
-    local ok, w, _, matched, total = pcall(c.select, c.inst, req, avail)
+    local ok, w, _, matched, total = policy_mod.call_select(c.inst, req, avail)
     local dt = now_ms() - t0
     if not ok then
       c.errors = c.errors + 1

@@ -215,6 +215,29 @@ describe("policy.probe", function()
     assert.is_true(probe(HEAD .. "function P:select(req, ws) req.decision = 'hit' return ws[1] end return P"))
   end)
 
+  it("refuses a select that would wait (rt.sleep, rt.http): select must not yield", function()
+    local function scoped_probe(src)
+      local P = assert(policy.from_source(src, "probe test"))
+      local base = fake_base()
+      base.sleep = function() error("the base sleep must not be reached") end
+      local inst = assert(policy.instantiate(P, {}, (policy.scope(base))))
+      return policy.probe(inst)
+    end
+    local HEAD_RT = "local P = { name = 'p', options = {} }\n"
+      .. "function P.new(_, rt) return setmetatable({ rt = rt }, { __index = P }) end\n"
+    local _, err = scoped_probe(HEAD_RT .. "function P:select(req, ws) self.rt.sleep(1) return ws[1] end return P")
+    has(err, "select must not yield")
+    _, err = scoped_probe(HEAD_RT .. "function P:select(req, ws) self.rt.http({ url = 'http://x/' }) return ws[1] end "
+      .. "return P")
+    has(err, "select must not yield")
+    -- outside select (timers, new) they still work
+    assert.is_false(policy.selecting)
+    local base = fake_base()
+    base.http_start = nil           -- its requests wait in a coroutine
+    local rt = policy.scope(base)
+    assert.equal(200, (rt.http({ url = "http://x/" })))
+  end)
+
   it("gives the probe metrics that count nothing", function()
     local m = policy.NOP_METRICS
     local c = m.counter("x_total", "help", { "a" })
