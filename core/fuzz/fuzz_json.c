@@ -6,35 +6,11 @@
  */
 #include "extract.h"
 #include "splice.h"
+#include "../test/json_squeeze.h"
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* JSON text without the whitespace outside strings, for comparing two
- * spellings of one document; returns the new length (in place). */
-static size_t json_squeeze(char *p, size_t n)
-{
-    size_t o = 0;
-    int in_str = 0, esc = 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = p[i];
-        if (in_str) {
-            if (esc)
-                esc = 0;
-            else if (c == '\\')
-                esc = 1;
-            else if (c == '"')
-                in_str = 0;
-        } else if (c == '"') {
-            in_str = 1;
-        } else if (c == ' ' || c == '\t' || c == '\r' || c == '\n') {
-            continue;
-        }
-        p[o++] = c;
-    }
-    return o;
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -4,6 +4,7 @@
  * its stream transformer, then hostile input.
  */
 #include "test.h"
+#include "json_squeeze.h"
 #include "extract.h"
 #include "json.h"
 #include "splice.h"
@@ -48,31 +49,6 @@ static int top_count(const char *s, size_t n, const char *name)
 static int batch(int route, const char *body)
 {
     return sglr_splice_batch(route, body, strlen(body));
-}
-
-/* JSON text without the whitespace outside strings, for comparing two
- * spellings of one document; returns the new length (in place). */
-static size_t json_squeeze(char *p, size_t n)
-{
-    size_t o = 0;
-    int in_str = 0, esc = 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = p[i];
-        if (in_str) {
-            if (esc)
-                esc = 0;
-            else if (c == '\\')
-                esc = 1;
-            else if (c == '"')
-                in_str = 0;
-        } else if (c == '"') {
-            in_str = 1;
-        } else if (c == ' ' || c == '\t' || c == '\r' || c == '\n') {
-            continue;
-        }
-        p[o++] = c;
-    }
-    return o;
 }
 
 static int same_from_append;     /* splices the append path also made, the same */

@@ -636,17 +636,27 @@ function M.add_workload_flags(p)
     :convert(tonumber)
 end
 
--- Flags to options: opts, or nil, err, usage. opts.help asks for the help.
-function M.parse_args(args)
-  local p = parser()
+-- Parse args with the argparse parser p: the given flags as a table
+-- (without help) | nil, err, usage | { help = true, help_text }, "help".
+-- Shared by sglr bench and sglr sim.
+function M.parse_flags(p, args)
   local ok, res = p:pparse(args)
   if not ok then return nil, res, p:get_usage() end
-  if res.help then return { help = true, help_text = p:get_help() } end
+  if res.help then return { help = true, help_text = p:get_help() }, "help" end
   local t = {}
   for k, v in pairs(res) do
     if v ~= nil and k ~= "help" then t[k] = v end
   end
-  local o, err = M.options(t)
+  return t
+end
+
+-- Flags to options: opts, or nil, err, usage. opts.help asks for the help.
+function M.parse_args(args)
+  local p = parser()
+  local t, err, usage = M.parse_flags(p, args)
+  if not t or err == "help" then return t, err, usage end
+  local o
+  o, err = M.options(t)
   if not o then return nil, err, p:get_usage() end
   return o
 end

@@ -462,23 +462,23 @@ function M.run_policy(o, wl, P, policy_opts)
   sim:build_fleet()
   -- the scoped runtime sglr run gives each instance: closing it stops the
   -- instance's timers, as a reload does
-  local rt, scope = policy_mod.scope(sim:runtime())
-  local inst, err = policy_mod.instantiate(P, policy_opts, rt)
-  if not inst then return nil, err end
-  sim.policy = inst
-  for _, w in ipairs(sim.avail) do
-    if inst.on_add then inst:on_add(w) end
-  end
-  if sim.pd then
-    -- one instance per pool, as sglr run builds them in PD mode
-    local drt
-    drt, sim.dscope = policy_mod.scope(sim:runtime())
-    local dinst, derr = policy_mod.instantiate(P, policy_opts, drt)
-    if not dinst then return nil, derr end
-    sim.dpolicy = dinst
-    for _, w in ipairs(sim.davail) do
-      if dinst.on_add then dinst:on_add(w) end
+  -- (one instance per pool in PD mode, as sglr run builds them)
+  local function pool_instance(workers)
+    local rt, scope = policy_mod.scope(sim:runtime())
+    local inst, err = policy_mod.instantiate(P, policy_opts, rt)
+    if not inst then return nil, err end
+    for _, w in ipairs(workers) do
+      if inst.on_add then inst:on_add(w) end
     end
+    return inst, scope
+  end
+  local inst, scope = pool_instance(sim.avail)
+  if not inst then return nil, scope end
+  sim.policy = inst
+  if sim.pd then
+    local dinst, dscope = pool_instance(sim.davail)
+    if not dinst then return nil, dscope end
+    sim.dpolicy, sim.dscope = dinst, dscope
   end
   for _, s in ipairs(wl.sessions) do sim:ready_push({ s, 1, {} }) end
   sim:pump()
@@ -608,18 +608,14 @@ end
 -- Flags -> opts | nil, err, usage. opts.help asks for the help text.
 function M.parse_args(args)
   local p = parser()
-  local ok, res = p:pparse(args)
-  if not ok then return nil, res, p:get_usage() end
-  if res.help then return { help = true, help_text = p:get_help() } end
-  local t = {}
-  for k, v in pairs(res) do
-    if v ~= nil and k ~= "help" then t[k] = v end
-  end
+  local t, err, usage = bench.parse_flags(p, args)
+  if not t or err == "help" then return t, err, usage end
   if t.trace then t.workload = "trace" end
   local concurrency = t.concurrency
   local policies = t.policy
-  t.policy, t.policy_opt = nil, t.policy_opt
-  local o, err = bench.options(t)
+  t.policy = nil
+  local o
+  o, err = bench.options(t)
   if not o then return nil, err, p:get_usage() end
   local mok, merr = simmodel.check(o)
   if not mok then return nil, merr, p:get_usage() end
