@@ -151,15 +151,18 @@ void sglr_lua_push_head(lua_State *L, const sglr_head_t *h)
 
 static int is_hop_header(const char *n, size_t len)
 {
-    static const struct { const char *name; size_t len; } hop[] = {
-        { "connection", 10 }, { "keep-alive", 10 }, { "proxy-connection", 16 },
-        { "transfer-encoding", 17 }, { "te", 2 }, { "trailer", 7 }, { "upgrade", 7 },
-        { "host", 4 }, { "content-length", 14 }, { "expect", 6 },
-    };
-    for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
-        if (hop[i].len == len && n[0] == hop[i].name[0] && memcmp(hop[i].name, n, len) == 0)
-            return 1;
-    return 0;
+    /* by length first: most headers are none of these */
+    switch (len) {
+    case 2: return memcmp(n, "te", 2) == 0;
+    case 4: return memcmp(n, "host", 4) == 0;
+    case 6: return memcmp(n, "expect", 6) == 0;
+    case 7: return memcmp(n, "trailer", 7) == 0 || memcmp(n, "upgrade", 7) == 0;
+    case 10: return memcmp(n, "connection", 10) == 0 || memcmp(n, "keep-alive", 10) == 0;
+    case 14: return memcmp(n, "content-length", 14) == 0;
+    case 16: return memcmp(n, "proxy-connection", 16) == 0;
+    case 17: return memcmp(n, "transfer-encoding", 17) == 0;
+    default: return 0;
+    }
 }
 
 /* name (lowercase) is one of the comma-separated tokens of list, compared
@@ -259,15 +262,20 @@ static const char *const key_names[SGLR_KEY_COUNT] = {
 static int key_refs[SGLR_KEY_COUNT];
 static int keys_ready;
 
+static void keys_init(lua_State *L)
+{
+    for (int i = 0; i < SGLR_KEY_COUNT; i++) {
+        lua_pushstring(L, key_names[i]);
+        key_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    keys_ready = 1;
+}
+
 void sglr_lua_getopt(lua_State *L, int idx, int key)
 {
-    if (!keys_ready) {
-        for (int i = 0; i < SGLR_KEY_COUNT; i++) {
-            lua_pushstring(L, key_names[i]);
-            key_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
-        }
-        keys_ready = 1;
-    }
+    if (!keys_ready)
+        keys_init(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, key_refs[key]);
-    lua_gettable(L, idx);
+    lua_rawget(L, idx);
 }
+

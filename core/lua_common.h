@@ -23,7 +23,7 @@ extern const char sglr_lua_exchange_mt[];
 
 /* Option keys read on every request, interned once: sglr_lua_getopt(L,
  * idx, SGLR_KEY_ROUTE) pushes t.route for the table at idx (an absolute
- * index), as lua_getfield does without hashing and looking up the key's
+ * index), as lua_rawget does with the key pushed, without hashing and looking up the key's
  * string again each call. */
 enum {
     SGLR_KEY_METHOD, SGLR_KEY_PATH, SGLR_KEY_BODY, SGLR_KEY_CONNECT_TIMEOUT_MS,

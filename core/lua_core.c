@@ -189,13 +189,17 @@ static int l_random_id(lua_State *L)
         state = uv_hrtime() ^ 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&state;
     char out[64 + 24];
     memcpy(out, prefix, plen);
-    for (int i = 0; i < 24; i++) {
-        /* xorshift64*: ids need to be unlikely to collide, not secret */
+    /* xorshift64*: ids need to be unlikely to collide, not secret. A draw
+     * gives eight base-62 characters (62^8 < 2^48, from its top bits). */
+    for (int i = 0; i < 24; i += 8) {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
-        uint64_t v = state * 0x2545F4914F6CDD1Dull;
-        out[plen + i] = alnum[(v >> 32) % 62];
+        uint64_t v = (state * 0x2545F4914F6CDD1Dull) >> 16;
+        for (int k = 0; k < 8; k++) {
+            out[plen + i + k] = alnum[v % 62];
+            v /= 62;
+        }
     }
     lua_pushlstring(L, out, plen + 24);
     return 1;

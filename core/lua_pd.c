@@ -585,6 +585,9 @@ static int x_forward_pd(lua_State *L)
             b = ranked.data;
             blen = ranked.len;
         }
+        /* without the logprob merge nothing reads a 2xx prefill's
+         * header fields (a refusal's content-type is read) */
+        pd->leg[i]->req->skip_ok_fields = i == PREFILL && !logprobs;
         if (sglr_upreq_build(pd->leg[i]->req, sglr_exchange_method(x),
                              x->head.buf.data + x->head.url_off, x->head.url_len,
                              hb.data ? hb.data : "", hb.len, b, blen))

@@ -515,16 +515,27 @@ static int resp_read(lua_State *L)
     return lleg_wait(L, f, push_read_result);
 }
 
+/* What a closed response's box points to: the leg is freed at close, not
+ * when the collector gets to the box, so the exchange it holds goes back
+ * to the server's spares with the request. Its methods answer as those
+ * of a closed response did (status 0, no headers). */
+static lleg_t closed_resp = { .closed = 1, .mode = FWD_HEAD, .ud_ref = LUA_NOREF,
+                              .co_ref = LUA_NOREF, .x_ref = LUA_NOREF };
+
 /* resp:close(): drop the response (the worker connection is closed unless the
- * response was complete). */
+ * response was complete); pipe and read on it raise from then on. */
 static int resp_close(lua_State *L)
 {
     lleg_t *f = check_resp(L);
+    if (f == &closed_resp)
+        return 0;
     if (f->co)
         return luaL_error(L, "close: a coroutine is waiting on this response");
     f->closed = 1;
     lleg_unpin_x(f);
-    sglr_proxy_leg_cancel(f->leg);
+    lleg_unref(f);
+    ((sglr_box_t *)lua_touserdata(L, 1))->p = &closed_resp;
+    sglr_proxy_leg_free(f->leg);             /* f goes with it */
     return 0;
 }
 
@@ -534,9 +545,9 @@ static int resp_gc(lua_State *L)
     if (!box)
         return 0;
     lleg_t *f = *box;
-    if (!f)
-        return 0;
     *box = NULL;
+    if (!f || f == &closed_resp)
+        return 0;
     lleg_unpin_x(f);
     sglr_proxy_leg_free(f->leg);             /* f goes with it */
     return 0;

@@ -25,14 +25,28 @@ static int buf_reserve(sglr_buf_t *b, size_t extra)
 
 size_t sglr_u64_dec(char *out, unsigned long long v)
 {
+    /* two digits a division: a bootstrap room has 19 */
+    static const char pairs[201] =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+        "8081828384858687888990919293949596979899";
     char tmp[24];
-    size_t n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    for (size_t i = 0; i < n; i++)
-        out[i] = tmp[n - 1 - i];
+    char *p = tmp + sizeof tmp;
+    while (v >= 100) {
+        unsigned d = (unsigned)(v % 100) * 2;
+        v /= 100;
+        *--p = pairs[d + 1];
+        *--p = pairs[d];
+    }
+    if (v >= 10) {
+        unsigned d = (unsigned)v * 2;
+        *--p = pairs[d + 1];
+        *--p = pairs[d];
+    } else {
+        *--p = (char)('0' + v);
+    }
+    size_t n = (size_t)(tmp + sizeof tmp - p);
+    memcpy(out, p, n);
     return n;
 }
 
@@ -140,14 +154,15 @@ int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
     }
     sglr_hdr_t *hd = &h->hdrs[h->nhdrs - 1];
     /* Names are stored lowercased: lookups and Lua tables use that form. */
-    size_t at = h->buf.len;
-    if (sglr_buf_append(&h->buf, p, n))
+    if (buf_reserve(&h->buf, n + 1))
         return -ENOMEM;
-    for (size_t i = at; i < h->buf.len; i++) {
-        char c = h->buf.data[i];
-        if (c >= 'A' && c <= 'Z')
-            h->buf.data[i] = (char)(c + 32);
+    char *d = h->buf.data + h->buf.len;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        d[i] = (char)(c + ((unsigned)(c - 'A') < 26u ? 32 : 0));
     }
+    d[n] = 0;
+    h->buf.len += n;
     hd->name_len += (uint32_t)n;
     return 0;
 }
@@ -156,9 +171,10 @@ int sglr_head_field_done(sglr_head_t *h)
 {
     if (h->nhdrs == 0)
         return -EINVAL;
-    /* terminate the name so it can be used as a C string */
-    if (sglr_buf_append(&h->buf, "", 1))
+    /* the name is terminated (a C string): its NUL is kept as a byte */
+    if (buf_reserve(&h->buf, 2))
         return -ENOMEM;
+    h->buf.data[++h->buf.len] = 0;
     h->hdrs[h->nhdrs - 1].value_off = (uint32_t)h->buf.len;
     h->in_value = 1;
     return 0;
@@ -168,8 +184,13 @@ int sglr_head_value(sglr_head_t *h, const char *p, size_t n)
 {
     if (h->nhdrs == 0 || !h->in_value)
         return -EINVAL;
+    if (buf_reserve(&h->buf, n + 1))
+        return -ENOMEM;
+    memcpy(h->buf.data + h->buf.len, p, n);
+    h->buf.len += n;
+    h->buf.data[h->buf.len] = 0;
     h->hdrs[h->nhdrs - 1].value_len += (uint32_t)n;
-    return sglr_buf_append(&h->buf, p, n);
+    return 0;
 }
 
 const char *sglr_head_get(const sglr_head_t *h, const char *name, size_t *len)
@@ -177,7 +198,9 @@ const char *sglr_head_get(const sglr_head_t *h, const char *name, size_t *len)
     size_t nl = strlen(name);
     for (int i = 0; i < h->nhdrs; i++) {
         const sglr_hdr_t *hd = &h->hdrs[i];
-        if (hd->name_len == nl && strncasecmp(h->buf.data + hd->name_off, name, nl) == 0) {
+        /* names are stored lowercased; name may not be */
+        if (hd->name_len == nl && (h->buf.data[hd->name_off] | 0x20) == (name[0] | 0x20) &&
+            strncasecmp(h->buf.data + hd->name_off, name, nl) == 0) {
             if (len)
                 *len = hd->value_len;
             return h->buf.data + hd->value_off;

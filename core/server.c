@@ -329,9 +329,17 @@ static int x_write3(sglr_exchange_t *x, const char *a, size_t na, const char *b,
 {
     if (!x->corked)
         return conn_write3(x->conn, a, na, b, nb, d, nd);
-    if (sglr_buf_append(&x->cork, a, na) || sglr_buf_append(&x->cork, b, nb) ||
-        sglr_buf_append(&x->cork, d, nd))
+    sglr_buf_t *c = &x->cork;
+    if (sglr_buf_reserve(c, na + nb + nd))
         return -ENOMEM;
+    if (na)
+        memcpy(c->data + c->len, a, na);
+    if (nb)
+        memcpy(c->data + c->len + na, b, nb);
+    if (nd)
+        memcpy(c->data + c->len + na + nb, d, nd);
+    c->len += na + nb + nd;
+    c->data[c->len] = 0;
     return 0;
 }
 

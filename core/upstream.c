@@ -539,25 +539,42 @@ static int on_status(llhttp_t *p, const char *at, size_t n) { return 0; }
 /* A worker's response head is capped like a client's request head. */
 #define MAX_RESPONSE_HEAD (64u << 10)
 
+/* The status is parsed before the header fields: a 2xx whose fields
+ * nobody reads (skip_ok_fields) is not stored. */
+static int skip_fields(const llhttp_t *p, const sglr_upreq_t *r)
+{
+    return r->skip_ok_fields && p->status_code >= 200 && p->status_code < 300;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     sglr_upconn_t *c = p->data;
-    if (!c->req || c->req->head.buf.len + n > MAX_RESPONSE_HEAD)
+    if (!c->req || c->req->head.buf.len + c->req->skipped + n > MAX_RESPONSE_HEAD)
         return -1;
+    if (skip_fields(p, c->req)) {
+        c->req->skipped += n;
+        return 0;
+    }
     return sglr_head_field(&c->req->head, at, n) == 0 ? 0 : -1;
 }
 
 static int on_header_field_complete(llhttp_t *p)
 {
     sglr_upconn_t *c = p->data;
+    if (c->req && skip_fields(p, c->req))
+        return 0;
     return c->req && sglr_head_field_done(&c->req->head) == 0 ? 0 : -1;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     sglr_upconn_t *c = p->data;
-    if (!c->req || c->req->head.buf.len + n > MAX_RESPONSE_HEAD)
+    if (!c->req || c->req->head.buf.len + c->req->skipped + n > MAX_RESPONSE_HEAD)
         return -1;
+    if (skip_fields(p, c->req)) {
+        c->req->skipped += n;
+        return 0;
+    }
     return sglr_head_value(&c->req->head, at, n) == 0 ? 0 : -1;
 }
 
@@ -707,31 +724,40 @@ int sglr_upreq_build_ref(sglr_upreq_t *r, const char *method, const char *path, 
     b->len = 0;
     size_t ml = strlen(method);
     const sglr_pool_t *p = r->pool;
-    int e = sglr_buf_append(b, method, ml) || sglr_buf_append(b, " ", 1);
-    e = e || sglr_buf_append(b, p->base_path, strlen(p->base_path));
-    e = e || sglr_buf_append(b, path, plen);
-    e = e || sglr_buf_append(b, " HTTP/1.1\r\nhost: ", 17);
-    e = e || sglr_buf_append(b, p->hostport, strlen(p->hostport));
-    e = e || sglr_buf_append(b, "\r\n", 2);
-    e = e || sglr_buf_append(b, hdrs, hlen);
-    if (sglr_via_len)      /* the hop this router adds (loop detection) */
-        e = e || sglr_buf_append_header(b, "via", 3, sglr_via_token, sglr_via_len);
-    if (body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
-        char num[24], tmp[24];
-        size_t n = 0, k = 0, v = blen;
-        do {
-            tmp[k++] = (char)('0' + v % 10);
-            v /= 10;
-        } while (v);
-        while (k)
-            num[n++] = tmp[--k];
-        e = e || sglr_buf_append(b, "content-length: ", 16) || sglr_buf_append(b, num, n) ||
-            sglr_buf_append(b, "\r\n", 2);
+    size_t bpl = strlen(p->base_path), hpl = strlen(p->hostport);
+    int has_length = body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0;
+    /* one reservation for the whole head, then plain copies */
+    size_t need = ml + 1 + bpl + plen + 17 + hpl + 2 + hlen + 7 + sglr_via_len + 16 + 20 + 2 + 2;
+    if (sglr_buf_reserve(b, need))
+        return -ENOMEM;
+    char *d = b->data;
+#define PUT(src, n) (memcpy(d, (src), (n)), d += (n))
+    PUT(method, ml);
+    *d++ = ' ';
+    PUT(p->base_path, bpl);
+    PUT(path, plen);
+    PUT(" HTTP/1.1\r\nhost: ", 17);
+    PUT(p->hostport, hpl);
+    PUT("\r\n", 2);
+    if (hlen)
+        PUT(hdrs, hlen);
+    if (sglr_via_len) {    /* the hop this router adds (loop detection) */
+        PUT("via: ", 5);
+        PUT(sglr_via_token, sglr_via_len);
+        PUT("\r\n", 2);
     }
-    e = e || sglr_buf_append(b, "\r\n", 2);
+    if (has_length) {
+        PUT("content-length: ", 16);
+        d += sglr_u64_dec(d, blen);
+        PUT("\r\n", 2);
+    }
+    PUT("\r\n", 2);
+#undef PUT
+    *d = 0;
+    b->len = (size_t)(d - b->data);
     r->body = body;
     r->body_len = body ? blen : 0;
-    return e ? -ENOMEM : 0;
+    return 0;
 }
 
 int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size_t plen,

@@ -93,6 +93,9 @@ struct sglr_upreq_s {
     int in_parse, abort_pending, throttled;
     int freed;               /* sglr_upreq_free was called */
     int eof_pending;         /* the connection ended while paused: 1 EOF, 2 error */
+    int skip_ok_fields;      /* a 2xx head keeps its status, not its header fields
+                              * (set by a caller that reads no header of a success) */
+    size_t skipped;          /* header bytes not kept, counted against the head cap */
     sglr_buf_t pending;      /* bytes after the head, parsed on continue */
     uv_timer_t timer;
     uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */

@@ -8,6 +8,7 @@
 #include "extract.h"
 #include "json.h"
 #include "splice.h"
+#include "msg.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -514,6 +515,30 @@ TEST(rank_after_bootstrap)
 }
 
 /* ---- rooms -------------------------------------------------------------------- */
+
+/* The decimal writer the rooms, ports and lengths go through, at every
+ * digit count, against printf. */
+TEST(u64_decimal)
+{
+    unsigned long long vs[] = { 0, 9, 10, 99, 100, 101, 999, 1000, 65535, 4294967296ull,
+                                9007199254740993ull, 9223372036854775807ull,
+                                18446744073709551615ull };
+    for (size_t i = 0; i < sizeof vs / sizeof vs[0]; i++) {
+        char got[32], want[32];
+        size_t n = sglr_u64_dec(got, vs[i]);
+        got[n] = 0;
+        snprintf(want, sizeof want, "%llu", vs[i]);
+        CHECK_EQ_STR(got, want);
+    }
+    unsigned long long v = 1;
+    for (int d = 1; d <= 19; d++, v *= 10) {
+        char got[32], want[32];
+        size_t n = sglr_u64_dec(got, v * 7 + d);
+        got[n] = 0;
+        snprintf(want, sizeof want, "%llu", v * 7 + d);
+        CHECK_EQ_STR(got, want);
+    }
+}
 
 TEST(rooms)
 {
@@ -1111,6 +1136,7 @@ int main(void)
     RUN(rank_replaces_the_clients);
     RUN(rank_refuses_and_keeps_out);
     RUN(rank_after_bootstrap);
+    RUN(u64_decimal);
     RUN(rooms);
     RUN(merge_objects);
     RUN(merge_without_the_key);

@@ -680,6 +680,44 @@ TEST(content_length)
     POOL_DOWN(pool);
 }
 
+/* skip_ok_fields (a PD prefill leg whose success nobody reads the headers
+ * of): a 2xx keeps its status and body and the connection is reused, its
+ * header fields are not stored; a refusal's fields are. */
+TEST(skip_ok_fields)
+{
+    sglr_pool_t *pool = pool_up("");
+    call_t *c = call_reset(0);
+    call_start(c, pool, "POST", "/ok", "ping", 2000);
+    c->r->skip_ok_fields = 1;
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    CHECK_EQ_INT(c->status, 200);
+    CHECK_EQ_INT(c->clen, 5);
+    CHECK(body_is(c, "hello"));
+    CHECK_EQ_STR(c->xa, "");
+    CHECK_EQ_INT(c->r->head.nhdrs, 0);
+    CHECK_EQ_INT(pool->nidle, 1);
+    call_free(c);
+
+    c = call_reset(0);
+    call_start(c, pool, "POST", "/missing", "ping", 2000);
+    c->r->skip_ok_fields = 1;
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->status, 404);
+    size_t n = 0;
+    const char *v = sglr_head_get(&c->r->head, "content-length", &n);
+    CHECK(v != NULL && n == 1 && v[0] == '0');
+    call_free(c);
+
+    /* without the flag a 2xx keeps its fields */
+    c = call_reset(0);
+    call_start(c, pool, "POST", "/ok", "ping", 2000);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_STR(c->xa, "b");
+    call_free(c);
+    POOL_DOWN(pool);
+}
+
 TEST(chunked_response)
 {
     sglr_pool_t *pool = pool_up("");
@@ -1479,6 +1517,7 @@ int main(void)
 
     RUN(pool_parse);
     RUN(content_length);
+    RUN(skip_ok_fields);
     RUN(chunked_response);
     RUN(no_body);
     RUN(no_content_with_chunked_framing);

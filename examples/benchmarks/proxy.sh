@@ -218,16 +218,17 @@ EOF
   wait_http "http://127.0.0.1:$HAPROXY_PORT/health" haproxy "$!"
 fi
 
-# cpu_ticks PID: user + system clock ticks of PID and its children (nginx's
+# cpu_ticks PID: "USER SYSTEM" clock ticks of PID and its children (nginx's
 # workers are children of its master)
 cpu_ticks() {
-  local pids="$1" p total=0
+  local pids="$1" p usr=0 sys=0 u s
   pids="$pids $(ps -o pid= --ppid "$1" 2>/dev/null || true)"
   for p in $pids; do
     [ -r "/proc/$p/stat" ] || continue
-    total=$(( total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat") ))
+    read -r u s < <(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$p/stat")
+    usr=$(( usr + u )) sys=$(( sys + s ))
   done
-  echo "$total"
+  echo "$usr $sys"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -275,8 +276,8 @@ to_us() {
 bench() {
   local conns=$1 threads=$THREADS target port out non2xx sockerr added
   [ "$threads" -gt "$conns" ] && threads=$conns
-  declare -A RPS P50 P90 P99 ERRS CPU
-  local pid c0 c1 nreq
+  declare -A RPS P50 P90 P99 ERRS CPU SPLIT
+  local pid c0 c1 nreq u0 s0 u1 s1
   echo "wrk -t$threads -c$conns -d$DURATION, POST $PATH_Q ($PROMPT, 1 output token), $(nproc) cores" >&2
   for target in $TARGETS; do
     case $target in
@@ -294,15 +295,19 @@ bench() {
       sglr) pid=$SGLR_PID ;; base) pid=$BASE_PID ;; pd) pid=$PD_PID ;; ca) pid=$CA_PID ;;
       nginx) pid=$NGINX_PID ;; haproxy) pid=$HAPROXY_PID ;; *) pid= ;;
     esac
-    c0=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+    c0=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0 0)
     out=$(wrk -t"$threads" -c"$conns" -d"$DURATION" -s "$TMP/post.lua" --latency \
       "http://127.0.0.1:$port$PATH_Q")
-    c1=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+    c1=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0 0)
     echo "$out" >"$TMP/wrk-$target-c$conns.txt"
     nreq=$(awk '/requests in/ {print $1}' <<<"$out")
-    CPU[$target]=-
+    CPU[$target]=- SPLIT[$target]=-
     if [ -n "$pid" ] && [ "${nreq:-0}" -gt 0 ]; then
-      CPU[$target]=$(awk -v t=$(( c1 - c0 )) -v hz="$CLK_TCK" -v n="$nreq" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+      read -r u0 s0 <<<"$c0"
+      read -r u1 s1 <<<"$c1"
+      CPU[$target]=$(awk -v t=$(( u1 + s1 - u0 - s0 )) -v hz="$CLK_TCK" -v n="$nreq" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+      SPLIT[$target]=$(awk -v u=$(( u1 - u0 )) -v s=$(( s1 - s0 )) -v hz="$CLK_TCK" -v n="$nreq" \
+        'BEGIN { printf "%.1f/%.1f", u * 1e6 / hz / n, s * 1e6 / hz / n }')
     fi
     RPS[$target]=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     P50[$target]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
@@ -313,15 +318,15 @@ bench() {
     ERRS[$target]=$(( ${non2xx:-0} + ${sockerr:-0} ))
   done
   printf '\n%d connections\n' "$conns"
-  printf '%-8s %12s %10s %10s %10s %12s %12s %8s\n' target "requests/s" "p50 (us)" "p90 (us)" \
-    "p99 (us)" "+p50 (us)" "cpu us/req" errors
+  printf '%-8s %12s %10s %10s %10s %12s %12s %12s %8s\n' target "requests/s" "p50 (us)" "p90 (us)" \
+    "p99 (us)" "+p50 (us)" "cpu us/req" "usr/sys" errors
   for target in $TARGETS; do
     added="-"
     if [ "$target" != direct ] && [ -n "${P50[direct]:-}" ]; then
       added=$(( P50[$target] - P50[direct] ))
     fi
-    printf '%-8s %12s %10s %10s %10s %12s %12s %8s\n' "$target" "${RPS[$target]}" "${P50[$target]}" \
-      "${P90[$target]}" "${P99[$target]}" "$added" "${CPU[$target]}" "${ERRS[$target]}"
+    printf '%-8s %12s %10s %10s %10s %12s %12s %12s %8s\n' "$target" "${RPS[$target]}" "${P50[$target]}" \
+      "${P90[$target]}" "${P99[$target]}" "$added" "${CPU[$target]}" "${SPLIT[$target]}" "${ERRS[$target]}"
   done
   echo
 }
@@ -330,4 +335,5 @@ for conns in $CONNECTIONS; do bench "$conns"; done
 echo "+p50: the target's p50 minus direct's, what the proxy adds to a request. Under a"
 echo "saturating load it is mostly queueing (latency = connections / throughput);"
 echo "the 1-connection pass shows the per-request cost. cpu us/req: the proxy's own"
-echo "user + system time per request (nginx: master and workers), from /proc."
+echo "user + system time per request (nginx: master and workers), from /proc;"
+echo "usr/sys: the same split into user and kernel time."

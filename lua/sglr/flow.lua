@@ -111,6 +111,8 @@ function M.new(r)
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
   for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
   self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
+  self.rfwd = { headers = { ["x-request-id"] = false }, timeout_ms = false, connect_timeout_ms = false,
+    route = false, batch = false, logprobs = false, host = false, port = false }
   return self
 end
 
@@ -208,7 +210,8 @@ function M:infer(x, route)
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
     policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
-    match_ratio = false, prefill = false, ttfb = false, explain = false, shadow = false }, req_mt)
+    match_ratio = false, prefill = false, ttfb = false, explain = false, shadow = false,
+    pd_batch = false, pd_flags = false }, req_mt)
   local em = self.explain_mode
   if em then
     local v = x:header("x-sglr-explain")
@@ -385,10 +388,13 @@ function M:run(x, req)
   local deadline = req.t0 + self.request_timeout_ms
   local attempts = self.retry:attempts()
   local d = self.dispatcher
-  local fwd = { headers = { ["x-request-id"] = req.id } }
+  -- the forward's options: one table for all requests, filled anew by each
+  -- dispatch right before x:forward or x:forward_pd reads it (which they
+  -- do before they yield)
+  local fwd = self.rfwd
   if self.set_auth then fwd.headers.authorization = self.forward_auth end
   if d.prepare then
-    local okp, msg = d.prepare(self, x, req, fwd)
+    local okp, msg = d.prepare(self, x, req)
     if not okp then
       stats.errors:inc(1, route, "bad_request")
       req.error = "bad_request"
@@ -494,7 +500,7 @@ end
 -- --- regular mode: one worker per attempt --------------------------------------------
 
 -- A dispatcher is { pick, dispatch [, prepare] }:
---   prepare(flow, x, req, fwd) -> true | nil, message (a 400), once per
+--   prepare(flow, x, req) -> true | nil, message (a 400), once per
 --     request before any worker is picked
 --   pick(flow, req, now) -> the attempt's workers (up to two values) | nil, why
 --   dispatch(flow, x, req, fwd, deadline, can_retry, ...workers) ->
@@ -538,6 +544,7 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     flow:settle(req, w, policy, nil, 504)
     return "fail", nil, nil, nil, "timeout"
   end
+  fwd.headers["x-request-id"] = req.id
   fwd.timeout_ms = left
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
   -- --dp-aware: the rank is spliced into the body in C
@@ -630,10 +637,10 @@ end
 
 -- The body's batch shape decides whether PD can split it: checked before
 -- any policy sees the request (a refused body moves no counter and no tree).
-function pd.prepare(_, x, req, fwd)
+function pd.prepare(_, x, req)
   local batch, flags = x:pd_check(req.route)
   if not batch then return nil, flags end
-  fwd.route, fwd.batch, fwd.logprobs = req.route, batch, flags
+  req.pd_batch, req.pd_flags = batch, flags
   return true
 end
 
@@ -674,8 +681,10 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     flow:settle(req, dw, req.dpolicy, nil, 504)
     return "fail", nil, nil, nil, "timeout"
   end
+  fwd.headers["x-request-id"] = req.id
   fwd.timeout_ms = left
   fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
+  fwd.route, fwd.batch, fwd.logprobs = req.route, req.pd_batch, req.pd_flags
   fwd.host = pw.bootstrap_host
   fwd.port = pw.bootstrap_port or false
   -- --dp-aware: each leg's rank is spliced into its body in C

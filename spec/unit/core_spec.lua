@@ -216,6 +216,37 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("frees a response at close: its status reads 0 and a pipe or read after it raises", function()
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, { ["x-w"] = "1" }, "hi") end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local seen = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local resp = assert(x:forward(pool, {}))
+      seen.status, seen.header = resp:status(), resp:header("x-w")
+      resp:close()
+      resp:close()                      -- a second close is a no-op
+      seen.after_status, seen.after_header = resp:status(), resp:header("x-w")
+      seen.pipe_ok, seen.pipe_err = pcall(resp.pipe, resp)
+      seen.read_ok = pcall(resp.read, resp)
+      x:respond(200, {}, "closed")
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    for _ = 1, 2 do                     -- the second on the same, reused connection
+      local res = assert(core.request(rpool, { path = "/" }))
+      assert.equal("closed", res.body)
+      assert.equal(200, seen.status)
+      assert.equal("1", seen.header)
+      assert.equal(0, seen.after_status)
+      assert.is_nil(seen.after_header)
+      assert.is_false(seen.pipe_ok)
+      assert.truthy(tostring(seen.pipe_err):find("not waiting", 1, true))
+      assert.is_false(seen.read_ok)
+    end
+    assert.equal(1, rpool:stats().conns)
+    router:close()
+    worker:close()
+  end)
+
   it("serves an Upgrade request as plain HTTP and keeps the connection", function()
     local uv = require "luv"
     local srv = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, {}, "ok " .. x:path()) end))
