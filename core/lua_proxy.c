@@ -13,6 +13,8 @@
  *   forward() --yield--> HEAD --on_head--> resume(resp)          (READY)
  *   resp:pipe()  --yield--> streams the body to the client --on_end--> resume(true|nil,err)
  *   resp:read()  --yield--> buffers the body              --on_end--> resume(body|nil,err)
+ *   resp:close()  frees the leg now (its exchange goes back to the spares
+ *                 with the request); pipe and read raise after it
  *
  * While C waits, the coroutine is pinned (sglr_co_pin) and the response
  * userdata is referenced from the registry, so neither is collected. The
