@@ -6,6 +6,7 @@
 #include "logbuf.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 #include <stdio.h>
 #include <string.h>
@@ -81,13 +82,52 @@ int sglr_co_pin(lua_State *L)
         return luaL_error(L, "this call waits, and cannot from here: a C function "
                              "(such as table.sort's comparator or a gsub callback) is on the stack");
     }
-    return luaL_ref(L, LUA_REGISTRYINDEX);
+    return sglr_ref(L);
 }
 
 void sglr_co_unpin(int ref)
 {
-    if (sglr_L && ref != LUA_NOREF && ref != LUA_REFNIL)
-        luaL_unref(sglr_L, LUA_REGISTRYINDEX, ref);
+    sglr_unref(ref);
+}
+
+/* Released registry slots, for sglr_ref to reuse. luaL_ref/luaL_unref cost
+ * about 300 instructions each (several API calls on the registry's own
+ * free list); a few pins a request made them a tenth of the proxy's
+ * instructions outside Lua. */
+static int *ref_free;
+static int ref_nfree, ref_cap;
+
+int sglr_ref(lua_State *L)
+{
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return LUA_REFNIL;
+    }
+    if (ref_nfree == 0)
+        return luaL_ref(L, LUA_REGISTRYINDEX);
+    int ref = ref_free[--ref_nfree];
+    lua_rawseti(L, LUA_REGISTRYINDEX, ref);
+    return ref;
+}
+
+void sglr_unref(int ref)
+{
+    lua_State *L = sglr_L;
+    if (!L || ref == LUA_NOREF || ref == LUA_REFNIL)
+        return;
+    if (ref_nfree == ref_cap) {
+        int cap = ref_cap ? ref_cap * 2 : 256;
+        int *p = realloc(ref_free, (size_t)cap * sizeof *p);
+        if (!p) {
+            luaL_unref(L, LUA_REGISTRYINDEX, ref);
+            return;
+        }
+        ref_free = p;
+        ref_cap = cap;
+    }
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, LUA_REGISTRYINDEX, ref);
+    ref_free[ref_nfree++] = ref;
 }
 
 /* Handler threads at rest. A pooled thread runs a small Lua loop that
@@ -113,13 +153,13 @@ int sglr_co_resume(lua_State *co, int ref, int nargs)
      * ref is released first so that a coroutine which finishes is freed. */
     lua_State *L = sglr_L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    sglr_unref(ref);
     int st = lua_resume(co, nargs);
     if (st == LUA_YIELD && lua_gettop(co) == 1 && lua_touserdata(co, 1) == &sglr_co_idle_token) {
         lua_settop(co, 0);
         if (co_npool < CO_POOL_MAX) {
             co_pool[co_npool].co = co;
-            co_pool[co_npool].ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the thread */
+            co_pool[co_npool].ref = sglr_ref(L);   /* pops the thread */
             co_npool++;
             return st;
         }

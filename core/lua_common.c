@@ -94,15 +94,10 @@ static const char *header_pair(lua_State *L, const char **k, size_t *kl, const c
         return "header names and values must be strings";
     *k = lua_tolstring(L, -2, kl);
     *v = lua_tolstring(L, -1, vl);
-    int bad = *kl == 0;
-    for (size_t i = 0; i < *kl && !bad; i++) {
-        char c = (*k)[i];
-        bad = c == '\r' || c == '\n' || c == ':' || c == 0 || c == ' ';
-    }
-    for (size_t i = 0; i < *vl && !bad; i++) {
-        char c = (*v)[i];
-        bad = c == '\r' || c == '\n' || c == 0;
-    }
+    /* Lua ends a string with a zero byte (the manual promises it), so
+     * strcspn stops short of the length at a forbidden byte or at a zero
+     * inside the string */
+    int bad = *kl == 0 || strcspn(*k, "\r\n: ") != *kl || strcspn(*v, "\r\n") != *vl;
     return bad ? "header contains a forbidden character" : NULL;
 }
 

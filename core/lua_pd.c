@@ -90,7 +90,7 @@ static int ok2xx(const sglr_leg_t *leg)
 static void unpin_x(lpd_t *pd)
 {
     if (pd->x_ref != LUA_NOREF) {
-        luaL_unref(sglr_L, LUA_REGISTRYINDEX, pd->x_ref);
+        sglr_unref(pd->x_ref);
         pd->x_ref = LUA_NOREF;
     }
 }
@@ -98,7 +98,7 @@ static void unpin_x(lpd_t *pd)
 static void unref_ud(lpd_t *pd)
 {
     if (pd->ud_ref != LUA_NOREF) {
-        luaL_unref(sglr_L, LUA_REGISTRYINDEX, pd->ud_ref);
+        sglr_unref(pd->ud_ref);
         pd->ud_ref = LUA_NOREF;
     }
 }
@@ -238,7 +238,7 @@ static int wait_for(lua_State *L, lpd_t *pd, push_fn push)
     pd->co_ref = sglr_co_pin(L);
     if (pd->ud_ref == LUA_NOREF) {
         lua_pushvalue(L, 1);
-        pd->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        pd->ud_ref = sglr_ref(L);
     }
     return lua_yield(L, 0);
 }
@@ -564,7 +564,7 @@ static int x_forward_pd(lua_State *L)
     px->on_end = lpd_on_end;
     sglr_lua_new_box(L, PD_MT, pd);         /* from here the box owns pd */
     lua_pushvalue(L, -1);
-    pd->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    pd->ud_ref = sglr_ref(L);
     /* both legs: x's method, path and headers (plus opts.headers), the
      * spliced body; with data-parallel ranks, each leg's own rank on top */
     sglr_buf_t hb = sglr_lua_scratch_take();
@@ -603,7 +603,7 @@ static int x_forward_pd(lua_State *L)
         return luaL_error(L, "%s", err);
     }
     lua_pushvalue(L, 1);
-    pd->x_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    pd->x_ref = sglr_ref(L);
     unsigned t = timeout > 0 ? (unsigned)(timeout + 0.999) : 0;
     unsigned c = connect > 0 ? (unsigned)(connect + 0.999) : 0;
     pd->in_call = 1;

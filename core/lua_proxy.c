@@ -117,7 +117,7 @@ typedef struct {
 static void lleg_unpin_x(lleg_t *f)
 {
     if (f->x_ref != LUA_NOREF) {
-        luaL_unref(sglr_L, LUA_REGISTRYINDEX, f->x_ref);
+        sglr_unref(f->x_ref);
         f->x_ref = LUA_NOREF;
     }
 }
@@ -127,7 +127,7 @@ static void lleg_unpin_x(lleg_t *f)
 static void lleg_unref(lleg_t *f)
 {
     if (f->ud_ref != LUA_NOREF) {
-        luaL_unref(sglr_L, LUA_REGISTRYINDEX, f->ud_ref);
+        sglr_unref(f->ud_ref);
         f->ud_ref = LUA_NOREF;
     }
 }
@@ -279,7 +279,7 @@ static lleg_t *new_response(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool,
     f->mode = mode;
     sglr_lua_new_box(L, RESPONSE_MT, f);     /* from here the box owns the leg */
     lua_pushvalue(L, -1);
-    f->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    f->ud_ref = sglr_ref(L);
     return f;
 }
 
@@ -377,7 +377,7 @@ static int lleg_wait(lua_State *L, lleg_t *f, int (*push)(lua_State *, lleg_t *)
     if (f->ud_ref == LUA_NOREF) {
         /* pipe/read: keep the response alive while its coroutine waits */
         lua_pushvalue(L, 1);
-        f->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        f->ud_ref = sglr_ref(L);
     }
     return lua_yield(L, 0);
 }
@@ -408,7 +408,7 @@ static int x_forward(lua_State *L)
     /* while the leg runs the exchange userdata must not be collected (its
      * finalizer would answer 500 under the forward) */
     lua_pushvalue(L, 1);
-    f->x_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    f->x_ref = sglr_ref(L);
     const char *err = leg_start(L, f, opts, x, rank);
     if (err)
         return start_failed(L, f, err);

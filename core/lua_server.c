@@ -432,7 +432,7 @@ static void x_drain_wake(sglr_exchange_t *x)
         return;
     lua_State *co = w->co;
     int ref = w->ref;
-    luaL_unref(sglr_L, LUA_REGISTRYINDEX, w->xref);
+    sglr_unref(w->xref);
     free(w);
     lua_pushboolean(co, x->conn != NULL);
     sglr_co_resume(co, ref, 1);
@@ -460,7 +460,7 @@ static int x_write(lua_State *L)
         w->co = L;
         w->ref = ref;
         lua_pushvalue(L, 1);
-        w->xref = luaL_ref(L, LUA_REGISTRYINDEX);
+        w->xref = sglr_ref(L);
         x->data = w;
         x->on_drain = x_drain_wake;
         x->on_close = x_drain_wake;

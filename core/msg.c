@@ -157,7 +157,19 @@ int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
     if (buf_reserve(&h->buf, n + 1))
         return -ENOMEM;
     char *d = h->buf.data + h->buf.len;
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+    /* eight bytes a step: a byte in 'A'..'Z' (below 0x80) gets 0x20 */
+    for (; i + 8 <= n; i += 8) {
+        const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80;
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        uint64_t low7 = w & ~highs;
+        uint64_t ge_a = low7 + ones * (0x80 - 'A');   /* high bit: >= 'A' */
+        uint64_t gt_z = low7 + ones * (0x7f - 'Z');   /* high bit: > 'Z' */
+        w |= ((ge_a ^ gt_z) & ~w & highs) >> 2;
+        memcpy(d + i, &w, 8);
+    }
+    for (; i < n; i++) {
         unsigned char c = (unsigned char)p[i];
         d[i] = (char)(c + ((unsigned)(c - 'A') < 26u ? 32 : 0));
     }

@@ -51,6 +51,15 @@ int sglr_co_pool_take(lua_State **co);
 /* Drop a pinned coroutine without resuming it (its wait was abandoned). */
 void sglr_co_unpin(int ref);
 
+/* Registry references for the hot path: sglr_ref pops the value on top of
+ * L's stack and returns its ref (LUA_REFNIL for nil), sglr_unref releases
+ * it; read it back with lua_rawgeti(L, LUA_REGISTRYINDEX, ref). The same
+ * contract as luaL_ref/luaL_unref at a fraction of the cost: a released
+ * slot keeps false (not nil, so luaL_ref never hands it out) and goes back
+ * to a free list kept in C. Either release works on either kind of ref. */
+int sglr_ref(lua_State *L);
+void sglr_unref(int ref);
+
 /* The gateway for calls from C into Lua outside coroutines: pcall with a
  * traceback; errors are logged, never fatal. Returns the pcall status. */
 int sglr_pcall(lua_State *L, int nargs, int nresults);

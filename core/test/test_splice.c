@@ -540,6 +540,38 @@ TEST(u64_decimal)
     }
 }
 
+/* Header names are stored lowercased: every byte value at every place of
+ * names long enough to take the eight-byte steps and the tail, whole and
+ * split across two field callbacks; only A-Z change. */
+TEST(head_names_lowercased)
+{
+    for (size_t len = 1; len <= 19; len++) {
+        for (size_t at = 0; at < len; at++) {
+            for (int c = 0; c < 256; c++) {
+                char name[24], want[24];
+                for (size_t i = 0; i < len; i++)
+                    name[i] = (char)('A' + (i * 7 + at) % 26);
+                name[at] = (char)c;
+                for (size_t i = 0; i < len; i++) {
+                    unsigned char b = (unsigned char)name[i];
+                    want[i] = (char)(b >= 'A' && b <= 'Z' ? b + 32 : b);
+                }
+                sglr_head_t h = { 0 };
+                size_t cut = (at * 5 + (size_t)c) % (len + 1);
+                CHECK(sglr_head_field(&h, name, cut) == 0);
+                CHECK(sglr_head_field(&h, name + cut, len - cut) == 0);
+                CHECK(sglr_head_field_done(&h) == 0);
+                CHECK(sglr_head_value(&h, "v", 1) == 0);
+                CHECK_EQ_INT(h.nhdrs, 1);
+                CHECK_EQ_INT(h.hdrs[0].name_len, len);
+                int same = memcmp(h.buf.data + h.hdrs[0].name_off, want, len) == 0;
+                sglr_head_free(&h);
+                CHECK(same);
+            }
+        }
+    }
+}
+
 TEST(rooms)
 {
     enum { N = 4096 };
@@ -1137,6 +1169,7 @@ int main(void)
     RUN(rank_refuses_and_keeps_out);
     RUN(rank_after_bootstrap);
     RUN(u64_decimal);
+    RUN(head_names_lowercased);
     RUN(rooms);
     RUN(merge_objects);
     RUN(merge_without_the_key);

@@ -216,6 +216,38 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("refuses header names and values that would split or corrupt a head", function()
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      x:respond(200, {}, x:header("x-ok") or "none")
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local long = string.rep("a", 21)
+    local bad = {
+      { ["x-a"] = long .. "\r\nx-b: 1" }, { ["x-a"] = "v\n" }, { ["x-a"] = long .. "\0" .. long },
+      { ["x:a"] = "v" }, { ["x a"] = "v" }, { [""] = "v" }, { [long .. "\r" .. long] = "v" },
+      { ["x-a"] = {} },
+    }
+    local errs = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      for i, h in ipairs(bad) do
+        local ok, err = pcall(x.forward, x, pool, { headers = h })
+        errs[i] = not ok and tostring(err) or "accepted"
+      end
+      -- a tab inside a value and a number are fine
+      local resp = assert(x:forward(pool, { headers = { ["x-ok"] = long .. "\t" .. long, ["x-n"] = 5 } }))
+      resp:pipe()
+      resp:close()
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    local res = assert(core.request(rpool, { path = "/" }))
+    assert.equal(long .. "\t" .. long, res.body)
+    assert.equal(#bad, #errs)
+    for i = 1, #bad - 1 do assert.truthy(errs[i]:find("forbidden character", 1, true), errs[i]) end
+    assert.truthy(errs[#bad]:find("must be strings", 1, true), errs[#bad])
+    router:close()
+    worker:close()
+  end)
+
   it("frees a response at close: its status reads 0 and a pipe or read after it raises", function()
     local worker = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, { ["x-w"] = "1" }, "hi") end))
     local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
