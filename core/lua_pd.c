@@ -22,7 +22,8 @@
  * leg's body (pd:read_prefill(), pd:read()) to answer with it or retry.
  * The prefill's own response is read and dropped unless the merge needs it.
  * Lua is resumed once per call; nothing per chunk. pd:pipe() returns how
- * each leg ended, for the breakers and loads (as pd:outcome() does).
+ * each leg ended, for the breakers and loads (as pd:outcome() does), and
+ * pd:close() frees the PD exchange at once (returning the same).
  */
 #include "lua_common.h"
 #include "proxy.h"
@@ -59,9 +60,14 @@ struct lpd {
     int in_cb;                /* inside an engine callback: wakes wait for its end */
     push_fn deferred;
     sglr_buf_t hdrs;          /* the client's response head, for a late pipe */
+    sglr_buf_t body;          /* the spliced body both legs send (unless ranked) */
     sglr_splice_sse_t sse;
     int sse_on;
 };
+
+/* What a closed PD exchange's box points to (pd:close()). */
+static lpd_t closed_pd = { .mode = PD_DONE, .fail_leg = -1, .co_ref = LUA_NOREF,
+                           .ud_ref = LUA_NOREF, .x_ref = LUA_NOREF };
 
 static const char *leg_name(int i)
 {
@@ -569,16 +575,17 @@ static int x_forward_pd(lua_State *L)
      * spliced body; with data-parallel ranks, each leg's own rank on top */
     sglr_buf_t hb = sglr_lua_scratch_take();
     sglr_buf_t ranked = { 0 };
+    pd->body = spliced;                   /* sent by reference: pd outlives the legs' requests */
     const char *err = sglr_lua_headers(L, &x->head, hidx, &hb);
     for (int i = 0; i < 2 && !err; i++) {
-        const char *b = spliced.data;
-        size_t blen = spliced.len;
+        const char *b = pd->body.data;
+        size_t blen = pd->body.len;
         pd->leg[i]->data = pd;
         pd->leg[i]->max_body = PREFILL_MAX_BODY;
         if (ranks[i] >= 0) {
             sglr_buf_reset(&ranked);
             /* the bootstrap splice made a valid object: only memory can fail */
-            if (sglr_splice_rank(&ranked, spliced.data, spliced.len, ranks[i]) < 0) {
+            if (sglr_splice_rank(&ranked, pd->body.data, pd->body.len, ranks[i]) < 0) {
                 err = "out of memory";
                 break;
             }
@@ -588,14 +595,13 @@ static int x_forward_pd(lua_State *L)
         /* without the logprob merge nothing reads a 2xx prefill's
          * header fields (a refusal's content-type is read) */
         pd->leg[i]->req->skip_ok_fields = i == PREFILL && !logprobs;
-        if (sglr_upreq_build(pd->leg[i]->req, sglr_exchange_method(x),
-                             x->head.buf.data + x->head.url_off, x->head.url_len,
-                             hb.data ? hb.data : "", hb.len, b, blen))
+        if ((ranks[i] >= 0 ? sglr_upreq_build : sglr_upreq_build_ref)(
+                pd->leg[i]->req, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
+                x->head.url_len, hb.data ? hb.data : "", hb.len, b ? b : "", blen))
             err = "out of memory";
     }
     sglr_lua_scratch_give(&hb);
     sglr_buf_free(&ranked);
-    sglr_buf_free(&spliced);
     if (err) {
         unref_ud(pd);
         sglr_proxy_leg_cancel(pd->leg[PREFILL]);
@@ -615,9 +621,7 @@ static int x_forward_pd(lua_State *L)
 static int pd_status_of(lua_State *L, int i)
 {
     lpd_t *pd = check_pd(L);
-    sglr_upreq_t *r = pd->leg[i]->req;
-    (void)r;
-    lua_pushinteger(L, head_status(pd, i));
+    lua_pushinteger(L, pd == &closed_pd ? 0 : head_status(pd, i));
     return 1;
 }
 
@@ -627,7 +631,7 @@ static int pd_prefill_status(lua_State *L) { return pd_status_of(L, PREFILL); }
 static int pd_header_of(lua_State *L, int i)
 {
     lpd_t *pd = check_pd(L);
-    sglr_upreq_t *r = pd->leg[i]->req;
+    sglr_upreq_t *r = pd == &closed_pd ? NULL : pd->leg[i]->req;
     size_t n;
     const char *v = r && pd->head[i] ? sglr_head_get(&r->head, luaL_checkstring(L, 2), &n) : NULL;
     if (v)
@@ -708,6 +712,11 @@ static int pd_pipe(lua_State *L)
 static int pd_outcome(lua_State *L)
 {
     lpd_t *pd = check_pd(L);
+    if (pd == &closed_pd) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        return 2;
+    }
     push_outcome(L, pd->leg[PREFILL]);
     push_outcome(L, pd->leg[DECODE]);
     return 2;
@@ -720,14 +729,37 @@ static void pd_cancel(lpd_t *pd)
     sglr_proxy_leg_cancel(pd->leg[DECODE]);
 }
 
-/* pd:close(): cancel what still runs (connections closed). */
+static void pd_free(lpd_t *pd)
+{
+    unref_ud(pd);
+    pd_cancel(pd);
+    sglr_proxy_leg_free(pd->leg[PREFILL]);
+    sglr_proxy_leg_free(pd->leg[DECODE]);
+    if (pd->sse_on)
+        sglr_splice_sse_close(&pd->sse, NULL);
+    sglr_buf_free(&pd->hdrs);
+    sglr_buf_free(&pd->body);           /* the legs' requests, which sent it, are gone */
+    free(pd);
+}
+
+/* pd:close() -> the prefill's and the decode's outcomes (as pd:outcome()
+ * answers after the cancel): what still runs is cancelled (connections
+ * closed) and the PD exchange is freed now, not when the collector reaches
+ * its box, so its legs' memory goes back with the request. From then on its
+ * statuses read 0, its headers nil, outcome() nil, and read/pipe raise. */
 static int pd_close(lua_State *L)
 {
     lpd_t *pd = check_pd(L);
+    if (pd == &closed_pd)
+        return 0;
     if (pd->co)
         return luaL_error(L, "close: a coroutine is waiting on this PD exchange");
     pd_cancel(pd);
-    return 0;
+    push_outcome(L, pd->leg[PREFILL]);
+    push_outcome(L, pd->leg[DECODE]);
+    ((sglr_box_t *)lua_touserdata(L, 1))->p = &closed_pd;
+    pd_free(pd);
+    return 2;
 }
 
 static int pd_gc(lua_State *L)
@@ -736,16 +768,9 @@ static int pd_gc(lua_State *L)
     if (!box)
         return 0;
     lpd_t *pd = *box;
-    if (!pd)
-        return 0;
     *box = NULL;
-    pd_cancel(pd);
-    sglr_proxy_leg_free(pd->leg[PREFILL]);
-    sglr_proxy_leg_free(pd->leg[DECODE]);
-    if (pd->sse_on)
-        sglr_splice_sse_close(&pd->sse, NULL);
-    sglr_buf_free(&pd->hdrs);
-    free(pd);
+    if (pd && pd != &closed_pd)
+        pd_free(pd);
     return 0;
 }
 

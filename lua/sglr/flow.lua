@@ -745,8 +745,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   if dst >= 400 and retry.retryable_status(dst) and can_retry then
     local body = pdx:read()
     local ctype = pdx:header("content-type")
-    pdx:close()
-    local pres = pdx:outcome()
+    local pres = pdx:close()
     flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
     flow:settle(req, dw, req.dpolicy, "failure", dst)
     pd_error("decode", "status_" .. dst)
@@ -758,6 +757,7 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
 
   -- commit: the client gets the decode's response
   local okp, perr, _, pres, dres = pdx:pipe(req.extra)
+  pdx:close()                          -- freed now, not at the next collection
   record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
   flow:settle(req, dw, req.dpolicy, okp and leg_outcome("ok", dst) or leg_outcome(dres, dst), dst)

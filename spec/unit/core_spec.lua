@@ -248,6 +248,46 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("frees a PD exchange at close: it returns both outcomes, then reads as closed", function()
+    local prefill = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, {}, "{}") end))
+    local decode = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      x:respond(200, { ["x-w"] = "d" }, x:body())
+    end))
+    local ppool = assert(core.upstream("http://127.0.0.1:" .. prefill:port()))
+    local dpool = assert(core.upstream("http://127.0.0.1:" .. decode:port()))
+    local seen = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local pdx, pst, dst = assert(x:forward_pd(ppool, dpool, { route = "generate", host = "h", port = 7 }))
+      seen.pst, seen.dst, seen.header = pst, dst, pdx:header("x-w")
+      seen.pipe = { pdx:pipe() }
+      seen.closed = { pdx:close() }
+      seen.again = { pdx:close() }      -- a second close is a no-op
+      seen.after = { pdx:status(), pdx:prefill_status(), pdx:header("x-w"), pdx:outcome() }
+      seen.pipe_ok, seen.pipe_err = pcall(pdx.pipe, pdx)
+      seen.read_ok = pcall(pdx.read, pdx)
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    for _ = 1, 2 do
+      local res = assert(core.request(rpool, { method = "POST", path = "/generate", body = '{"text":"hi"}' }))
+      assert.equal(200, res.status)
+      assert.truthy(res.body:find('"bootstrap_room":', 1, true))   -- the spliced body, sent by reference
+      assert.truthy(res.body:find('"bootstrap_host":"h","bootstrap_port":7', 1, true))
+      assert.equal(200, seen.pst)
+      assert.equal(200, seen.dst)
+      assert.equal("d", seen.header)
+      assert.same({ true, nil, nil, "ok", "ok" }, seen.pipe)
+      assert.same({ "ok", "ok" }, seen.closed)
+      assert.same({}, seen.again)
+      assert.same({ 0, 0 }, seen.after)
+      assert.is_false(seen.pipe_ok)
+      assert.truthy(tostring(seen.pipe_err):find("not waiting", 1, true))
+      assert.is_false(seen.read_ok)
+    end
+    router:close()
+    prefill:close()
+    decode:close()
+  end)
+
   it("frees a response at close: its status reads 0 and a pipe or read after it raises", function()
     local worker = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, { ["x-w"] = "1" }, "hi") end))
     local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
