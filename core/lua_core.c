@@ -175,20 +175,13 @@ static int l_spawn(lua_State *L)
     return 0;
 }
 
-/* core.random_id(prefix) -> prefix .. 24 alphanumerics (request ids) */
-static int l_random_id(lua_State *L)
+void sglr_random_alnum24(char *out)
 {
     static const char alnum[] =
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     static uint64_t state;
-    size_t plen;
-    const char *prefix = luaL_optlstring(L, 1, "", &plen);
-    if (plen > 64)
-        return luaL_argerror(L, 1, "prefix too long");
     if (!state)
         state = uv_hrtime() ^ 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&state;
-    char out[64 + 24];
-    memcpy(out, prefix, plen);
     /* xorshift64*: ids need to be unlikely to collide, not secret. A draw
      * gives eight base-62 characters (62^8 < 2^48, from its top bits). */
     for (int i = 0; i < 24; i += 8) {
@@ -197,10 +190,22 @@ static int l_random_id(lua_State *L)
         state ^= state >> 27;
         uint64_t v = (state * 0x2545F4914F6CDD1Dull) >> 16;
         for (int k = 0; k < 8; k++) {
-            out[plen + i + k] = alnum[v % 62];
+            out[i + k] = alnum[v % 62];
             v /= 62;
         }
     }
+}
+
+/* core.random_id(prefix) -> prefix .. 24 alphanumerics (request ids) */
+static int l_random_id(lua_State *L)
+{
+    size_t plen;
+    const char *prefix = luaL_optlstring(L, 1, "", &plen);
+    if (plen > 64)
+        return luaL_argerror(L, 1, "prefix too long");
+    char out[64 + 24];
+    memcpy(out, prefix, plen);
+    sglr_random_alnum24(out + plen);
     lua_pushlstring(L, out, plen + 24);
     return 1;
 }

@@ -268,6 +268,35 @@ double sglr_lua_x_body_size(void *b)
     return x ? (double)x->body.len : -1;
 }
 
+/* A request's id, for the flow through the FFI (one call, compiled into
+ * its trace): the value of the first of names (each NUL-terminated, an
+ * empty name ends the list) that x carries non-empty, else prefix and 24
+ * random alphanumerics. Written to out; returns its length, or -1 when x
+ * is not a live exchange or the id does not fit in cap (the caller then
+ * asks x:header and core.random_id). */
+int sglr_lua_x_request_id(void *b, const char *names, const char *prefix, char *out, int cap)
+{
+    sglr_exchange_t *x = ffi_x(b);
+    if (!x || cap < 0)
+        return -1;
+    for (const char *n = names; *n; n += strlen(n) + 1) {
+        size_t len;
+        const char *v = sglr_head_get(&x->head, n, &len);
+        if (v && len) {
+            if (len > (size_t)cap)
+                return -1;
+            memcpy(out, v, len);
+            return (int)len;
+        }
+    }
+    size_t plen = strlen(prefix);
+    if (plen + 24 > (size_t)cap)
+        return -1;
+    memcpy(out, prefix, plen);
+    sglr_random_alnum24(out + plen);
+    return (int)(plen + 24);
+}
+
 static sglr_exchange_t *check_x(lua_State *L)
 {
     return sglr_lua_check_exchange(L, 1);

@@ -69,6 +69,8 @@ int sglr_pcall_error(lua_State *L, int nargs, int nresults, char *err, size_t ca
 
 /* Milliseconds from a monotonic clock (uv_hrtime), with fractions. */
 double sglr_now_ms(void);
+/* 24 random base-62 characters into out (request ids; not secret) */
+void sglr_random_alnum24(char *out);
 /* Now in real time on the scale of uv_now(), for deadlines. */
 uint64_t sglr_loop_now(void);
 /* The uv_timer_start timeout for "ms from now in real time": at least 1, so

@@ -34,6 +34,7 @@ local bump, record = stats.bump, stats.record
 -- The exchange's status, closed and body_size the same way, for a userdata
 -- exchange (else, or when it is not a live one, its methods answer).
 local now_ms = core.now
+local x_request_id = false     -- through the FFI when it loads (below)
 local function x_status(x) return x:status() end
 local function x_closed(x) return x:closed() end
 local function x_body_size(x) return x:body_size() end
@@ -44,11 +45,20 @@ do
       int sglr_lua_x_status(void *x);
       int sglr_lua_x_closed(void *x);
       double sglr_lua_x_body_size(void *x);
+      int sglr_lua_x_request_id(void *x, const char *names, const char *prefix, char *out, int cap);
     ]]) and pcall(function()
-      return ffi.C.sglr_now_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size
+      return ffi.C.sglr_now_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size,
+        ffi.C.sglr_lua_x_request_id
     end) then
     local C = ffi.C
     now_ms = C.sglr_now_ms
+    local idbuf, ID_CAP, ffi_string = ffi.new("char[256]"), 256, ffi.string
+    -- names: the header names, each followed by a zero byte (flow.new)
+    x_request_id = function(x, names, prefix)
+      local n = type(x) == "userdata" and C.sglr_lua_x_request_id(x, names, prefix, idbuf, ID_CAP) or -1
+      if n >= 0 then return ffi_string(idbuf, n) end
+      return nil
+    end
     x_status = function(x)
       local v = type(x) == "userdata" and C.sglr_lua_x_status(x) or -1
       if v < 0 then return x:status() end
@@ -110,6 +120,9 @@ function M.new(r)
   self.request_id_headers = conf.request_id_headers or
     { "x-request-id", "x-correlation-id", "x-trace-id", "request-id" }
   for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
+  -- the same for the FFI: each name ends in a zero byte, an empty one ends
+  -- the list
+  self.request_id_names = table.concat(self.request_id_headers, "\0") .. "\0\0"
   self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
   self.rfwd = { headers = { ["x-request-id"] = false }, timeout_ms = false, connect_timeout_ms = false,
     route = false, batch = false, logprobs = false, host = false, port = false }
@@ -133,9 +146,12 @@ function M:start_capture(path, max_mb)
 end
 
 function M:request_id(x, route)
+  local prefix = ID_PREFIX[route] or "req-"
+  local id = x_request_id and x_request_id(x, self.request_id_names, prefix)
+  if id then return id end
   local v = x:header(unpack(self.request_id_headers))
   if v then return v end
-  return core.random_id(ID_PREFIX[route] or "req-")
+  return core.random_id(prefix)
 end
 
 -- The tokens a request asks for at most, from its body: max_tokens,
@@ -205,13 +221,14 @@ function M:infer(x, route)
   bump(rs.requests)
   -- one table per request: the policy's view and the access log's record.
   -- The fields set later are present from the start (false), so the table
-  -- is allocated once at its final size; `failed` (the workers a retry
-  -- avoids) comes only with a failure.
+  -- is allocated once at its final size, and a read of one never reaches
+  -- the metatable; `failed` (the workers a retry avoids) becomes a table
+  -- with a failure.
   local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
     extra = extra, stream = false, model = false, worker = false, error = false,
     policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
     match_ratio = false, prefill = false, ttfb = false, explain = false, shadow = false,
-    pd_batch = false, pd_flags = false }, req_mt)
+    pd_batch = false, pd_flags = false, failed = false }, req_mt)
   local em = self.explain_mode
   if em then
     local v = x:header("x-sglr-explain")

@@ -132,6 +132,13 @@ describe("request ids", function()
     res = assert(H.post(r.url, "/generate", H.gen_body("x"), { ["x-trace-id"] = "trace-9" }))
     assert.equal("trace-9", res.headers["x-request-id"])
     assert.equal("trace-9", res.headers["x-sim-request-id"])
+    -- an empty one is skipped for the next name; a long one passes whole
+    res = assert(H.post(r.url, "/generate", H.gen_body("x"), { ["x-request-id"] = "", ["x-trace-id"] = "t-2" }))
+    assert.equal("t-2", res.headers["x-request-id"])
+    local long = ("abcdefgh"):rep(100)
+    res = assert(H.post(r.url, "/generate", H.gen_body("x"), { ["x-correlation-id"] = long }))
+    assert.equal(long, res.headers["x-request-id"])
+    assert.equal(long, res.headers["x-sim-request-id"])
   end)
 
   it("generates SGLang-shaped ids when none is given", function()
