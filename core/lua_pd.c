@@ -23,7 +23,7 @@
  * The prefill's own response is read and dropped unless the merge needs it.
  * Lua is resumed once per call; nothing per chunk. pd:pipe() returns how
  * each leg ended, for the breakers and loads (as pd:outcome() does), and
- * pd:close() frees the PD exchange at once (returning the same).
+ * pd:close() frees the PD exchange at once.
  */
 #include "lua_common.h"
 #include "proxy.h"
@@ -742,11 +742,10 @@ static void pd_free(lpd_t *pd)
     free(pd);
 }
 
-/* pd:close() -> the prefill's and the decode's outcomes (as pd:outcome()
- * answers after the cancel): what still runs is cancelled (connections
- * closed) and the PD exchange is freed now, not when the collector reaches
- * its box, so its legs' memory goes back with the request. From then on its
- * statuses read 0, its headers nil, outcome() nil, and read/pipe raise. */
+/* pd:close(): what still runs is cancelled (connections closed) and the
+ * PD exchange is freed now, not when the collector reaches its box, so its
+ * legs' memory goes back with the request. From then on its statuses read
+ * 0, its headers nil, outcome() nil, and read/pipe raise. */
 static int pd_close(lua_State *L)
 {
     lpd_t *pd = check_pd(L);
@@ -754,12 +753,9 @@ static int pd_close(lua_State *L)
         return 0;
     if (pd->co)
         return luaL_error(L, "close: a coroutine is waiting on this PD exchange");
-    pd_cancel(pd);
-    push_outcome(L, pd->leg[PREFILL]);
-    push_outcome(L, pd->leg[DECODE]);
     ((sglr_box_t *)lua_touserdata(L, 1))->p = &closed_pd;
     pd_free(pd);
-    return 2;
+    return 0;
 }
 
 static int pd_gc(lua_State *L)

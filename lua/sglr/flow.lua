@@ -235,8 +235,12 @@ function M:infer(x, route)
     if v == "1" or v == "true" then req.explain = em == "all" or r:authorized(x, r.admin_key) end
   end
 
+  -- without a limit (--max-concurrent-requests 0) there is nothing to
+  -- take or give back: decided once, so acquire and release pair up
   local limiter = self.limiter
-  local ok, status, msg = limiter:acquire()
+  local limited = limiter.max > 0
+  local ok, status, msg = true, nil, nil
+  if limited then ok, status, msg = limiter:acquire() end
   if not ok then
     stats.queue_depth_h:set(limiter:depth())
     stats.rejections:inc(1, status == 429 and "queue_full" or "queue_timeout")
@@ -250,7 +254,7 @@ function M:infer(x, route)
   else
     okr, err = pcall(self.run, self, x, req)
   end
-  limiter:release()
+  if limited then limiter:release() end
   if not okr then
     stats.script_errors:inc()
     log.error("request failed in script", { request_id = rid, error = tostring(err) })
@@ -762,7 +766,10 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
   if dst >= 400 and retry.retryable_status(dst) and can_retry then
     local body = pdx:read()
     local ctype = pdx:header("content-type")
-    local pres = pdx:close()
+    -- a prefill still running reads nil here and "cancelled" after the
+    -- close: neither counts for its breaker
+    local pres = pdx:outcome()
+    pdx:close()
     flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
     flow:settle(req, dw, req.dpolicy, "failure", dst)
     pd_error("decode", "status_" .. dst)

@@ -67,10 +67,7 @@ local function fake_x(script)
         script.prefill_result or "ok", script.decode_result or "ok"
     end
     function pdx.outcome() return script.prefill_result or "ok", script.decode_result or "ok" end
-    function pdx.close()
-      closed = true
-      return script.prefill_result or "ok", script.decode_result or "ok"
-    end
+    function pdx.close() closed = true end
     x.pdx_closed = function() return closed end
     return pdx, script.prefill_status or 200, script.decode_status or 200
   end
