@@ -647,17 +647,21 @@ static void timer_close_cb(uv_handle_t *h)
     free(r);
 }
 
-/* Freed requests are recycled from a 0 ms timer (after whatever call chain
- * freed them has unwound) onto a free list that keeps their timer and
- * buffers. Sanitizer builds close and free instead, so that a use after
- * free is still caught. */
+/* Freed requests are recycled at the end of the loop turn (a check handle:
+ * after whatever call chain freed them has unwound) onto a free list that
+ * keeps their timer and buffers. One handle for all, not a 0 ms timer per
+ * request: that cost a timer-heap insert and removal each. Sanitizer
+ * builds close and free instead, so that a use after free is still
+ * caught. */
 #define SPARE_MAX 256
 static sglr_upreq_t *spare[SPARE_MAX];
 static int nspare;
+static sglr_upreq_t *recycle_q;
+static uv_check_t recycle_check;
+static int recycle_ready, recycle_off;     /* the handle runs; it was closed (shutdown) */
 
-static void recycle_cb(uv_timer_t *t)
+static void recycle(sglr_upreq_t *r)
 {
-    sglr_upreq_t *r = t->data;
     sglr_pool_unref(r->pool);
     r->pool = NULL;
     if (nspare < SPARE_MAX && r->out.cap <= (64u << 10) && r->pending.cap <= (64u << 10) &&
@@ -668,8 +672,24 @@ static void recycle_cb(uv_timer_t *t)
     uv_close((uv_handle_t *)&r->timer, timer_close_cb);
 }
 
+static void recycle_check_cb(uv_check_t *h)
+{
+    (void)h;
+    while (recycle_q) {
+        sglr_upreq_t *r = recycle_q;
+        recycle_q = r->rnext;
+        recycle(r);
+    }
+}
+
 void sglr_upstream_release_spares(void)
 {
+    recycle_check_cb(NULL);
+    if (recycle_ready) {
+        uv_close((uv_handle_t *)&recycle_check, NULL);
+        recycle_ready = 0;
+    }
+    recycle_off = 1;            /* a request freed from here on is closed at once */
     while (nspare > 0) {
         sglr_upreq_t *r = spare[--nspare];
         uv_close((uv_handle_t *)&r->timer, timer_close_cb);
@@ -1069,6 +1089,18 @@ void sglr_upreq_free(sglr_upreq_t *r)
 #ifdef SGLR_NO_FREELIST
     uv_close((uv_handle_t *)&r->timer, timer_close_cb);
 #else
-    uv_timer_start(&r->timer, recycle_cb, 0, 0);
+    if (recycle_off) {
+        uv_close((uv_handle_t *)&r->timer, timer_close_cb);
+        return;
+    }
+    uv_timer_stop(&r->timer);
+    if (!recycle_ready) {
+        uv_check_init(sglr_loop, &recycle_check);
+        uv_check_start(&recycle_check, recycle_check_cb);
+        uv_unref((uv_handle_t *)&recycle_check);    /* it keeps no loop running */
+        recycle_ready = 1;
+    }
+    r->rnext = recycle_q;
+    recycle_q = r;
 #endif
 }

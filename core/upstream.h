@@ -101,6 +101,7 @@ struct sglr_upreq_s {
     uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */
     uint64_t sent_at;        /* uv_now when the request was written */
     sglr_upreq_t *wnext, *wprev;   /* the pool's waiting list */
+    sglr_upreq_t *rnext;     /* freed: the list waiting to be recycled */
     unsigned wait_gen;       /* the lookup it waits for */
     int addr_tries;          /* addresses tried by this request's connect */
     unsigned connect_timeout_ms;
