@@ -14,6 +14,7 @@
 #include "extract.h"
 
 #include "sglr.h"
+#include "server.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -86,9 +87,12 @@ static size_t text_cap(const char *t, size_t len, lua_Number max)
     return n;
 }
 
-/* extract.check(route, body_or_exchange [, max_text]) -> true, stream,
- * model [, text] | nil, message. With max_text (a number; 0: no cap) the
- * routing text comes from the same pass, for a policy that reads it. */
+/* extract.check(route, body_or_exchange [, max_text [, keep]]) -> true,
+ * stream, model [, text] | nil, message. With max_text (a number; 0: no
+ * cap) the routing text comes from the same pass, for a policy that reads
+ * it. With keep, and an exchange, the text is kept in the exchange instead
+ * (x:route_text(), and the radix tree reads it there) and its length in
+ * bytes is the fourth result: no Lua string is made for it. */
 static int l_check(lua_State *L)
 {
     int want_text = lua_isnumber(L, 3);
@@ -107,7 +111,17 @@ static int l_check(lua_State *L)
         lua_pushnil(L);
     if (!want_text)
         return 3;
-    lua_pushlstring(L, x->text, text_cap(x->text, x->text_len, max));
+    size_t n = text_cap(x->text, x->text_len, max);
+    struct sglr_exchange_s *ex = lua_toboolean(L, 4) ? sglr_lua_to_exchange(L, 2) : NULL;
+    if (ex) {
+        ex->text.len = 0;
+        if (sglr_buf_append(&ex->text, x->text, n))
+            return luaL_error(L, "extract: out of memory");
+        ex->has_text = 1;
+        lua_pushinteger(L, (lua_Integer)n);
+        return 4;
+    }
+    lua_pushlstring(L, x->text, n);
     return 4;
 }
 

@@ -16,6 +16,7 @@
  * routing decision allocates nothing.
  */
 #include "radix.h"
+#include "sglr.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -108,12 +109,22 @@ static int l_new(lua_State *L)
     return 1;
 }
 
-/* t:insert(text, worker) */
+/* The text argument: a string, or an exchange whose routing text was kept
+ * (extract.check with keep): read where it is, no Lua string made. */
+static const char *text_arg(lua_State *L, int idx, size_t *n)
+{
+    struct sglr_exchange_s *x = sglr_lua_to_exchange(L, idx);
+    if (x)
+        return sglr_exchange_text(x, n);
+    return luaL_checklstring(L, idx, n);
+}
+
+/* t:insert(text, worker) (text: a string or an exchange) */
 static int l_insert(lua_State *L)
 {
     lradix_t *r = check_radix(L);
     size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
+    const char *s = text_arg(L, 2, &n);
     luaL_checktype(L, 3, LUA_TSTRING);
     if (n == 0)
         return 0;
@@ -126,12 +137,13 @@ static int l_insert(lua_State *L)
 }
 
 /* t:match(text [, allowed]) -> matched_bytes, worker|nil
- * allowed: array of worker URLs (or of tables with a url field). */
+ * text: a string or an exchange; allowed: array of worker URLs (or of
+ * tables with a url field). */
 static int l_match(lua_State *L)
 {
     lradix_t *r = check_radix(L);
     size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
+    const char *s = text_arg(L, 2, &n);
     const uint8_t *bits = NULL;
     size_t nbits = 0;
     lua_settop(L, 3);

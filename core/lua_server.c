@@ -376,6 +376,33 @@ static int x_body(lua_State *L)
     return 1;
 }
 
+sglr_exchange_t *sglr_lua_to_exchange(lua_State *L, int idx)
+{
+    if (lua_type(L, idx) != LUA_TUSERDATA)
+        return NULL;
+    sglr_box_t *b = lua_touserdata(L, idx);
+    return lua_objlen(L, idx) == sizeof *b && b->type == EXCHANGE_MT ? b->p : NULL;
+}
+
+const char *sglr_exchange_text(const sglr_exchange_t *x, size_t *len)
+{
+    *len = x->has_text ? x->text.len : 0;
+    return x->has_text && x->text.data ? x->text.data : "";
+}
+
+/* x:route_text() -> the routing text kept by extract.check(route, x, max,
+ * true), or nil when none was */
+static int x_route_text(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    if (!x->has_text)
+        return 0;
+    size_t n;
+    const char *t = sglr_exchange_text(x, &n);
+    lua_pushlstring(L, t, n);
+    return 1;
+}
+
 const char *sglr_lua_body(lua_State *L, int idx, size_t *len)
 {
     if (lua_type(L, idx) == LUA_TUSERDATA) {
@@ -591,6 +618,7 @@ void sglr_lua_open_server(lua_State *L)
     static const luaL_Reg x_m[] = {
         { "method", x_method }, { "url", x_url }, { "path", x_path }, { "header", x_header }, { "peer", x_peer },
         { "headers", x_headers }, { "body", x_body }, { "body_size", x_body_size },
+        { "route_text", x_route_text },
         { "respond", x_respond }, { "start", x_start }, { "write", x_write },
         { "finish", x_finish }, { "abort", x_abort }, { "closed", x_closed },
         { "state", x_state }, { "status", x_status }, { "started", x_started },

@@ -105,9 +105,9 @@ const char *sglr_status_text(int status)
 /* --- exchanges ----------------------------------------------------------- */
 
 /* Finished exchanges are kept on a free list with their buffers (head,
- * header index, body), so a steady stream of requests allocates nothing
- * here. Big buffers are not kept; sanitizer builds keep nothing, so that a
- * use after free is still caught. */
+ * header index, body, routing text, cork), so a steady stream of requests
+ * allocates nothing here. Big buffers are not kept; sanitizer builds keep
+ * nothing, so that a use after free is still caught. */
 #define SPARE_MAX 256
 #define SPARE_BUF_MAX (64u << 10)
 static sglr_exchange_t *spare[SPARE_MAX];
@@ -119,12 +119,14 @@ static sglr_exchange_t *exchange_new(sglr_conn_t *c)
     if (nspare > 0) {
         x = spare[--nspare];
         sglr_head_t head = x->head;
-        sglr_buf_t body = x->body;
+        sglr_buf_t body = x->body, text = x->text, cork = x->cork;
         memset(x, 0, sizeof *x);
         sglr_head_reset(&head);
-        body.len = 0;
+        body.len = text.len = cork.len = 0;
         x->head = head;
         x->body = body;
+        x->text = text;
+        x->cork = cork;
     } else {
         x = calloc(1, sizeof *x);
         if (!x)
@@ -141,13 +143,18 @@ static void exchange_free(sglr_exchange_t *x)
 {
     sglr_exchange_body_bytes -= x->body_held;
     x->body_held = 0;
-    sglr_buf_free(&x->cork);
 #ifndef SGLR_NO_FREELIST
     if (nspare < SPARE_MAX && x->head.buf.cap <= SPARE_BUF_MAX && x->body.cap <= SPARE_BUF_MAX) {
+        if (x->text.cap > SPARE_BUF_MAX)
+            sglr_buf_free(&x->text);
+        if (x->cork.cap > SPARE_BUF_MAX)
+            sglr_buf_free(&x->cork);
         spare[nspare++] = x;
         return;
     }
 #endif
+    sglr_buf_free(&x->cork);
+    sglr_buf_free(&x->text);
     sglr_head_free(&x->head);
     sglr_buf_free(&x->body);
     free(x);
@@ -356,7 +363,10 @@ int sglr_exchange_uncork(sglr_exchange_t *x)
     int r = 0;
     if (x->conn && x->cork.len)
         r = conn_write3(x->conn, x->cork.data, x->cork.len, NULL, 0, NULL, 0);
-    sglr_buf_free(&x->cork);
+    /* the bytes were copied or sent: the buffer stays for the next use */
+    x->cork.len = 0;
+    if (x->cork.cap > SPARE_BUF_MAX)
+        sglr_buf_free(&x->cork);
     return r;
 }
 

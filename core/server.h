@@ -66,6 +66,10 @@ struct sglr_exchange_s {
     sglr_server_t *server;
     sglr_head_t head;        /* url and headers, names lowercased */
     sglr_buf_t body;
+    /* the routing text kept for the policy (sglr.extract's check with
+     * keep; the radix tree reads it from here), valid when has_text */
+    sglr_buf_t text;
+    int has_text;
     int method;              /* llhttp_method_t */
     int http_minor;
     int keep_alive;

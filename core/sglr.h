@@ -80,6 +80,12 @@ uint64_t sglr_timer_ms(double ms);
 /* The bytes of argument idx: a string, or the request body of an exchange
  * (sglr.exchange userdata) without copying it into Lua. Raises otherwise. */
 const char *sglr_lua_body(lua_State *L, int idx, size_t *len);
+/* The live exchange (struct sglr_exchange_s) argument idx is, or NULL
+ * (another value, or one whose exchange is gone). Never raises. */
+struct sglr_exchange_s *sglr_lua_to_exchange(lua_State *L, int idx);
+/* The routing text kept in exchange x (sglr.extract's check with keep):
+ * its bytes, "" with *len 0 when none was kept. */
+const char *sglr_exchange_text(const struct sglr_exchange_s *x, size_t *len);
 
 /* Register a module opener under package.preload[name]. */
 void sglr_preload(lua_State *L, const char *name, lua_CFunction open);

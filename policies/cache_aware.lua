@@ -39,8 +39,9 @@ local setmetatable, type = setmetatable, type
 local P = {
   name = "cache_aware",
   version = "1.0.0",
-  -- select reads req.text: the runtime decodes it in the pass that checks
-  -- the body, instead of a second pass
+  -- select reads the routing text: the runtime decodes it in the pass that
+  -- checks the body, instead of a second pass, and keeps it for the tree
+  -- (req.text_source)
   wants_text = true,
   description = "Send requests sharing a prompt prefix to the worker that has it cached; "
              .. "fall back to the emptiest worker, and to the least loaded one under skew.",
@@ -211,8 +212,13 @@ function P:select(req, workers)
     if l > max_load then max_load = l end
   end
 
-  local text = req.text or ""
-  local len = #text
+  -- the routing text as the tree takes it: where the router kept it
+  -- (text_source, text_len: no Lua string is made), else req.text
+  local text, len = req.text_source, req.text_len
+  if not text then
+    text = req.text or ""
+    len = #text
+  end
   local chosen, decision, ratio, held
   local prob = self.cache_routing_prob
   if prob < 1 and (prob <= 0 or self.rt.random() >= prob) then

@@ -170,7 +170,14 @@ end
 local req_mt = {
   __index = function(t, k)
     if k == "text" then
-      local s = ok_extract and extract.route_text(t.route, t._x, MAX_TEXT) or ""
+      -- kept in the exchange by the validating pass (text_source), else
+      -- decoded now
+      local s
+      if rawget(t, "text_source") then
+        s = t._x:route_text() or ""
+      else
+        s = ok_extract and extract.route_text(t.route, t._x, MAX_TEXT) or ""
+      end
       rawset(t, "text", s)
       return s
     elseif k == "body" then
@@ -228,7 +235,7 @@ function M:infer(x, route)
     extra = extra, stream = false, model = false, worker = false, error = false,
     policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
     match_ratio = false, prefill = false, ttfb = false, explain = false, shadow = false,
-    pd_batch = false, pd_flags = false, failed = false }, req_mt)
+    pd_batch = false, pd_flags = false, failed = false, text_source = false, text_len = false }, req_mt)
   local em = self.explain_mode
   if em then
     local v = x:header("x-sglr-explain")
@@ -238,7 +245,8 @@ function M:infer(x, route)
   -- without a limit (--max-concurrent-requests 0) there is nothing to
   -- take or give back: decided once, so acquire and release pair up
   local limiter = self.limiter
-  local limited = limiter.max > 0
+  local max = limiter.max
+  local limited = not (max and max <= 0)
   local ok, status, msg = true, nil, nil
   if limited then ok, status, msg = limiter:acquire() end
   if not ok then
@@ -393,9 +401,17 @@ function M:run(x, req)
     ok, stream_or_err, model, text = extract.check_text(route, x, MAX_TEXT)
     if ok then rawset(req, "text", text) end
   elseif ok_extract and req.policy.wants_text then
-    -- a policy that matches on the routing text gets it from the same pass
-    ok, stream_or_err, model, text = extract.check(route, x, MAX_TEXT)
-    if ok then rawset(req, "text", text) end
+    -- a policy that matches on the routing text gets it from the same pass,
+    -- kept in the exchange: the radix tree reads it there (req.text_source),
+    -- and no Lua string of it is made unless req.text is read
+    ok, stream_or_err, model, text = extract.check(route, x, MAX_TEXT, true)
+    if ok then
+      if type(text) == "number" then
+        req.text_source, req.text_len = x, text
+      else
+        rawset(req, "text", text)
+      end
+    end
   else
     ok, stream_or_err, model = inspect(route, x)
   end

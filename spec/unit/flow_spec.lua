@@ -97,6 +97,47 @@ describe("request flow", function()
     assert.equal(0, r.workers.list[1].load)
   end)
 
+  it("keeps a wants_text policy's routing text in the exchange, where the tree and req.text read it", function()
+    local radix = require "sglr.radix"
+    local seen = {}
+    local p = recording_policy("t")
+    p.wants_text = true
+    p.tree = radix.new()
+    function p.select(self, req, workers)
+      seen.source_is_string = type(req.text_source) == "string"
+      seen.len = req.text_len
+      -- the tree takes the exchange where it takes a string
+      self.tree:insert(req.text_source, workers[1].url)
+      seen.matched = { self.tree:match(req.text_source, workers) }
+      seen.by_string = { self.tree:match(req.text, workers) }
+      seen.text = req.text
+      return workers[1]
+    end
+    local r = fake_router({ worker({}) }, p)
+    local res = core.request(assert(core.upstream(r.url)), { method = "POST", path = "/generate",
+      body = '{"text":"the routing text \\u00e9"}', headers = { ["content-type"] = "application/json" } })
+    assert.equal(200, res.status)
+    local text = "the routing text \u{e9}"
+    assert.is_false(seen.source_is_string)
+    assert.equal(#text, seen.len)
+    assert.equal(text, seen.text)
+    assert.same({ #text, r.workers.list[1].url }, seen.matched)
+    assert.same(seen.matched, seen.by_string)
+  end)
+
+  it("asks an unlimited limiter nothing, and a limited one once each way", function()
+    local w = worker({})
+    local r = fake_router({ w }, recording_policy("a"))
+    local calls = 0
+    r.flow.limiter = { max = 0, acquire = function() calls = calls + 1; return true end,
+      release = function() calls = calls + 1 end, depth = function() return 0 end }
+    assert.equal(200, post(r.url).status)
+    assert.equal(0, calls)
+    r.flow.limiter.max = 4
+    assert.equal(200, post(r.url).status)
+    assert.equal(2, calls)
+  end)
+
   it("drops the headers a client names in Connection, and keeps the others", function()
     local w = {}
     local r = fake_router({ worker(w) }, recording_policy("p"))
