@@ -245,8 +245,8 @@ function M:infer(x, route)
   -- without a limit (--max-concurrent-requests 0) there is nothing to
   -- take or give back: decided once, so acquire and release pair up
   local limiter = self.limiter
-  local max = limiter.max
-  local limited = not (max and max <= 0)
+  local lmax = limiter.max
+  local limited = not (lmax and lmax <= 0)
   local ok, status, msg = true, nil, nil
   if limited then ok, status, msg = limiter:acquire() end
   if not ok then
