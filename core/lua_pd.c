@@ -69,6 +69,45 @@ struct lpd {
 static lpd_t closed_pd = { .mode = PD_DONE, .fail_leg = -1, .co_ref = LUA_NOREF,
                            .ud_ref = LUA_NOREF, .x_ref = LUA_NOREF };
 
+/* Freed PD exchanges are kept on a free list with their buffers (the
+ * client's response head, the spliced body), so a steady stream of PD
+ * requests allocates neither. Big buffers are not kept; sanitizer builds
+ * keep nothing, so that a use after free is still caught. */
+#define PD_SPARE_MAX 64
+#define PD_SPARE_BUF_MAX (64u << 10)
+static lpd_t *pd_spare[PD_SPARE_MAX];
+static int pd_nspare;
+
+static lpd_t *pd_new(void)
+{
+#ifndef SGLR_NO_FREELIST
+    if (pd_nspare > 0) {
+        lpd_t *pd = pd_spare[--pd_nspare];
+        sglr_buf_t hdrs = pd->hdrs, body = pd->body;
+        memset(pd, 0, sizeof *pd);
+        hdrs.len = body.len = 0;
+        pd->hdrs = hdrs;
+        pd->body = body;
+        return pd;
+    }
+#endif
+    return calloc(1, sizeof(lpd_t));
+}
+
+static void pd_release(lpd_t *pd)
+{
+#ifndef SGLR_NO_FREELIST
+    if (pd_nspare < PD_SPARE_MAX && pd->hdrs.cap <= PD_SPARE_BUF_MAX &&
+        pd->body.cap <= PD_SPARE_BUF_MAX) {
+        pd_spare[pd_nspare++] = pd;
+        return;
+    }
+#endif
+    sglr_buf_free(&pd->hdrs);
+    sglr_buf_free(&pd->body);
+    free(pd);
+}
+
 static const char *leg_name(int i)
 {
     return i == PREFILL ? "prefill" : "decode";
@@ -527,19 +566,26 @@ static int x_forward_pd(lua_State *L)
         return luaL_error(L, "out of memory");
     for (size_t i = 0; i < nrooms; i++)
         rooms[i] = sglr_splice_room();
-    sglr_buf_t spliced = { 0 };
+    /* the body is spliced into the PD exchange's own buffer (kept from an
+     * earlier request when one is spare) */
+    lpd_t *pd = pd_new();
+    if (!pd) {
+        if (rooms != &room1)
+            free(rooms);
+        return luaL_error(L, "out of memory");
+    }
     /* without bootstrap members of the client's own, the fields go before
      * the closing brace with no second pass over the body */
     int r = own ? -EINVAL
-                : sglr_splice_bootstrap_append(&spliced, body, x->body.len, host, hlen, port,
+                : sglr_splice_bootstrap_append(&pd->body, body, x->body.len, host, hlen, port,
                                                rooms, nrooms, batch);
     if (r == -EINVAL)
-        r = sglr_splice_bootstrap(&spliced, body, x->body.len, host, hlen, port, rooms, nrooms,
+        r = sglr_splice_bootstrap(&pd->body, body, x->body.len, host, hlen, port, rooms, nrooms,
                                   batch);
     if (rooms != &room1)
         free(rooms);
     if (r < 0) {
-        sglr_buf_free(&spliced);
+        pd_release(pd);
         if (r == -ENOMEM)
             return luaL_error(L, "out of memory");
         lua_pushnil(L);
@@ -548,18 +594,16 @@ static int x_forward_pd(lua_State *L)
         return 3;
     }
 
-    lpd_t *pd = calloc(1, sizeof *pd);
-    sglr_proxy_t *px = pd ? sglr_proxy_new(x, 0) : NULL;
+    sglr_proxy_t *px = sglr_proxy_new(x, 0);
     if (px) {
         pd->leg[PREFILL] = sglr_proxy_leg_new(px, pools[PREFILL]);
         pd->leg[DECODE] = pd->leg[PREFILL] ? sglr_proxy_leg_new(px, pools[DECODE]) : NULL;
         sglr_proxy_release(px);           /* the legs keep it */
     }
-    if (!pd || !pd->leg[DECODE]) {
-        if (pd && pd->leg[PREFILL])
+    if (!pd->leg[DECODE]) {
+        if (pd->leg[PREFILL])
             sglr_proxy_leg_free(pd->leg[PREFILL]);
-        free(pd);
-        sglr_buf_free(&spliced);
+        pd_release(pd);
         return luaL_error(L, "out of memory");
     }
     pd->fail_leg = -1;
@@ -575,7 +619,7 @@ static int x_forward_pd(lua_State *L)
      * spliced body; with data-parallel ranks, each leg's own rank on top */
     sglr_buf_t hb = sglr_lua_scratch_take();
     sglr_buf_t ranked = { 0 };
-    pd->body = spliced;                   /* sent by reference: pd outlives the legs' requests */
+    /* the body is sent by reference: pd outlives the legs' requests */
     const char *err = sglr_lua_headers(L, &x->head, hidx, &hb);
     for (int i = 0; i < 2 && !err; i++) {
         const char *b = pd->body.data;
@@ -737,9 +781,7 @@ static void pd_free(lpd_t *pd)
     sglr_proxy_leg_free(pd->leg[DECODE]);
     if (pd->sse_on)
         sglr_splice_sse_close(&pd->sse, NULL);
-    sglr_buf_free(&pd->hdrs);
-    sglr_buf_free(&pd->body);           /* the legs' requests, which sent it, are gone */
-    free(pd);
+    pd_release(pd);                     /* the legs' requests, which sent its body, are gone */
 }
 
 /* pd:close(): what still runs is cancelled (connections closed) and the
