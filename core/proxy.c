@@ -17,13 +17,57 @@
 #include "sglr.h"       /* the clock */
 
 #include <stdlib.h>
+#include <string.h>
+
+/* Freed proxies and legs are kept on a free list by size (a proxy with its
+ * inline leg and owner data, a leg of its own), so a steady stream of
+ * requests allocates neither. Sanitizer builds keep nothing, so that a use
+ * after free is still caught. */
+#define BLOCK_SPARE_MAX 64
+static struct { size_t size; void *p; } block_spare[BLOCK_SPARE_MAX];
+static int nblock_spare;
+
+static void *block_new(size_t size)
+{
+#ifndef SGLR_NO_FREELIST
+    for (int i = nblock_spare - 1; i >= 0 && i >= nblock_spare - 4; i--) {
+        if (block_spare[i].size == size) {
+            void *p = block_spare[i].p;
+            block_spare[i] = block_spare[--nblock_spare];
+            return memset(p, 0, size);
+        }
+    }
+#endif
+    return calloc(1, size);
+}
+
+static void block_free(void *p, size_t size)
+{
+#ifndef SGLR_NO_FREELIST
+    if (nblock_spare < BLOCK_SPARE_MAX) {
+        block_spare[nblock_spare].size = size;
+        block_spare[nblock_spare++].p = p;
+        return;
+    }
+#endif
+    (void)size;
+    free(p);
+}
+
+/* sizes rounded so that what follows is aligned for any owner data */
+#define ALIGNED(n) (((n) + 15) & ~(size_t)15)
+
+static size_t px_size(size_t leg_data)
+{
+    return ALIGNED(sizeof(sglr_proxy_t)) + ALIGNED(sizeof(sglr_leg_t)) + leg_data;
+}
 
 static void px_destroy(sglr_proxy_t *px)
 {
     sglr_buf_free(&px->filtered);
     if (px->x)
         sglr_exchange_release(px->x);
-    free(px);
+    block_free(px, px_size(px->leg_data));
 }
 
 static void leg_destroy(sglr_leg_t *leg)
@@ -32,11 +76,8 @@ static void leg_destroy(sglr_leg_t *leg)
         sglr_upreq_free(leg->req);
     sglr_buf_free(&leg->body);
     if (!leg->inline_)
-        free(leg);
+        block_free(leg, ALIGNED(sizeof *leg) + leg->px->leg_data);
 }
-
-/* sizes rounded so that what follows is aligned for any owner data */
-#define ALIGNED(n) (((n) + 15) & ~(size_t)15)
 
 static void px_enter(sglr_proxy_t *px)
 {
@@ -216,7 +257,7 @@ static void up_on_done(sglr_upreq_t *r, int err)
 sglr_proxy_t *sglr_proxy_new(sglr_exchange_t *x, size_t leg_data)
 {
     size_t head = ALIGNED(sizeof(sglr_proxy_t));
-    sglr_proxy_t *px = calloc(1, head + ALIGNED(sizeof(sglr_leg_t)) + leg_data);
+    sglr_proxy_t *px = block_new(px_size(leg_data));
     if (!px)
         return NULL;
     px->spare = (sglr_leg_t *)((char *)px + head);
@@ -237,12 +278,12 @@ void sglr_proxy_release(sglr_proxy_t *px)
 sglr_leg_t *sglr_proxy_leg_new(sglr_proxy_t *px, sglr_pool_t *pool)
 {
     sglr_leg_t *leg = px->spare;
-    if (!leg && !(leg = calloc(1, ALIGNED(sizeof *leg) + px->leg_data)))
+    if (!leg && !(leg = block_new(ALIGNED(sizeof *leg) + px->leg_data)))
         return NULL;
     leg->req = sglr_upreq_new(pool);
     if (!leg->req) {
         if (leg != px->spare)
-            free(leg);
+            block_free(leg, ALIGNED(sizeof *leg) + px->leg_data);
         return NULL;
     }
     if (leg == px->spare) {
