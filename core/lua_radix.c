@@ -116,6 +116,9 @@ static const char *text_arg(lua_State *L, int idx, size_t *n)
     struct sglr_exchange_s *x = sglr_lua_to_exchange(L, idx);
     if (x)
         return sglr_exchange_text(x, n);
+    if (lua_type(L, idx) == LUA_TUSERDATA)
+        luaL_argerror(L, idx, "a string, or the exchange of a request still running "
+                              "(req.text_source holds only during select)");
     return luaL_checklstring(L, idx, n);
 }
 

@@ -110,6 +110,7 @@ const char *sglr_status_text(int status)
  * nothing, so that a use after free is still caught. */
 #define SPARE_MAX 256
 #define SPARE_BUF_MAX (64u << 10)
+#define SPARE_SMALL_BUF_MAX (16u << 10)   /* routing text, cork: kept when this small */
 static sglr_exchange_t *spare[SPARE_MAX];
 static int nspare;
 
@@ -145,9 +146,9 @@ static void exchange_free(sglr_exchange_t *x)
     x->body_held = 0;
 #ifndef SGLR_NO_FREELIST
     if (nspare < SPARE_MAX && x->head.buf.cap <= SPARE_BUF_MAX && x->body.cap <= SPARE_BUF_MAX) {
-        if (x->text.cap > SPARE_BUF_MAX)
+        if (x->text.cap > SPARE_SMALL_BUF_MAX)
             sglr_buf_free(&x->text);
-        if (x->cork.cap > SPARE_BUF_MAX)
+        if (x->cork.cap > SPARE_SMALL_BUF_MAX)
             sglr_buf_free(&x->cork);
         spare[nspare++] = x;
         return;
@@ -365,7 +366,7 @@ int sglr_exchange_uncork(sglr_exchange_t *x)
         r = conn_write3(x->conn, x->cork.data, x->cork.len, NULL, 0, NULL, 0);
     /* the bytes were copied or sent: the buffer stays for the next use */
     x->cork.len = 0;
-    if (x->cork.cap > SPARE_BUF_MAX)
+    if (x->cork.cap > SPARE_SMALL_BUF_MAX)
         sglr_buf_free(&x->cork);
     return r;
 }

@@ -647,17 +647,17 @@ static void timer_close_cb(uv_handle_t *h)
     free(r);
 }
 
-/* Freed requests are recycled at the end of the loop turn (a check handle:
- * after whatever call chain freed them has unwound) onto a free list that
- * keeps their timer and buffers. One handle for all, not a 0 ms timer per
- * request: that cost a timer-heap insert and removal each. Sanitizer
- * builds close and free instead, so that a use after free is still
- * caught. */
+/* Freed requests are recycled on the next loop turn (an idle handle, active
+ * while any wait: after whatever call chain freed them has unwound, and the
+ * loop does not block in between) onto a free list that keeps their timer
+ * and buffers. One handle for all, not a 0 ms timer per request: that cost
+ * a timer-heap insert and removal each. Sanitizer builds close and free
+ * instead, so that a use after free is still caught. */
 #define SPARE_MAX 256
 static sglr_upreq_t *spare[SPARE_MAX];
 static int nspare;
 static sglr_upreq_t *recycle_q;
-static uv_check_t recycle_check;
+static uv_idle_t recycle_idle;
 static int recycle_ready, recycle_off;     /* the handle runs; it was closed (shutdown) */
 
 static void recycle(sglr_upreq_t *r)
@@ -672,9 +672,10 @@ static void recycle(sglr_upreq_t *r)
     uv_close((uv_handle_t *)&r->timer, timer_close_cb);
 }
 
-static void recycle_check_cb(uv_check_t *h)
+static void recycle_idle_cb(uv_idle_t *h)
 {
-    (void)h;
+    if (h)
+        uv_idle_stop(h);
     while (recycle_q) {
         sglr_upreq_t *r = recycle_q;
         recycle_q = r->rnext;
@@ -684,9 +685,9 @@ static void recycle_check_cb(uv_check_t *h)
 
 void sglr_upstream_release_spares(void)
 {
-    recycle_check_cb(NULL);
+    recycle_idle_cb(NULL);
     if (recycle_ready) {
-        uv_close((uv_handle_t *)&recycle_check, NULL);
+        uv_close((uv_handle_t *)&recycle_idle, NULL);
         recycle_ready = 0;
     }
     recycle_off = 1;            /* a request freed from here on is closed at once */
@@ -1095,11 +1096,11 @@ void sglr_upreq_free(sglr_upreq_t *r)
     }
     uv_timer_stop(&r->timer);
     if (!recycle_ready) {
-        uv_check_init(sglr_loop, &recycle_check);
-        uv_check_start(&recycle_check, recycle_check_cb);
-        uv_unref((uv_handle_t *)&recycle_check);    /* it keeps no loop running */
+        uv_idle_init(sglr_loop, &recycle_idle);
         recycle_ready = 1;
     }
+    if (!recycle_q)
+        uv_idle_start(&recycle_idle, recycle_idle_cb);
     r->rnext = recycle_q;
     recycle_q = r;
 #endif

@@ -122,7 +122,11 @@ function M.new(r)
   for i, h in ipairs(self.request_id_headers) do self.request_id_headers[i] = h:lower() end
   -- the same for the FFI: each name ends in a zero byte, an empty one ends
   -- the list
-  self.request_id_names = table.concat(self.request_id_headers, "\0") .. "\0\0"
+  local names = {}
+  for _, h in ipairs(self.request_id_headers) do
+    if h ~= "" then names[#names + 1] = h end     -- an empty name would end the list
+  end
+  self.request_id_names = table.concat(names, "\0") .. "\0\0"
   self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
   self.rfwd = { headers = { ["x-request-id"] = false }, timeout_ms = false, connect_timeout_ms = false,
     route = false, batch = false, logprobs = false, host = false, port = false }

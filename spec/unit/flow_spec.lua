@@ -111,6 +111,7 @@ describe("request flow", function()
       seen.matched = { self.tree:match(req.text_source, workers) }
       seen.by_string = { self.tree:match(req.text, workers) }
       seen.text = req.text
+      seen.source = req.text_source
       return workers[1]
     end
     local r = fake_router({ worker({}) }, p)
@@ -123,6 +124,16 @@ describe("request flow", function()
     assert.equal(text, seen.text)
     assert.same({ #text, r.workers.list[1].url }, seen.matched)
     assert.same(seen.matched, seen.by_string)
+    -- kept past select (the request has ended): a clear error, not a stale text
+    local ok, err = pcall(p.tree.match, p.tree, seen.source)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("only during select", 1, true), err)
+  end)
+
+  it("skips an empty name among the request id headers", function()
+    local r = fake_router({ worker({}) }, recording_policy("a"), { request_id_headers = { "", "x-trace-id" } })
+    local res = post(r.url, { ["x-trace-id"] = "t-1" })
+    assert.equal("t-1", res.headers["x-request-id"])
   end)
 
   it("asks an unlimited limiter nothing, and a limited one once each way", function()
