@@ -73,10 +73,12 @@ static lpd_t closed_pd = { .mode = PD_DONE, .fail_leg = -1, .co_ref = LUA_NOREF,
  * client's response head, the spliced body), so a steady stream of PD
  * requests allocates neither. Big buffers are not kept; sanitizer builds
  * keep nothing, so that a use after free is still caught. */
+#ifndef SGLR_NO_FREELIST
 #define PD_SPARE_MAX 64
 #define PD_SPARE_BUF_MAX (64u << 10)
 static lpd_t *pd_spare[PD_SPARE_MAX];
 static int pd_nspare;
+#endif
 
 static lpd_t *pd_new(void)
 {

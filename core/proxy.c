@@ -23,9 +23,11 @@
  * inline leg and owner data, a leg of its own), so a steady stream of
  * requests allocates neither. Sanitizer builds keep nothing, so that a use
  * after free is still caught. */
+#ifndef SGLR_NO_FREELIST
 #define BLOCK_SPARE_MAX 64
 static struct { size_t size; void *p; } block_spare[BLOCK_SPARE_MAX];
 static int nblock_spare;
+#endif
 
 static void *block_new(size_t size)
 {
