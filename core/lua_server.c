@@ -405,13 +405,10 @@ static int x_route_text(lua_State *L)
 
 const char *sglr_lua_body(lua_State *L, int idx, size_t *len)
 {
-    if (lua_type(L, idx) == LUA_TUSERDATA) {
-        sglr_box_t *b = lua_touserdata(L, idx);
-        if (lua_objlen(L, idx) == sizeof *b && b->type == EXCHANGE_MT && b->p) {
-            sglr_exchange_t *x = b->p;
-            *len = x->body.len;
-            return x->body.data ? x->body.data : "";
-        }
+    sglr_exchange_t *x = sglr_lua_to_exchange(L, idx);
+    if (x) {
+        *len = x->body.len;
+        return x->body.data ? x->body.data : "";
     }
     return luaL_checklstring(L, idx, len);
 }
