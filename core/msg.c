@@ -134,29 +134,9 @@ int sglr_head_url(sglr_head_t *h, const char *p, size_t n)
     return sglr_buf_append(&h->buf, p, n);
 }
 
-int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
+/* n bytes from p to d, 'A'..'Z' lowercased */
+static void lower_copy(char *d, const char *p, size_t n)
 {
-    if (h->nhdrs == 0 || h->in_value) {
-        if (h->nhdrs == h->cap_hdrs) {
-            int cap = h->cap_hdrs ? h->cap_hdrs * 2 : 16;
-            sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)cap);
-            if (!nh)
-                return -ENOMEM;
-            h->hdrs = nh;
-            h->cap_hdrs = cap;
-        }
-        sglr_hdr_t *hd = &h->hdrs[h->nhdrs++];
-        hd->name_off = (uint32_t)h->buf.len;
-        hd->name_len = 0;
-        hd->value_off = 0;
-        hd->value_len = 0;
-        h->in_value = 0;
-    }
-    sglr_hdr_t *hd = &h->hdrs[h->nhdrs - 1];
-    /* Names are stored lowercased: lookups and Lua tables use that form. */
-    if (buf_reserve(&h->buf, n + 1))
-        return -ENOMEM;
-    char *d = h->buf.data + h->buf.len;
     size_t i = 0;
     /* eight bytes a step: a byte in 'A'..'Z' (below 0x80) gets 0x20 */
     for (; i + 8 <= n; i += 8) {
@@ -173,9 +153,211 @@ int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
         unsigned char c = (unsigned char)p[i];
         d[i] = (char)(c + ((unsigned)(c - 'A') < 26u ? 32 : 0));
     }
+}
+
+static int head_grow(sglr_head_t *h)
+{
+    if (h->nhdrs < h->cap_hdrs)
+        return 0;
+    int cap = h->cap_hdrs ? h->cap_hdrs * 2 : 16;
+    sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)cap);
+    if (!nh)
+        return -ENOMEM;
+    h->hdrs = nh;
+    h->cap_hdrs = cap;
+    return 0;
+}
+
+int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
+{
+    if (h->nhdrs == 0 || h->in_value) {
+        if (head_grow(h))
+            return -ENOMEM;
+        sglr_hdr_t *hd = &h->hdrs[h->nhdrs++];
+        hd->name_off = (uint32_t)h->buf.len;
+        hd->name_len = 0;
+        hd->value_off = 0;
+        hd->value_len = 0;
+        h->in_value = 0;
+    }
+    sglr_hdr_t *hd = &h->hdrs[h->nhdrs - 1];
+    /* Names are stored lowercased: lookups and Lua tables use that form. */
+    if (buf_reserve(&h->buf, n + 1))
+        return -ENOMEM;
+    char *d = h->buf.data + h->buf.len;
+    lower_copy(d, p, n);
     d[n] = 0;
     h->buf.len += n;
     hd->name_len += (uint32_t)n;
+    return 0;
+}
+
+/* RFC 9110 tchar */
+static const unsigned char tchar[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
+    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
+    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
+    ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+    ['y'] = 1, ['z'] = 1,
+};
+
+/* The first byte at or after q (before end) that may not be in a field
+ * value or reason phrase: a control byte other than HTAB, or DEL. Eight
+ * bytes a step while none is. */
+static const char *ctl_scan(const char *q, const char *end)
+{
+    const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80;
+    for (;;) {
+        while (end - q >= 8) {
+            uint64_t w;
+            memcpy(&w, q, 8);
+            /* some byte is below 0x20, or is 0x7f (then looked at one by one) */
+            uint64_t low = (w - ones * 0x20) & ~w;
+            uint64_t x = w ^ (ones * 0x7f);
+            uint64_t del = (x - ones) & ~x;
+            if (((low | del) & highs) != 0)
+                break;
+            q += 8;
+        }
+        const char *stop = end - q >= 8 ? q + 8 : end;
+        for (; q < stop; q++) {
+            unsigned char c = (unsigned char)*q;
+            if ((c < 0x20 && c != '\t') || c == 0x7f)
+                return q;
+        }
+        if (q == end)
+            return end;
+    }
+}
+
+static int name_is(const char *p, size_t n, const char *lower)
+{
+    return strlen(lower) == n && strncasecmp(p, lower, n) == 0;
+}
+
+size_t sglr_resp_head_fast(const char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
+                           int *status, long long *content_length, int *keep_alive)
+{
+    if (n > max)
+        n = max;
+    const char *end = p + n, *q, *cr;
+    if (n < 16 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') || p[8] != ' ')
+        return 0;
+    int st = 0;
+    for (int i = 9; i < 12; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+        st = st * 10 + (p[i] - '0');
+    }
+    if (st < 200 || st > 599 || st == 204 || st == 304 || (p[12] != ' ' && p[12] != '\r'))
+        return 0;
+    cr = ctl_scan(p + 12, end);
+    if (cr + 1 >= end || cr[0] != '\r' || cr[1] != '\n')
+        return 0;
+    /* the fields, as offsets into p: stored once the head is known good */
+    struct { uint32_t no, nl, vo, vl; } f[32];
+    int nf = 0;
+    long long cl = -1;
+    int conn = 0;              /* 1 close, 2 keep-alive */
+    q = cr + 2;
+    for (;;) {
+        if (q + 1 >= end)
+            goto slow;
+        if (*q == '\r') {
+            if (q[1] != '\n')
+                goto slow;
+            q += 2;
+            break;
+        }
+        const char *name = q;
+        while (q < end && tchar[(unsigned char)*q])
+            q++;
+        if (q == name || q >= end || *q != ':')
+            goto slow;
+        size_t nl = (size_t)(q - name);
+        q++;
+        while (q < end && (*q == ' ' || *q == '\t'))
+            q++;
+        const char *v = q;
+        cr = ctl_scan(q, end);
+        if (cr + 2 >= end || cr[0] != '\r' || cr[1] != '\n' || cr[2] == ' ' || cr[2] == '\t')
+            goto slow;             /* incomplete, a control byte, a bare CR, or obs-fold */
+        size_t vl = (size_t)(cr - v);
+        if (vl && (v[vl - 1] == ' ' || v[vl - 1] == '\t'))
+            goto slow;
+        q = cr + 2;
+        if (nl == 14 && name_is(name, nl, "content-length")) {
+            if (cl >= 0 || vl == 0 || vl > 15)
+                goto slow;
+            cl = 0;
+            for (size_t i = 0; i < vl; i++) {
+                if (v[i] < '0' || v[i] > '9')
+                    goto slow;
+                cl = cl * 10 + (v[i] - '0');
+            }
+        } else if (nl == 10 && name_is(name, nl, "connection")) {
+            if (conn)
+                goto slow;
+            if (name_is(v, vl, "close"))
+                conn = 1;
+            else if (name_is(v, vl, "keep-alive"))
+                conn = 2;
+            else
+                goto slow;
+        } else if ((nl == 17 && name_is(name, nl, "transfer-encoding")) ||
+                   (nl == 7 && name_is(name, nl, "upgrade")) ||
+                   (nl == 16 && name_is(name, nl, "proxy-connection"))) {
+            goto slow;
+        }
+        if (nf == 32)
+            goto slow;
+        f[nf].no = (uint32_t)(name - p);
+        f[nf].nl = (uint32_t)nl;
+        f[nf].vo = (uint32_t)(v - p);
+        f[nf].vl = (uint32_t)vl;
+        nf++;
+    }
+    if (cl < 0)
+        goto slow;             /* chunked or read to the close: llhttp's */
+    size_t hl = (size_t)(q - p);
+    if (!(skip_ok && st < 300) && nf > 0) {
+        /* one copy of the whole head; in it each name is lowercased and
+         * ends at its ':', each value at its CR (both made NULs) */
+        if (buf_reserve(&h->buf, hl + 1))
+            goto slow;
+        if (h->cap_hdrs < nf) {
+            sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)(nf < 16 ? 16 : nf));
+            if (!nh)
+                goto slow;
+            h->hdrs = nh;
+            h->cap_hdrs = nf < 16 ? 16 : nf;
+        }
+        char *d = h->buf.data;
+        memcpy(d, p, hl);
+        d[hl] = 0;
+        h->buf.len = hl;
+        for (int i = 0; i < nf; i++) {
+            lower_copy(d + f[i].no, d + f[i].no, f[i].nl);
+            d[f[i].no + f[i].nl] = 0;
+            d[f[i].vo + f[i].vl] = 0;
+            h->hdrs[i] = (sglr_hdr_t){ f[i].no, f[i].nl, f[i].vo, f[i].vl };
+        }
+        h->nhdrs = nf;
+        h->in_value = 1;
+    }
+    *status = st;
+    *content_length = cl;
+    *keep_alive = p[7] == '1' ? conn != 1 : conn == 2;
+    return hl;
+slow:
+    sglr_head_reset(h);
     return 0;
 }
 

@@ -438,7 +438,7 @@ static void req_eof(sglr_upreq_t *r, int err)
     sglr_upconn_t *c = r->conn;
     int nread = err;
     /* EOF or error */
-    if (nread == UV_EOF && r->state == UP_BODY && llhttp_message_needs_eof(&c->parser)) {
+    if (nread == UV_EOF && r->state == UP_BODY && !r->fast && llhttp_message_needs_eof(&c->parser)) {
         r->in_parse = 1;
         llhttp_errno_t e = llhttp_finish(&c->parser);
         r->in_parse = 0;
@@ -972,9 +972,76 @@ static void req_complete(sglr_upreq_t *r)
     r->on_done(r, SGLR_UP_OK);
 }
 
+/* A head read by sglr_resp_head_fast: handed over as llhttp's pause at
+ * on_headers_complete would (the bytes after it wait in pending). */
+static void fast_head(sglr_upreq_t *r, const char *data, size_t len, size_t used, int status,
+                      long long cl, int keep_alive)
+{
+    r->fast = 1;
+    r->fast_left = cl;
+    r->fast_keep_alive = keep_alive;
+    r->status = status;
+    r->content_length = cl;
+    r->state = UP_HEAD;
+    if (cl == 0) {                 /* complete already, as llhttp's message end */
+        r->complete = 1;
+        r->keep_alive = keep_alive;
+    }
+    if (used < len && sglr_buf_append(&r->pending, data + used, len - used)) {
+        req_fail(r, SGLR_UP_ENOMEM);
+        return;
+    }
+    r->t_head = sglr_now_ms();
+    r->on_head(r);
+}
+
+/* The body of a fast head: content-length bytes, then the response is
+ * complete (bytes beyond it leave the connection unclean). */
+static void fast_body(sglr_upreq_t *r, const char *data, size_t len)
+{
+    size_t n = (unsigned long long)r->fast_left < len ? (size_t)r->fast_left : len;
+    if (n) {
+        r->in_parse = 1;
+        if (!r->abort_pending)
+            r->on_body(r, data, n);
+        r->in_parse = 0;
+        if (r->abort_pending) {
+            if (r->state == UP_ABORTED) {
+                req_release_conn(r, 0);
+                return;
+            }
+            r->abort_pending = 0;
+            req_fail(r, r->err ? r->err : SGLR_UP_ERESET);
+            return;
+        }
+        r->fast_left -= (long long)n;
+    }
+    if (r->fast_left == 0) {
+        r->complete = 1;
+        r->keep_alive = r->fast_keep_alive && n == len;
+        r->state = UP_DONE;
+        req_complete(r);
+    }
+}
+
 static void req_feed(sglr_upreq_t *r, const char *data, size_t len)
 {
     sglr_upconn_t *c = r->conn;
+    if (r->fast) {
+        fast_body(r, data, len);
+        return;
+    }
+    if (!r->llhttp_fed && r->state == UP_WAIT_HEAD && !(r->out.len > 5 && memcmp(r->out.data, "HEAD ", 5) == 0)) {
+        int status, keep_alive;
+        long long cl;
+        size_t used = sglr_resp_head_fast(data, len, MAX_RESPONSE_HEAD, &r->head, r->skip_ok_fields,
+                                          &status, &cl, &keep_alive);
+        if (used) {
+            fast_head(r, data, len, used, status, cl, keep_alive);
+            return;
+        }
+    }
+    r->llhttp_fed = 1;
     r->in_parse = 1;
     llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
     r->in_parse = 0;

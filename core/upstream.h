@@ -93,6 +93,11 @@ struct sglr_upreq_s {
     int in_parse, abort_pending, throttled;
     int freed;               /* sglr_upreq_free was called */
     int eof_pending;         /* the connection ended while paused: 1 EOF, 2 error */
+    int fast;                /* the head was read without llhttp: the body is
+                              * counted down from fast_left (content-length) */
+    int fast_keep_alive;     /* that head's keep-alive */
+    int llhttp_fed;          /* llhttp has seen bytes of this response */
+    long long fast_left;
     int skip_ok_fields;      /* a 2xx head keeps its status, not its header fields
                               * (set by a caller that reads no header of a success) */
     size_t skipped;          /* header bytes not kept, counted against the head cap */

@@ -4,9 +4,16 @@
  * a request, sent from a plain socket on loopback, then the worker closes.
  * The request must end (on_done) whatever the bytes: a crash, a sanitizer
  * report or a request that never ends is a finding.
+ *
+ * Each input is also read by sglr_resp_head_fast (the head reader that
+ * spares llhttp the common response shape) and, wherever that answers, by
+ * llhttp on its own: status, framing, keep-alive, head length and every
+ * stored field must agree, else the input is a finding (abort).
  */
 #include "upstream.h"
 #include "sglr.h"
+
+#include <llhttp.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -42,6 +49,65 @@ static void on_done(sglr_upreq_t *r, int err)
     last_err = err;
 }
 
+/* --- the fast head reader against llhttp ------------------------------------------ */
+
+static sglr_head_t ref_head;
+static int ref_done;
+
+static int ref_field(llhttp_t *p, const char *at, size_t n) { return sglr_head_field(&ref_head, at, n) ? -1 : 0; }
+static int ref_field_done(llhttp_t *p) { return sglr_head_field_done(&ref_head) ? -1 : 0; }
+static int ref_value(llhttp_t *p, const char *at, size_t n) { return sglr_head_value(&ref_head, at, n) ? -1 : 0; }
+static int ref_headers_complete(llhttp_t *p)
+{
+    ref_done = 1;
+    return HPE_PAUSED;
+}
+
+static void differential(const uint8_t *data, size_t size)
+{
+    static sglr_head_t fast;
+    int status = 0, keep_alive = 0;
+    long long cl = 0;
+    sglr_head_reset(&fast);
+    size_t used = sglr_resp_head_fast((const char *)data, size, 64u << 10, &fast, 0, &status, &cl,
+                                      &keep_alive);
+    if (!used) {
+        if (fast.nhdrs != 0)
+            abort();                               /* a refusal leaves the head empty */
+        return;
+    }
+    llhttp_settings_t st;
+    llhttp_settings_init(&st);
+    st.on_header_field = ref_field;
+    st.on_header_field_complete = ref_field_done;
+    st.on_header_value = ref_value;
+    st.on_headers_complete = ref_headers_complete;
+    llhttp_t p;
+    llhttp_init(&p, HTTP_RESPONSE, &st);
+    sglr_head_reset(&ref_head);
+    ref_done = 0;
+    llhttp_errno_t e = llhttp_execute(&p, (const char *)data, used);
+    const char *pos = llhttp_get_error_pos(&p);
+    if (getenv("FUZZ_DEBUG"))
+        fprintf(stderr, "fast head %zu bytes, status %d, cl %lld, keep-alive %d; llhttp %s at %ld\n",
+                used, status, cl, keep_alive, llhttp_errno_name(e),
+                pos ? (long)(pos - (const char *)data) : -1L);
+    if (e != HPE_PAUSED || !ref_done || !pos || (size_t)(pos - (const char *)data) != used)
+        abort();                                   /* llhttp ends the head elsewhere, or refuses it */
+    if (p.status_code != status || !(p.flags & F_CONTENT_LENGTH) || (long long)p.content_length != cl ||
+        llhttp_should_keep_alive(&p) != keep_alive)
+        abort();
+    if (ref_head.nhdrs != fast.nhdrs)
+        abort();
+    for (int i = 0; i < fast.nhdrs; i++) {
+        const sglr_hdr_t *a = &fast.hdrs[i], *b = &ref_head.hdrs[i];
+        if (a->name_len != b->name_len || a->value_len != b->value_len ||
+            memcmp(SGLR_HDR_NAME(&fast, i), SGLR_HDR_NAME(&ref_head, i), a->name_len) != 0 ||
+            memcmp(SGLR_HDR_VALUE(&fast, i), SGLR_HDR_VALUE(&ref_head, i), a->value_len) != 0)
+            abort();
+    }
+}
+
 static void setup(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -71,6 +137,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         setup();
         ready = 1;
     }
+    differential(data, size);
     sglr_upreq_t *r = sglr_upreq_new(pool);
     r->on_head = on_head;
     r->on_body = on_body;

@@ -277,6 +277,11 @@ static int answer(peer_t *p, const char *route, int head_method)
         peer_write(p, h, sizeof h - 1);
         peer_later(p, 10, "6\r\n world\r\n", 0);
         peer_later(p, 20, "0\r\n\r\n", 0);
+    } else if (strcmp(route, "splithead") == 0) {
+        /* the head in two reads: not whole in the first, so llhttp reads it */
+        static const char h[] = "HTTP/1.1 200 OK\r\ncontent-";
+        peer_write(p, h, sizeof h - 1);
+        peer_later(p, 10, "length: 5\r\nx-a: c\r\n\r\nhello", 0);
     } else if (strcmp(route, "empty") == 0) {
         static const char h[] = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         peer_write(p, h, sizeof h - 1);
@@ -659,6 +664,7 @@ TEST(content_length)
     CHECK_EQ_INT(c->clen, 5);
     CHECK_EQ_STR(c->xa, "b");
     CHECK(body_is(c, "hello"));
+    CHECK_EQ_INT(c->r->fast, 1);          /* the common shape: read without llhttp */
     char want[256];
     snprintf(want, sizeof want, "POST /base/v1/ok HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nx-h: 1\r\n"
              "content-length: 4\r\n\r\nping", port);
@@ -714,6 +720,95 @@ TEST(skip_ok_fields)
     call_start(c, pool, "POST", "/ok", "ping", 2000);
     WAIT(c->ndone, 2000);
     CHECK_EQ_STR(c->xa, "b");
+    call_free(c);
+    POOL_DOWN(pool);
+}
+
+/* Response heads sglr_resp_head_fast reads (status, content-length,
+ * keep-alive, length, fields) and those it leaves to llhttp (0, nothing
+ * stored). fuzz_response checks its answers against llhttp's. */
+TEST(fast_head_shapes)
+{
+    static const struct {
+        const char *in;
+        int fast;                /* 0: left to llhttp; 1: read up to the blank line */
+        int status, keep_alive, nhdrs;
+        long long cl;
+    } cases[] = {
+        { "HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nContent-Length: 5\r\n\r\nhello", 1, 200, 1, 2, 5 },
+        { "HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n", 1, 503, 0, 2, 0 },
+        { "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", 1, 200, 0, 1, 2 },
+        { "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\n", 1, 200, 1, 2, 2 },
+        { "HTTP/1.1 200\r\ncontent-length: 1\r\nx:\r\nx-b:  \t v\r\n\r\n", 1, 200, 1, 3, 1 },
+        /* left to llhttp */
+        { "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\n\r\nuntil close", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n", 0, 0, 0, 0, 0 },                    /* not whole */
+        { "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\ncontent-length: 5x\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\nx: a\r\n b\r\ncontent-length: 5\r\n\r\n", 0, 0, 0, 0, 0 },   /* obs-fold */
+        { "HTTP/1.1 200 OK\r\nx y: a\r\ncontent-length: 5\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\nx: a \r\ncontent-length: 5\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\nx: a\001\r\ncontent-length: 5\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\ncontent-length: 5\n\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\nconnection: upgrade\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\nupgrade: h2c\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 200 OK\r\nproxy-connection: close\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+        { "HTTP/1.1 20 OK\r\ncontent-length: 0\r\n\r\n", 0, 0, 0, 0, 0 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        sglr_head_t h = { 0 };
+        int status = -1, ka = -1;
+        long long cl = -2;
+        size_t n = strlen(cases[i].in);
+        size_t used = sglr_resp_head_fast(cases[i].in, n, 64u << 10, &h, 0, &status, &cl, &ka);
+        int nh = h.nhdrs;
+        const char *blank = strstr(cases[i].in, "\r\n\r\n");
+        size_t want = cases[i].fast ? (size_t)(blank + 4 - cases[i].in) : 0;
+        if (used != want)
+            fprintf(stderr, "case %zu: used %zu, want %zu\n", i, used, want);
+        int ok = used == want && (!used || (status == cases[i].status && ka == cases[i].keep_alive &&
+                                            nh == cases[i].nhdrs && cl == cases[i].cl));
+        if (used && ok && i == 0) {
+            size_t vl = 0;
+            const char *v = sglr_head_get(&h, "content-type", &vl);
+            ok = v && vl == 3 && memcmp(v, "a/b", 3) == 0 && memcmp(SGLR_HDR_NAME(&h, 0), "content-type", 13) == 0;
+        }
+        if (used && ok && i == 4) {
+            ok = h.hdrs[1].value_len == 0 && h.hdrs[2].value_len == 1 && SGLR_HDR_VALUE(&h, 2)[0] == 'v';
+        }
+        sglr_head_free(&h);
+        CHECK(ok);
+        CHECK(used || nh == 0);
+    }
+    /* a head longer than the cap is left to llhttp (which refuses it) */
+    sglr_head_t h = { 0 };
+    int status, ka;
+    long long cl;
+    const char *in = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    CHECK_EQ_INT(sglr_resp_head_fast(in, strlen(in), 20, &h, 0, &status, &cl, &ka), 0);
+    CHECK_EQ_INT(sglr_resp_head_fast(in, strlen(in), 64, &h, 1, &status, &cl, &ka), strlen(in));
+    CHECK_EQ_INT(h.nhdrs, 0);             /* skip_ok: a 2xx keeps no fields */
+    sglr_head_free(&h);
+}
+
+/* A head that does not arrive whole in one read goes to llhttp */
+TEST(split_head)
+{
+    sglr_pool_t *pool = pool_up("");
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/splithead", NULL, 2000);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    CHECK_EQ_INT(c->status, 200);
+    CHECK_EQ_INT(c->clen, 5);
+    CHECK_EQ_STR(c->xa, "c");
+    CHECK(body_is(c, "hello"));
+    CHECK_EQ_INT(c->r->fast, 0);
+    CHECK_EQ_INT(pool->nidle, 1);
     call_free(c);
     POOL_DOWN(pool);
 }
@@ -1518,6 +1613,8 @@ int main(void)
     RUN(pool_parse);
     RUN(content_length);
     RUN(skip_ok_fields);
+    RUN(fast_head_shapes);
+    RUN(split_head);
     RUN(chunked_response);
     RUN(no_body);
     RUN(no_content_with_chunked_framing);
