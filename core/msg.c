@@ -192,49 +192,59 @@ int sglr_head_field(sglr_head_t *h, const char *p, size_t n)
     return 0;
 }
 
-/* RFC 9110 tchar */
-static const unsigned char tchar[256] = {
-    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
-    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-    ['8'] = 1, ['9'] = 1,
-    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
-    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
-    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
-    ['Y'] = 1, ['Z'] = 1,
-    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
-    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
-    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
-    ['y'] = 1, ['z'] = 1,
+/* Each RFC 9110 tchar lowercased; 0 for any other byte. */
+static const unsigned char tlower[256] = {
+    ['A'] = 'a', ['B'] = 'b', ['C'] = 'c', ['D'] = 'd', ['E'] = 'e', ['F'] = 'f', ['G'] = 'g',
+    ['H'] = 'h', ['I'] = 'i', ['J'] = 'j', ['K'] = 'k', ['L'] = 'l', ['M'] = 'm', ['N'] = 'n',
+    ['O'] = 'o', ['P'] = 'p', ['Q'] = 'q', ['R'] = 'r', ['S'] = 's', ['T'] = 't', ['U'] = 'u',
+    ['V'] = 'v', ['W'] = 'w', ['X'] = 'x', ['Y'] = 'y', ['Z'] = 'z',
+    ['a'] = 'a', ['b'] = 'b', ['c'] = 'c', ['d'] = 'd', ['e'] = 'e', ['f'] = 'f', ['g'] = 'g',
+    ['h'] = 'h', ['i'] = 'i', ['j'] = 'j', ['k'] = 'k', ['l'] = 'l', ['m'] = 'm', ['n'] = 'n',
+    ['o'] = 'o', ['p'] = 'p', ['q'] = 'q', ['r'] = 'r', ['s'] = 's', ['t'] = 't', ['u'] = 'u',
+    ['v'] = 'v', ['w'] = 'w', ['x'] = 'x', ['y'] = 'y', ['z'] = 'z', ['0'] = '0', ['1'] = '1',
+    ['2'] = '2', ['3'] = '3', ['4'] = '4', ['5'] = '5', ['6'] = '6', ['7'] = '7', ['8'] = '8',
+    ['9'] = '9',
+    ['!'] = '!', ['#'] = '#', ['$'] = '$', ['%'] = '%', ['&'] = '&', ['\''] = '\'', ['*'] = '*',
+    ['+'] = '+', ['-'] = '-', ['.'] = '.', ['^'] = '^', ['_'] = '_', ['`'] = '`', ['|'] = '|',
+    ['~'] = '~',
 };
 
-/* The first byte at or after q (before end) that may not be in a field
- * value or reason phrase: a control byte other than HTAB, or DEL. Eight
- * bytes a step while none is. */
-static const char *ctl_scan(const char *q, const char *end)
+/* High bit of each byte of w (read little-endian) that may not be in a
+ * field value or reason phrase: a control byte other than HTAB, or DEL.
+ * Exact per byte (no borrow between bytes). */
+static inline uint64_t ctl_bytes(uint64_t w)
 {
-    const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80;
-    for (;;) {
-        while (end - q >= 8) {
-            uint64_t w;
-            memcpy(&w, q, 8);
-            /* some byte is below 0x20, or is 0x7f (then looked at one by one) */
-            uint64_t low = (w - ones * 0x20) & ~w;
-            uint64_t x = w ^ (ones * 0x7f);
-            uint64_t del = (x - ones) & ~x;
-            if (((low | del) & highs) != 0)
-                break;
-            q += 8;
-        }
-        const char *stop = end - q >= 8 ? q + 8 : end;
-        for (; q < stop; q++) {
-            unsigned char c = (unsigned char)*q;
-            if ((c < 0x20 && c != '\t') || c == 0x7f)
-                return q;
-        }
-        if (q == end)
-            return end;
+    const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80, lows = ~highs;
+    uint64_t lt20 = ~(((w & lows) + ones * 0x60) | w) & highs;
+    uint64_t t = w ^ (ones * '\t');
+    uint64_t tab = ~(((t & lows) + lows) | t) & highs;
+    uint64_t d = w ^ (ones * 0x7f);
+    uint64_t del = ~(((d & lows) + lows) | d) & highs;
+    return (lt20 & ~tab) | del;
+}
+
+/* The first byte at or after q (before end) that may not be in a field
+ * value or reason phrase (ctl_bytes), or end. */
+static inline const char *ctl_scan(const char *q, const char *end)
+{
+    for (; end - q >= 8; q += 8) {
+        uint64_t w;
+        memcpy(&w, q, 8);
+        uint64_t m = ctl_bytes(w);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        if (m)
+            return q + (__builtin_ctzll(m) >> 3);
+#else
+        if (m)
+            break;
+#endif
     }
+    for (; q < end; q++) {
+        unsigned char c = (unsigned char)*q;
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            return q;
+    }
+    return end;
 }
 
 static int name_is(const char *p, size_t n, const char *lower)
@@ -242,13 +252,12 @@ static int name_is(const char *p, size_t n, const char *lower)
     return strlen(lower) == n && strncasecmp(p, lower, n) == 0;
 }
 
-size_t sglr_resp_head_fast(const char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
+size_t sglr_resp_head_fast(char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
                            int *status, long long *content_length, int *keep_alive)
 {
-    if (n > max)
-        n = max;
-    const char *end = p + n, *q, *cr;
-    if (n < 16 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') || p[8] != ' ')
+    /* p[n] is a NUL: no byte a scan below stops at can lie beyond it */
+    if (n > max || n < 16 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') ||
+        p[8] != ' ')
         return 0;
     int st = 0;
     for (int i = 9; i < 12; i++) {
@@ -258,66 +267,66 @@ size_t sglr_resp_head_fast(const char *p, size_t n, size_t max, sglr_head_t *h, 
     }
     if (st < 200 || st > 599 || st == 204 || st == 304 || (p[12] != ' ' && p[12] != '\r'))
         return 0;
-    cr = ctl_scan(p + 12, end);
-    if (cr + 1 >= end || cr[0] != '\r' || cr[1] != '\n')
+    const char *end = p + n;
+    const char *cr = ctl_scan(p + 12, end);
+    if (cr[0] != '\r' || cr[1] != '\n')
         return 0;
     /* the fields, as offsets into p: stored once the head is known good */
     struct { uint32_t no, nl, vo, vl; } f[32];
     int nf = 0;
     long long cl = -1;
     int conn = 0;              /* 1 close, 2 keep-alive */
-    q = cr + 2;
+    char *q = p + (cr - p) + 2;
     for (;;) {
-        if (q + 1 >= end)
-            goto slow;
         if (*q == '\r') {
             if (q[1] != '\n')
-                goto slow;
+                return 0;
             q += 2;
             break;
         }
-        const char *name = q;
-        while (q < end && tchar[(unsigned char)*q])
-            q++;
-        if (q == name || q >= end || *q != ':')
-            goto slow;
+        char *name = q;
+        unsigned char c;
+        while ((c = tlower[(unsigned char)*q]) != 0)
+            *q++ = (char)c;
+        if (q == name || *q != ':')
+            return 0;
         size_t nl = (size_t)(q - name);
         q++;
-        while (q < end && (*q == ' ' || *q == '\t'))
+        while (*q == ' ' || *q == '\t')
             q++;
         const char *v = q;
         cr = ctl_scan(q, end);
-        if (cr + 2 >= end || cr[0] != '\r' || cr[1] != '\n' || cr[2] == ' ' || cr[2] == '\t')
-            goto slow;             /* incomplete, a control byte, a bare CR, or obs-fold */
+        if (cr[0] != '\r' || cr[1] != '\n' || cr[2] == ' ' || cr[2] == '\t')
+            return 0;              /* a control byte, a bare CR, obs-fold, or the end */
         size_t vl = (size_t)(cr - v);
         if (vl && (v[vl - 1] == ' ' || v[vl - 1] == '\t'))
-            goto slow;
-        q = cr + 2;
-        if (nl == 14 && name_is(name, nl, "content-length")) {
+            return 0;
+        q = (char *)cr + 2;
+        if (nl == 14 && memcmp(name, "content-length", 14) == 0) {
             if (cl >= 0 || vl == 0 || vl > 15)
-                goto slow;
+                return 0;
             cl = 0;
             for (size_t i = 0; i < vl; i++) {
                 if (v[i] < '0' || v[i] > '9')
-                    goto slow;
+                    return 0;
                 cl = cl * 10 + (v[i] - '0');
             }
-        } else if (nl == 10 && name_is(name, nl, "connection")) {
+        } else if (nl == 10 && memcmp(name, "connection", 10) == 0) {
             if (conn)
-                goto slow;
+                return 0;
             if (name_is(v, vl, "close"))
                 conn = 1;
             else if (name_is(v, vl, "keep-alive"))
                 conn = 2;
             else
-                goto slow;
-        } else if ((nl == 17 && name_is(name, nl, "transfer-encoding")) ||
-                   (nl == 7 && name_is(name, nl, "upgrade")) ||
-                   (nl == 16 && name_is(name, nl, "proxy-connection"))) {
-            goto slow;
+                return 0;
+        } else if ((nl == 17 && memcmp(name, "transfer-encoding", 17) == 0) ||
+                   (nl == 7 && memcmp(name, "upgrade", 7) == 0) ||
+                   (nl == 16 && memcmp(name, "proxy-connection", 16) == 0)) {
+            return 0;
         }
         if (nf == 32)
-            goto slow;
+            return 0;
         f[nf].no = (uint32_t)(name - p);
         f[nf].nl = (uint32_t)nl;
         f[nf].vo = (uint32_t)(v - p);
@@ -325,30 +334,29 @@ size_t sglr_resp_head_fast(const char *p, size_t n, size_t max, sglr_head_t *h, 
         nf++;
     }
     if (cl < 0)
-        goto slow;             /* chunked or read to the close: llhttp's */
+        return 0;              /* chunked or read to the close: llhttp's */
     size_t hl = (size_t)(q - p);
-    if (!(skip_ok && st < 300) && nf > 0) {
-        /* one copy of the whole head; in it each name is lowercased and
-         * ends at its ':', each value at its CR (both made NULs) */
+    if (!(skip_ok && st < 300)) {
+        /* one copy of the whole head, in which each name ends at its ':'
+         * and each value at its CR (both made NULs) */
         if (buf_reserve(&h->buf, hl + 1))
-            goto slow;
+            return 0;
         if (h->cap_hdrs < nf) {
             sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)(nf < 16 ? 16 : nf));
             if (!nh)
-                goto slow;
+                return 0;
             h->hdrs = nh;
             h->cap_hdrs = nf < 16 ? 16 : nf;
         }
         char *d = h->buf.data;
         memcpy(d, p, hl);
         d[hl] = 0;
-        h->buf.len = hl;
         for (int i = 0; i < nf; i++) {
-            lower_copy(d + f[i].no, d + f[i].no, f[i].nl);
             d[f[i].no + f[i].nl] = 0;
             d[f[i].vo + f[i].vl] = 0;
             h->hdrs[i] = (sglr_hdr_t){ f[i].no, f[i].nl, f[i].vo, f[i].vl };
         }
+        h->buf.len = hl;
         h->nhdrs = nf;
         h->in_value = 1;
     }
@@ -356,9 +364,6 @@ size_t sglr_resp_head_fast(const char *p, size_t n, size_t max, sglr_head_t *h, 
     *content_length = cl;
     *keep_alive = p[7] == '1' ? conn != 1 : conn == 2;
     return hl;
-slow:
-    sglr_head_reset(h);
-    return 0;
 }
 
 int sglr_head_field_done(sglr_head_t *h)

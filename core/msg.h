@@ -65,14 +65,16 @@ int sglr_head_value(sglr_head_t *h, const char *p, size_t n);
  * lines, token names, values of visible bytes (no obs-fold, no trailing
  * blank), exactly one Content-Length, no Transfer-Encoding, Upgrade or
  * Proxy-Connection, at most one Connection of "close" or "keep-alive", at
- * most 32 fields and at most max bytes. Anything else, or a head not complete in p[0..n),
- * returns 0 and leaves h empty: the caller hands the same bytes to llhttp,
- * which decides (core/fuzz/fuzz_response.c checks both agree wherever this
- * answers). Else returns the head's length, with its fields in h (none when
- * skip_ok and the status is 2xx; h holds the whole head, each name and
- * value NUL-terminated in place) and *status, *content_length and
+ * most 32 fields and at most max bytes. p[n] must be a NUL (the scans stop
+ * there instead of checking bounds), and the names in p are lowercased in
+ * place. Anything else, or a head not complete in p[0..n), returns 0 and
+ * leaves h as it was: the caller hands the same bytes to llhttp, which
+ * decides (core/fuzz/fuzz_response.c checks both agree wherever this
+ * answers). Else returns the head's length, with its fields in h (none
+ * when skip_ok and the status is 2xx; h holds the whole head, each name
+ * and value NUL-terminated in place) and *status, *content_length and
  * *keep_alive set as llhttp would. */
-size_t sglr_resp_head_fast(const char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
+size_t sglr_resp_head_fast(char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
                            int *status, long long *content_length, int *keep_alive);
 
 /* Case-insensitive lookup of the first header called name; NULL if absent. */

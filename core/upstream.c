@@ -32,11 +32,11 @@ struct sglr_upconn_s {
 };
 
 static llhttp_settings_t settings;
-static char read_buf[64 * 1024];
+static char read_buf[64 * 1024 + 1];    /* + a NUL after the bytes read */
 
 static void req_fail(sglr_upreq_t *r, int err);
 static void req_eof(sglr_upreq_t *r, int err);
-static void req_feed(sglr_upreq_t *r, const char *data, size_t len);
+static void req_feed(sglr_upreq_t *r, char *data, size_t len);
 static void req_dial(sglr_upreq_t *r);
 static void req_connect(sglr_upreq_t *r);
 static void req_release_conn(sglr_upreq_t *r, int reusable);
@@ -361,7 +361,7 @@ static void conn_close(sglr_upconn_t *c)
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
-    *buf = uv_buf_init(read_buf, sizeof read_buf);
+    *buf = uv_buf_init(read_buf, sizeof read_buf - 1);
 }
 
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
@@ -418,6 +418,7 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
                 conn_read(c, 0);
             return;
         }
+        buf->base[nread] = 0;          /* sglr_resp_head_fast's sentinel */
         req_feed(r, buf->base, (size_t)nread);
         return;
     }
@@ -1024,7 +1025,7 @@ static void fast_body(sglr_upreq_t *r, const char *data, size_t len)
     }
 }
 
-static void req_feed(sglr_upreq_t *r, const char *data, size_t len)
+static void req_feed(sglr_upreq_t *r, char *data, size_t len)
 {
     sglr_upconn_t *c = r->conn;
     if (r->fast) {

@@ -69,8 +69,14 @@ static void differential(const uint8_t *data, size_t size)
     int status = 0, keep_alive = 0;
     long long cl = 0;
     sglr_head_reset(&fast);
-    size_t used = sglr_resp_head_fast((const char *)data, size, 64u << 10, &fast, 0, &status, &cl,
-                                      &keep_alive);
+    /* a writable copy with the NUL after it the reader needs */
+    char *in = malloc(size + 1);
+    if (!in)
+        abort();
+    memcpy(in, data, size);
+    in[size] = 0;
+    size_t used = sglr_resp_head_fast(in, size, 64u << 10, &fast, 0, &status, &cl, &keep_alive);
+    free(in);
     if (!used) {
         if (fast.nhdrs != 0)
             abort();                               /* a refusal leaves the head empty */

@@ -764,7 +764,9 @@ TEST(fast_head_shapes)
         int status = -1, ka = -1;
         long long cl = -2;
         size_t n = strlen(cases[i].in);
-        size_t used = sglr_resp_head_fast(cases[i].in, n, 64u << 10, &h, 0, &status, &cl, &ka);
+        char in[256];                     /* writable, and a NUL after the bytes */
+        memcpy(in, cases[i].in, n + 1);
+        size_t used = sglr_resp_head_fast(in, n, 64u << 10, &h, 0, &status, &cl, &ka);
         int nh = h.nhdrs;
         const char *blank = strstr(cases[i].in, "\r\n\r\n");
         size_t want = cases[i].fast ? (size_t)(blank + 4 - cases[i].in) : 0;
@@ -788,7 +790,7 @@ TEST(fast_head_shapes)
     sglr_head_t h = { 0 };
     int status, ka;
     long long cl;
-    const char *in = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    char in[] = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
     CHECK_EQ_INT(sglr_resp_head_fast(in, strlen(in), 20, &h, 0, &status, &cl, &ka), 0);
     CHECK_EQ_INT(sglr_resp_head_fast(in, strlen(in), 64, &h, 1, &status, &cl, &ka), strlen(in));
     CHECK_EQ_INT(h.nhdrs, 0);             /* skip_ok: a 2xx keeps no fields */
