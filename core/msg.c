@@ -252,6 +252,136 @@ static int name_is(const char *p, size_t n, const char *lower)
     return strlen(lower) == n && strncasecmp(p, lower, n) == 0;
 }
 
+/* The header fields of a head read by the fast readers, as offsets into
+ * its bytes, and what the framing needs of them. */
+typedef struct {
+    struct { uint32_t no, nl, vo, vl; } f[32];
+    int nf;
+    long long cl;              /* content-length, -1 if none */
+    int conn;                  /* connection: 0 none, 1 close, 2 keep-alive */
+    int hosts;                 /* host fields (requests) */
+} fast_fields_t;
+
+/* The field lines from q (the byte after the start line) through the
+ * blank line, names lowercased in place -> the byte after the head, or
+ * NULL for anything not of the common shape, and for fields the caller
+ * leaves to llhttp: transfer-encoding, upgrade, proxy-connection, and in
+ * a request expect and via. p[n] is a NUL. */
+static char *fields_scan(char *p, char *q, const char *end, fast_fields_t *ff, int request)
+{
+    ff->nf = 0;
+    ff->cl = -1;
+    ff->conn = 0;
+    ff->hosts = 0;
+    for (;;) {
+        if (*q == '\r')
+            return q[1] == '\n' ? q + 2 : NULL;
+        char *name = q;
+        unsigned char c;
+        while ((c = tlower[(unsigned char)*q]) != 0)
+            *q++ = (char)c;
+        if (q == name || *q != ':')
+            return NULL;
+        size_t nl = (size_t)(q - name);
+        q++;
+        while (*q == ' ' || *q == '\t')
+            q++;
+        const char *v = q;
+        const char *cr = ctl_scan(q, end);
+        if (cr[0] != '\r' || cr[1] != '\n' || cr[2] == ' ' || cr[2] == '\t')
+            return NULL;           /* a control byte, a bare CR, obs-fold, or the end */
+        size_t vl = (size_t)(cr - v);
+        if (vl && (v[vl - 1] == ' ' || v[vl - 1] == '\t'))
+            return NULL;
+        q = (char *)cr + 2;
+        switch (nl) {
+        case 3:
+            if (request && memcmp(name, "via", 3) == 0)
+                return NULL;
+            break;
+        case 4:
+            ff->hosts += memcmp(name, "host", 4) == 0;
+            break;
+        case 6:
+            if (request && memcmp(name, "expect", 6) == 0)
+                return NULL;
+            break;
+        case 7:
+            if (memcmp(name, "upgrade", 7) == 0)
+                return NULL;
+            break;
+        case 10:
+            if (memcmp(name, "connection", 10) == 0) {
+                if (ff->conn)
+                    return NULL;
+                if (name_is(v, vl, "close"))
+                    ff->conn = 1;
+                else if (name_is(v, vl, "keep-alive"))
+                    ff->conn = 2;
+                else
+                    return NULL;
+            }
+            break;
+        case 14:
+            if (memcmp(name, "content-length", 14) == 0) {
+                if (ff->cl >= 0 || vl == 0 || vl > 15)
+                    return NULL;
+                long long cl = 0;
+                for (size_t i = 0; i < vl; i++) {
+                    if (v[i] < '0' || v[i] > '9')
+                        return NULL;
+                    cl = cl * 10 + (v[i] - '0');
+                }
+                ff->cl = cl;
+            }
+            break;
+        case 16:
+            if (memcmp(name, "proxy-connection", 16) == 0)
+                return NULL;
+            break;
+        case 17:
+            if (memcmp(name, "transfer-encoding", 17) == 0)
+                return NULL;
+            break;
+        }
+        if (ff->nf == 32)
+            return NULL;
+        ff->f[ff->nf].no = (uint32_t)(name - p);
+        ff->f[ff->nf].nl = (uint32_t)nl;
+        ff->f[ff->nf].vo = (uint32_t)(v - p);
+        ff->f[ff->nf].vl = (uint32_t)vl;
+        ff->nf++;
+    }
+}
+
+/* h becomes one copy of the head p[0..hl), in which each name ends at its
+ * ':' and each value at its CR (both made NULs). 0 or -ENOMEM. */
+static int fields_store(sglr_head_t *h, const char *p, size_t hl, const fast_fields_t *ff)
+{
+    int nf = ff->nf;
+    if (buf_reserve(&h->buf, hl + 1))
+        return -ENOMEM;
+    if (h->cap_hdrs < nf) {
+        sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)(nf < 16 ? 16 : nf));
+        if (!nh)
+            return -ENOMEM;
+        h->hdrs = nh;
+        h->cap_hdrs = nf < 16 ? 16 : nf;
+    }
+    char *d = h->buf.data;
+    memcpy(d, p, hl);
+    d[hl] = 0;
+    for (int i = 0; i < nf; i++) {
+        d[ff->f[i].no + ff->f[i].nl] = 0;
+        d[ff->f[i].vo + ff->f[i].vl] = 0;
+        h->hdrs[i] = (sglr_hdr_t){ ff->f[i].no, ff->f[i].nl, ff->f[i].vo, ff->f[i].vl };
+    }
+    h->buf.len = hl;
+    h->nhdrs = nf;
+    h->in_value = nf > 0;
+    return 0;
+}
+
 size_t sglr_resp_head_fast(char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
                            int *status, long long *content_length, int *keep_alive)
 {
@@ -271,99 +401,89 @@ size_t sglr_resp_head_fast(char *p, size_t n, size_t max, sglr_head_t *h, int sk
     const char *cr = ctl_scan(p + 12, end);
     if (cr[0] != '\r' || cr[1] != '\n')
         return 0;
-    /* the fields, as offsets into p: stored once the head is known good */
-    struct { uint32_t no, nl, vo, vl; } f[32];
-    int nf = 0;
-    long long cl = -1;
-    int conn = 0;              /* 1 close, 2 keep-alive */
-    char *q = p + (cr - p) + 2;
-    for (;;) {
-        if (*q == '\r') {
-            if (q[1] != '\n')
-                return 0;
-            q += 2;
-            break;
-        }
-        char *name = q;
-        unsigned char c;
-        while ((c = tlower[(unsigned char)*q]) != 0)
-            *q++ = (char)c;
-        if (q == name || *q != ':')
-            return 0;
-        size_t nl = (size_t)(q - name);
-        q++;
-        while (*q == ' ' || *q == '\t')
-            q++;
-        const char *v = q;
-        cr = ctl_scan(q, end);
-        if (cr[0] != '\r' || cr[1] != '\n' || cr[2] == ' ' || cr[2] == '\t')
-            return 0;              /* a control byte, a bare CR, obs-fold, or the end */
-        size_t vl = (size_t)(cr - v);
-        if (vl && (v[vl - 1] == ' ' || v[vl - 1] == '\t'))
-            return 0;
-        q = (char *)cr + 2;
-        if (nl == 14 && memcmp(name, "content-length", 14) == 0) {
-            if (cl >= 0 || vl == 0 || vl > 15)
-                return 0;
-            cl = 0;
-            for (size_t i = 0; i < vl; i++) {
-                if (v[i] < '0' || v[i] > '9')
-                    return 0;
-                cl = cl * 10 + (v[i] - '0');
-            }
-        } else if (nl == 10 && memcmp(name, "connection", 10) == 0) {
-            if (conn)
-                return 0;
-            if (name_is(v, vl, "close"))
-                conn = 1;
-            else if (name_is(v, vl, "keep-alive"))
-                conn = 2;
-            else
-                return 0;
-        } else if ((nl == 17 && memcmp(name, "transfer-encoding", 17) == 0) ||
-                   (nl == 7 && memcmp(name, "upgrade", 7) == 0) ||
-                   (nl == 16 && memcmp(name, "proxy-connection", 16) == 0)) {
-            return 0;
-        }
-        if (nf == 32)
-            return 0;
-        f[nf].no = (uint32_t)(name - p);
-        f[nf].nl = (uint32_t)nl;
-        f[nf].vo = (uint32_t)(v - p);
-        f[nf].vl = (uint32_t)vl;
-        nf++;
-    }
-    if (cl < 0)
-        return 0;              /* chunked or read to the close: llhttp's */
+    fast_fields_t ff;
+    char *q = fields_scan(p, p + (cr - p) + 2, end, &ff, 0);
+    if (!q || ff.cl < 0)
+        return 0;              /* not the common shape; chunked or read to the close */
     size_t hl = (size_t)(q - p);
-    if (!(skip_ok && st < 300)) {
-        /* one copy of the whole head, in which each name ends at its ':'
-         * and each value at its CR (both made NULs) */
-        if (buf_reserve(&h->buf, hl + 1))
-            return 0;
-        if (h->cap_hdrs < nf) {
-            sglr_hdr_t *nh = realloc(h->hdrs, sizeof *nh * (size_t)(nf < 16 ? 16 : nf));
-            if (!nh)
-                return 0;
-            h->hdrs = nh;
-            h->cap_hdrs = nf < 16 ? 16 : nf;
-        }
-        char *d = h->buf.data;
-        memcpy(d, p, hl);
-        d[hl] = 0;
-        for (int i = 0; i < nf; i++) {
-            d[f[i].no + f[i].nl] = 0;
-            d[f[i].vo + f[i].vl] = 0;
-            h->hdrs[i] = (sglr_hdr_t){ f[i].no, f[i].nl, f[i].vo, f[i].vl };
-        }
-        h->buf.len = hl;
-        h->nhdrs = nf;
-        h->in_value = 1;
-    }
+    if (!(skip_ok && st < 300) && fields_store(h, p, hl, &ff))
+        return 0;
     *status = st;
-    *content_length = cl;
-    *keep_alive = p[7] == '1' ? conn != 1 : conn == 2;
+    *content_length = ff.cl;
+    *keep_alive = p[7] == '1' ? ff.conn != 1 : ff.conn == 2;
     return hl;
+}
+
+/* llhttp's method numbers (llhttp.h), by the method's length and name */
+static int fast_method(const char *p, size_t n)
+{
+    switch (n) {
+    case 3:
+        if (memcmp(p, "GET", 3) == 0)
+            return 1;
+        if (memcmp(p, "PUT", 3) == 0)
+            return 4;
+        break;
+    case 4:
+        if (memcmp(p, "POST", 4) == 0)
+            return 3;
+        if (memcmp(p, "HEAD", 4) == 0)
+            return 2;
+        break;
+    case 5:
+        if (memcmp(p, "PATCH", 5) == 0)
+            return 28;
+        break;
+    case 6:
+        if (memcmp(p, "DELETE", 6) == 0)
+            return 0;
+        break;
+    case 7:
+        if (memcmp(p, "OPTIONS", 7) == 0)
+            return 6;
+        break;
+    }
+    return -1;
+}
+
+size_t sglr_req_fast(char *p, size_t n, size_t max_head, size_t max_body, sglr_head_t *h,
+                     sglr_fast_req_t *out)
+{
+    /* the method */
+    char *q = p;
+    while ((unsigned)(*q - 'A') < 26u)
+        q++;
+    if (*q != ' ')
+        return 0;
+    int method = fast_method(p, (size_t)(q - p));
+    if (method < 0)
+        return 0;
+    /* the target: origin-form, visible ASCII */
+    char *url = ++q;
+    if (*url != '/')
+        return 0;
+    while ((unsigned char)(*q - 0x21) < 0x5e)
+        q++;
+    size_t ul = (size_t)(q - url);
+    if ((size_t)(p + n - q) < 11 || memcmp(q, " HTTP/1.1\r\n", 11) != 0)
+        return 0;
+    fast_fields_t ff;
+    char *hend = fields_scan(p, q + 11, p + n, &ff, 1);
+    if (!hend || ff.hosts != 1)
+        return 0;
+    size_t hl = (size_t)(hend - p);
+    long long cl = ff.cl < 0 ? 0 : ff.cl;
+    if (hl > max_head || (unsigned long long)cl > max_body || (unsigned long long)cl > n - hl)
+        return 0;              /* over a limit (llhttp's path answers it), or the body is not all in */
+    if (fields_store(h, p, hl, &ff))
+        return 0;
+    h->url_off = (uint32_t)(url - p);
+    h->url_len = (uint32_t)ul;
+    out->method = method;
+    out->keep_alive = ff.conn != 1;
+    out->head_len = hl;
+    out->body_len = (size_t)cl;
+    return hl + (size_t)cl;
 }
 
 int sglr_head_field_done(sglr_head_t *h)

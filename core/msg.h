@@ -77,6 +77,25 @@ int sglr_head_value(sglr_head_t *h, const char *p, size_t n);
 size_t sglr_resp_head_fast(char *p, size_t n, size_t max, sglr_head_t *h, int skip_ok,
                            int *status, long long *content_length, int *keep_alive);
 
+/* A client's request read without llhttp, for the common shape only: a
+ * method among GET POST PUT DELETE HEAD OPTIONS PATCH, an origin-form
+ * target of visible ASCII, "HTTP/1.1", field lines as sglr_resp_head_fast
+ * takes them, exactly one Host, no Expect or Via, at most one
+ * Content-Length, the head at most max_head bytes and the whole body (at
+ * most max_body bytes) in p[0..n). p[n] must be a NUL; names in p are
+ * lowercased in place. Anything else returns 0 and leaves h as it was (the
+ * caller hands the same bytes to llhttp; core/fuzz/fuzz_request.c checks
+ * both agree wherever this answers). Else returns the bytes of the head
+ * and body, with the head in h (the target at url_off) and *out set; the
+ * body is p[head_len .. head_len + body_len). */
+typedef struct {
+    int method;              /* llhttp's number */
+    int keep_alive;
+    size_t head_len, body_len;
+} sglr_fast_req_t;
+size_t sglr_req_fast(char *p, size_t n, size_t max_head, size_t max_body, sglr_head_t *h,
+                     sglr_fast_req_t *out);
+
 /* Case-insensitive lookup of the first header called name; NULL if absent. */
 const char *sglr_head_get(const sglr_head_t *h, const char *name, size_t *len);
 

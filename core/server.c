@@ -37,6 +37,7 @@ struct sglr_conn_s {
     int write_blocked;          /* next request held back: responses unsent */
     int in_trailers;            /* header callbacks now are chunked trailers */
     const char *parse_end;      /* end of the bytes llhttp_execute is given */
+    int llhttp_mid;             /* llhttp holds part of a request: it reads on */
     size_t field_len;           /* of the header name being read */
     int closing;
     int close_after;            /* close once the current response is written */
@@ -56,6 +57,7 @@ typedef struct {
 } write_req_t;
 
 int sglr_exchanges_active;
+unsigned long sglr_requests_fast;
 size_t sglr_exchange_body_bytes;
 
 static llhttp_settings_t parser_settings;
@@ -818,6 +820,49 @@ static void conn_reject(sglr_conn_t *c, int status, const char *msg)
     conn_shutdown(c);
 }
 
+/* A request read whole (by llhttp or conn_fast) goes to the handler. */
+static void conn_request(sglr_conn_t *c, sglr_exchange_t *x)
+{
+    sglr_exchanges_active++;
+    x->body_held = x->body.len;
+    sglr_exchange_body_bytes += x->body_held;
+    sglr_exchange_hold(x);
+    c->srv->on_request(x);
+    /* the handler may have answered already; then x->conn is NULL and the
+     * dispatch loop goes on with the next pipelined request */
+    sglr_exchange_release(x);
+}
+
+/* The common request shape, whole in `in`, read without llhttp
+ * (sglr_req_fast) -> 1 when it was, and dispatched; 0 leaves `in` to
+ * llhttp (its names lowercased, which llhttp does not mind). */
+static int conn_fast(sglr_conn_t *c, sglr_buf_t *in)
+{
+    sglr_exchange_t *x = exchange_new(c);
+    if (!x)
+        return 0;
+    sglr_fast_req_t fr;
+    size_t used = sglr_req_fast(in->data, in->len, c->srv->opts.max_header, c->srv->opts.max_body,
+                                &x->head, &fr);
+    if (!used || (fr.body_len && sglr_buf_append(&x->body, in->data + fr.head_len, fr.body_len))) {
+        x->conn = NULL;
+        sglr_exchange_release(x);
+        return 0;
+    }
+    sglr_requests_fast++;
+    x->method = fr.method;
+    x->http_minor = 1;
+    x->keep_alive = fr.keep_alive;
+    x->state = SGLR_X_HANDLING;
+    c->x = x;
+    c->waiting = WAIT_NONE;
+    if (used < in->len)
+        sglr_buf_append(&c->pending, in->data + used, in->len - used);
+    sglr_buf_free(in);
+    conn_request(c, x);
+    return 1;
+}
+
 /* Parse data (after any pending bytes) and dispatch complete requests. */
 static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
 {
@@ -837,23 +882,19 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
         /* parse from a private copy: pending is refilled by what is left */
         sglr_buf_t in = c->pending;
         c->pending = (sglr_buf_t){ 0 };
+        /* between requests, the common shape is read without llhttp */
+        if (!c->llhttp_mid && !c->x && conn_fast(c, &in))
+            continue;
         c->parse_end = in.data + in.len;
         llhttp_errno_t err = llhttp_execute(&c->parser, in.data, in.len);
+        c->llhttp_mid = err == HPE_OK;
         if (err == HPE_PAUSED) {
             const char *pos = llhttp_get_error_pos(&c->parser);
             size_t used = pos ? (size_t)(pos - in.data) : in.len;
             sglr_buf_append(&c->pending, in.data + used, in.len - used);
             sglr_buf_free(&in);
             llhttp_resume(&c->parser);
-            sglr_exchange_t *x = c->x;
-            sglr_exchanges_active++;
-            x->body_held = x->body.len;
-            sglr_exchange_body_bytes += x->body_held;
-            sglr_exchange_hold(x);
-            c->srv->on_request(x);
-            /* the handler may have answered already; then x->conn is NULL
-             * and the loop goes on with the next pipelined request */
-            sglr_exchange_release(x);
+            conn_request(c, c->x);
             continue;
         }
         if (err == HPE_PAUSED_UPGRADE) {

@@ -107,6 +107,8 @@ void sglr_server_shutdown(void);
 
 /* Exchanges in flight across all servers (for graceful shutdown). */
 extern int sglr_exchanges_active;
+/* Requests read whole by sglr_req_fast, not llhttp (the common shape). */
+extern unsigned long sglr_requests_fast;
 /* Bytes of request bodies held by exchanges not yet freed (their owners
  * still hold them): what request bodies cost the process now. */
 extern size_t sglr_exchange_body_bytes;

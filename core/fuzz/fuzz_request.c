@@ -5,9 +5,16 @@
  * parses (200, a streamed answer, or its own 4xx) until the client's half
  * close. Crashes, sanitizer reports and hangs (a connection the server
  * never finishes) are findings.
+ *
+ * Each input is also read by sglr_req_fast (the reader that spares llhttp
+ * the common request shape) and, wherever that answers, by llhttp on its
+ * own (strict, as the server builds it): method, target, version, fields,
+ * body, keep-alive and length must agree, else the input is a finding.
  */
 #include "server.h"
 #include "sglr.h"
+
+#include <llhttp.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -35,6 +42,80 @@ static void on_request(sglr_exchange_t *x)
     }
 }
 
+/* --- the fast request reader against llhttp ---------------------------------------- */
+
+static sglr_head_t ref_head;
+static sglr_buf_t ref_url, ref_body;
+static int ref_done;
+
+static int ref_url_cb(llhttp_t *p, const char *at, size_t n) { return sglr_buf_append(&ref_url, at, n) ? -1 : 0; }
+static int ref_field(llhttp_t *p, const char *at, size_t n) { return sglr_head_field(&ref_head, at, n) ? -1 : 0; }
+static int ref_field_done(llhttp_t *p) { return sglr_head_field_done(&ref_head) ? -1 : 0; }
+static int ref_value(llhttp_t *p, const char *at, size_t n) { return sglr_head_value(&ref_head, at, n) ? -1 : 0; }
+static int ref_body_cb(llhttp_t *p, const char *at, size_t n) { return sglr_buf_append(&ref_body, at, n) ? -1 : 0; }
+static int ref_complete(llhttp_t *p)
+{
+    ref_done = 1;
+    return HPE_PAUSED;
+}
+
+static void differential(const uint8_t *data, size_t size)
+{
+    static sglr_head_t fast;
+    sglr_head_reset(&fast);
+    char *in = malloc(size + 1);          /* writable, with the NUL the reader needs */
+    if (!in)
+        abort();
+    memcpy(in, data, size);
+    in[size] = 0;
+    sglr_fast_req_t fr;
+    size_t used = sglr_req_fast(in, size, 8 << 10, 64 << 10, &fast, &fr);
+    free(in);
+    if (!used) {
+        if (fast.nhdrs != 0)
+            abort();                               /* a refusal leaves the head empty */
+        return;
+    }
+    llhttp_settings_t st;
+    llhttp_settings_init(&st);
+    st.on_url = ref_url_cb;
+    st.on_header_field = ref_field;
+    st.on_header_field_complete = ref_field_done;
+    st.on_header_value = ref_value;
+    st.on_body = ref_body_cb;
+    st.on_message_complete = ref_complete;
+    llhttp_t p;
+    llhttp_init(&p, HTTP_REQUEST, &st);
+    sglr_head_reset(&ref_head);
+    ref_url.len = ref_body.len = 0;
+    ref_done = 0;
+    llhttp_errno_t e = llhttp_execute(&p, (const char *)data, used);
+    const char *pos = llhttp_get_error_pos(&p);
+    if (getenv("FUZZ_DEBUG"))
+        fprintf(stderr, "fast request %zu bytes (head %zu, body %zu), method %d; llhttp %s at %ld\n",
+                used, fr.head_len, fr.body_len, fr.method, llhttp_errno_name(e),
+                pos ? (long)(pos - (const char *)data) : -1L);
+    if (e != HPE_PAUSED || !ref_done || !pos || (size_t)(pos - (const char *)data) != used)
+        abort();                                   /* llhttp ends the request elsewhere, or refuses it */
+    if (p.method != fr.method || p.http_major != 1 || p.http_minor != 1 ||
+        llhttp_should_keep_alive(&p) != fr.keep_alive)
+        abort();
+    if (ref_url.len != fast.url_len || memcmp(ref_url.data, fast.buf.data + fast.url_off, fast.url_len) != 0)
+        abort();
+    if (ref_body.len != fr.body_len ||
+        (fr.body_len && memcmp(ref_body.data, data + fr.head_len, fr.body_len) != 0))
+        abort();
+    if (ref_head.nhdrs != fast.nhdrs)
+        abort();
+    for (int i = 0; i < fast.nhdrs; i++) {
+        const sglr_hdr_t *a = &fast.hdrs[i], *b = &ref_head.hdrs[i];
+        if (a->name_len != b->name_len || a->value_len != b->value_len ||
+            memcmp(SGLR_HDR_NAME(&fast, i), SGLR_HDR_NAME(&ref_head, i), a->name_len) != 0 ||
+            memcmp(SGLR_HDR_VALUE(&fast, i), SGLR_HDR_VALUE(&ref_head, i), a->value_len) != 0)
+            abort();
+    }
+}
+
 static void setup(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -53,6 +134,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         setup();
         ready = 1;
     }
+    differential(data, size);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };

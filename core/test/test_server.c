@@ -536,8 +536,10 @@ TEST(post_content_length)
     WAIT(cl->connected, 2000);
     static const char req[] = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
                               "X-TEST: Mixed Case\r\n\r\nhello world";
+    unsigned long fast0 = sglr_requests_fast;
     client_send(cl, req, sizeof req - 1);
     WAIT(NRESP(cl) == 1, 2000);
+    CHECK_EQ_INT(sglr_requests_fast, fast0 + 1);   /* the common shape: read without llhttp */
     resp_t r[1];
     CHECK_EQ_INT(client_responses(cl, r, 1, 0), 1);
     int ok = r[0].status == 200 && body_is(&r[0], "POST /echo 11 Mixed Case\nhello world");
@@ -691,8 +693,10 @@ TEST(split_reads)
                               "Content-Length: 10\r\n\r\n0123456789";
 
     /* one byte at a time */
+    unsigned long fast0 = sglr_requests_fast;
     client_send_bytewise(cl, req, sizeof req - 1, 1);
     WAIT(client_sent_all(cl) && NRESP(cl) == 1, 5000);
+    CHECK_EQ_INT(sglr_requests_fast, fast0);       /* in pieces: llhttp reads it */
 
     /* inside the method, the url, a header name, a header value, the
      * CRLF that ends the head, and the body */
@@ -717,6 +721,72 @@ TEST(split_reads)
     CHECK_EQ_INT(nrequests, 2);
     client_close(cl);
     SERVER_DOWN(s);
+}
+
+/* Requests sglr_req_fast reads (method, target, fields, body, keep-alive)
+ * and those it leaves to llhttp; fuzz_request checks its answers against
+ * llhttp's. */
+TEST(fast_request_shapes)
+{
+    static const struct {
+        const char *in;
+        int fast, method, keep_alive, nhdrs;
+        size_t body;
+        const char *url;
+    } cases[] = {
+        { "POST /generate?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}", 1, 3, 1, 2, 2, "/generate?x=1" },
+        { "GET /health HTTP/1.1\r\nhost: a\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n", 1, 1, 0, 2, 0, "/health" },
+        { "DELETE /w HTTP/1.1\r\nHost: a\r\n\r\n", 1, 0, 1, 1, 0, "/w" },
+        { "PATCH /w HTTP/1.1\r\nHost: a\r\nX:\r\n\r\n", 1, 28, 1, 2, 0, "/w" },
+        /* left to llhttp */
+        { "POST /g HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n{}", 0, 0, 0, 0, 0, NULL },
+        { "GET /g HTTP/1.1\r\n\r\n", 0, 0, 0, 0, 0, NULL },                          /* no Host */
+        { "GET /g HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /g HTTP/1.0\r\nHost: a\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /g\r\n", 0, 0, 0, 0, 0, NULL },                                           /* HTTP/0.9 */
+        { "GET http://a/g HTTP/1.1\r\nHost: a\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "BREW /g HTTP/1.1\r\nHost: a\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /g HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /g HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /g HTTP/1.1\r\nHost: a\r\nVia: 1.1 x\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /g HTTP/1.1\r\nHost: a\r\n: v\r\n\r\n", 0, 0, 0, 0, 0, NULL },               /* empty name */
+        { "GET /g HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+        { "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 0, 0, 0, 0, 0, NULL },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char in[256];
+        size_t n = strlen(cases[i].in);
+        memcpy(in, cases[i].in, n + 1);
+        sglr_head_t h = { 0 };
+        sglr_fast_req_t fr = { 0 };
+        size_t used = sglr_req_fast(in, n, 4096, 4096, &h, &fr);
+        int ok;
+        if (!cases[i].fast) {
+            ok = used == 0 && h.nhdrs == 0;
+        } else {
+            const char *blank = strstr(cases[i].in, "\r\n\r\n");
+            size_t hl = (size_t)(blank + 4 - cases[i].in);
+            ok = used == hl + cases[i].body && fr.head_len == hl && fr.body_len == cases[i].body &&
+                 fr.method == cases[i].method && fr.keep_alive == cases[i].keep_alive &&
+                 h.nhdrs == cases[i].nhdrs && h.url_len == strlen(cases[i].url) &&
+                 memcmp(h.buf.data + h.url_off, cases[i].url, h.url_len) == 0;
+            size_t vl = 0;
+            const char *v = sglr_head_get(&h, "host", &vl);
+            ok = ok && v && vl == 1 && v[0] == 'a' && memcmp(SGLR_HDR_NAME(&h, 0), "host", 5) == 0;
+        }
+        if (!ok)
+            fprintf(stderr, "case %zu: used %zu\n", i, used);
+        sglr_head_free(&h);
+        CHECK(ok);
+    }
+    /* over the head or body limit: llhttp's path answers (431, 413) */
+    char in[] = "POST /g HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}";
+    sglr_head_t h = { 0 };
+    sglr_fast_req_t fr;
+    CHECK_EQ_INT(sglr_req_fast(in, strlen(in), 20, 4096, &h, &fr), 0);
+    CHECK_EQ_INT(sglr_req_fast(in, strlen(in), 4096, 1, &h, &fr), 0);
+    CHECK_EQ_INT(sglr_req_fast(in, strlen(in), 4096, 2, &h, &fr), strlen(in));
+    sglr_head_free(&h);
 }
 
 TEST(chunked_request_body)
@@ -1342,6 +1412,7 @@ int main(void)
     RUN(pipelined_while_handling);
     RUN(abort_truncates);
     RUN(split_reads);
+    RUN(fast_request_shapes);
     RUN(chunked_request_body);
     RUN(body_too_large_by_content_length);
     RUN(body_too_large_chunked);
