@@ -61,7 +61,7 @@ unsigned long sglr_requests_fast;
 size_t sglr_exchange_body_bytes;
 
 static llhttp_settings_t parser_settings;
-static char read_buf[64 * 1024];
+static char read_buf[64 * 1024 + 1];    /* + a NUL after the bytes read (sglr_req_fast) */
 
 static void conn_close(sglr_conn_t *c);
 static void conn_shutdown(sglr_conn_t *c);
@@ -834,8 +834,9 @@ static void conn_request(sglr_conn_t *c, sglr_exchange_t *x)
 }
 
 /* The common request shape, whole in `in`, read without llhttp
- * (sglr_req_fast) -> 1 when it was, and dispatched; 0 leaves `in` to
- * llhttp (its names lowercased, which llhttp does not mind). */
+ * (sglr_req_fast) -> 1 when it was, and dispatched (what follows it is in
+ * pending); 0 leaves `in` to llhttp (its names lowercased, which llhttp
+ * does not mind). */
 static int conn_fast(sglr_conn_t *c, sglr_buf_t *in)
 {
     sglr_exchange_t *x = exchange_new(c);
@@ -858,33 +859,50 @@ static int conn_fast(sglr_conn_t *c, sglr_buf_t *in)
     c->waiting = WAIT_NONE;
     if (used < in->len)
         sglr_buf_append(&c->pending, in->data + used, in->len - used);
-    sglr_buf_free(in);
     conn_request(c, x);
     return 1;
 }
 
-/* Parse data (after any pending bytes) and dispatch complete requests. */
+/* Parse data (after any pending bytes) and dispatch complete requests.
+ * Bytes that arrive with nothing pending are parsed where they are (the
+ * read buffer, a NUL after them), and only what is left is kept. */
 static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
 {
-    if (data && len && sglr_buf_append(&c->pending, data, len)) {
-        conn_close(c);
-        return;
+    const char *direct = NULL;
+    if (data && len) {
+        if (c->pending.len == 0) {
+            direct = data;
+        } else if (sglr_buf_append(&c->pending, data, len)) {
+            conn_close(c);
+            return;
+        }
     }
     c->dispatching = 1;
     while (!c->closing && !c->shutting && (!c->x || c->x->state == SGLR_X_READING) &&
-           c->pending.len) {
+           (direct || c->pending.len)) {
         if (!c->x && c->tcp.write_queue_size > SGLR_WRITE_HIGH) {
             /* the client sends requests but does not read the answers:
              * no next request (and no reading) until they drain */
             c->write_blocked = 1;
             break;
         }
-        /* parse from a private copy: pending is refilled by what is left */
-        sglr_buf_t in = c->pending;
-        c->pending = (sglr_buf_t){ 0 };
+        /* parse from the read buffer or a private copy: pending is
+         * refilled by what is left */
+        sglr_buf_t in;
+        int own = !direct;
+        if (direct) {
+            in = (sglr_buf_t){ (char *)direct, len, 0 };
+            direct = NULL;
+        } else {
+            in = c->pending;
+            c->pending = (sglr_buf_t){ 0 };
+        }
         /* between requests, the common shape is read without llhttp */
-        if (!c->llhttp_mid && !c->x && conn_fast(c, &in))
+        if (!c->llhttp_mid && !c->x && conn_fast(c, &in)) {
+            if (own)
+                sglr_buf_free(&in);
             continue;
+        }
         c->parse_end = in.data + in.len;
         llhttp_errno_t err = llhttp_execute(&c->parser, in.data, in.len);
         c->llhttp_mid = err == HPE_OK;
@@ -892,7 +910,8 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
             const char *pos = llhttp_get_error_pos(&c->parser);
             size_t used = pos ? (size_t)(pos - in.data) : in.len;
             sglr_buf_append(&c->pending, in.data + used, in.len - used);
-            sglr_buf_free(&in);
+            if (own)
+                sglr_buf_free(&in);
             llhttp_resume(&c->parser);
             conn_request(c, c->x);
             continue;
@@ -903,11 +922,13 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
             const char *pos = llhttp_get_error_pos(&c->parser);
             size_t used = pos ? (size_t)(pos - in.data) : in.len;
             sglr_buf_append(&c->pending, in.data + used, in.len - used);
-            sglr_buf_free(&in);
+            if (own)
+                sglr_buf_free(&in);
             llhttp_resume_after_upgrade(&c->parser);
             continue;
         }
-        sglr_buf_free(&in);
+        if (own)
+            sglr_buf_free(&in);
         if (err != HPE_OK) {
             if (c->reject_status == 413)
                 conn_reject(c, 413, "request body exceeds --max-payload-size");
@@ -922,6 +943,12 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
                 conn_reject(c, 400, msg);
             }
         }
+    }
+    /* bytes not parsed (writes blocked): kept for later */
+    if (direct && !c->closing && sglr_buf_append(&c->pending, direct, len)) {
+        c->dispatching = 0;
+        conn_close(c);
+        return;
     }
     c->dispatching = 0;
     if (c->closing || c->shutting)
@@ -940,7 +967,7 @@ static void conn_dispatch(sglr_conn_t *c, const char *data, size_t len)
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
-    *buf = uv_buf_init(read_buf, sizeof read_buf);
+    *buf = uv_buf_init(read_buf, sizeof read_buf - 1);
 }
 
 static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
@@ -964,6 +991,7 @@ static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
         }
         return;
     }
+    buf->base[nread] = 0;              /* sglr_req_fast's sentinel */
     conn_dispatch(c, buf->base, (size_t)nread);
 }
 
