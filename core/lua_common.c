@@ -177,11 +177,35 @@ static int in_token_list(const char *list, size_t len, const char *name, size_t 
     return 0;
 }
 
+const char *sglr_head_merge(const sglr_head_t *h, const sglr_hpair_t *add, int nadd, sglr_buf_t *b)
+{
+    /* headers the sender named in Connection are hop-by-hop too (RFC 9110
+     * 7.6.1): they end here */
+    size_t cl = 0;
+    const char *conn = h ? sglr_head_get(h, "connection", &cl) : NULL;
+    for (int i = 0; h && i < h->nhdrs; i++) {
+        const sglr_hdr_t *hd = &h->hdrs[i];
+        const char *n = h->buf.data + hd->name_off;
+        if (is_hop_header(n, hd->name_len) || (conn && in_token_list(conn, cl, n, hd->name_len)))
+            continue;
+        int overridden = 0;
+        for (int k = 0; k < nadd && !overridden; k++)
+            overridden = add[k].kl == hd->name_len && memcmp(add[k].k, n, hd->name_len) == 0;
+        if (!overridden && sglr_buf_append_header(b, n, hd->name_len,
+                                                  h->buf.data + hd->value_off, hd->value_len))
+            return "out of memory";
+    }
+    for (int k = 0; k < nadd; k++)
+        if (add[k].v && sglr_buf_append_header(b, add[k].k, add[k].kl, add[k].v, add[k].vl))
+            return "out of memory";
+    return NULL;
+}
+
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
 {
     /* the table's pairs, checked once; a string stays referenced by the
      * table while it is used */
-    struct { const char *k, *v; size_t kl, vl; } add[32];
+    sglr_hpair_t add[32];
     int nadd = 0;
     if (idx && !lua_isnil(L, idx)) {
         if (!lua_istable(L, idx))
@@ -208,26 +232,7 @@ const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_b
             lua_pop(L, 1);
         }
     }
-    /* headers the sender named in Connection are hop-by-hop too (RFC 9110
-     * 7.6.1): they end here */
-    size_t cl = 0;
-    const char *conn = h ? sglr_head_get(h, "connection", &cl) : NULL;
-    for (int i = 0; h && i < h->nhdrs; i++) {
-        const sglr_hdr_t *hd = &h->hdrs[i];
-        const char *n = h->buf.data + hd->name_off;
-        if (is_hop_header(n, hd->name_len) || (conn && in_token_list(conn, cl, n, hd->name_len)))
-            continue;
-        int overridden = 0;
-        for (int k = 0; k < nadd && !overridden; k++)
-            overridden = add[k].kl == hd->name_len && memcmp(add[k].k, n, hd->name_len) == 0;
-        if (!overridden && sglr_buf_append_header(b, n, hd->name_len,
-                                                  h->buf.data + hd->value_off, hd->value_len))
-            return "out of memory";
-    }
-    for (int k = 0; k < nadd; k++)
-        if (add[k].v && sglr_buf_append_header(b, add[k].k, add[k].kl, add[k].v, add[k].vl))
-            return "out of memory";
-    return NULL;
+    return sglr_head_merge(h, add, nadd, b);
 }
 void sglr_lua_free_data_close_cb(uv_handle_t *h)
 {

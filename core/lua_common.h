@@ -61,6 +61,13 @@ const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b);
  * that name (a client's credentials that must not reach a worker). One
  * pass over the table. Returns an error message, or NULL. */
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b);
+/* The same from C: add[] are the extra headers (lowercase names; a NULL
+ * value drops h's header of that name), already checked. */
+typedef struct {
+    const char *k, *v;
+    size_t kl, vl;
+} sglr_hpair_t;
+const char *sglr_head_merge(const sglr_head_t *h, const sglr_hpair_t *add, int nadd, sglr_buf_t *b);
 /* Push h's headers as a table {name = value}, repeated names joined. */
 void sglr_lua_push_head(lua_State *L, const sglr_head_t *h);
 

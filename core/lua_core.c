@@ -177,21 +177,24 @@ static int l_spawn(lua_State *L)
 
 void sglr_random_alnum24(char *out)
 {
-    static const char alnum[] =
+    static const char alnum[64] =
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     static uint64_t state;
     if (!state)
         state = uv_hrtime() ^ 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&state;
     /* xorshift64*: ids need to be unlikely to collide, not secret. A draw
-     * gives eight base-62 characters (62^8 < 2^48, from its top bits). */
-    for (int i = 0; i < 24; i += 8) {
+     * gives ten six-bit values; the two of 64 that are not base-62 digits
+     * are skipped, so each character is uniform over the 62. */
+    int i = 0;
+    while (i < 24) {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
-        uint64_t v = (state * 0x2545F4914F6CDD1Dull) >> 16;
-        for (int k = 0; k < 8; k++) {
-            out[i + k] = alnum[v % 62];
-            v /= 62;
+        uint64_t v = state * 0x2545F4914F6CDD1Dull;
+        for (int k = 0; k < 10 && i < 24; k++, v >>= 6) {
+            unsigned d = (unsigned)(v & 63);
+            if (d < 62)
+                out[i++] = alnum[d];
         }
     }
 }

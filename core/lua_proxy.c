@@ -286,6 +286,11 @@ static lleg_t *new_response(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool,
 /* Build and start f's upstream request from opts (a table index or 0) and
  * x's request, with data_parallel_rank spliced into the body when rank >= 0.
  * Returns an error message or NULL. */
+static const char *leg_go(lua_State *L, lleg_t *f, sglr_exchange_t *x, const char *method,
+                          const char *path, size_t plen, const char *body, size_t blen,
+                          int borrowed, int rank, int hidx, const sglr_hpair_t *add, int nadd,
+                          unsigned connect_ms, unsigned timeout_ms);
+
 static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t *x, int rank)
 {
     const char *method = x ? sglr_exchange_method(x) : "GET";
@@ -323,6 +328,17 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
         hidx = lua_gettop(L);
         /* strings above stay on the stack (anchored) until we return */
     }
+    return leg_go(L, f, x, method, path, plen, body, blen, borrowed, rank, hidx, NULL, 0,
+                  connect_ms, timeout_ms);
+}
+
+/* Build f's request (x's headers with the Lua table at hidx, or add[],
+ * merged in) and start it. */
+static const char *leg_go(lua_State *L, lleg_t *f, sglr_exchange_t *x, const char *method,
+                          const char *path, size_t plen, const char *body, size_t blen,
+                          int borrowed, int rank, int hidx, const sglr_hpair_t *add, int nadd,
+                          unsigned connect_ms, unsigned timeout_ms)
+{
     if (bad_token(method, strlen(method)) || bad_token(path, plen))
         return "invalid method or path for the upstream request";
     /* a data-parallel rank: the body with "data_parallel_rank" spliced in */
@@ -339,7 +355,8 @@ static const char *leg_start(lua_State *L, lleg_t *f, int opts, sglr_exchange_t 
         borrowed = 0;                   /* freed below: copied */
     }
     sglr_buf_t hb = sglr_lua_scratch_take();
-    const char *err = sglr_lua_headers(L, x ? &x->head : NULL, hidx, &hb);
+    const char *err = add ? sglr_head_merge(x ? &x->head : NULL, add, nadd, &hb)
+                          : sglr_lua_headers(L, x ? &x->head : NULL, hidx, &hb);
     if (!err && (borrowed ? sglr_upreq_build_ref : sglr_upreq_build)(f->leg->req, method, path,
                                  plen, hb.data ? hb.data : "", hb.len, body, blen))
         err = "out of memory";
@@ -410,6 +427,57 @@ static int x_forward(lua_State *L)
     lua_pushvalue(L, 1);
     f->x_ref = sglr_ref(L);
     const char *err = leg_start(L, f, opts, x, rank);
+    if (err)
+        return start_failed(L, f, err);
+    return lleg_wait(L, f, push_response);
+}
+
+/* x:relay(pool, rank, timeout_ms, connect_timeout_ms, request_id [, authorization])
+ * -> response | nil, err: x:forward of the client's method, path, headers
+ * and body with x-request-id set, and authorization set (a string),
+ * dropped (false) or the client's (nil); rank nil or a dp rank. The
+ * flow's forward: no options table read on every request. */
+static int x_relay(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
+    int rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
+    unsigned timeout_ms = timeout_arg(luaL_checknumber(L, 4));
+    unsigned connect_ms = timeout_arg(luaL_checknumber(L, 5));
+    sglr_hpair_t add[2] = { { "x-request-id", NULL, 12, 0 }, { "authorization", NULL, 13, 0 } };
+    int nadd = 1;
+    add[0].v = luaL_checklstring(L, 6, &add[0].vl);
+    if (strcspn(add[0].v, "\r\n") != add[0].vl)
+        return luaL_argerror(L, 6, "header contains a forbidden character");
+    int at = lua_type(L, 7);
+    if (at == LUA_TSTRING) {
+        add[1].v = lua_tolstring(L, 7, &add[1].vl);
+        if (strcspn(add[1].v, "\r\n") != add[1].vl)
+            return luaL_argerror(L, 7, "header contains a forbidden character");
+        nadd = 2;
+    } else if (at == LUA_TBOOLEAN && !lua_toboolean(L, 7)) {
+        nadd = 2;                       /* NULL value: the client's is dropped */
+    } else if (at != LUA_TNONE && at != LUA_TNIL) {
+        return luaL_argerror(L, 7, "a string, false or nil expected");
+    }
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "relay after the response started");
+    if (x->on_close)
+        return luaL_error(L, "another forward is in flight on this exchange");
+    if (lua_pushthread(L))
+        return luaL_error(L, "relay must run inside a coroutine");
+    lua_pop(L, 1);
+    if (sglr_exchange_closed(x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        return 2;
+    }
+    lleg_t *f = new_response(L, x, pool, FWD_HEAD);
+    lua_pushvalue(L, 1);
+    f->x_ref = sglr_ref(L);
+    const char *err = leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
+                             x->head.url_len, x->body.data, x->body.len, 1, rank, 0, add, nadd,
+                             connect_ms, timeout_ms);
     if (err)
         return start_failed(L, f, err);
     return lleg_wait(L, f, push_response);
@@ -574,6 +642,8 @@ void sglr_lua_open_proxy(lua_State *L)
     lua_getfield(L, -1, "__index");
     lua_pushcfunction(L, x_forward);
     lua_setfield(L, -2, "forward");
+    lua_pushcfunction(L, x_relay);
+    lua_setfield(L, -2, "relay");
     lua_pop(L, 2);
     luaL_register(L, NULL, fns);
 }

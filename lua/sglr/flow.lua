@@ -109,6 +109,7 @@ function M.new(r)
     -- metatable lookup per request.
     set_auth = r.forward_auth ~= nil,
     forward_auth = r.forward_auth or false,
+    relay_auth = r.forward_auth,
     -- what each decision feeds besides the dispatch: the decision log (or
     -- false), the shadow candidates (r.shadow.n > 0 when any), and whether
     -- a request may ask for an explanation ("all" with --explain, "key"
@@ -585,11 +586,11 @@ function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
     flow:settle(req, w, policy, nil, 504)
     return "fail", nil, nil, nil, "timeout"
   end
-  fwd.headers["x-request-id"] = req.id
-  fwd.timeout_ms = left
-  fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
-  -- --dp-aware: the rank is spliced into the body in C
-  local resp, ferr = x:forward(w.pool, fwd, w.dp_rank)
+  -- x:forward without its options table: x-request-id set, authorization
+  -- as --api-key says (relay_auth: a string, false to drop the client's,
+  -- nil to pass it); --dp-aware: the rank is spliced into the body in C
+  local resp, ferr = x:relay(w.pool, w.dp_rank, left, min(flow.connect_timeout_ms, left), req.id,
+    flow.relay_auth)
   if not resp then
     if ferr == "client_closed" then
       flow:settle(req, w, policy, nil, 499)

@@ -154,6 +154,19 @@ describe("sglr.core", function()
       assert.is_nil(seen[id])
       seen[id] = true
     end
+    -- every one of the 62 characters, about equally often (48,000 drawn:
+    -- 774 each expected; a character outside 600..950 is a biased draw)
+    local counts, kinds = {}, 0
+    for _ = 1, 2000 do
+      for ch in core.random_id(""):gmatch(".") do
+        if not counts[ch] then kinds = kinds + 1 end
+        counts[ch] = (counts[ch] or 0) + 1
+      end
+    end
+    assert.equal(62, kinds)
+    for ch, v in pairs(counts) do
+      assert.is_true(v > 600 and v < 950, ch .. " drawn " .. v .. " times")
+    end
   end)
 
   it("serves and fetches over loopback with keep-alive", function()
@@ -212,6 +225,59 @@ describe("sglr.core", function()
     assert.truthy(first and first:find("^HTTP/1.1 200 OK"))
     assert.is_nil(first:find("hello", 1, true))
     assert.truthy(second:find("hello", 1, true))
+    router:close()
+    worker:close()
+  end)
+
+  it("relays the client's request with its request id and authorization as told", function()
+    local seen = {}
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local h = x:headers()
+      seen[#seen + 1] = { method = x:method(), url = x:url(), body = x:body(), id = h["x-request-id"],
+        auth = h["authorization"], keep = h["x-keep"], hop = h["x-hop"], te = h["te"] }
+      x:respond(200, {}, "ok")
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local errs = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local mode = x:header("x-mode")
+      local auth
+      if mode == "set" then auth = "Bearer worker" elseif mode == "drop" then auth = false end
+      if mode == "bad" then
+        for _, a in ipairs({ { "id\r\nx-b: 1" }, { "id", "t\nx" }, { "id", 5 } }) do
+          local ok, err = pcall(x.relay, x, pool, nil, 1000, 1000, a[1], a[2])
+          errs[#errs + 1] = not ok and tostring(err) or "accepted"
+        end
+        return x:respond(204, {}, "")
+      end
+      local resp = assert(x:relay(pool, nil, 1000, 1000, "rid-" .. mode, auth))
+      resp:pipe()
+      resp:close()
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    for _, mode in ipairs({ "set", "drop", "pass" }) do
+      local res = assert(core.request(rpool, { method = "POST", path = "/v1/x?q=1", body = "{}",
+        headers = { ["x-mode"] = mode, authorization = "Bearer client", ["x-request-id"] = "client-id",
+          ["x-keep"] = "1", ["x-hop"] = "2", connection = "x-hop", te = "trailers" } }))
+      assert.equal(200, res.status)
+    end
+    assert.equal(204, assert(core.request(rpool, { headers = { ["x-mode"] = "bad" } })).status)
+    assert.equal(3, #seen)
+    for i, want in ipairs({ "Bearer worker", false, "Bearer client" }) do
+      local s = seen[i]
+      assert.equal("POST", s.method)
+      assert.equal("/v1/x?q=1", s.url)
+      assert.equal("{}", s.body)
+      assert.equal("1", s.keep)
+      assert.is_nil(s.hop)                     -- named in Connection: hop-by-hop
+      assert.is_nil(s.te)
+      assert.equal(want or nil, s.auth)
+    end
+    assert.equal("rid-set", seen[1].id)
+    assert.equal("rid-pass", seen[3].id)
+    assert.truthy(errs[1]:find("forbidden character", 1, true), errs[1])
+    assert.truthy(errs[2]:find("forbidden character", 1, true), errs[2])
+    assert.truthy(errs[3]:find("a string, false or nil expected", 1, true), errs[3])
     router:close()
     worker:close()
   end)
