@@ -497,19 +497,34 @@ static lpd_t *check_pd(lua_State *L)
  * arguments rather than opts fields, which would cost every request)
  * err "bad_request" (with a message as the third value) when the body cannot
  * be split for PD (an empty or oversized batch). */
-static int x_forward_pd(lua_State *L)
+/* What a PD forward was told, from x:forward_pd's options table or
+ * x:relay_pd's arguments. */
+typedef struct {
+    int route;
+    const char *host;
+    size_t hlen;
+    int port;
+    double timeout, connect;
+    int hidx;                      /* Lua headers table (forward_pd), or 0 */
+    const sglr_hpair_t *add;       /* C headers (relay_pd), or NULL */
+    int nadd;
+    int batch;                     /* -1: not known, found in the body */
+    int logprobs, own;
+} pd_opts_t;
+
+static int pd_go(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pools[2], const int ranks[2],
+                 pd_opts_t *o);
+
+/* The checks both forms make before anything is sent -> 0, or the number
+ * of values pushed (the client left) */
+static int pd_precheck(lua_State *L, sglr_exchange_t *x, const char *name)
 {
-    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
-    sglr_pool_t *pools[2] = { sglr_lua_check_pool(L, 2), sglr_lua_check_pool(L, 3) };
-    luaL_checktype(L, 4, LUA_TTABLE);
-    int ranks[2] = { lua_isnumber(L, 5) ? (int)lua_tointeger(L, 5) : -1,
-                     lua_isnumber(L, 6) ? (int)lua_tointeger(L, 6) : -1 };
     if (x->state != SGLR_X_HANDLING)
-        return luaL_error(L, "forward_pd after the response started");
+        return luaL_error(L, "%s after the response started", name);
     if (x->on_close)
         return luaL_error(L, "another forward is in flight on this exchange");
     if (lua_pushthread(L))
-        return luaL_error(L, "forward_pd must run inside a coroutine");
+        return luaL_error(L, "%s must run inside a coroutine", name);
     lua_pop(L, 1);
     if (sglr_exchange_closed(x)) {
         lua_pushnil(L);
@@ -517,44 +532,121 @@ static int x_forward_pd(lua_State *L)
         lua_pushliteral(L, "decode");
         return 3;
     }
+    return 0;
+}
+
+static int x_forward_pd(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    sglr_pool_t *pools[2] = { sglr_lua_check_pool(L, 2), sglr_lua_check_pool(L, 3) };
+    luaL_checktype(L, 4, LUA_TTABLE);
+    int ranks[2] = { lua_isnumber(L, 5) ? (int)lua_tointeger(L, 5) : -1,
+                     lua_isnumber(L, 6) ? (int)lua_tointeger(L, 6) : -1 };
+    int n = pd_precheck(L, x, "forward_pd");
+    if (n)
+        return n;
+    pd_opts_t o = { 0 };
     sglr_lua_getopt(L, 4, SGLR_KEY_ROUTE);
     size_t rlen;
     const char *rname = luaL_optlstring(L, -1, "generate", &rlen);
-    int route = sglr_extract_route(rname, rlen);
+    o.route = sglr_extract_route(rname, rlen);
     sglr_lua_getopt(L, 4, SGLR_KEY_HOST);
-    size_t hlen;
-    const char *host = luaL_optlstring(L, -1, "", &hlen);
+    o.host = luaL_optlstring(L, -1, "", &o.hlen);
     sglr_lua_getopt(L, 4, SGLR_KEY_PORT);
-    int port = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : -1;
+    o.port = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : -1;
     sglr_lua_getopt(L, 4, SGLR_KEY_TIMEOUT_MS);
-    double timeout = luaL_optnumber(L, -1, 600000);
+    o.timeout = luaL_optnumber(L, -1, 600000);
     sglr_lua_getopt(L, 4, SGLR_KEY_CONNECT_TIMEOUT_MS);
-    double connect = luaL_optnumber(L, -1, 5000);
+    o.connect = luaL_optnumber(L, -1, 5000);
     sglr_lua_getopt(L, 4, SGLR_KEY_HEADERS);
-    int hidx = lua_istable(L, -1) ? lua_gettop(L) : 0;
-    if (route < 0)
+    o.hidx = lua_istable(L, -1) ? lua_gettop(L) : 0;
+    if (o.route < 0)
         return luaL_error(L, "forward_pd: unknown route '%s'", rname);
 
     /* the batch and the logprobs flag, as x:pd_check found them (else
-     * found here, in one pass), then the splice */
-    int logprobs = 0, own = 1;
-    const char *body = x->body.data ? x->body.data : "";
+     * found in the body, in one pass) */
+    o.batch = -1;
     sglr_lua_getopt(L, 4, SGLR_KEY_BATCH);
     sglr_lua_getopt(L, 4, SGLR_KEY_LOGPROBS);
-    int batch;
     if (lua_isnumber(L, -2)) {
-        batch = (int)lua_tointeger(L, -2);
+        o.batch = (int)lua_tointeger(L, -2);
+        o.own = 1;
         if (lua_type(L, -1) == LUA_TNUMBER) {          /* pd_check's flags */
             int flags = (int)lua_tointeger(L, -1);
-            logprobs = (flags & PD_LOGPROBS) != 0;
-            own = (flags & PD_OWN_BOOTSTRAP) != 0;
+            o.logprobs = (flags & PD_LOGPROBS) != 0;
+            o.own = (flags & PD_OWN_BOOTSTRAP) != 0;
         } else {
-            logprobs = lua_toboolean(L, -1);
+            o.logprobs = lua_toboolean(L, -1);
         }
-        if (batch < 0 || batch > SGLR_SPLICE_MAX_BATCH)
+        if (o.batch < 0 || o.batch > SGLR_SPLICE_MAX_BATCH)
             return luaL_error(L, "forward_pd: batch out of range");
-    } else {
-        batch = sglr_splice_request_ex(route, body, x->body.len, &logprobs, &own);
+    }
+    return pd_go(L, x, pools, ranks, &o);
+}
+
+/* x:relay_pd(prefill_pool, decode_pool, prefill_rank, decode_rank, timeout_ms,
+ * connect_timeout_ms, request_id, authorization, route, host, port, batch,
+ * flags) -> as x:forward_pd: the flow's PD forward, without an options
+ * table read on every request. Ranks nil for none; authorization a string
+ * (set), false (the client's dropped) or nil (the client's passed); port
+ * nil or false for none; batch and flags as x:pd_check returned them. */
+static int x_relay_pd(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    sglr_pool_t *pools[2] = { sglr_lua_check_pool(L, 2), sglr_lua_check_pool(L, 3) };
+    int ranks[2] = { lua_isnumber(L, 4) ? (int)lua_tointeger(L, 4) : -1,
+                     lua_isnumber(L, 5) ? (int)lua_tointeger(L, 5) : -1 };
+    pd_opts_t o = { 0 };
+    o.timeout = luaL_checknumber(L, 6);
+    o.connect = luaL_checknumber(L, 7);
+    sglr_hpair_t add[2] = { { "x-request-id", NULL, 12, 0 }, { "authorization", NULL, 13, 0 } };
+    o.add = add;
+    o.nadd = 1;
+    add[0].v = luaL_checklstring(L, 8, &add[0].vl);
+    if (strcspn(add[0].v, "\r\n") != add[0].vl)
+        return luaL_argerror(L, 8, "header contains a forbidden character");
+    int at = lua_type(L, 9);
+    if (at == LUA_TSTRING) {
+        add[1].v = lua_tolstring(L, 9, &add[1].vl);
+        if (strcspn(add[1].v, "\r\n") != add[1].vl)
+            return luaL_argerror(L, 9, "header contains a forbidden character");
+        o.nadd = 2;
+    } else if (at == LUA_TBOOLEAN && !lua_toboolean(L, 9)) {
+        o.nadd = 2;
+    } else if (at != LUA_TNONE && at != LUA_TNIL) {
+        return luaL_argerror(L, 9, "a string, false or nil expected");
+    }
+    size_t rlen;
+    const char *rname = luaL_checklstring(L, 10, &rlen);
+    o.route = sglr_extract_route(rname, rlen);
+    if (o.route < 0)
+        return luaL_error(L, "relay_pd: unknown route '%s'", rname);
+    o.host = luaL_optlstring(L, 11, "", &o.hlen);
+    o.port = lua_isnumber(L, 12) ? (int)lua_tointeger(L, 12) : -1;
+    o.batch = (int)luaL_checkinteger(L, 13);
+    int flags = (int)luaL_checkinteger(L, 14);
+    if (o.batch < 0 || o.batch > SGLR_SPLICE_MAX_BATCH)
+        return luaL_error(L, "relay_pd: batch out of range");
+    o.logprobs = (flags & PD_LOGPROBS) != 0;
+    o.own = (flags & PD_OWN_BOOTSTRAP) != 0;
+    int n = pd_precheck(L, x, "relay_pd");
+    if (n)
+        return n;
+    return pd_go(L, x, pools, ranks, &o);
+}
+
+static int pd_go(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pools[2], const int ranks[2],
+                 pd_opts_t *o)
+{
+    const char *body = x->body.data ? x->body.data : "";
+    int batch = o->batch, logprobs = o->logprobs, own = o->own;
+    const char *host = o->host;
+    size_t hlen = o->hlen;
+    int port = o->port;
+    double timeout = o->timeout, connect = o->connect;
+    if (batch < 0) {
+        own = 1;
+        batch = sglr_splice_request_ex(o->route, body, x->body.len, &logprobs, &own);
     }
     if (batch < 0) {
         lua_pushnil(L);
@@ -622,7 +714,8 @@ static int x_forward_pd(lua_State *L)
     sglr_buf_t hb = sglr_lua_scratch_take();
     sglr_buf_t ranked = { 0 };
     /* the body is sent by reference: pd outlives the legs' requests */
-    const char *err = sglr_lua_headers(L, &x->head, hidx, &hb);
+    const char *err = o->add ? sglr_head_merge(&x->head, o->add, o->nadd, &hb)
+                             : sglr_lua_headers(L, &x->head, o->hidx, &hb);
     for (int i = 0; i < 2 && !err; i++) {
         const char *b = pd->body.data;
         size_t blen = pd->body.len;
@@ -826,6 +919,8 @@ void sglr_lua_open_pd(lua_State *L)
     sglr_lua_new_mt(L, PD_MT, pd_m, pd_gc);
     luaL_getmetatable(L, sglr_lua_exchange_mt);
     lua_getfield(L, -1, "__index");
+    lua_pushcfunction(L, x_relay_pd);
+    lua_setfield(L, -2, "relay_pd");
     lua_pushcfunction(L, x_forward_pd);
     lua_setfield(L, -2, "forward_pd");
     lua_pushcfunction(L, x_pd_check);

@@ -103,12 +103,9 @@ function M.new(r)
     request_timeout_ms = (conf.request_timeout_secs or 600) * 1000,
     connect_timeout_ms = conf.connect_timeout_ms or 5000,
     spare = {},               -- candidate lists (take_list / give_list)
-    -- Authorization sent to workers: --api-key's, or false (drop the
-    -- client's: it holds our inference key); when set_auth is false the
-    -- client's passes. Fields present from the start: a missing one costs a
-    -- metatable lookup per request.
-    set_auth = r.forward_auth ~= nil,
-    forward_auth = r.forward_auth or false,
+    -- Authorization sent to workers (x:relay): --api-key's, false (drop
+    -- the client's: it holds our inference key), or nil (the client's
+    -- passes).
     relay_auth = r.forward_auth,
     -- what each decision feeds besides the dispatch: the decision log (or
     -- false), the shadow candidates (r.shadow.n > 0 when any), and whether
@@ -129,8 +126,6 @@ function M.new(r)
   end
   self.request_id_names = table.concat(names, "\0") .. "\0\0"
   self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
-  self.rfwd = { headers = { ["x-request-id"] = false }, timeout_ms = false, connect_timeout_ms = false,
-    route = false, batch = false, logprobs = false, host = false, port = false }
   return self
 end
 
@@ -430,11 +425,6 @@ function M:run(x, req)
   local deadline = req.t0 + self.request_timeout_ms
   local attempts = self.retry:attempts()
   local d = self.dispatcher
-  -- the forward's options: one table for all requests, filled anew by each
-  -- dispatch right before x:forward or x:forward_pd reads it (which they
-  -- do before they yield)
-  local fwd = self.rfwd
-  if self.set_auth then fwd.headers.authorization = self.forward_auth end
   if d.prepare then
     local okp, msg = d.prepare(self, x, req)
     if not okp then
@@ -453,7 +443,7 @@ function M:run(x, req)
       last_err = b or last_err
       break
     end
-    local verdict, status, body, ctype, err = d.dispatch(self, x, req, fwd, deadline,
+    local verdict, status, body, ctype, err = d.dispatch(self, x, req, deadline,
       attempt < attempts, a, b)
     if verdict == "done" then return end
     last_status, last_body, last_ctype, last_err = status, body, ctype, err
@@ -545,7 +535,7 @@ end
 --   prepare(flow, x, req) -> true | nil, message (a 400), once per
 --     request before any worker is picked
 --   pick(flow, req, now) -> the attempt's workers (up to two values) | nil, why
---   dispatch(flow, x, req, fwd, deadline, can_retry, ...workers) ->
+--   dispatch(flow, x, req, deadline, can_retry, ...workers) ->
 --     "done"                                  answered (or the client left)
 --     "retry"|"fail", status, body, ctype, err  failed before the commit;
 --                                             "fail" when not worth another
@@ -576,7 +566,7 @@ end
 -- Forward to the worker. Before the response head the attempt can still
 -- fail over: a transport error or a retryable status ends it with "retry".
 -- Otherwise the response is committed: streamed to the client as it comes.
-function regular.dispatch(flow, x, req, fwd, deadline, can_retry, w)
+function regular.dispatch(flow, x, req, deadline, can_retry, w)
   local policy = req.policy
   local route, rs = req.route, req.rs
   flow:take(req, w)
@@ -639,7 +629,7 @@ end
 
 -- --- PD mode: a prefill and a decode worker per attempt ---------------------------------
 
--- The request goes to both at once (x:forward_pd splices the bootstrap
+-- The request goes to both at once (x:relay_pd splices the bootstrap
 -- fields in C); the client gets the decode's response. Each pool has its
 -- own policy instance (req.policy for prefill, req.dpolicy for decode), and
 -- each leg feeds its worker's breaker, load and policy. A retry re-picks
@@ -708,7 +698,7 @@ local function pd_error(leg, etype)
   if leg == "prefill" then stats.pd_prefill_errors:inc() else stats.pd_decode_errors:inc() end
 end
 
-function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
+function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
   local route, rs = req.route, req.rs
   flow:take(req, pw)
   flow:take(req, dw)
@@ -723,14 +713,11 @@ function pd.dispatch(flow, x, req, fwd, deadline, can_retry, pw, dw)
     flow:settle(req, dw, req.dpolicy, nil, 504)
     return "fail", nil, nil, nil, "timeout"
   end
-  fwd.headers["x-request-id"] = req.id
-  fwd.timeout_ms = left
-  fwd.connect_timeout_ms = min(flow.connect_timeout_ms, left)
-  fwd.route, fwd.batch, fwd.logprobs = req.route, req.pd_batch, req.pd_flags
-  fwd.host = pw.bootstrap_host
-  fwd.port = pw.bootstrap_port or false
-  -- --dp-aware: each leg's rank is spliced into its body in C
-  local pdx, ferr, leg = x:forward_pd(pw.pool, dw.pool, fwd, pw.dp_rank, dw.dp_rank)
+  -- x:forward_pd without its options table (as x:relay); --dp-aware:
+  -- each leg's rank is spliced into its body in C
+  local pdx, ferr, leg = x:relay_pd(pw.pool, dw.pool, pw.dp_rank, dw.dp_rank, left,
+    min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.route, pw.bootstrap_host,
+    pw.bootstrap_port, req.pd_batch, req.pd_flags)
   if not pdx then
     if ferr == "bad_request" then
       flow:settle(req, pw, req.policy, nil, 400)

@@ -354,6 +354,62 @@ describe("sglr.core", function()
     decode:close()
   end)
 
+  it("relays a PD request to both legs with the request id, authorization and bootstrap fields", function()
+    local legs = {}
+    local function leg(name)
+      return assert(core.listen("127.0.0.1", 0, {}, function(x)
+        local h = x:headers()
+        legs[#legs + 1] = { name = name, id = h["x-request-id"], auth = h.authorization, body = x:body() }
+        x:respond(200, {}, name == "decode" and '{"text":"d"}' or "{}")
+      end))
+    end
+    local prefill, decode = leg("prefill"), leg("decode")
+    local ppool = assert(core.upstream("http://127.0.0.1:" .. prefill:port()))
+    local dpool = assert(core.upstream("http://127.0.0.1:" .. decode:port()))
+    local errs = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local batch, flags = assert(x:pd_check("generate"))
+      local mode = x:header("x-mode")
+      if mode == "bad" then
+        for _, a in ipairs({ { "id\n" }, { "id", 5 }, { "id", nil, "nope" } }) do
+          local ok, err = pcall(x.relay_pd, x, ppool, dpool, nil, nil, 1000, 1000, a[1], a[2],
+            a[3] or "generate", "h", 7, batch, flags)
+          errs[#errs + 1] = not ok and tostring(err) or "accepted"
+        end
+        return x:respond(204, {}, "")
+      end
+      local auth = mode == "set" and "Bearer w" or nil
+      if mode == "drop" then auth = false end
+      local pdx = assert(x:relay_pd(ppool, dpool, nil, nil, 1000, 1000, "rid-" .. mode, auth, "generate",
+        "h", mode == "set" and 7 or nil, batch, flags))
+      pdx:pipe()
+      pdx:close()
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    for _, mode in ipairs({ "set", "drop", "pass" }) do
+      legs = {}
+      local res = assert(core.request(rpool, { method = "POST", path = "/generate", body = '{"text":"hi"}',
+        headers = { ["x-mode"] = mode, authorization = "Bearer c" } }))
+      assert.equal(200, res.status)
+      assert.equal('{"text":"d"}', res.body)
+      assert.equal(2, #legs)
+      for _, l in ipairs(legs) do
+        assert.equal("rid-" .. mode, l.id)
+        assert.equal(({ set = "Bearer w", pass = "Bearer c" })[mode], l.auth)
+        assert.truthy(l.body:find('"bootstrap_host":"h","bootstrap_port":' .. (mode == "set" and "7" or "null"), 1, true),
+          l.body)
+      end
+    end
+    assert.equal(204, assert(core.request(rpool, { method = "POST", path = "/generate", body = '{"text":"hi"}',
+      headers = { ["x-mode"] = "bad" } })).status)
+    assert.truthy(errs[1]:find("forbidden character", 1, true), errs[1])
+    assert.truthy(errs[2]:find("a string, false or nil expected", 1, true), errs[2])
+    assert.truthy(errs[3]:find("unknown route", 1, true), errs[3])
+    router:close()
+    prefill:close()
+    decode:close()
+  end)
+
   it("frees a response at close: its status reads 0 and a pipe or read after it raises", function()
     local worker = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, { ["x-w"] = "1" }, "hi") end))
     local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))

@@ -1,5 +1,5 @@
 -- The PD dispatcher (flow.lua: pd.pick, pd.dispatch) against a fake
--- runtime: a fake client exchange whose forward_pd returns a scripted PD
+-- runtime: a fake client exchange whose relay_pd returns a scripted PD
 -- exchange, a real worker registry with prefill and decode workers, and
 -- policies that record what they are asked.
 local flow_mod = require "sglr.flow"
@@ -46,12 +46,12 @@ local function setup(opts)
   return r, req
 end
 
--- A client exchange whose forward_pd answers with `script`: either
+-- A client exchange whose relay_pd answers with `script`: either
 -- { err = ..., leg = ... } or the PD exchange's results.
 local function fake_x(script)
   local x = { responded = nil, calls = {} }
-  function x.forward_pd(_, ppool, dpool, opts)
-    x.calls[#x.calls + 1] = { prefill = ppool:url(), decode = dpool:url(), host = opts.host, port = opts.port }
+  function x.relay_pd(_, ppool, dpool, _, _, _, _, _, _, _, host, port)
+    x.calls[#x.calls + 1] = { prefill = ppool:url(), decode = dpool:url(), host = host, port = port }
     if script.err then return nil, script.err, script.leg end
     local closed = false
     local pdx = {}
@@ -84,7 +84,7 @@ local function dispatch(r, req, x)
   local now = require("sglr.core").now()
   local pw, dw = pd.pick(r.flow, req, now)
   assert(pw and dw, "pick found no pair")
-  return pd.dispatch(r.flow, x, req, { headers = {} }, now + 10000, true, pw, dw)
+  return pd.dispatch(r.flow, x, req, now + 10000, true, pw, dw)
 end
 
 describe("PD dispatcher", function()
@@ -103,12 +103,12 @@ describe("PD dispatcher", function()
     assert.equal("done", dispatch(r, req, x))
     assert.equal("[::1]", x.calls[1].host)
     assert.equal(8998, x.calls[1].port)
-    -- no bootstrap port: null on the wire (false here)
+    -- no bootstrap port: null on the wire (nil here)
     local r2, req2 = setup()
     local x2 = fake_x({})
     dispatch(r2, req2, x2)
     assert.equal("127.0.0.1", x2.calls[1].host)
-    assert.is_false(x2.calls[1].port)
+    assert.is_nil(x2.calls[1].port)
   end)
 
   it("settles both legs with their own policies on success", function()
