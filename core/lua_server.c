@@ -12,6 +12,8 @@
 #include "lua_common.h"
 #include "server.h"
 
+#include <llhttp.h>
+
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -254,6 +256,31 @@ int sglr_lua_x_status(void *b)
 {
     sglr_exchange_t *x = ffi_x(b);
     return x ? x->status : -1;
+}
+
+/* The inference route of a POST: 1 /generate, 2 /v1/chat/completions, 3
+ * /v1/completions (the path before any '?'); 0 for any other request, -1
+ * when b is no live exchange. The router's first question of every
+ * request, without making its path and method Lua strings. */
+int sglr_lua_x_inference(void *b)
+{
+    sglr_exchange_t *x = ffi_x(b);
+    if (!x)
+        return -1;
+    if (x->method != HTTP_POST)
+        return 0;
+    const char *u = x->head.buf.data + x->head.url_off;
+    size_t n = x->head.url_len;
+    const char *q = memchr(u, '?', n);
+    if (q)
+        n = (size_t)(q - u);
+    if (n == 9 && memcmp(u, "/generate", 9) == 0)
+        return 1;
+    if (n == 20 && memcmp(u, "/v1/chat/completions", 20) == 0)
+        return 2;
+    if (n == 15 && memcmp(u, "/v1/completions", 15) == 0)
+        return 3;
+    return 0;
 }
 
 int sglr_lua_x_closed(void *b)

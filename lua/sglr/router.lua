@@ -29,6 +29,19 @@ local ROUTES = {
   ["/v1/chat/completions"] = "chat",
   ["/v1/completions"] = "completions",
 }
+-- The same by the number sglr_lua_x_inference gives a POST to one of them
+-- (through the FFI: no path or method string per request); false when
+-- the FFI cannot reach it, and then the path and method decide.
+local INFERENCE = { "generate", "chat", "completions" }
+local x_inference = false
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok and pcall(ffi.cdef, "int sglr_lua_x_inference(void *x);")
+      and pcall(function() return ffi.C.sglr_lua_x_inference end) then
+    local f = ffi.C.sglr_lua_x_inference
+    x_inference = function(x) return type(x) == "userdata" and f(x) or -1 end
+  end
+end
 
 local JSON_HDR = { ["content-type"] = "application/json" }
 
@@ -942,10 +955,17 @@ function M:unauthorized(x, what)
 end
 
 function M:handle(x)
-  local path, query = x:path()
-  local method = x:method()
-  local route = ROUTES[path]
-  if route and method == "POST" then
+  local path, query, method, route
+  local i = x_inference and x_inference(x) or -1
+  if i > 0 then
+    route = INFERENCE[i]
+  else
+    path, query = x:path()
+    method = x:method()
+    route = ROUTES[path]
+    if method ~= "POST" then i = 0 end
+  end
+  if route and i ~= 0 then
     if self.inference_key and not self:authorized(x, self.inference_key) then
       stats.errors:inc(1, route, "unauthorized")
       self:unauthorized(x, "the inference API (--inference-api-key)")

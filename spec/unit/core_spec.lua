@@ -229,6 +229,29 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("names the inference route of a POST through the FFI, and no other request's", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int sglr_lua_x_inference(void *x);")
+    local got = {}
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      got[#got + 1] = ffi.C.sglr_lua_x_inference(x)
+      x:respond(200, {}, "")
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    local cases = {
+      { "POST", "/generate", 1 }, { "POST", "/generate?stream=1", 1 }, { "POST", "/v1/chat/completions", 2 },
+      { "POST", "/v1/completions", 3 }, { "GET", "/generate", 0 }, { "PUT", "/v1/completions", 0 },
+      { "POST", "/generatex", 0 }, { "POST", "/v1/completions/", 0 }, { "POST", "/v1/chat", 0 },
+      { "POST", "/", 0 },
+    }
+    for _, c in ipairs(cases) do
+      assert(core.request(pool, { method = c[1], path = c[2], body = c[1] ~= "GET" and "{}" or nil }))
+    end
+    for i, c in ipairs(cases) do assert.equal(c[3], got[i], c[1] .. " " .. c[2]) end
+    assert.equal(-1, ffi.C.sglr_lua_x_inference(nil))
+    srv:close()
+  end)
+
   it("relays the client's request with its request id and authorization as told", function()
     local seen = {}
     local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
