@@ -67,6 +67,51 @@ uint64_t sglr_timer_ms(double ms)
     return due > now ? due - now : 1;
 }
 
+/* Kept threads (sglr_co_keep): a pooled handler thread holds one registry
+ * ref for its whole life, in a slot of this direct-mapped table found from
+ * its lua_State. A pin of a kept thread returns its slot, encoded below
+ * LUA_NOREF and LUA_REFNIL (so no caller mistakes it for either), and
+ * neither the pin nor the resume touches the registry: two registry
+ * writes a wait fewer. A thread whose slot is taken is pinned as any.
+ * An unpin of a kept thread does nothing: every unpin undoes a pin whose
+ * wait did not start (the thread runs on), except an httpc wake-up that
+ * finds no stack room, which leaves its thread held (at most the table's
+ * size in all, never more). */
+#define KEPT_SLOTS 4096
+#define KEPT_ENC(slot) (-16 - (int)(slot))
+#define KEPT_SLOT(ref) ((unsigned)(-16 - (ref)))
+#define IS_KEPT(ref) ((ref) <= -16)
+static struct {
+    lua_State *co;
+    int ref;
+} kept[KEPT_SLOTS];
+
+static unsigned kept_slot(const lua_State *co)
+{
+    uint64_t p = (uint64_t)(uintptr_t)co;
+    return (unsigned)(((p >> 4) * 0x9E3779B97F4A7C15ull) >> 52);    /* 12 bits */
+}
+
+int sglr_co_keep(lua_State *co, int ref)
+{
+    unsigned s = kept_slot(co);
+    if (kept[s].co)
+        return ref;
+    kept[s].co = co;
+    kept[s].ref = ref;
+    return KEPT_ENC(s);
+}
+
+/* A kept thread ended (or is dropped): its ref is released. */
+static void kept_release(int enc)
+{
+    unsigned s = KEPT_SLOT(enc);
+    int ref = kept[s].ref;
+    kept[s].co = NULL;
+    kept[s].ref = LUA_NOREF;
+    sglr_unref(ref);
+}
+
 int sglr_co_pin(lua_State *L)
 {
     if (lua_pushthread(L)) {
@@ -82,12 +127,18 @@ int sglr_co_pin(lua_State *L)
         return luaL_error(L, "this call waits, and cannot from here: a C function "
                              "(such as table.sort's comparator or a gsub callback) is on the stack");
     }
+    unsigned s = kept_slot(L);
+    if (kept[s].co == L) {
+        lua_pop(L, 1);
+        return KEPT_ENC(s);
+    }
     return sglr_ref(L);
 }
 
 void sglr_co_unpin(int ref)
 {
-    sglr_unref(ref);
+    if (!IS_KEPT(ref))
+        sglr_unref(ref);
 }
 
 /* Released registry slots, for sglr_ref to reuse. luaL_ref/luaL_unref cost
@@ -149,9 +200,32 @@ int sglr_co_pool_take(lua_State **co)
 
 int sglr_co_resume(lua_State *co, int ref, int nargs)
 {
+    lua_State *L = sglr_L;
+    if (IS_KEPT(ref)) {
+        /* referenced all along: nothing to pin or unpin */
+        int st = lua_resume(co, nargs);
+        if (st == LUA_YIELD && lua_gettop(co) == 1 && lua_touserdata(co, 1) == &sglr_co_idle_token) {
+            lua_settop(co, 0);
+            if (co_npool < CO_POOL_MAX) {
+                co_pool[co_npool].co = co;
+                co_pool[co_npool].ref = ref;
+                co_npool++;
+                return st;
+            }
+            kept_release(ref);          /* no room at rest: collected */
+        } else if (st != LUA_YIELD) {
+            if (st != 0) {
+                const char *msg = lua_tostring(co, -1);
+                luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+                sglr_log(SGLR_LOG_ERROR, "script error: %s", lua_tostring(L, -1));
+                lua_pop(L, 1);
+            }
+            kept_release(ref);          /* it ended */
+        }
+        return st;
+    }
     /* Keep the thread referenced from the main stack while it runs: the
      * ref is released first so that a coroutine which finishes is freed. */
-    lua_State *L = sglr_L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
     sglr_unref(ref);
     int st = lua_resume(co, nargs);

@@ -98,7 +98,7 @@ static int new_runner(lua_State *L, lua_State **out)
     }
     lua_settop(co, 0);
     *out = co;
-    return ref;
+    return sglr_co_keep(co, ref);     /* referenced for its whole life */
 }
 
 static void on_request(sglr_exchange_t *x)

@@ -51,6 +51,11 @@ int sglr_co_pool_take(lua_State **co);
 /* Drop a pinned coroutine without resuming it (its wait was abandoned). */
 void sglr_co_unpin(int ref);
 
+/* A handler thread referenced for its whole life (ref, from luaL_ref or
+ * sglr_ref): its pins then cost no registry write. Returns the ref to
+ * resume it with from now on (the same ref when no room is left). */
+int sglr_co_keep(lua_State *co, int ref);
+
 /* Registry references for the hot path: sglr_ref pops the value on top of
  * L's stack and returns its ref (LUA_REFNIL for nil), sglr_unref releases
  * it; read it back with lua_rawgeti(L, LUA_REGISTRYINDEX, ref). The same
