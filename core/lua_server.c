@@ -306,15 +306,42 @@ int sglr_lua_x_request_id(void *b, const char *names, const char *prefix, char *
     sglr_exchange_t *x = ffi_x(b);
     if (!x || cap < 0)
         return -1;
-    for (const char *n = names; *n; n += strlen(n) + 1) {
-        size_t len;
-        const char *v = sglr_head_get(&x->head, n, &len);
-        if (v && len) {
-            if (len > (size_t)cap)
-                return -1;
-            memcpy(out, v, len);
-            return (int)len;
+    /* one pass over the headers: for each name (in order) its first
+     * header counts, and the earliest name whose value is not empty wins
+     * (names and stored header names are both lowercase) */
+    const char *nm[32];
+    size_t nlen[32];
+    int nn = 0;
+    for (const char *n = names; *n && nn < 32; nn++) {
+        nlen[nn] = strlen(n);
+        nm[nn] = n;
+        n += nlen[nn] + 1;
+    }
+    const sglr_head_t *h = &x->head;
+    const char *best = NULL;
+    size_t best_len = 0;
+    int best_k = nn;
+    unsigned seen = 0;             /* names whose first header was met */
+    for (int i = 0; i < h->nhdrs && best_k > 0; i++) {
+        const sglr_hdr_t *hd = &h->hdrs[i];
+        for (int k = 0; k < best_k; k++) {
+            if (nlen[k] != hd->name_len || (seen & (1u << k)) ||
+                memcmp(nm[k], h->buf.data + hd->name_off, nlen[k]) != 0)
+                continue;
+            seen |= 1u << k;
+            if (hd->value_len) {
+                best = h->buf.data + hd->value_off;
+                best_len = hd->value_len;
+                best_k = k;
+            }
+            break;
         }
+    }
+    if (best) {
+        if (best_len > (size_t)cap)
+            return -1;
+        memcpy(out, best, best_len);
+        return (int)best_len;
     }
     size_t plen = strlen(prefix);
     if (plen + 24 > (size_t)cap)

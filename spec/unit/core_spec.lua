@@ -229,6 +229,36 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("takes the request id from the first configured name with a value, whatever the header order", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int sglr_lua_x_request_id(void *x, const char *names, const char *prefix, char *out, int cap);")
+    local buf = ffi.new("char[256]")
+    local got = {}
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local n = ffi.C.sglr_lua_x_request_id(x, "x-request-id\0x-trace-id\0\0", "gnt-", buf, 256)
+      got[#got + 1] = n >= 0 and ffi.string(buf, n) or false
+      x:respond(200, {}, "")
+    end))
+    local uv = require "luv"
+    local function send(hdrs)
+      local c, out = uv.new_tcp(), ""
+      c:connect("127.0.0.1", srv:port(), function()
+        c:write("GET / HTTP/1.1\r\nhost: a\r\n" .. hdrs .. "connection: close\r\n\r\n")
+        c:read_start(function(_, d) if d then out = out .. d end end)
+      end)
+      local t = core.now()
+      while not out:find("\r\n\r\n") and core.now() - t < 2000 do core.sleep(5) end
+      c:close()
+    end
+    send("X-Trace-Id: t-1\r\nX-Request-Id: r-1\r\n")                     -- the name order wins
+    send("x-request-id: \r\nx-trace-id: t-2\r\nx-request-id: r-2\r\n")   -- the first of a name counts
+    send("x-other: o\r\n")
+    assert.equal("r-1", got[1])
+    assert.equal("t-2", got[2])
+    assert.truthy(got[3]:match("^gnt%-%w+$") and #got[3] == 28, got[3])
+    srv:close()
+  end)
+
   it("names the inference route of a POST through the FFI, and no other request's", function()
     local ffi = require "ffi"
     pcall(ffi.cdef, "int sglr_lua_x_inference(void *x);")
