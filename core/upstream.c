@@ -1108,7 +1108,15 @@ static void req_drain(sglr_upreq_t *r)
     r->pending = (sglr_buf_t){ 0 };
     if (in.len)
         req_feed(r, in.data, in.len);
-    sglr_buf_free(&in);
+    /* the buffer goes back for the next response unless the feed refilled
+     * pending (r itself outlives this call: freed requests are recycled
+     * on a later loop turn) */
+    if (r->pending.cap == 0) {
+        in.len = 0;
+        r->pending = in;
+    } else {
+        sglr_buf_free(&in);
+    }
     if (r->state != UP_BODY || r->conn != c || r->throttled)
         return;
     if (r->eof_pending) {

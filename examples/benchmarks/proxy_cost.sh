@@ -12,7 +12,9 @@
 # by its pid on exit.
 #
 # usage: examples/benchmarks/proxy_cost.sh [SGLR_BIN...]
-# env:   N (2000 requests), CONNS (8), MODES ("regular pd"), WORKER_PORT (31811),
+# env:   N (2000 requests), WARMUP (2000 requests first, not counted: the
+#        JIT has compiled every path by then, so what is counted is the
+#        steady state, not trace compilation), CONNS (8), MODES ("regular pd"), WORKER_PORT (31811),
 #        ROUTER_PORT (31812), PREFILL_PORT (31813), BOOTSTRAP_PORT (31814),
 #        DECODE_PORT (31815), ROUTER_ARGS (extra router flags, e.g.
 #        "--log-level info"), SIM_BIN (the sglr that runs the sim workers;
@@ -26,6 +28,7 @@
 set -euo pipefail
 
 N=${N:-2000}
+WARMUP=${WARMUP:-2000}
 CONNS=${CONNS:-8}
 WORKER_PORT=${WORKER_PORT:-31811}
 ROUTER_PORT=${ROUTER_PORT:-31812}
@@ -132,7 +135,7 @@ for bin in "$@"; do
   rpid=$!
   PIDS+=($rpid)
   wait_http "http://127.0.0.1:$ROUTER_PORT/health" "$rpid"
-  "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" 200 "$CONNS" "$PROMPT" 1000000      # warm-up
+  "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$WARMUP" "$CONNS" "$PROMPT" 1000000      # warm-up
   callgrind_control -z "$rpid" >/dev/null 2>&1
   "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$N" "$CONNS" "$PROMPT"
   callgrind_control -d "$rpid" >/dev/null 2>&1
