@@ -20,7 +20,11 @@
 -- Ties (equal loads, equal tree sizes) are broken by a rotating cursor so
 -- that idle workers share the work instead of the first one taking all of
 -- it. Every eviction_interval seconds each worker's tree is cut back to
--- max_tree_size characters, least recently used leaves first.
+-- max_tree_size characters, least recently used leaves first; and between
+-- those, once more characters than max_tree_size (at least 64 Ki) were
+-- inserted since the last cut, so a burst of new prompts cannot grow the
+-- tree (and the router's memory) with the request rate until the next
+-- interval: a worker's tree stays under about twice max_tree_size.
 --
 -- select states its reason in its return values (no table per request):
 --   worker, reason, matched, total
@@ -67,7 +71,8 @@ P.options = {
   },
   max_tree_size = {
     type = "number", default = 16777216, min = 0,
-    description = "Characters of routing text kept per worker after an eviction.",
+    description = "Characters of routing text kept per worker after an eviction (a worker's tree is also "
+               .. "cut back between intervals once this many characters were inserted).",
   },
   cache_routing_prob = {
     type = "number", default = 1.0, min = 0, max = 1,
@@ -76,6 +81,10 @@ P.options = {
 }
 
 local mt = { __index = P }
+
+-- The least insertion between two cuts (a tiny max_tree_size would
+-- otherwise cut on every request).
+local EAGER_MIN = 65536
 
 -- the reason each decision reports
 local REASON = { hit = "cache_hit", miss = "cache_miss", balance = "imbalance", queue = "shortest_queue" }
@@ -124,8 +133,13 @@ function P.new(conf, rt)
     counts = { hit = 0, miss = 0, balance = 0, queue = 0 },
     urls = {},                -- workers that have entries in the tree
     evicted = 0,
+    inserted = 0,             -- characters inserted since the last cut
+    early_cuts = 0,           -- cuts between intervals (the insertion bound)
     m = rt.metrics and decision_metrics(rt.metrics) or false,
   }, mt)
+  -- characters inserted that make a cut before the interval (false: never,
+  -- as with an interval of 0)
+  self.eager = self.eviction_interval > 0 and math.max(self.max_tree_size, EAGER_MIN) or false
   if self.eviction_interval > 0 and rt.every then
     rt.every(self.eviction_interval * 1000, function() self:evict() end)
   end
@@ -146,10 +160,15 @@ end
 -- One native call: its cost is one walk over the tree plus the entries
 -- removed (about 70 ms for 330k nodes holding 73M characters), so cutting
 -- it into slices would only repeat the walk.
-function P:evict()
+function P:evict(early)
   local t0 = self.rt.now()
   local removed = self.tree:evict(self.max_tree_size)
   self.evicted = self.evicted + removed
+  self.inserted = 0
+  if early then
+    self.early_cuts = self.early_cuts + 1
+    return removed
+  end
   if removed > 0 and self.rt.log then
     self.rt.log("info", "cache_aware: evicted " .. removed .. " chars",
       { ms = math.floor((self.rt.now() - t0) * 10 + 0.5) / 10 })
@@ -241,6 +260,12 @@ function P:select(req, workers)
   if len > 0 then
     self.tree:insert(text, chosen.url)
     self.urls[chosen.url] = true
+    local eager = self.eager
+    if eager then
+      local ins = self.inserted + len
+      self.inserted = ins
+      if ins >= eager then self:evict(true) end
+    end
   end
   self.counts[decision] = self.counts[decision] + 1
   local m = self.m
@@ -275,6 +300,7 @@ function P:stats()
     hits = self.counts.hit, misses = self.counts.miss, balanced = self.counts.balance,
     shortest_queue = self.counts.queue,
     tree_nodes = st.nodes, tree_chars = st.chars, evicted_chars = self.evicted,
+    early_cuts = self.early_cuts,
   }
 end
 

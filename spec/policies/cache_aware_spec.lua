@@ -155,6 +155,29 @@ describe("cache_aware policy", function()
     assert.equal(rt.tree, p.tree)
   end)
 
+  it("cuts the tree between intervals once max_tree_size characters were inserted (sglr.radix)", function()
+    -- 64 Ki is the least insertion between two cuts
+    local p, rt = new(real_radix, { eviction_interval = 3600, max_tree_size = 1000 })
+    local ws = workers({ 0 })
+    local function prompt(i) return ("%05d unique prompt "):format(i) .. string.rep("y", 1000) end
+    local most = 0
+    for i = 1, 140 do                      -- 140 KB inserted, no timer run
+      route(p, prompt(i), ws)
+      most = math.max(most, rt.tree:size("http://w1"))
+    end
+    assert.is_true(p:stats().early_cuts >= 2, "cuts: " .. p:stats().early_cuts)
+    assert.is_true(most <= 1000 + 65536 + 1020, "the tree grew to " .. most)
+    assert.is_true(p:stats().evicted_chars > 60000)
+    -- the latest prompts are kept
+    local _, req = route(p, prompt(140), ws)
+    assert.equal("hit", req.decision)
+    -- an interval of 0 (never evict) is never cut early either
+    local p0, rt0 = new(real_radix, { eviction_interval = 0, max_tree_size = 1000 })
+    for i = 1, 80 do route(p0, prompt(i), ws) end
+    assert.equal(0, p0:stats().early_cuts)
+    assert.is_true(rt0.tree:size("http://w1") > 80000)
+  end)
+
   for _, impl in ipairs({ { "model tree", fake_radix }, { "sglr.radix", real_radix } }) do
     local name, make_tree = impl[1], impl[2]
 
