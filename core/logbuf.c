@@ -159,11 +159,26 @@ size_t sglr_logline_begin(double wall, const char *level, const char *msg, size_
     return start;
 }
 
+/* A value needs quotes when empty or holding a byte <= ' ', DEL, '=', '"'
+ * or a backslash. Eight bytes a step: these tests only say whether some
+ * byte of the word is one (bytes >= 0x80, UTF-8, never are). */
 static int needs_quotes(const char *s, size_t n)
 {
     if (n == 0)
         return 1;
-    for (size_t i = 0; i < n; i++) {
+    const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        uint64_t x1 = w ^ (ones * 127), x2 = w ^ (ones * '='), x3 = w ^ (ones * '"'),
+                 x4 = w ^ (ones * '\\');
+        uint64_t hit = (w - ones * 0x21) | (x1 - ones) | (x2 - ones) | (x3 - ones) | (x4 - ones);
+        hit &= ~w & highs;
+        if (hit)
+            return 1;
+    }
+    for (; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
         if (c <= ' ' || c == 127 || c == '=' || c == '"' || c == '\\')
             return 1;

@@ -22,20 +22,23 @@ static int l_log_line(lua_State *L)
     const char *msg = luaL_checklstring(L, 2, &ml);
     int mode = (int)luaL_checkinteger(L, 3);
     int top = lua_gettop(L);
-    /* check first: nothing raises once the line is begun */
-    for (int i = 4; i <= top; i += 2) {
-        luaL_checkstring(L, i);
-        int t = i + 1 <= top ? lua_type(L, i + 1) : LUA_TNIL;
-        if (t != LUA_TNIL && t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
-            luaL_argerror(L, i + 1, "string, number or boolean expected");
-    }
     uv_timeval64_t tv;
     uv_gettimeofday(&tv);
     size_t start = sglr_logline_begin((double)tv.tv_sec + tv.tv_usec / 1e6, lvl, msg, ml);
-    for (int i = 4; i + 1 <= top; i += 2) {
+    /* arguments are checked as they are written: a bad one drops the line
+     * begun (nothing of it is kept) before raising */
+    for (int i = 4; i <= top; i += 2) {
         size_t kl, vl;
-        const char *k = lua_tolstring(L, i, &kl);
-        switch (lua_type(L, i + 1)) {
+        int kt = lua_type(L, i);
+        const char *k = kt == LUA_TSTRING || kt == LUA_TNUMBER ? lua_tolstring(L, i, &kl) : NULL;
+        int t = i + 1 <= top ? lua_type(L, i + 1) : LUA_TNIL;
+        if (!k || (t != LUA_TNIL && t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)) {
+            sglr_logline_commit(start, 0);
+            if (!k)
+                return luaL_argerror(L, i, "string expected");
+            return luaL_argerror(L, i + 1, "string, number or boolean expected");
+        }
+        switch (t) {
         case LUA_TSTRING: {
             const char *v = lua_tolstring(L, i + 1, &vl);
             sglr_logline_str(k, kl, v, vl);

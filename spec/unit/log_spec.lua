@@ -87,6 +87,36 @@ describe("native log lines", function()
     end
   end)
 
+  it("quote a value for each special byte at any place in a long value, as log.log does", function()
+    -- the native check looks at eight bytes a step: every position of the
+    -- first two words and the tail, each special byte, and UTF-8 around them
+    local specials = { " ", "\t", "\n", "\0", "\127", "=", '"', "\\", "\31" }
+    for len = 1, 19 do
+      for at = 1, len do
+        for _, sp in ipairs(specials) do
+          local val = ("\195\169abcdefghijklmnopqrstuvwxyz"):sub(1, len)
+          val = val:sub(1, at - 1) .. sp .. val:sub(at + 1)
+          local got = c_line("info", "m", { "k" }, { k = val })
+          assert.equal(lua_line("info", "m", { k = val }):sub(25), got:sub(25))
+        end
+        local plain = ("\226\130\172-abcdefghijklmnopqrstuvwxyz"):sub(1, len)
+        assert.equal(lua_line("info", "m", { k = plain }):sub(25), c_line("info", "m", { "k" }, { k = plain }):sub(25))
+      end
+    end
+  end)
+
+  it("refuse a key or value of another type, and keep nothing of that line", function()
+    local ok, err = pcall(core.log_line, "info", "m", 2, "a", "1", {}, "x")
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("string expected", 1, true), err)
+    ok, err = pcall(core.log_line, "info", "m", 2, "a", "1", "b", {})
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("string, number or boolean expected", 1, true), err)
+    -- the next line starts clean: no piece of a refused one before it
+    local got = c_line("info", "after", { "k" }, { k = "v" })
+    assert.truthy(got:match("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ info  after k=v\n$"), got)
+  end)
+
   it("pad every level name as log.log does", function()
     for _, lvl in ipairs({ "debug", "info", "warn", "error" }) do
       local got = c_line(lvl, "msg", { "k" }, { k = "v" })
