@@ -201,6 +201,27 @@ const char *sglr_head_merge(const sglr_head_t *h, const sglr_hpair_t *add, int n
     return NULL;
 }
 
+int sglr_lua_relay_headers(lua_State *L, int idx, sglr_hpair_t add[2])
+{
+    add[0] = (sglr_hpair_t){ "x-request-id", NULL, 12, 0 };
+    add[1] = (sglr_hpair_t){ "authorization", NULL, 13, 0 };
+    add[0].v = luaL_checklstring(L, idx, &add[0].vl);
+    if (strcspn(add[0].v, "\r\n") != add[0].vl)
+        return luaL_argerror(L, idx, "header contains a forbidden character");
+    int at = lua_type(L, idx + 1);
+    if (at == LUA_TSTRING) {
+        add[1].v = lua_tolstring(L, idx + 1, &add[1].vl);
+        if (strcspn(add[1].v, "\r\n") != add[1].vl)
+            return luaL_argerror(L, idx + 1, "header contains a forbidden character");
+        return 2;
+    }
+    if (at == LUA_TBOOLEAN && !lua_toboolean(L, idx + 1))
+        return 2;                       /* NULL value: the client's is dropped */
+    if (at != LUA_TNONE && at != LUA_TNIL)
+        return luaL_argerror(L, idx + 1, "a string, false or nil expected");
+    return 1;
+}
+
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
 {
     /* the table's pairs, checked once; a string stays referenced by the

@@ -599,23 +599,9 @@ static int x_relay_pd(lua_State *L)
     pd_opts_t o = { 0 };
     o.timeout = luaL_checknumber(L, 6);
     o.connect = luaL_checknumber(L, 7);
-    sglr_hpair_t add[2] = { { "x-request-id", NULL, 12, 0 }, { "authorization", NULL, 13, 0 } };
+    sglr_hpair_t add[2];
     o.add = add;
-    o.nadd = 1;
-    add[0].v = luaL_checklstring(L, 8, &add[0].vl);
-    if (strcspn(add[0].v, "\r\n") != add[0].vl)
-        return luaL_argerror(L, 8, "header contains a forbidden character");
-    int at = lua_type(L, 9);
-    if (at == LUA_TSTRING) {
-        add[1].v = lua_tolstring(L, 9, &add[1].vl);
-        if (strcspn(add[1].v, "\r\n") != add[1].vl)
-            return luaL_argerror(L, 9, "header contains a forbidden character");
-        o.nadd = 2;
-    } else if (at == LUA_TBOOLEAN && !lua_toboolean(L, 9)) {
-        o.nadd = 2;
-    } else if (at != LUA_TNONE && at != LUA_TNIL) {
-        return luaL_argerror(L, 9, "a string, false or nil expected");
-    }
+    o.nadd = sglr_lua_relay_headers(L, 8, add);
     size_t rlen;
     const char *rname = luaL_checklstring(L, 10, &rlen);
     o.route = sglr_extract_route(rname, rlen);

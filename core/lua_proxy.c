@@ -401,26 +401,34 @@ static int lleg_wait(lua_State *L, lleg_t *f, int (*push)(lua_State *, lleg_t *)
 
 /* x:forward(pool, opts[, dp_rank]) -> response | nil, err. The rank is an
  * argument, not an opts field: a field lookup would cost every request. */
+/* What x:forward and x:relay check before anything is sent -> 0, or the
+ * number of values pushed (nil, "client_closed": the client left) */
+static int forward_precheck(lua_State *L, sglr_exchange_t *x, const char *name)
+{
+    if (x->state != SGLR_X_HANDLING)
+        return luaL_error(L, "%s after the response started", name);
+    if (x->on_close)
+        return luaL_error(L, "another forward is in flight on this exchange");
+    if (lua_pushthread(L))
+        return luaL_error(L, "%s must run inside a coroutine", name);
+    lua_pop(L, 1);
+    if (sglr_exchange_closed(x)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client_closed");
+        return 2;
+    }
+    return 0;
+}
+
 static int x_forward(lua_State *L)
 {
     sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
     sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
     int opts = lua_istable(L, 3) ? 3 : 0;
     int rank = lua_isnumber(L, 4) ? (int)lua_tointeger(L, 4) : -1;
-    if (x->state != SGLR_X_HANDLING)
-        return luaL_error(L, "forward after the response started");
-    if (x->on_close)
-        return luaL_error(L, "another forward is in flight on this exchange");
-    if (!lua_pushthread(L)) {
-        lua_pop(L, 1);
-    } else {
-        return luaL_error(L, "forward must run inside a coroutine");
-    }
-    if (sglr_exchange_closed(x)) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "client_closed");
-        return 2;
-    }
+    int n = forward_precheck(L, x, "forward");
+    if (n)
+        return n;
     lleg_t *f = new_response(L, x, pool, FWD_HEAD);
     /* while the leg runs the exchange userdata must not be collected (its
      * finalizer would answer 500 under the forward) */
@@ -444,34 +452,11 @@ static int x_relay(lua_State *L)
     int rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
     unsigned timeout_ms = timeout_arg(luaL_checknumber(L, 4));
     unsigned connect_ms = timeout_arg(luaL_checknumber(L, 5));
-    sglr_hpair_t add[2] = { { "x-request-id", NULL, 12, 0 }, { "authorization", NULL, 13, 0 } };
-    int nadd = 1;
-    add[0].v = luaL_checklstring(L, 6, &add[0].vl);
-    if (strcspn(add[0].v, "\r\n") != add[0].vl)
-        return luaL_argerror(L, 6, "header contains a forbidden character");
-    int at = lua_type(L, 7);
-    if (at == LUA_TSTRING) {
-        add[1].v = lua_tolstring(L, 7, &add[1].vl);
-        if (strcspn(add[1].v, "\r\n") != add[1].vl)
-            return luaL_argerror(L, 7, "header contains a forbidden character");
-        nadd = 2;
-    } else if (at == LUA_TBOOLEAN && !lua_toboolean(L, 7)) {
-        nadd = 2;                       /* NULL value: the client's is dropped */
-    } else if (at != LUA_TNONE && at != LUA_TNIL) {
-        return luaL_argerror(L, 7, "a string, false or nil expected");
-    }
-    if (x->state != SGLR_X_HANDLING)
-        return luaL_error(L, "relay after the response started");
-    if (x->on_close)
-        return luaL_error(L, "another forward is in flight on this exchange");
-    if (lua_pushthread(L))
-        return luaL_error(L, "relay must run inside a coroutine");
-    lua_pop(L, 1);
-    if (sglr_exchange_closed(x)) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "client_closed");
-        return 2;
-    }
+    sglr_hpair_t add[2];
+    int nadd = sglr_lua_relay_headers(L, 6, add);
+    int n = forward_precheck(L, x, "relay");
+    if (n)
+        return n;
     lleg_t *f = new_response(L, x, pool, FWD_HEAD);
     lua_pushvalue(L, 1);
     f->x_ref = sglr_ref(L);

@@ -996,6 +996,21 @@ static void fast_head(sglr_upreq_t *r, const char *data, size_t len, size_t used
     r->on_head(r);
 }
 
+/* An abort or failure asked for while the body was being delivered (the
+ * caller's on_body ran) is carried out now -> 1 when it was. */
+static int abort_deferred(sglr_upreq_t *r)
+{
+    if (!r->abort_pending)
+        return 0;
+    if (r->state == UP_ABORTED) {
+        req_release_conn(r, 0);
+        return 1;
+    }
+    r->abort_pending = 0;
+    req_fail(r, r->err ? r->err : SGLR_UP_ERESET);
+    return 1;
+}
+
 /* The body of a fast head: content-length bytes, then the response is
  * complete (bytes beyond it leave the connection unclean). */
 static void fast_body(sglr_upreq_t *r, const char *data, size_t len)
@@ -1006,15 +1021,8 @@ static void fast_body(sglr_upreq_t *r, const char *data, size_t len)
         if (!r->abort_pending)
             r->on_body(r, data, n);
         r->in_parse = 0;
-        if (r->abort_pending) {
-            if (r->state == UP_ABORTED) {
-                req_release_conn(r, 0);
-                return;
-            }
-            r->abort_pending = 0;
-            req_fail(r, r->err ? r->err : SGLR_UP_ERESET);
+        if (abort_deferred(r))
             return;
-        }
         r->fast_left -= (long long)n;
     }
     if (r->fast_left == 0) {
@@ -1046,15 +1054,8 @@ static void req_feed(sglr_upreq_t *r, char *data, size_t len)
     r->in_parse = 1;
     llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
     r->in_parse = 0;
-    if (r->abort_pending) {
-        if (r->state == UP_ABORTED) {
-            req_release_conn(r, 0);
-            return;
-        }
-        r->abort_pending = 0;
-        req_fail(r, r->err ? r->err : SGLR_UP_ERESET);
+    if (abort_deferred(r))
         return;
-    }
     if (e == HPE_PAUSED) {
         const char *pos = llhttp_get_error_pos(&c->parser);
         size_t used = pos ? (size_t)(pos - data) : len;
