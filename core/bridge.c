@@ -73,10 +73,12 @@ uint64_t sglr_timer_ms(double ms)
  * LUA_NOREF and LUA_REFNIL (so no caller mistakes it for either), and
  * neither the pin nor the resume touches the registry: two registry
  * writes a wait fewer. A thread whose slot is taken is pinned as any.
- * An unpin of a kept thread does nothing: every unpin undoes a pin whose
- * wait did not start (the thread runs on), except an httpc wake-up that
- * finds no stack room, which leaves its thread held (at most the table's
- * size in all, never more). */
+ * A kept thread that yields with no wait pending (a bare coroutine.yield
+ * in a handler), or whose wait is abandoned (sglr_co_unpin while it is
+ * suspended), is released: nothing would resume it, and it is collected
+ * as any unpinned thread is (its exchange's finalizer answers 500). An
+ * unpin of a running kept thread only undoes its pin (the wait did not
+ * start). */
 #define KEPT_SLOTS 4096
 #define KEPT_ENC(slot) (-16 - (int)(slot))
 #define KEPT_SLOT(ref) ((unsigned)(-16 - (ref)))
@@ -84,6 +86,7 @@ uint64_t sglr_timer_ms(double ms)
 static struct {
     lua_State *co;
     int ref;
+    int waiting;               /* pinned: a wait will resume it */
 } kept[KEPT_SLOTS];
 
 static unsigned kept_slot(const lua_State *co)
@@ -109,6 +112,7 @@ static void kept_release(int enc)
     int ref = kept[s].ref;
     kept[s].co = NULL;
     kept[s].ref = LUA_NOREF;
+    kept[s].waiting = 0;
     sglr_unref(ref);
 }
 
@@ -130,6 +134,7 @@ int sglr_co_pin(lua_State *L)
     unsigned s = kept_slot(L);
     if (kept[s].co == L) {
         lua_pop(L, 1);
+        kept[s].waiting = 1;
         return KEPT_ENC(s);
     }
     return sglr_ref(L);
@@ -137,8 +142,15 @@ int sglr_co_pin(lua_State *L)
 
 void sglr_co_unpin(int ref)
 {
-    if (!IS_KEPT(ref))
+    if (!IS_KEPT(ref)) {
         sglr_unref(ref);
+        return;
+    }
+    unsigned s = KEPT_SLOT(ref);
+    if (kept[s].co && lua_status(kept[s].co) == LUA_YIELD)
+        kept_release(ref);              /* suspended, and now nothing resumes it */
+    else
+        kept[s].waiting = 0;            /* running on: the pin is undone */
 }
 
 /* Released registry slots, for sglr_ref to reuse. luaL_ref/luaL_unref cost
@@ -203,6 +215,7 @@ int sglr_co_resume(lua_State *co, int ref, int nargs)
     lua_State *L = sglr_L;
     if (IS_KEPT(ref)) {
         /* referenced all along: nothing to pin or unpin */
+        kept[KEPT_SLOT(ref)].waiting = 0;
         int st = lua_resume(co, nargs);
         if (st == LUA_YIELD && lua_gettop(co) == 1 && lua_touserdata(co, 1) == &sglr_co_idle_token) {
             lua_settop(co, 0);
@@ -213,7 +226,10 @@ int sglr_co_resume(lua_State *co, int ref, int nargs)
                 return st;
             }
             kept_release(ref);          /* no room at rest: collected */
-        } else if (st != LUA_YIELD) {
+        } else if (st == LUA_YIELD) {
+            if (!kept[KEPT_SLOT(ref)].waiting)
+                kept_release(ref);      /* yielded with no wait: nothing resumes it */
+        } else {
             if (st != 0) {
                 const char *msg = lua_tostring(co, -1);
                 luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);

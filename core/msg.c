@@ -257,6 +257,7 @@ static int name_is(const char *p, size_t n, const char *lower)
 typedef struct {
     struct { uint32_t no, nl, vo, vl; } f[32];
     int nf;
+    size_t bytes;              /* each name + 4 + value, as the server counts a head */
     long long cl;              /* content-length, -1 if none */
     int conn;                  /* connection: 0 none, 1 close, 2 keep-alive */
     int hosts;                 /* host fields (requests) */
@@ -270,6 +271,7 @@ typedef struct {
 static char *fields_scan(char *p, char *q, const char *end, fast_fields_t *ff, int request)
 {
     ff->nf = 0;
+    ff->bytes = 0;
     ff->cl = -1;
     ff->conn = 0;
     ff->hosts = 0;
@@ -351,6 +353,7 @@ static char *fields_scan(char *p, char *q, const char *end, fast_fields_t *ff, i
         ff->f[ff->nf].vo = (uint32_t)(v - p);
         ff->f[ff->nf].vl = (uint32_t)vl;
         ff->nf++;
+        ff->bytes += nl + 4 + vl;
     }
 }
 
@@ -473,7 +476,10 @@ size_t sglr_req_fast(char *p, size_t n, size_t max_head, size_t max_body, sglr_h
         return 0;
     size_t hl = (size_t)(hend - p);
     long long cl = ff.cl < 0 ? 0 : ff.cl;
-    if (hl > max_head || (unsigned long long)cl > max_body || (unsigned long long)cl > n - hl)
+    /* the head's size as the server's llhttp path counts it (target, and
+     * each name + 4 + value), so that both give the same answer */
+    if (ul + ff.bytes > max_head || (unsigned long long)cl > max_body ||
+        (unsigned long long)cl > n - hl)
         return 0;              /* over a limit (llhttp's path answers it), or the body is not all in */
     if (fields_store(h, p, hl, &ff))
         return 0;

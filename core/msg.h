@@ -81,8 +81,9 @@ size_t sglr_resp_head_fast(char *p, size_t n, size_t max, sglr_head_t *h, int sk
  * method among GET POST PUT DELETE HEAD OPTIONS PATCH, an origin-form
  * target of visible ASCII, "HTTP/1.1", field lines as sglr_resp_head_fast
  * takes them, exactly one Host, no Expect or Via, at most one
- * Content-Length, the head at most max_head bytes and the whole body (at
- * most max_body bytes) in p[0..n). p[n] must be a NUL; names in p are
+ * Content-Length, the head at most max_head bytes as the server counts
+ * them (the target, and each name + 4 + value) and the whole body (at most
+ * max_body bytes) in p[0..n). p[n] must be a NUL; names in p are
  * lowercased in place. Anything else returns 0 and leaves h as it was (the
  * caller hands the same bytes to llhttp; core/fuzz/fuzz_request.c checks
  * both agree wherever this answers). Else returns the bytes of the head

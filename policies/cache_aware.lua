@@ -21,8 +21,8 @@
 -- that idle workers share the work instead of the first one taking all of
 -- it. Every eviction_interval seconds each worker's tree is cut back to
 -- max_tree_size characters, least recently used leaves first; and between
--- those, once more characters than max_tree_size (at least 64 Ki) were
--- inserted since the last cut, so a burst of new prompts cannot grow the
+-- those, once the tree gained more characters than max_tree_size (at least
+-- 64 Ki) since the last cut, so a burst of new prompts cannot grow the
 -- tree (and the router's memory) with the request rate until the next
 -- interval: a worker's tree stays under about twice max_tree_size.
 --
@@ -262,7 +262,10 @@ function P:select(req, workers)
     self.urls[chosen.url] = true
     local eager = self.eager
     if eager then
-      local ins = self.inserted + len
+      -- what the tree gained: the text less what the chosen worker held of
+      -- it (all of it when the tree was not asked), so that hits on
+      -- prompts already held never bring a cut
+      local ins = self.inserted + len - (held or 0)
       self.inserted = ins
       if ins >= eager then self:evict(true) end
     end

@@ -171,6 +171,10 @@ describe("cache_aware policy", function()
     -- the latest prompts are kept
     local _, req = route(p, prompt(140), ws)
     assert.equal("hit", req.decision)
+    -- hits on prompts the tree holds add nothing: no cut however many
+    local cuts = p:stats().early_cuts
+    for _ = 1, 200 do route(p, prompt(140), ws) end
+    assert.equal(cuts, p:stats().early_cuts)
     -- an interval of 0 (never evict) is never cut early either
     local p0, rt0 = new(real_radix, { eviction_interval = 0, max_tree_size = 1000 })
     for i = 1, 80 do route(p0, prompt(i), ws) end

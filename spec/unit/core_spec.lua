@@ -259,6 +259,29 @@ describe("sglr.core", function()
     srv:close()
   end)
 
+  it("answers 500 for a handler that yields with nothing to resume it, and serves on", function()
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      if x:path() == "/y" then coroutine.yield() end   -- a bare yield: nobody resumes it
+      x:respond(200, {}, "ok")
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    -- the abandoned handler thread and its exchange are collected, and the
+    -- exchange's finalizer answers (collections run while the client waits)
+    local done = false
+    core.spawn(function()
+      while not done do
+        collectgarbage()
+        core.sleep(5)
+      end
+    end)
+    local res = core.request(pool, { path = "/y", timeout_ms = 3000 })
+    done = true
+    assert.truthy(res, "no answer")
+    assert.equal(500, res.status)
+    assert.equal(200, assert(core.request(pool, { path = "/ok" })).status)
+    srv:close()
+  end)
+
   it("names the inference route of a POST through the FFI, and no other request's", function()
     local ffi = require "ffi"
     pcall(ffi.cdef, "int sglr_lua_x_inference(void *x);")
