@@ -26,7 +26,13 @@
 
 #define RADIX_MT "sglr.radix"
 
+/* The first member of every tree userdata: with its size, it tells a tree
+ * from any other userdata without a metatable lookup by name (which
+ * interns the name on every call). */
+static const char radix_tag;
+
 typedef struct {
+    const char *tag;        /* &radix_tag */
     sglr_radix_t *t;        /* NULL once closed */
     uint8_t *bits;          /* allowed-set scratch for match() */
     size_t nbytes;
@@ -36,13 +42,25 @@ typedef struct {
     int nworkers;           /* ids in use */
 } lradix_t;
 
+static lradix_t *radix_arg(lua_State *L)
+{
+    lradix_t *r = lua_touserdata(L, 1);
+    if (!r || lua_objlen(L, 1) != sizeof *r || r->tag != &radix_tag)
+        luaL_typerror(L, 1, RADIX_MT);
+    return r;
+}
+
 static lradix_t *check_radix(lua_State *L)
 {
-    lradix_t *r = luaL_checkudata(L, 1, RADIX_MT);
+    lradix_t *r = radix_arg(L);
     if (!r->t)
         luaL_error(L, "radix tree is closed");
     return r;
 }
+
+/* The key "url", interned once (a worker table's URL field, read for each
+ * worker of match's allowed list) */
+static int url_key_ref = LUA_NOREF;
 
 /* The worker id of the URL at idx, or -1 when the tree never saw it.
  * Leaves the stack as it was. */
@@ -99,6 +117,7 @@ static int l_new(lua_State *L)
 {
     lradix_t *r = lua_newuserdata(L, sizeof *r);
     memset(r, 0, sizeof *r);
+    r->tag = &radix_tag;
     luaL_getmetatable(L, RADIX_MT);
     lua_setmetatable(L, -2);
     lua_newtable(L);
@@ -172,7 +191,8 @@ static int l_match(lua_State *L)
         for (int i = 1; i <= len; i++) {
             lua_rawgeti(L, 3, i);
             if (lua_type(L, -1) == LUA_TTABLE) {
-                lua_getfield(L, -1, "url");
+                lua_rawgeti(L, LUA_REGISTRYINDEX, url_key_ref);
+                lua_gettable(L, -2);
                 lua_remove(L, -2);
             }
             if (lua_type(L, -1) == LUA_TSTRING) {
@@ -254,7 +274,7 @@ static int l_stats(lua_State *L)
 /* t:close(), also __gc: safe to run any number of times. */
 static int l_close(lua_State *L)
 {
-    lradix_t *r = luaL_checkudata(L, 1, RADIX_MT);
+    lradix_t *r = radix_arg(L);
     sglr_radix_free(r->t);
     r->t = NULL;
     free(r->bits);
@@ -268,7 +288,7 @@ static int l_close(lua_State *L)
 
 static int l_tostring(lua_State *L)
 {
-    lradix_t *r = luaL_checkudata(L, 1, RADIX_MT);
+    lradix_t *r = radix_arg(L);
     if (!r->t) {
         lua_pushliteral(L, "sglr.radix (closed)");
     } else {
@@ -305,6 +325,10 @@ int luaopen_sglr_radix(lua_State *L)
         lua_setfield(L, -2, "__metatable");
     }
     lua_pop(L, 1);
+    if (url_key_ref == LUA_NOREF) {
+        lua_pushliteral(L, "url");
+        url_key_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, l_new);
     lua_setfield(L, -2, "new");

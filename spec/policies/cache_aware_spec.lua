@@ -149,6 +149,23 @@ describe("cache_aware policy", function()
     for _, o in pairs(P.options) do assert.is_string(o.description) end
   end)
 
+  it("has sglr.radix refuse what is not a tree, and a closed tree", function()
+    local radix = require "sglr.radix"
+    local t = radix.new()
+    t:insert("abc", "http://w1")
+    for _, other in ipairs({ {}, "x", io.stdout, newproxy and newproxy(false) or {} }) do
+      local ok, err = pcall(t.match, other, "abc")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("sglr.radix expected", 1, true), tostring(err))
+    end
+    assert.equal(3, (t:match("abc")))
+    t:close()
+    local ok, err = pcall(t.match, t, "abc")
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("closed", 1, true), tostring(err))
+    t:close()                            -- a second close is fine
+  end)
+
   it("uses the real sglr.radix from the runtime", function()
     local p, rt = new(real_radix)
     assert.equal("sglr.radix", getmetatable(rt.tree))
