@@ -671,6 +671,12 @@ local function check_conf(conf)
   local ok, err = check_duplicates(conf)
   if not ok then return nil, err end
 
+  -- the request id is looked up among the first 32 names only (one pass
+  -- over the headers in C): more would be ignored without a word
+  if conf.request_id_headers and #conf.request_id_headers > 32 then
+    return fail("--request-id-headers", "takes at most 32 names, got %d", #conf.request_id_headers)
+  end
+
   if conf.retry_max_backoff_ms < conf.retry_initial_backoff_ms then
     return fail("--retry-max-backoff-ms", "must be at least --retry-initial-backoff-ms (%d), got %d",
                 conf.retry_initial_backoff_ms, conf.retry_max_backoff_ms)

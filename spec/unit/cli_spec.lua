@@ -447,6 +447,14 @@ describe("sglr.cli", function()
       has(err, "--retry-initial-backoff-ms")
     end)
 
+    it("takes at most 32 --request-id-headers (the lookup reads no more)", function()
+      local names = {}
+      for i = 1, 33 do names[i] = "x-id-" .. i end
+      has(fails("--request-id-headers", unpack(names)), "--request-id-headers")
+      names[33] = nil
+      assert.equal(32, #assert(parse("--request-id-headers", unpack(names))).request_id_headers)
+    end)
+
     it("reports a missing value", function()
       has(fails("--port"), "--port")
       has(fails("--host"), "--host")
