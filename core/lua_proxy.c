@@ -401,9 +401,13 @@ static int lleg_wait(lua_State *L, lleg_t *f, int (*push)(lua_State *, lleg_t *)
 
 /* x:forward(pool, opts[, dp_rank]) -> response | nil, err. The rank is an
  * argument, not an opts field: a field lookup would cost every request. */
-/* What x:forward and x:relay check before anything is sent -> 0, or the
+/* What x:forward and x:relay do before their request is built: the
+ * checks, then a response box whose leg goes to pool, with the exchange
+ * pinned (while the leg runs the exchange userdata must not be collected:
+ * its finalizer would answer 500 under the forward) -> 0 and *out, or the
  * number of values pushed (nil, "client_closed": the client left) */
-static int forward_precheck(lua_State *L, sglr_exchange_t *x, const char *name)
+static int forward_begin(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool, const char *name,
+                         lleg_t **out)
 {
     if (x->state != SGLR_X_HANDLING)
         return luaL_error(L, "%s after the response started", name);
@@ -417,6 +421,10 @@ static int forward_precheck(lua_State *L, sglr_exchange_t *x, const char *name)
         lua_pushliteral(L, "client_closed");
         return 2;
     }
+    lleg_t *f = new_response(L, x, pool, FWD_HEAD);
+    lua_pushvalue(L, 1);
+    f->x_ref = sglr_ref(L);
+    *out = f;
     return 0;
 }
 
@@ -426,14 +434,10 @@ static int x_forward(lua_State *L)
     sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
     int opts = lua_istable(L, 3) ? 3 : 0;
     int rank = lua_isnumber(L, 4) ? (int)lua_tointeger(L, 4) : -1;
-    int n = forward_precheck(L, x, "forward");
+    lleg_t *f;
+    int n = forward_begin(L, x, pool, "forward", &f);
     if (n)
         return n;
-    lleg_t *f = new_response(L, x, pool, FWD_HEAD);
-    /* while the leg runs the exchange userdata must not be collected (its
-     * finalizer would answer 500 under the forward) */
-    lua_pushvalue(L, 1);
-    f->x_ref = sglr_ref(L);
     const char *err = leg_start(L, f, opts, x, rank);
     if (err)
         return start_failed(L, f, err);
@@ -454,12 +458,10 @@ static int x_relay(lua_State *L)
     unsigned connect_ms = timeout_arg(luaL_checknumber(L, 5));
     sglr_hpair_t add[2];
     int nadd = sglr_lua_relay_headers(L, 6, add);
-    int n = forward_precheck(L, x, "relay");
+    lleg_t *f;
+    int n = forward_begin(L, x, pool, "relay", &f);
     if (n)
         return n;
-    lleg_t *f = new_response(L, x, pool, FWD_HEAD);
-    lua_pushvalue(L, 1);
-    f->x_ref = sglr_ref(L);
     const char *err = leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
                              x->head.url_len, x->body.data, x->body.len, 1, rank, 0, add, nadd,
                              connect_ms, timeout_ms);

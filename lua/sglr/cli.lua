@@ -189,7 +189,7 @@ local FLAGS = {
     arg = "<file>" },
   { "--trace-out-max-mb", "number", 100, "Size at which the capture moves to FILE.1 and starts over",
     gt = 0, arg = "<mb>" },
-  { "--request-id-headers", "words", M.DEFAULT_REQUEST_ID_HEADERS, "Headers carrying a request id",
+  { "--request-id-headers", "words", M.DEFAULT_REQUEST_ID_HEADERS, "Headers carrying a request id (at most 32)",
     lower = true, arg = "<header>" },
 
   { group = "Security and data parallelism" },
