@@ -14,7 +14,7 @@
 #include "server.h"
 #include "sglr.h"
 
-#include <llhttp.h>
+#include "fuzz_ref.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -44,14 +44,10 @@ static void on_request(sglr_exchange_t *x)
 
 /* --- the fast request reader against llhttp ---------------------------------------- */
 
-static sglr_head_t ref_head;
 static sglr_buf_t ref_url, ref_body;
 static int ref_done;
 
 static int ref_url_cb(llhttp_t *p, const char *at, size_t n) { return sglr_buf_append(&ref_url, at, n) ? -1 : 0; }
-static int ref_field(llhttp_t *p, const char *at, size_t n) { return sglr_head_field(&ref_head, at, n) ? -1 : 0; }
-static int ref_field_done(llhttp_t *p) { return sglr_head_field_done(&ref_head) ? -1 : 0; }
-static int ref_value(llhttp_t *p, const char *at, size_t n) { return sglr_head_value(&ref_head, at, n) ? -1 : 0; }
 static int ref_body_cb(llhttp_t *p, const char *at, size_t n) { return sglr_buf_append(&ref_body, at, n) ? -1 : 0; }
 static int ref_complete(llhttp_t *p)
 {
@@ -63,11 +59,7 @@ static void differential(const uint8_t *data, size_t size)
 {
     static sglr_head_t fast;
     sglr_head_reset(&fast);
-    char *in = malloc(size + 1);          /* writable, with the NUL the reader needs */
-    if (!in)
-        abort();
-    memcpy(in, data, size);
-    in[size] = 0;
+    char *in = ref_copy(data, size);
     sglr_fast_req_t fr;
     size_t used = sglr_req_fast(in, size, 8 << 10, 64 << 10, &fast, &fr);
     free(in);
@@ -77,16 +69,12 @@ static void differential(const uint8_t *data, size_t size)
         return;
     }
     llhttp_settings_t st;
-    llhttp_settings_init(&st);
+    ref_settings(&st);
     st.on_url = ref_url_cb;
-    st.on_header_field = ref_field;
-    st.on_header_field_complete = ref_field_done;
-    st.on_header_value = ref_value;
     st.on_body = ref_body_cb;
     st.on_message_complete = ref_complete;
     llhttp_t p;
     llhttp_init(&p, HTTP_REQUEST, &st);
-    sglr_head_reset(&ref_head);
     ref_url.len = ref_body.len = 0;
     ref_done = 0;
     llhttp_errno_t e = llhttp_execute(&p, (const char *)data, used);
@@ -105,15 +93,7 @@ static void differential(const uint8_t *data, size_t size)
     if (ref_body.len != fr.body_len ||
         (fr.body_len && memcmp(ref_body.data, data + fr.head_len, fr.body_len) != 0))
         abort();
-    if (ref_head.nhdrs != fast.nhdrs)
-        abort();
-    for (int i = 0; i < fast.nhdrs; i++) {
-        const sglr_hdr_t *a = &fast.hdrs[i], *b = &ref_head.hdrs[i];
-        if (a->name_len != b->name_len || a->value_len != b->value_len ||
-            memcmp(SGLR_HDR_NAME(&fast, i), SGLR_HDR_NAME(&ref_head, i), a->name_len) != 0 ||
-            memcmp(SGLR_HDR_VALUE(&fast, i), SGLR_HDR_VALUE(&ref_head, i), a->value_len) != 0)
-            abort();
-    }
+    ref_same_fields(&fast);
 }
 
 static void setup(void)

@@ -13,7 +13,7 @@
 #include "upstream.h"
 #include "sglr.h"
 
-#include <llhttp.h>
+#include "fuzz_ref.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -51,12 +51,8 @@ static void on_done(sglr_upreq_t *r, int err)
 
 /* --- the fast head reader against llhttp ------------------------------------------ */
 
-static sglr_head_t ref_head;
 static int ref_done;
 
-static int ref_field(llhttp_t *p, const char *at, size_t n) { return sglr_head_field(&ref_head, at, n) ? -1 : 0; }
-static int ref_field_done(llhttp_t *p) { return sglr_head_field_done(&ref_head) ? -1 : 0; }
-static int ref_value(llhttp_t *p, const char *at, size_t n) { return sglr_head_value(&ref_head, at, n) ? -1 : 0; }
 static int ref_headers_complete(llhttp_t *p)
 {
     ref_done = 1;
@@ -69,12 +65,7 @@ static void differential(const uint8_t *data, size_t size)
     int status = 0, keep_alive = 0;
     long long cl = 0;
     sglr_head_reset(&fast);
-    /* a writable copy with the NUL after it the reader needs */
-    char *in = malloc(size + 1);
-    if (!in)
-        abort();
-    memcpy(in, data, size);
-    in[size] = 0;
+    char *in = ref_copy(data, size);
     size_t used = sglr_resp_head_fast(in, size, 64u << 10, &fast, 0, &status, &cl, &keep_alive);
     free(in);
     if (!used) {
@@ -83,14 +74,10 @@ static void differential(const uint8_t *data, size_t size)
         return;
     }
     llhttp_settings_t st;
-    llhttp_settings_init(&st);
-    st.on_header_field = ref_field;
-    st.on_header_field_complete = ref_field_done;
-    st.on_header_value = ref_value;
+    ref_settings(&st);
     st.on_headers_complete = ref_headers_complete;
     llhttp_t p;
     llhttp_init(&p, HTTP_RESPONSE, &st);
-    sglr_head_reset(&ref_head);
     ref_done = 0;
     llhttp_errno_t e = llhttp_execute(&p, (const char *)data, used);
     const char *pos = llhttp_get_error_pos(&p);
@@ -103,15 +90,7 @@ static void differential(const uint8_t *data, size_t size)
     if (p.status_code != status || !(p.flags & F_CONTENT_LENGTH) || (long long)p.content_length != cl ||
         llhttp_should_keep_alive(&p) != keep_alive)
         abort();
-    if (ref_head.nhdrs != fast.nhdrs)
-        abort();
-    for (int i = 0; i < fast.nhdrs; i++) {
-        const sglr_hdr_t *a = &fast.hdrs[i], *b = &ref_head.hdrs[i];
-        if (a->name_len != b->name_len || a->value_len != b->value_len ||
-            memcmp(SGLR_HDR_NAME(&fast, i), SGLR_HDR_NAME(&ref_head, i), a->name_len) != 0 ||
-            memcmp(SGLR_HDR_VALUE(&fast, i), SGLR_HDR_VALUE(&ref_head, i), a->value_len) != 0)
-            abort();
-    }
+    ref_same_fields(&fast);
 }
 
 static void setup(void)
