@@ -34,23 +34,67 @@ void **sglr_lua_gc_box(lua_State *L, const char *mt)
 static struct {
     const char *mt;
     int ref;
+    int done_ref;       /* its twin without __gc (sglr_lua_box_done), or 0 */
 } mt_refs[16];
 
-static void push_mt(lua_State *L, const char *mt)
+/* The entry of mt, made on first use; NULL when the table is full. */
+static int mt_slot(lua_State *L, const char *mt)
 {
     size_t i;
     for (i = 0; i < sizeof mt_refs / sizeof mt_refs[0] && mt_refs[i].mt; i++) {
-        if (mt_refs[i].mt == mt) {
-            lua_rawgeti(L, LUA_REGISTRYINDEX, mt_refs[i].ref);
-            return;
-        }
+        if (mt_refs[i].mt == mt)
+            return (int)i;
     }
+    if (i == sizeof mt_refs / sizeof mt_refs[0])
+        return -1;
     luaL_getmetatable(L, mt);
-    if (i < sizeof mt_refs / sizeof mt_refs[0] && lua_istable(L, -1)) {
-        lua_pushvalue(L, -1);
-        mt_refs[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        mt_refs[i].mt = mt;
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return -1;
     }
+    mt_refs[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    mt_refs[i].mt = mt;
+    return (int)i;
+}
+
+static void push_mt(lua_State *L, const char *mt)
+{
+    int i = mt_slot(L, mt);
+    if (i >= 0)
+        lua_rawgeti(L, LUA_REGISTRYINDEX, mt_refs[i].ref);
+    else
+        luaL_getmetatable(L, mt);
+}
+
+void sglr_lua_box_done(lua_State *L, int idx)
+{
+    sglr_box_t *b = lua_touserdata(L, idx);
+    if (!b || lua_objlen(L, idx) != sizeof *b)
+        return;
+    int i = mt_slot(L, b->type);
+    if (i < 0)
+        return;
+    if (!mt_refs[i].done_ref) {
+        /* every field of the type's metatable but __gc (the same __index) */
+        lua_newtable(L);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, mt_refs[i].ref);
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            if (lua_type(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -2), "__gc") == 0) {
+                lua_pop(L, 1);
+                continue;
+            }
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, -5);
+        }
+        lua_pop(L, 1);
+        mt_refs[i].done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, mt_refs[i].done_ref);
+    lua_setmetatable(L, idx);
 }
 
 void **sglr_lua_new_box(lua_State *L, const char *mt, void *p)

@@ -517,6 +517,35 @@ describe("sglr.core", function()
     worker:close()
   end)
 
+  it("leaves no finalizer on a closed response or an ended request's exchange", function()
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, {}, "hi") end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local seen, kept = {}, nil
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      kept = x
+      seen.x_gc_live = getmetatable(x).__gc ~= nil
+      local resp = assert(x:forward(pool, {}))
+      seen.resp_gc_live = getmetatable(resp).__gc ~= nil
+      resp:close()
+      seen.resp_gc_closed = getmetatable(resp).__gc ~= nil
+      seen.resp_status = resp:status()         -- methods still answer as a closed response's
+      x:respond(200, {}, "ok")
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    local res = assert(core.request(rpool, { path = "/" }))
+    assert.equal("ok", res.body)
+    assert.is_true(seen.x_gc_live)
+    assert.is_true(seen.resp_gc_live)
+    assert.is_false(seen.resp_gc_closed)
+    assert.equal(0, seen.resp_status)
+    assert.is_nil(getmetatable(kept).__gc)   -- the handler has returned
+    local ok, err = pcall(kept.path, kept)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("closed", 1, true))
+    router:close()
+    worker:close()
+  end)
+
   it("serves an Upgrade request as plain HTTP and keeps the connection", function()
     local uv = require "luv"
     local srv = assert(core.listen("127.0.0.1", 0, {}, function(x) x:respond(200, {}, "ok " .. x:path()) end))
