@@ -1,7 +1,7 @@
 /*
  * lalloc.c: the Lua state's allocator (lua_newstate's lua_Alloc).
  *
- *   small_free[c] -> block -> block -> NULL     c = (size - 1) / 16, size <= 512
+ *   small_free[c] -> block -> block -> NULL     c = (size - 1) / 16, size <= 1024
  */
 #include "lalloc.h"
 
@@ -15,10 +15,12 @@
  * free lists by size class, 16 bytes apart: LuaJIT frees a block with its
  * exact size, so the class of osize is the class it came from, and a list
  * hands one back in a few instructions where malloc and free took over a
- * hundred. Each list holds at most SMALL_KEEP bytes; the rest is freed. */
-#define SMALL_MAX 512
+ * hundred. Up to 1 KB: a request's table of 17 to 32 fields has a hash
+ * part of 768 bytes. Each list holds at most SMALL_KEEP bytes (32 MB over
+ * all lists); the rest is freed. */
+#define SMALL_MAX 1024
 #define SMALL_CLASSES (SMALL_MAX / 16)
-#define SMALL_KEEP (1u << 20)
+#define SMALL_KEEP (1u << 19)
 
 static void *small_free[SMALL_CLASSES];
 static size_t small_kept[SMALL_CLASSES];

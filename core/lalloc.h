@@ -4,7 +4,7 @@
 
 #include <stddef.h>
 
-/* A lua_Alloc: blocks up to 512 bytes from free lists by size class, the
+/* A lua_Alloc: blocks up to 1 KB from free lists by size class, the
  * rest from malloc. Single-threaded (one Lua state). */
 void *sglr_lalloc(void *ud, void *ptr, size_t osize, size_t nsize);
 

@@ -6,6 +6,8 @@
 #include "test.h"
 #include "lalloc.h"
 
+#include <stdlib.h>
+
 #include <lua.h>
 #include <lauxlib.h>
 #include <lualib.h>
@@ -52,9 +54,17 @@ TEST(small_blocks_are_reused_by_class)
     void *c = sglr_lalloc(NULL, b, 48, 33);       /* shrinks within its class: stays */
     CHECK(c == b);
     sglr_lalloc(NULL, c, 33, 0);
-    void *big = sglr_lalloc(NULL, NULL, 0, 600);  /* large: from malloc */
+    /* a request table's 768-byte hash part is small too */
+    void *h = sglr_lalloc(NULL, NULL, 0, 768);
+    CHECK(h);
+    sglr_lalloc(NULL, h, 768, 0);
+    void *volatile m = malloc(768);               /* would take h back, were h malloc's */
+    CHECK(sglr_lalloc(NULL, NULL, 0, 768) == h);
+    free(m);
+    sglr_lalloc(NULL, h, 768, 0);
+    void *big = sglr_lalloc(NULL, NULL, 0, 1100); /* large: from malloc */
     CHECK(big);
-    sglr_lalloc(NULL, big, 600, 0);
+    sglr_lalloc(NULL, big, 1100, 0);
 }
 
 TEST(runs_a_lua_state)
