@@ -268,9 +268,14 @@ int sglr_lua_relay_headers(lua_State *L, int idx, sglr_hpair_t add[2])
 
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b)
 {
+    return sglr_lua_headers_id(L, h, idx, 0, b);
+}
+
+const char *sglr_lua_headers_id(lua_State *L, const sglr_head_t *h, int idx, int rid, sglr_buf_t *b)
+{
     /* the table's pairs, checked once; a string stays referenced by the
-     * table while it is used */
-    sglr_hpair_t add[32];
+     * table (or the stack) while it is used */
+    sglr_hpair_t add[33];
     int nadd = 0;
     if (idx && !lua_isnil(L, idx)) {
         if (!lua_istable(L, idx))
@@ -295,6 +300,20 @@ const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_b
             }
             nadd++;
             lua_pop(L, 1);
+        }
+    }
+    if (rid && !lua_isnoneornil(L, rid)) {
+        if (lua_type(L, rid) != LUA_TSTRING)
+            return "the request id must be a string";
+        int named = 0;
+        for (int k = 0; k < nadd && !named; k++)
+            named = add[k].kl == 12 && memcmp(add[k].k, "x-request-id", 12) == 0;
+        if (!named) {
+            add[nadd] = (sglr_hpair_t){ "x-request-id", NULL, 12, 0 };
+            add[nadd].v = lua_tolstring(L, rid, &add[nadd].vl);
+            if (strcspn(add[nadd].v, "\r\n") != add[nadd].vl)
+                return "header contains a forbidden character";
+            nadd++;
         }
     }
     return sglr_head_merge(h, add, nadd, b);

@@ -68,6 +68,10 @@ const char *sglr_lua_table_headers(lua_State *L, int idx, sglr_buf_t *b);
  * that name (a client's credentials that must not reach a worker). One
  * pass over the table. Returns an error message, or NULL. */
 const char *sglr_lua_headers(lua_State *L, const sglr_head_t *h, int idx, sglr_buf_t *b);
+/* The same, and when the stack slot rid (0: none) holds a string, an
+ * x-request-id header of it after the table's, unless the table names
+ * x-request-id itself. */
+const char *sglr_lua_headers_id(lua_State *L, const sglr_head_t *h, int idx, int rid, sglr_buf_t *b);
 /* The same from C: add[] are the extra headers (lowercase names; a NULL
  * value drops h's header of that name), already checked. */
 typedef struct {

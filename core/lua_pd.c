@@ -798,7 +798,7 @@ static int pd_read(lua_State *L)
     return wait_for(L, pd, push_decode_body);
 }
 
-/* pd:pipe([extra_headers]) -> true | nil, err, "decode"; then the prefill's
+/* pd:pipe([extra_headers [, request_id]]) -> true | nil, err, "decode"; then the prefill's
  * and the decode's outcomes (as pd:outcome()): send the decode's response
  * to the client (merged with the prefill's logprobs when asked); returns
  * once both legs have ended, their upstream requests released as
@@ -813,7 +813,7 @@ static int pd_pipe(lua_State *L)
         return push_body(L, pd, DECODE);
     sglr_buf_reset(&pd->hdrs);
     /* the decode's headers, minus framing, plus the caller's */
-    const char *err = sglr_lua_headers(L, &d->req->head, lua_isnoneornil(L, 2) ? 0 : 2, &pd->hdrs);
+    const char *err = sglr_lua_headers_id(L, &d->req->head, lua_isnoneornil(L, 2) ? 0 : 2, 3, &pd->hdrs);
     if (err)
         return luaL_error(L, "%s", err);
     /* committed: a prefill that fails from here on no longer stops the

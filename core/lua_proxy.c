@@ -531,8 +531,10 @@ static int resp_ttfb(lua_State *L)
     return 1;
 }
 
-/* resp:pipe([extra_headers]) -> true | nil, err: stream the response to the
- * client; returns when it ended. */
+/* resp:pipe([extra_headers [, request_id]]) -> true | nil, err: stream the response to the
+ * client; returns when it ended. A request_id string adds x-request-id
+ * (unless extra_headers names it), so a request with nothing else to add
+ * needs no table. */
 static int resp_pipe(lua_State *L)
 {
     lleg_t *f = check_resp(L);
@@ -546,7 +548,7 @@ static int resp_pipe(lua_State *L)
     }
     sglr_buf_t hb = sglr_lua_scratch_take();
     /* the worker's headers, minus framing, plus the caller's */
-    const char *err = sglr_lua_headers(L, &leg->req->head, lua_isnoneornil(L, 2) ? 0 : 2, &hb);
+    const char *err = sglr_lua_headers_id(L, &leg->req->head, lua_isnoneornil(L, 2) ? 0 : 2, 3, &hb);
     if (err) {
         sglr_lua_scratch_give(&hb);
         return luaL_error(L, "%s", err);

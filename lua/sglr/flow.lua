@@ -216,14 +216,30 @@ local function inspect(route, x)
   return true, obj.stream == true, obj.model
 end
 
+-- The request's extra answer headers (see infer), made on first need.
+local function extra_of(req)
+  local e = req.extra
+  if not e then
+    e = { ["x-request-id"] = req.id }
+    req.extra = e
+  end
+  return e
+end
+
 -- --- one request ------------------------------------------------------------------
 
 function M:infer(x, route)
   local r = self.r
   local t0 = now_ms()
   local rid = self:request_id(x, route)
-  local extra = { ["x-request-id"] = rid }
-  if r.cors_check then r:cors_headers(x, extra) end
+  -- the headers the router adds to the answer: x-request-id, CORS, an
+  -- explanation. Made when the answer needs more than x-request-id (which
+  -- pipe adds from req.id): CORS here, the rest where they arise (extra_of)
+  local extra = false
+  if r.cors_check then
+    extra = { ["x-request-id"] = rid }
+    r:cors_headers(x, extra)
+  end
   local rs = stats.for_route(route)
   bump(rs.requests)
   -- one table per request: the policy's view and the access log's record.
@@ -253,7 +269,7 @@ function M:infer(x, route)
     stats.queue_depth_h:set(limiter:depth())
     stats.rejections:inc(1, status == 429 and "queue_full" or "queue_timeout")
     stats.errors:inc(1, route, status == 429 and "rate_limited" or "queue_timeout")
-    r:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra)
+    r:send_error(x, status, msg, status == 429 and "rate_limited" or "queue_timeout", extra_of(req))
     return self:access(x, req)
   end
   local okr, err = true, nil
@@ -266,7 +282,7 @@ function M:infer(x, route)
   if not okr then
     stats.script_errors:inc()
     log.error("request failed in script", { request_id = rid, error = tostring(err) })
-    r:send_error(x, 500, "internal router error", "internal_error", extra)
+    r:send_error(x, 500, "internal router error", "internal_error", extra_of(req))
   end
   self:access(x, req)
 end
@@ -349,9 +365,9 @@ function M:note(req, now, policy, w, reason, matched, total, avail, role)
     if role == "prefill" then
       self.cur_leg = leg
     elseif role == "decode" then
-      req.extra["x-sglr-decision"] = decisions.explain_json(req, self.cur_leg, leg, shadows)
+      extra_of(req)["x-sglr-decision"] = decisions.explain_json(req, self.cur_leg, leg, shadows)
     else
-      req.extra["x-sglr-decision"] = decisions.explain_json(req, leg, nil, shadows)
+      extra_of(req)["x-sglr-decision"] = decisions.explain_json(req, leg, nil, shadows)
     end
   end
 end
@@ -395,7 +411,7 @@ end
 -- Validate, then attempt until the request is answered or out of attempts.
 function M:run(x, req)
   local r = self.r
-  local route, extra = req.route, req.extra
+  local route = req.route
   local ok, stream_or_err, model, text
   if ok_extract and x_body_size(x) > BIG_BODY then
     ok, stream_or_err, model, text = extract.check_text(route, x, MAX_TEXT)
@@ -418,7 +434,7 @@ function M:run(x, req)
   if not ok then
     stats.errors:inc(1, route, "bad_request")
     req.error = "bad_request"
-    return r:send_error(x, 400, stream_or_err, "invalid_request_error", extra)
+    return r:send_error(x, 400, stream_or_err, "invalid_request_error", extra_of(req))
   end
   req.stream, req.model = stream_or_err, model or false
 
@@ -430,7 +446,7 @@ function M:run(x, req)
     if not okp then
       stats.errors:inc(1, route, "bad_request")
       req.error = "bad_request"
-      return r:send_error(x, 400, msg, "invalid_request_error", extra)
+      return r:send_error(x, 400, msg, "invalid_request_error", extra_of(req))
     end
   end
   -- the last failure, answered when no attempt succeeds
@@ -465,7 +481,7 @@ end
 -- last attempt left, or 503 when no worker could take the request.
 function M:fail(x, req, status, body, ctype, last_err)
   local r = self.r
-  local route, extra = req.route, req.extra
+  local route, extra = req.route, extra_of(req)
   if status and body then
     stats.errors:inc(1, route, "worker_" .. status)
     req.rs.exhausted:inc()
@@ -506,7 +522,7 @@ local function cut_off(flow, x, req, perr)
   local state = x:state()
   if state == "handling" then       -- nothing was sent yet (a PD merge read the body first)
     flow.r:send_error(x, timeout and 504 or 502, "worker " .. (timeout and "timed out" or "failed: " .. perr),
-      timeout and "timeout" or "worker_unreachable", req.extra)
+      timeout and "timeout" or "worker_unreachable", extra_of(req))
   elseif timeout then
     if state == "streaming" then
       if req.stream then x:write(SSE_TIMEOUT) end
@@ -614,7 +630,7 @@ function regular.dispatch(flow, x, req, deadline, can_retry, w)
     return "retry", status, body, ctype
   end
   -- commit: from here on the client sees this worker's response
-  local okp, perr = resp:pipe(req.extra)
+  local okp, perr = resp:pipe(req.extra or nil, req.id)
   record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, w, policy, (status >= 500 or not okp and perr ~= "client_closed") and "failure" or "success",
     status)
@@ -724,7 +740,7 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
       flow:settle(req, dw, req.dpolicy, nil, 400)
       stats.errors:inc(1, route, "bad_request")
       req.error = "bad_request"
-      flow.r:send_error(x, 400, leg, "invalid_request_error", req.extra)
+      flow.r:send_error(x, 400, leg, "invalid_request_error", extra_of(req))
       return "done"
     end
     if ferr == "client_closed" then
@@ -767,7 +783,7 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
     end
     stats.errors:inc(1, route, "worker_" .. pst)
     req.error = "prefill_" .. pst
-    x:respond(pst, flow.r.merge(req.extra, { ["content-type"] = ctype or "application/json" }), body or "")
+    x:respond(pst, flow.r.merge(extra_of(req), { ["content-type"] = ctype or "application/json" }), body or "")
     return "done"
   end
 
@@ -788,7 +804,7 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
   end
 
   -- commit: the client gets the decode's response
-  local okp, perr, _, pres, dres = pdx:pipe(req.extra)
+  local okp, perr, _, pres, dres = pdx:pipe(req.extra or nil, req.id)
   pdx:close()                          -- freed now, not at the next collection
   record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
