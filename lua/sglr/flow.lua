@@ -126,6 +126,7 @@ function M.new(r)
   end
   self.request_id_names = table.concat(names, "\0") .. "\0\0"
   self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
+  self.pd_mode = self.dispatcher == M.pd
   return self
 end
 
@@ -164,6 +165,12 @@ local function max_tokens_of(body)
   return type(n) == "number" and n or false
 end
 
+-- The fields of a request that read false until set, where a request's
+-- table does not hold them from the start (see infer).
+local REQ_FALSE = { dpolicy = false, decision = false, match_ratio = false, prefill = false,
+  ttfb = false, explain = false, shadow = false, pd_shape = false, failed = false, error = false,
+  extra = false, text_source = false, text_len = false }
+
 -- req.text, req.body, req.headers, req.path, req.client (the client's IP
 -- address) and req.max_tokens are computed on first read only: most
 -- policies need none of them.
@@ -201,6 +208,7 @@ local req_mt = {
       rawset(t, "max_tokens", n)
       return n
     end
+    return REQ_FALSE[k]
   end,
 }
 
@@ -243,15 +251,23 @@ function M:infer(x, route)
   local rs = stats.for_route(route)
   bump(rs.requests)
   -- one table per request: the policy's view and the access log's record.
-  -- The fields set later are present from the start (false), so the table
-  -- is allocated once at its final size, and a read of one never reaches
-  -- the metatable; `failed` (the workers a retry avoids) becomes a table
-  -- with a failure.
-  local req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
-    extra = extra, stream = false, model = false, worker = false, error = false,
-    policy = r.policy, dpolicy = r.dpolicy or false, decision = false,
-    match_ratio = false, prefill = false, ttfb = false, explain = false, shadow = false,
-    pd_batch = false, pd_flags = false, failed = false, text_source = false, text_len = false }, req_mt)
+  -- The fields a request of this mode sets on its way are present from the
+  -- start (false), 16 in all, so the table is allocated once at its final
+  -- size (16 hash slots: 17 fields would take 32) and a read of one never
+  -- reaches the metatable. The rest (REQ_FALSE: an error, the workers a
+  -- retry avoids, an explanation...) read false through the metatable
+  -- until a rarer path sets them.
+  local req
+  if self.pd_mode then
+    req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
+      extra = extra, stream = false, model = false, worker = false, policy = r.policy,
+      dpolicy = r.dpolicy or false, prefill = false, pd_shape = false, text_source = false, text_len = false },
+      req_mt)
+  else
+    req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
+      extra = extra, stream = false, model = false, worker = false, policy = r.policy,
+      ttfb = false, error = false, shadow = false, text_source = false, text_len = false }, req_mt)
+  end
   local em = self.explain_mode
   if em then
     local v = x:header("x-sglr-explain")
@@ -688,7 +704,7 @@ end
 function pd.prepare(_, x, req)
   local batch, flags = x:pd_check(req.route)
   if not batch then return nil, flags end
-  req.pd_batch, req.pd_flags = batch, flags
+  req.pd_shape = batch * 4 + flags    -- flags: two bits
   return true
 end
 
@@ -733,7 +749,7 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
   -- each leg's rank is spliced into its body in C
   local pdx, ferr, leg = x:relay_pd(pw.pool, dw.pool, pw.dp_rank, dw.dp_rank, left,
     min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.route, pw.bootstrap_host,
-    pw.bootstrap_port, req.pd_batch, req.pd_flags)
+    pw.bootstrap_port, floor(req.pd_shape / 4), req.pd_shape % 4)
   if not pdx then
     if ferr == "bad_request" then
       flow:settle(req, pw, req.policy, nil, 400)

@@ -97,6 +97,32 @@ describe("request flow", function()
     assert.equal(0, r.workers.list[1].load)
   end)
 
+  it("shows a policy false, not nil, for request fields not set yet", function()
+    local seen = {}
+    local p = recording_policy("f")
+    function p.select(_, req, workers)
+      for _, k in ipairs({ "decision", "match_ratio", "prefill", "dpolicy", "explain", "failed", "error",
+                           "ttfb", "shadow", "text_source", "text_len", "stream", "model", "worker" }) do
+        seen[k] = req[k]
+      end
+      seen.route, seen.id = req.route, req.id
+      req.decision, req.match_ratio = "mine", 0.5     -- the fields a policy may write
+      seen.after = { req.decision, req.match_ratio }
+      return workers[1]
+    end
+    local r = fake_router({ worker({}) }, p)
+    local res = core.request(assert(core.upstream(r.url)), { method = "POST", path = "/generate",
+      body = '{"text":"hi"}', headers = { ["content-type"] = "application/json", ["x-request-id"] = "rq-7" } })
+    assert.equal(200, res.status)
+    for _, k in ipairs({ "decision", "match_ratio", "prefill", "dpolicy", "explain", "failed", "error",
+                         "ttfb", "shadow", "text_source", "text_len", "stream", "model", "worker" }) do
+      assert.is_false(seen[k], k)
+    end
+    assert.equal("generate", seen.route)
+    assert.equal("rq-7", seen.id)
+    assert.same({ "mine", 0.5 }, seen.after)
+  end)
+
   it("keeps a wants_text policy's routing text in the exchange, where the tree and req.text read it", function()
     local radix = require "sglr.radix"
     local seen = {}

@@ -42,7 +42,8 @@ local function setup(opts)
   r.policy, r.dpolicy = recording_policy("p"), recording_policy("d")
   r.flow = flow_mod.new(r)
   local req = { route = "generate", id = "req-1", t0 = require("sglr.core").now(), retries = 0,
-    rs = stats.for_route("generate"), extra = {}, stream = false, policy = r.policy, dpolicy = r.dpolicy }
+    rs = stats.for_route("generate"), extra = {}, stream = false, policy = r.policy, dpolicy = r.dpolicy,
+    pd_shape = 0 }      -- as pd.prepare leaves it: batch 0 (one prompt), no flags
   return r, req
 end
 
