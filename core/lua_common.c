@@ -5,6 +5,7 @@
 #include "lua_common.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -30,22 +31,30 @@ void **sglr_lua_gc_box(lua_State *L, const char *mt)
 }
 
 /* Metatables by type tag, so a new box does not look its metatable up by
- * name (hashing the name) on every request. */
+ * name (hashing the name) on every request: open addressing on the tag's
+ * address, so the lookup is a probe or two, whatever the number of types. */
+#define MT_SLOTS 32
 static struct {
     const char *mt;
     int ref;
     int done_ref;       /* its twin without __gc (sglr_lua_box_done), or 0 */
-} mt_refs[16];
+} mt_refs[MT_SLOTS];
 
-/* The entry of mt, made on first use; NULL when the table is full. */
+/* The entry of mt, made on first use; -1 when the table is full or mt has
+ * no metatable. */
 static int mt_slot(lua_State *L, const char *mt)
 {
-    size_t i;
-    for (i = 0; i < sizeof mt_refs / sizeof mt_refs[0] && mt_refs[i].mt; i++) {
+    unsigned h = (unsigned)((uintptr_t)mt >> 3);
+    int i = -1;
+    for (int k = 0; k < MT_SLOTS; k++) {
+        i = (int)((h + (unsigned)k) & (MT_SLOTS - 1));
         if (mt_refs[i].mt == mt)
-            return (int)i;
+            return i;
+        if (!mt_refs[i].mt)
+            break;
+        i = -1;
     }
-    if (i == sizeof mt_refs / sizeof mt_refs[0])
+    if (i < 0)
         return -1;
     luaL_getmetatable(L, mt);
     if (!lua_istable(L, -1)) {
@@ -54,7 +63,7 @@ static int mt_slot(lua_State *L, const char *mt)
     }
     mt_refs[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
     mt_refs[i].mt = mt;
-    return (int)i;
+    return i;
 }
 
 static void push_mt(lua_State *L, const char *mt)
