@@ -67,6 +67,49 @@ static int l_log_line(lua_State *L)
     return mode != 0;
 }
 
+int sglr_lua_x_status(void *b);
+
+/* The access line of one inference request, called through the FFI from
+ * log.lua (M.access): the line core.log_line("info", "request", 0,
+ * "duration_ms", dur, "error", err, "prefill", prefill, "request_id", rid,
+ * "retries", retries, "route", route, "status", <x's status>, "stream",
+ * stream, "worker", worker) queues, byte for byte, without a Lua C call
+ * per argument. err and prefill may be NULL (left out). -> 1; 0 when
+ * the line could not be queued (out of memory); -1 when x is no live
+ * exchange (nothing written: the caller logs the line its own way) */
+int sglr_log_access(void *x, double dur, const char *err, size_t errl, const char *prefill,
+                    size_t pl, const char *rid, size_t ridl, double retries, const char *route,
+                    size_t routel, int stream, const char *worker, size_t wl)
+{
+    int status = sglr_lua_x_status(x);
+    if (status < 0)
+        return -1;
+    uv_timeval64_t tv;
+    uv_gettimeofday(&tv);
+    size_t start = sglr_logline_begin((double)tv.tv_sec + tv.tv_usec / 1e6, "info", "request", 7);
+#define KEY(s) s, sizeof s - 1
+    sglr_logline_num(KEY("duration_ms"), dur);
+    if (err)
+        sglr_logline_str(KEY("error"), err, errl);
+    if (prefill)
+        sglr_logline_str(KEY("prefill"), prefill, pl);
+    sglr_logline_str(KEY("request_id"), rid, ridl);
+    sglr_logline_num(KEY("retries"), retries);
+    sglr_logline_str(KEY("route"), route, routel);
+    sglr_logline_num(KEY("status"), status);
+    if (stream)
+        sglr_logline_str(KEY("stream"), "true", 4);
+    else
+        sglr_logline_str(KEY("stream"), "false", 5);
+    sglr_logline_str(KEY("worker"), worker, wl);
+#undef KEY
+    size_t n = 0;
+    if (!sglr_logline_end(start, &n))
+        return 0;
+    sglr_logline_commit(start, 1);
+    return 1;
+}
+
 static int l_log_write(lua_State *L)
 {
     size_t n;

@@ -307,12 +307,9 @@ function M:access(x, req)
   local dur = (now_ms() - req.t0) / 1000
   record(req.rs.duration, dur)
   if req.dpolicy then record(stats.for_pd_route(req.route).duration, dur) end
-  if log.enabled("info") then
-    -- keys in sorted order: the line log.info("request", {...}) printed
-    log.fields("info", "request", "duration_ms", floor(dur * 1e4) / 10, "error", req.error or nil,
-      "prefill", req.prefill or nil, "request_id", req.id, "retries", req.retries, "route", req.route,
-      "status", x_status(x), "stream", req.stream or false, "worker", req.worker or "-")
-  end
+  -- keys in sorted order: the line log.info("request", {...}) printed
+  log.access(x, floor(dur * 1e4) / 10, req.error or nil, req.prefill or nil, req.id, req.retries,
+    req.route, req.stream, req.worker or "-")
 end
 
 -- The start of one leg on worker w, picked by policy: load and breaker

@@ -113,6 +113,40 @@ function M.log(lvl, msg, fields)
   if dir then to_file(line) end
 end
 
+-- The access line of an inference request (flow.lua): what
+-- log.fields("info", "request", "duration_ms", dur, "error", err, "prefill",
+-- prefill, "request_id", rid, "retries", retries, "route", route, "status",
+-- x's status, "stream", stream, "worker", worker) writes. A text line to
+-- stderr is formatted in C in one FFI call (sglr_log_access), not one Lua C
+-- call per argument; JSON lines, --log-dir and any value of another type
+-- take the general path.
+local access_c = false
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok and pcall(ffi.cdef, [[
+      int sglr_log_access(void *x, double dur, const char *err, size_t errl, const char *prefill,
+                          size_t pl, const char *rid, size_t ridl, double retries, const char *route,
+                          size_t routel, int stream, const char *worker, size_t wl);
+    ]]) and pcall(function() return ffi.C.sglr_log_access end) then
+    access_c = ffi.C.sglr_log_access
+  end
+end
+
+function M.access(x, dur, err, prefill, rid, retries, route, stream, worker)
+  if level > 1 then return end
+  if access_c and not json_mode and not dir and type(x) == "userdata" and type(dur) == "number"
+      and (err == nil or type(err) == "string") and (prefill == nil or type(prefill) == "string")
+      and type(rid) == "string" and type(retries) == "number" and type(route) == "string"
+      and type(worker) == "string"
+      and access_c(x, dur, err, err and #err or 0, prefill, prefill and #prefill or 0, rid, #rid,
+        retries, route, #route, stream and 1 or 0, worker, #worker) >= 0 then
+    return
+  end
+  M.fields("info", "request", "duration_ms", dur, "error", err, "prefill", prefill, "request_id", rid,
+    "retries", retries, "route", route, "status", x:status(), "stream", stream and true or false,
+    "worker", worker)
+end
+
 -- log.fields(level, msg, k1, v1, k2, v2, ...): the line log.log(level, msg,
 -- { k1 = v1, ... }) prints, for the request path: keys given in sorted
 -- order, a nil value left out. A text line is formatted and queued in C

@@ -105,6 +105,39 @@ describe("native log lines", function()
     end
   end)
 
+  it("write the access line of log.access in one native call as log.log writes it", function()
+    -- what log.access queues goes to fd 2: caught in a file for the test
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int dup(int); int dup2(int, int); int close(int);")
+    pcall(ffi.cdef, "int fileno(void *);")
+    local path = os.tmpname()
+    local saved = ffi.C.dup(2)
+    core.log_flush()
+    local tmp = assert(io.open(path, "w"))
+    ffi.C.dup2(ffi.C.fileno(tmp), 2)
+    local n = 0
+    local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      n = n + 1
+      local c = cases[n]
+      x:respond(c.status, {}, "")
+      log.access(x, c.duration_ms, c.error, c.prefill, c.request_id, c.retries, c.route, c.stream, c.worker)
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    for _ = 1, #cases do assert(core.request(pool, { path = "/" })) end
+    core.log_flush()
+    ffi.C.dup2(saved, 2)
+    ffi.C.close(saved)
+    tmp:close()
+    srv:close()
+    local lines = {}
+    for line in io.lines(path) do lines[#lines + 1] = line .. "\n" end
+    os.remove(path)
+    assert.equal(#cases, #lines)
+    for i, c in ipairs(cases) do
+      assert.equal(lua_line("info", "request", c):sub(25), lines[i]:sub(25))
+    end
+  end)
+
   it("refuse a key or value of another type, and keep nothing of that line", function()
     local ok, err = pcall(core.log_line, "info", "m", 2, "a", "1", {}, "x")
     assert.is_false(ok)
