@@ -75,12 +75,9 @@ static void push_mt(lua_State *L, const char *mt)
         luaL_getmetatable(L, mt);
 }
 
-void sglr_lua_box_done(lua_State *L, int idx)
+void sglr_lua_box_done(lua_State *L, int idx, const char *mt)
 {
-    sglr_box_t *b = lua_touserdata(L, idx);
-    if (!b || lua_objlen(L, idx) != sizeof *b)
-        return;
-    int i = mt_slot(L, b->type);
+    int i = mt_slot(L, mt);
     if (i < 0)
         return;
     if (!mt_refs[i].done_ref) {

@@ -18,12 +18,13 @@ typedef struct {
     const char *type;
 } sglr_box_t;
 
-/* The box at idx is spent (its pointer cleared or pointing at a closed
- * stand-in) and owns nothing: it gets its type's metatable without __gc,
- * so the collector frees it as plain memory instead of running a
- * finalizer that would find nothing to do (and keeping it a cycle longer).
- * Its methods still answer as a closed box's. */
-void sglr_lua_box_done(lua_State *L, int idx);
+/* The box at idx, of type mt (the caller has checked), is spent (its
+ * pointer cleared or pointing at a closed stand-in) and owns nothing: it
+ * gets its type's metatable without __gc, so the collector frees it as
+ * plain memory instead of running a finalizer that would find nothing to
+ * do (and keeping it a cycle longer). Its methods still answer as a closed
+ * box's. */
+void sglr_lua_box_done(lua_State *L, int idx, const char *mt);
 
 /* metatable names, shared because they are type tags */
 extern const char sglr_lua_exchange_mt[];

@@ -877,7 +877,7 @@ static int pd_close(lua_State *L)
     if (pd->co)
         return luaL_error(L, "close: a coroutine is waiting on this PD exchange");
     ((sglr_box_t *)lua_touserdata(L, 1))->p = &closed_pd;
-    sglr_lua_box_done(L, 1);
+    sglr_lua_box_done(L, 1, PD_MT);
     pd_free(pd);
     return 0;
 }

@@ -594,7 +594,7 @@ static int resp_close(lua_State *L)
     lleg_unpin_x(f);
     lleg_unref(f);
     ((sglr_box_t *)lua_touserdata(L, 1))->p = &closed_resp;
-    sglr_lua_box_done(L, 1);
+    sglr_lua_box_done(L, 1, RESPONSE_MT);
     sglr_proxy_leg_free(f->leg);             /* f goes with it */
     return 0;
 }

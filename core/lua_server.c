@@ -632,7 +632,7 @@ static int x_gc(lua_State *L)
     if (!x)
         return 0;
     *box = NULL;
-    sglr_lua_box_done(L, 1);        /* called by the request runner: no finalizer left to run */
+    sglr_lua_box_done(L, 1, EXCHANGE_MT);        /* called by the request runner: no finalizer left to run */
     /* Safety net: a handler that lost its exchange without answering. */
     if (x->state == SGLR_X_HANDLING) {
         static const char body[] =
