@@ -100,7 +100,7 @@ static int pool_stats(lua_State *L)
 
 /* --- responses: a leg and the coroutine waiting on it ------------------------------ */
 
-enum { FWD_HEAD, FWD_READY, FWD_PIPE, FWD_READ, FWD_REQUEST };
+enum { FWD_HEAD, FWD_READY, FWD_PIPE, FWD_READ, FWD_REQUEST, FWD_AUTOPIPE };
 
 typedef struct {
     sglr_leg_t *leg;          /* the leg this is the data of */
@@ -112,7 +112,27 @@ typedef struct {
     int x_ref;                /* the exchange userdata, pinned while the leg runs */
     int in_call;              /* inside the Lua call that would yield */
     int sync_done;            /* the leg ended during in_call */
+    /* x:relay_pipe: no response box unless the status is held for the
+     * caller; the leg is piped at its head and freed when it ends */
+    int autopipe;
+    int hold;                 /* HOLD_NONE, HOLD_RETRYABLE, HOLD_ERRORS or HOLD_ALL */
+    int extra_ref;            /* the extra headers table, or LUA_NOREF */
+    char *rid;                /* the request id for x-request-id (rid_in or malloc'd) */
+    size_t ridl;
+    char rid_in[64];
+    int status;               /* the head's, kept for the pipe's end */
+    double t_head;
 } lleg_t;
+
+enum { HOLD_NONE, HOLD_RETRYABLE, HOLD_ERRORS, HOLD_ALL };
+
+/* The statuses x:relay_pipe holds for a retry with HOLD_RETRYABLE: those
+ * of sglr.retry's retryable_status (the flow checks they agree). */
+static int relay_held(int status)
+{
+    return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
+           status == 504;
+}
 
 static void lleg_unpin_x(lleg_t *f)
 {
@@ -199,7 +219,7 @@ static int push_request_result(lua_State *L, lleg_t *f)
 
 static int (*const push_result[])(lua_State *, lleg_t *) = {
     [FWD_HEAD] = push_err, [FWD_READY] = NULL, [FWD_PIPE] = push_pipe_result,
-    [FWD_READ] = push_read_result, [FWD_REQUEST] = push_request_result,
+    [FWD_READ] = push_read_result, [FWD_REQUEST] = push_request_result, [FWD_AUTOPIPE] = NULL,
 };
 
 /* Resume the waiting coroutine with what its pending call returns. */
@@ -216,11 +236,17 @@ static void lleg_wake(lleg_t *f, int (*push)(lua_State *, lleg_t *))
     sglr_co_resume(co, ref, n);
 }
 
+static void autopipe_head(lleg_t *f);
+static void autopipe_end(lleg_t *f);
+
 static void lp_on_head(sglr_leg_t *leg)
 {
     lleg_t *f = leg->data;
     f->mode = FWD_READY;
-    lleg_wake(f, push_response);
+    if (f->autopipe)
+        autopipe_head(f);
+    else
+        lleg_wake(f, push_response);
 }
 
 static void lp_on_end(sglr_leg_t *leg, int err)
@@ -231,7 +257,9 @@ static void lp_on_end(sglr_leg_t *leg, int err)
         f->sync_done = 1;
         return;
     }
-    if (push_result[f->mode])
+    if (f->autopipe)
+        autopipe_end(f);
+    else if (push_result[f->mode])
         lleg_wake(f, push_result[f->mode]);
 }
 
@@ -276,7 +304,14 @@ static lleg_t *new_response(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool,
     f->leg = leg;
     f->co_ref = LUA_NOREF;
     f->x_ref = LUA_NOREF;
+    f->extra_ref = LUA_NOREF;
     f->mode = mode;
+    if (mode == FWD_AUTOPIPE) {              /* x:relay_pipe: no box (yet) */
+        f->mode = FWD_HEAD;
+        f->autopipe = 1;
+        f->ud_ref = LUA_NOREF;
+        return f;
+    }
     sglr_lua_new_box(L, RESPONSE_MT, f);     /* from here the box owns the leg */
     lua_pushvalue(L, -1);
     f->ud_ref = sglr_ref(L);
@@ -370,12 +405,16 @@ static const char *leg_go(lua_State *L, lleg_t *f, sglr_exchange_t *x, const cha
 }
 
 /* A start that failed before the leg ran: drop the leg, raise. */
+static void autopipe_free(lleg_t *f);
+
 static int start_failed(lua_State *L, lleg_t *f, const char *err)
 {
     sglr_proxy_leg_cancel(f->leg);
     f->closed = 1;
     lleg_unpin_x(f);
     lleg_unref(f);
+    if (f->autopipe)
+        autopipe_free(f);               /* no box owns it */
     return luaL_error(L, "%s", err);
 }
 
@@ -407,7 +446,7 @@ static int lleg_wait(lua_State *L, lleg_t *f, int (*push)(lua_State *, lleg_t *)
  * its finalizer would answer 500 under the forward) -> 0 and *out, or the
  * number of values pushed (nil, "client_closed": the client left) */
 static int forward_begin(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool, const char *name,
-                         lleg_t **out)
+                         int mode, lleg_t **out)
 {
     if (x->state != SGLR_X_HANDLING)
         return luaL_error(L, "%s after the response started", name);
@@ -421,7 +460,7 @@ static int forward_begin(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool, co
         lua_pushliteral(L, "client_closed");
         return 2;
     }
-    lleg_t *f = new_response(L, x, pool, FWD_HEAD);
+    lleg_t *f = new_response(L, x, pool, mode);
     lua_pushvalue(L, 1);
     f->x_ref = sglr_ref(L);
     *out = f;
@@ -435,7 +474,7 @@ static int x_forward(lua_State *L)
     int opts = lua_istable(L, 3) ? 3 : 0;
     int rank = lua_isnumber(L, 4) ? (int)lua_tointeger(L, 4) : -1;
     lleg_t *f;
-    int n = forward_begin(L, x, pool, "forward", &f);
+    int n = forward_begin(L, x, pool, "forward", FWD_HEAD, &f);
     if (n)
         return n;
     const char *err = leg_start(L, f, opts, x, rank);
@@ -459,7 +498,7 @@ static int x_relay(lua_State *L)
     sglr_hpair_t add[2];
     int nadd = sglr_lua_relay_headers(L, 6, add);
     lleg_t *f;
-    int n = forward_begin(L, x, pool, "relay", &f);
+    int n = forward_begin(L, x, pool, "relay", FWD_HEAD, &f);
     if (n)
         return n;
     const char *err = leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
@@ -468,6 +507,200 @@ static int x_relay(lua_State *L)
     if (err)
         return start_failed(L, f, err);
     return lleg_wait(L, f, push_response);
+}
+
+/* --- x:relay_pipe ------------------------------------------------------------------ */
+
+/* The leg of a relay_pipe that no box owns, with what it kept, freed. */
+static void autopipe_free(lleg_t *f)
+{
+    if (f->rid && f->rid != f->rid_in)
+        free(f->rid);
+    f->rid = NULL;
+    if (f->extra_ref != LUA_NOREF) {
+        sglr_unref(f->extra_ref);
+        f->extra_ref = LUA_NOREF;
+    }
+    lleg_unpin_x(f);
+    sglr_proxy_leg_free(f->leg);             /* f goes with it */
+}
+
+/* Resume relay_pipe's coroutine with the n values pushed on it, freeing
+ * the leg first (unless a box was handed over: give_box). */
+static void autopipe_resume(lleg_t *f, int n, int give_box)
+{
+    lua_State *co = f->co;
+    int ref = f->co_ref;
+    f->co = NULL;
+    f->co_ref = LUA_NOREF;
+    if (!give_box)
+        autopipe_free(f);
+    sglr_co_resume(co, ref, n);
+}
+
+/* The pipe ended: status, true | nil, err, and when the head came. */
+static void autopipe_end(lleg_t *f)
+{
+    lua_State *co = f->co;
+    if (!co)
+        return;
+    if (f->mode == FWD_HEAD) {               /* failed before its head */
+        autopipe_resume(f, push_err(co, f), 0);
+        return;
+    }
+    lua_pushinteger(co, f->status);
+    if (push_pipe_result(co, f) == 1)
+        lua_pushnil(co);
+    lua_pushnumber(co, f->t_head);
+    autopipe_resume(f, 4, 0);
+}
+
+/* The head came: hold it for the caller (status, a response box), or
+ * pipe it to the client at once with the caller's headers. */
+static void autopipe_head(lleg_t *f)
+{
+    lua_State *co = f->co;
+    if (!co)
+        return;
+    sglr_leg_t *leg = f->leg;
+    sglr_upreq_t *r = leg->req;
+    f->status = r->status;
+    f->t_head = r->t_head;
+    if (f->hold == HOLD_ALL || (f->hold == HOLD_RETRYABLE && relay_held(r->status)) ||
+        (f->hold == HOLD_ERRORS && r->status >= 400)) {
+        /* from here a box owns the leg, as x:relay's response */
+        f->autopipe = 0;
+        if (f->rid && f->rid != f->rid_in)
+            free(f->rid);
+        f->rid = NULL;
+        if (f->extra_ref != LUA_NOREF) {
+            sglr_unref(f->extra_ref);
+            f->extra_ref = LUA_NOREF;
+        }
+        lua_pushinteger(co, r->status);
+        sglr_lua_new_box(co, RESPONSE_MT, f);
+        lua_pushnil(co);
+        lua_pushnumber(co, r->t_head);
+        autopipe_resume(f, 4, 1);
+        return;
+    }
+    if (leg_done(f) || !leg->px->x || sglr_exchange_closed(leg->px->x)) {
+        f->mode = FWD_PIPE;
+        lua_pushinteger(co, r->status);
+        lua_pushnil(co);
+        lua_pushliteral(co, "client_closed");
+        lua_pushnumber(co, r->t_head);
+        autopipe_resume(f, 4, 0);
+        return;
+    }
+    /* the worker's headers, minus framing, plus the caller's (checked
+     * when it called) */
+    sglr_buf_t hb = sglr_lua_scratch_take();
+    const char *err;
+    if (f->extra_ref != LUA_NOREF) {
+        lua_rawgeti(co, LUA_REGISTRYINDEX, f->extra_ref);
+        lua_pushlstring(co, f->rid, f->ridl);
+        int top = lua_gettop(co);
+        err = sglr_lua_headers_id(co, &r->head, top - 1, top, &hb);
+        lua_pop(co, 2);
+    } else {
+        sglr_hpair_t add = { "x-request-id", f->rid, 12, f->ridl };
+        err = sglr_head_merge(&r->head, &add, 1, &hb);
+    }
+    if (err) {                                /* out of memory */
+        sglr_lua_scratch_give(&hb);
+        f->mode = FWD_PIPE;
+        lua_pushinteger(co, r->status);
+        lua_pushnil(co);
+        lua_pushstring(co, err);
+        lua_pushnumber(co, r->t_head);
+        autopipe_resume(f, 4, 0);
+        return;
+    }
+    f->mode = FWD_PIPE;
+    f->in_call = 1;
+    sglr_proxy_pipe(leg, hb.data ? hb.data : "", hb.len);
+    sglr_lua_scratch_give(&hb);
+    f->in_call = 0;
+    if (f->sync_done) {
+        f->sync_done = 0;
+        autopipe_end(f);
+    }
+}
+
+/* x:relay_pipe(pool, rank, timeout_ms, connect_timeout_ms, request_id,
+ * authorization, extra_headers, hold) -> x:relay's request, whose response
+ * is piped to the client as soon as its head is in, with x-request-id and
+ * extra_headers (a table or nil) added, unless hold keeps its status for
+ * the caller. No response box is made for a piped response. hold: nil or
+ * false (pipe any status), 1 (keep 408, 429, 500, 502, 503 and 504: the
+ * statuses retried), 2 (keep every status >= 400), 3 (keep any: the caller
+ * hears of the head before it is passed on, as with x:relay). Returns
+ *   nil, err                      the request failed before its head
+ *   status, resp, nil, t_head     held: resp is a response (x:relay's)
+ *   status, true, nil, t_head     piped to its end
+ *   status, nil, err, t_head      piped, and the pipe failed (resp:pipe's err)
+ * t_head: when the head came, in core.now()'s milliseconds. */
+static int x_relay_pipe(lua_State *L)
+{
+    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
+    sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
+    int rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
+    unsigned timeout_ms = timeout_arg(luaL_checknumber(L, 4));
+    unsigned connect_ms = timeout_arg(luaL_checknumber(L, 5));
+    sglr_hpair_t add[2];
+    int nadd = sglr_lua_relay_headers(L, 6, add);
+    int extra = lua_isnoneornil(L, 8) ? 0 : 8;
+    if (extra) {
+        /* checked now: a bad table raises here, not when the head comes */
+        sglr_buf_t tmp = sglr_lua_scratch_take();
+        const char *err = sglr_lua_headers(L, NULL, extra, &tmp);
+        sglr_lua_scratch_give(&tmp);
+        if (err)
+            return luaL_error(L, "%s", err);
+    }
+    int hold = lua_isnumber(L, 9) ? (int)lua_tointeger(L, 9) : HOLD_NONE;
+    if (hold < HOLD_NONE || hold > HOLD_ALL)
+        return luaL_argerror(L, 9, "hold is nil, 1, 2 or 3");
+    lleg_t *f;
+    int n = forward_begin(L, x, pool, "relay_pipe", FWD_AUTOPIPE, &f);
+    if (n)
+        return n;
+    f->hold = hold;
+    /* add[0] is the request id, checked */
+    f->ridl = add[0].vl;
+    f->rid = f->ridl <= sizeof f->rid_in ? f->rid_in : malloc(f->ridl);
+    if (!f->rid)
+        return start_failed(L, f, "out of memory");
+    memcpy(f->rid, add[0].v, f->ridl);
+    if (extra) {
+        lua_pushvalue(L, extra);
+        f->extra_ref = sglr_ref(L);
+    }
+    const char *err = leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
+                             x->head.url_len, x->body.data, x->body.len, 1, rank, 0, add, nadd,
+                             connect_ms, timeout_ms);
+    if (err)
+        return start_failed(L, f, err);
+    /* wait for the head (no box to keep alive: nothing is referenced but
+     * the coroutine) */
+    f->in_call = 0;
+    if (f->sync_done) {                       /* failed at its start */
+        f->sync_done = 0;
+        n = push_err(L, f);
+        autopipe_free(f);
+        return n;
+    }
+    f->co = L;
+    f->co_ref = sglr_co_pin(L);
+    return lua_yield(L, 0);
+}
+
+/* core.relay_held(status) -> whether x:relay_pipe's hold 1 keeps it */
+static int l_relay_held(lua_State *L)
+{
+    lua_pushboolean(L, relay_held((int)luaL_checkinteger(L, 1)));
+    return 1;
 }
 
 /* core.request(pool, opts) -> {status, headers, body, ttfb_ms, total_ms} | nil, err */
@@ -579,7 +812,7 @@ static int resp_read(lua_State *L)
  * to the server's spares with the request. Its methods answer as those
  * of a closed response did (status 0, no headers). */
 static lleg_t closed_resp = { .closed = 1, .mode = FWD_HEAD, .ud_ref = LUA_NOREF,
-                              .co_ref = LUA_NOREF, .x_ref = LUA_NOREF };
+                              .co_ref = LUA_NOREF, .x_ref = LUA_NOREF, .extra_ref = LUA_NOREF };
 
 /* resp:close(): drop the response (the worker connection is closed unless the
  * response was complete); pipe and read on it raise from then on. */
@@ -624,7 +857,8 @@ void sglr_lua_open_proxy(lua_State *L)
         { "ttfb_ms", resp_ttfb }, { "pipe", resp_pipe }, { "read", resp_read },
         { "close", resp_close }, { NULL, NULL } };
     static const luaL_Reg fns[] = {
-        { "upstream", l_upstream }, { "request", l_request }, { NULL, NULL } };
+        { "upstream", l_upstream }, { "request", l_request }, { "relay_held", l_relay_held },
+        { NULL, NULL } };
     sglr_lua_new_mt(L, POOL_MT, pool_m, pool_gc);
     sglr_lua_new_mt(L, RESPONSE_MT, resp_m, resp_gc);
     /* forward is an exchange method */
@@ -634,6 +868,8 @@ void sglr_lua_open_proxy(lua_State *L)
     lua_setfield(L, -2, "forward");
     lua_pushcfunction(L, x_relay);
     lua_setfield(L, -2, "relay");
+    lua_pushcfunction(L, x_relay_pipe);
+    lua_setfield(L, -2, "relay_pipe");
     lua_pop(L, 2);
     luaL_register(L, NULL, fns);
 }

@@ -127,6 +127,14 @@ function M.new(r)
   self.request_id_names = table.concat(names, "\0") .. "\0\0"
   self.dispatcher = conf.pd_disaggregation and M.pd or M.regular
   self.pd_mode = self.dispatcher == M.pd
+  -- which statuses x:relay_pipe keeps for a retry (its hold): 1, the set
+  -- core knows, when it is retry.retryable_status's; else 2, every error
+  -- status, for retryable_status to sort
+  local same = core.relay_held ~= nil
+  for s = 100, 599 do
+    if same and core.relay_held(s) ~= retry.retryable_status(s) then same = false end
+  end
+  self.hold = same and 1 or 2
   return self
 end
 
@@ -608,9 +616,16 @@ function regular.dispatch(flow, x, req, deadline, can_retry, w)
   -- x:forward without its options table: x-request-id set, authorization
   -- as --api-key says (relay_auth: a string, false to drop the client's,
   -- nil to pass it); --dp-aware: the rank is spliced into the body in C
-  local resp, ferr = x:relay(w.pool, w.dp_rank, left, min(flow.connect_timeout_ms, left), req.id,
-    flow.relay_auth)
-  if not resp then
+  -- x:relay_pipe: the response goes to the client as soon as its head is
+  -- in (x-request-id and req.extra added in C), with no response object,
+  -- unless a retry may still take it (its status retryable: held, resp).
+  -- A stream is held whatever its status: its time to first byte is
+  -- recorded when the head comes, not when the stream ends.
+  local status, resp, perr, t_head = x:relay_pipe(w.pool, w.dp_rank, left,
+    min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.extra or nil,
+    req.stream and 3 or can_retry and flow.hold or nil)
+  if not status then
+    local ferr = resp
     if ferr == "client_closed" then
       flow:settle(req, w, policy, nil, 499)
       req.error = "client_closed"
@@ -620,30 +635,35 @@ function regular.dispatch(flow, x, req, deadline, can_retry, w)
     record(rs.upstream, (now_ms() - now) / 1000)
     log.warn("worker request failed", { request_id = req.id, worker = w.url, error = ferr,
       attempt = req.retries + 1 })
-    local status = ferr == "timeout" and 504 or 502
+    local fstatus = ferr == "timeout" and 504 or 502
     if ferr == "timeout" or not retry.retryable_error(ferr) then
-      return "fail", status, nil, nil, ferr
+      return "fail", fstatus, nil, nil, ferr
     end
     avoid(req, w)
-    return "retry", status, nil, nil, ferr
+    return "retry", fstatus, nil, nil, ferr
   end
-  local status = resp:status()
-  local ttfb = now_ms() - req.t0
+  local ttfb = t_head - req.t0
   req.ttfb = ttfb
   record(rs.ttfb, ttfb / 1000)
-  if status >= 400 and retry.retryable_status(status) and can_retry then
-    -- not sent to the client yet: drain it and try elsewhere
-    local body = resp:read()
-    local ctype = resp:header("content-type")
+  local okp = resp
+  if type(resp) == "userdata" then
+    -- held (a stream, or an error status when it can be retried): not
+    -- sent to the client yet
+    if can_retry and retry.retryable_status(status) then
+      -- drain it and try elsewhere
+      local body = resp:read()
+      local ctype = resp:header("content-type")
+      resp:close()
+      flow:settle(req, w, policy, "failure", status)
+      avoid(req, w)
+      log.warn("worker answered " .. status .. ", retrying", { request_id = req.id, worker = w.url,
+        attempt = req.retries + 1 })
+      return "retry", status, body, ctype
+    end
+    -- commit: from here on the client sees this worker's response
+    okp, perr = resp:pipe(req.extra or nil, req.id)
     resp:close()
-    flow:settle(req, w, policy, "failure", status)
-    avoid(req, w)
-    log.warn("worker answered " .. status .. ", retrying", { request_id = req.id, worker = w.url,
-      attempt = req.retries + 1 })
-    return "retry", status, body, ctype
   end
-  -- commit: from here on the client sees this worker's response
-  local okp, perr = resp:pipe(req.extra or nil, req.id)
   record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, w, policy, (status >= 500 or not okp and perr ~= "client_closed") and "failure" or "success",
     status)
@@ -652,7 +672,6 @@ function regular.dispatch(flow, x, req, deadline, can_retry, w)
     if retry.retryable_status(status) and flow.retry.max_retries > 0 then rs.exhausted:inc() end
   end
   if not okp then cut_off(flow, x, req, perr) end
-  resp:close()
   return "done"
 end
 

@@ -305,6 +305,79 @@ describe("sglr.core", function()
     srv:close()
   end)
 
+  it("relay_pipe passes a response on at its head, or holds the statuses asked for", function()
+    local retry = require "sglr.retry"
+    for s = 100, 599 do assert.equal(retry.retryable_status(s), core.relay_held(s), s) end
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local st = tonumber(x:header("x-status")) or 200
+      x:respond(st, { ["x-w"] = "1", ["x-request-id"] = "from-worker" }, "body " .. st)
+    end))
+    local pool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local dead = assert(core.upstream("http://127.0.0.1:1"))
+    local seen = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local mode = x:header("x-mode")
+      local hold = tonumber(x:header("x-hold"))
+      if mode == "dead" then
+        seen.dead = { x:relay_pipe(dead, nil, 1000, 1000, "rid", nil, nil, nil) }
+        return x:respond(502, {}, "dead")
+      elseif mode == "badextra" then
+        seen.bad = { pcall(x.relay_pipe, x, pool, nil, 1000, 1000, "rid", nil, { ["x-a"] = "1\r\nx-b: 2" }) }
+        seen.badhold = { pcall(x.relay_pipe, x, pool, nil, 1000, 1000, "rid", nil, nil, 4) }
+        return x:respond(400, {}, "bad")
+      end
+      local extra = mode == "extra" and { ["x-extra"] = "e" } or nil
+      local t0 = core.now()
+      local status, resp, perr, t_head = x:relay_pipe(pool, nil, 1000, 1000, "rid-1", nil, extra, hold)
+      seen.last = { status = status, kind = type(resp), perr = perr, waited = t_head >= t0 and t_head <= core.now() }
+      if type(resp) == "userdata" then
+        seen.last.body = resp:read()
+        resp:close()
+        x:respond(299, {}, "held " .. status)
+      end
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    local active0 = core.active()
+    local function ask(h) return assert(core.request(rpool, { path = "/", headers = h })) end
+    -- piped: the worker's answer with x-request-id (and the extra headers)
+    local res = ask({ ["x-mode"] = "extra" })
+    assert.equal(200, res.status)
+    assert.equal("body 200", res.body)
+    assert.equal("rid-1", res.headers["x-request-id"])
+    assert.equal("e", res.headers["x-extra"])
+    assert.equal("1", res.headers["x-w"])
+    assert.same({ status = 200, kind = "boolean", waited = true }, seen.last)
+    -- hold 1: a retryable status is held, another is passed on
+    res = ask({ ["x-hold"] = "1", ["x-status"] = "503" })
+    assert.equal(299, res.status)
+    assert.equal("held 503", res.body)
+    assert.same({ status = 503, kind = "userdata", waited = true, body = "body 503" }, seen.last)
+    res = ask({ ["x-hold"] = "1", ["x-status"] = "404" })
+    assert.equal(404, res.status)
+    assert.equal("body 404", res.body)
+    -- hold 2: any error status; hold 3: any status
+    assert.equal(299, ask({ ["x-hold"] = "2", ["x-status"] = "404" }).status)
+    assert.equal(200, ask({ ["x-hold"] = "2" }).status)
+    res = ask({ ["x-hold"] = "3" })
+    assert.equal("held 200", res.body)
+    -- no hold: even a retryable status goes to the client
+    assert.equal(503, ask({ ["x-status"] = "503" }).status)
+    -- a worker that cannot be reached: nil, err
+    assert.equal(502, ask({ ["x-mode"] = "dead" }).status)
+    assert.same({ nil, "connect" }, seen.dead)
+    -- bad arguments raise before anything is sent
+    assert.equal(400, ask({ ["x-mode"] = "badextra" }).status)
+    assert.is_false(seen.bad[1])
+    assert.truthy(tostring(seen.bad[2]):find("forbidden", 1, true), tostring(seen.bad[2]))
+    assert.is_false(seen.badhold[1])
+    -- every exchange went back: the legs without a box were freed
+    collectgarbage()
+    collectgarbage()
+    assert.equal(active0, core.active())
+    router:close()
+    worker:close()
+  end)
+
   it("relays the client's request with its request id and authorization as told", function()
     local seen = {}
     local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
