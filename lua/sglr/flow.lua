@@ -314,9 +314,11 @@ end
 function M:access(x, req)
   local dur = (now_ms() - req.t0) / 1000
   record(req.rs.duration, dur)
-  if req.dpolicy then record(stats.for_pd_route(req.route).duration, dur) end
+  -- (rawget: a field the request's table may not hold is read without
+  -- the metatable, here and below)
+  if rawget(req, "dpolicy") then record(stats.for_pd_route(req.route).duration, dur) end
   -- keys in sorted order: the line log.info("request", {...}) printed
-  log.access(x, floor(dur * 1e4) / 10, req.error or nil, req.prefill or nil, req.id, req.retries,
+  log.access(x, floor(dur * 1e4) / 10, rawget(req, "error") or nil, rawget(req, "prefill") or nil, req.id, req.retries,
     req.route, req.stream, req.worker or "-")
 end
 
@@ -351,7 +353,7 @@ function M:settle(req, w, policy, outcome, status)
   local ms, lat = now - req.t0, w.latency_ms
   w.latency_ms = lat and lat + (ms - lat) * 0.1 or ms
   if policy.on_done then policy:on_done(req, w, status, ms) end
-  if req.shadow and policy == req.policy then self.shadow:settle(req, status, ms) end
+  if rawget(req, "shadow") and policy == req.policy then self.shadow:settle(req, status, ms) end
 end
 
 -- What one policy decided for an attempt (role: nil in regular mode, else
@@ -374,14 +376,14 @@ function M:note(req, now, policy, w, reason, matched, total, avail, role)
     if sh.n > 0 then
       if pos then
         shadows = ring:shadow_of(pos)
-      elseif req.explain then
+      elseif rawget(req, "explain") then
         shadows = { nsh = 0, sh = {} }
       end
       sh:offer(req, avail, w, shadows)
     end
     if role then self.cur_pos, self.cur_shadows = pos, shadows end
   end
-  if req.explain then
+  if rawget(req, "explain") then
     local leg = decisions.explain_leg(policy, w, reason, matched, total, avail, req.retries + 1)
     if role == "prefill" then
       self.cur_leg = leg
@@ -558,7 +560,7 @@ end
 -- A worker failed this request: later attempts avoid it (every rank of a
 -- dp-aware worker: they are one server) while others remain.
 local function avoid(req, w)
-  local f = req.failed
+  local f = rawget(req, "failed")
   if not f then
     f = {}
     req.failed = f
@@ -580,7 +582,7 @@ local regular = {}
 M.regular = regular
 
 function regular.pick(flow, req, now)
-  local avail = flow.workers:available(now, req.failed, nil, flow:take_list())
+  local avail = flow.workers:available(now, rawget(req, "failed"), nil, flow:take_list())
   if #avail == 0 then
     flow:give_list(avail)
     return nil
@@ -600,12 +602,13 @@ function regular.pick(flow, req, now)
   return w
 end
 
+local regular_after
+
 -- Forward to the worker. Before the response head the attempt can still
 -- fail over: a transport error or a retryable status ends it with "retry".
 -- Otherwise the response is committed: streamed to the client as it comes.
 function regular.dispatch(flow, x, req, deadline, can_retry, w)
   local policy = req.policy
-  local route, rs = req.route, req.rs
   flow:take(req, w)
   local now = now_ms()
   local left = deadline - now
@@ -624,6 +627,15 @@ function regular.dispatch(flow, x, req, deadline, can_retry, w)
   local status, resp, perr, t_head = x:relay_pipe(w.pool, w.dp_rank, left,
     min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.extra or nil,
     req.stream and 3 or can_retry and flow.hold or nil)
+  -- the rest in a function of its own: code after a call that yielded
+  -- is compiled only from a function's start (a trace begun after the
+  -- call cannot return to its caller), so here it would be interpreted
+  return regular_after(flow, x, req, can_retry, w, policy, now, status, resp, perr, t_head)
+end
+
+-- regular.dispatch after its relay_pipe returned.
+function regular_after(flow, x, req, can_retry, w, policy, now, status, resp, perr, t_head)
+  local route, rs = req.route, req.rs
   if not status then
     local ferr = resp
     if ferr == "client_closed" then
@@ -686,7 +698,7 @@ local pd = {}
 M.pd = pd
 
 local function pick_role(flow, req, now, role, field)
-  local avail = flow.workers:available(now, req.failed, role, flow:take_list())
+  local avail = flow.workers:available(now, rawget(req, "failed"), role, flow:take_list())
   if #avail == 0 then
     flow:give_list(avail)
     local registered, healthy = 0, 0
@@ -746,8 +758,10 @@ local function pd_error(leg, etype)
   if leg == "prefill" then stats.pd_prefill_errors:inc() else stats.pd_decode_errors:inc() end
 end
 
+local pd_after_heads, pd_after_pipe
+
 function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
-  local route, rs = req.route, req.rs
+  local route = req.route
   flow:take(req, pw)
   flow:take(req, dw)
   req.prefill, req.worker = pw.url, dw.url
@@ -766,6 +780,13 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
   local pdx, ferr, leg = x:relay_pd(pw.pool, dw.pool, pw.dp_rank, dw.dp_rank, left,
     min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.route, pw.bootstrap_host,
     pw.bootstrap_port, floor(req.pd_shape / 4), req.pd_shape % 4)
+  -- the rest in functions of their own (see regular.dispatch)
+  return pd_after_heads(flow, x, req, can_retry, pw, dw, now, pdx, ferr, leg)
+end
+
+-- pd.dispatch after its relay_pd returned.
+function pd_after_heads(flow, x, req, can_retry, pw, dw, now, pdx, ferr, leg)
+  local route, rs = req.route, req.rs
   if not pdx then
     if ferr == "bad_request" then
       flow:settle(req, pw, req.policy, nil, 400)
@@ -837,6 +858,12 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
 
   -- commit: the client gets the decode's response
   local okp, perr, _, pres, dres = pdx:pipe(req.extra or nil, req.id)
+  return pd_after_pipe(flow, x, req, pw, dw, now, pdx, pst, dst, okp, perr, pres, dres)
+end
+
+-- pd.dispatch after its pipe returned.
+function pd_after_pipe(flow, x, req, pw, dw, now, pdx, pst, dst, okp, perr, pres, dres)
+  local route, rs = req.route, req.rs
   pdx:close()                          -- freed now, not at the next collection
   record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
