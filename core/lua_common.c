@@ -369,3 +369,15 @@ void sglr_lua_getopt(lua_State *L, int idx, int key)
     lua_rawget(L, idx);
 }
 
+
+int sglr_relay_held(int status)
+{
+    return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
+           status == 504;
+}
+
+int sglr_relay_holds(int hold, int status)
+{
+    return hold == SGLR_HOLD_ALL || (hold == SGLR_HOLD_RETRYABLE && sglr_relay_held(status)) ||
+           (hold == SGLR_HOLD_ERRORS && status >= 400);
+}

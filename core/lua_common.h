@@ -26,6 +26,14 @@ typedef struct {
  * box's. */
 void sglr_lua_box_done(lua_State *L, int idx, const char *mt);
 
+/* What x:relay_pipe and x:relay_pd keep for the caller instead of passing
+ * on at the head (their hold argument): nothing, the statuses a retry
+ * takes (sglr_relay_held: those of sglr.retry's retryable_status, which the
+ * flow checks), every status >= 400, or every status. */
+enum { SGLR_HOLD_NONE, SGLR_HOLD_RETRYABLE, SGLR_HOLD_ERRORS, SGLR_HOLD_ALL };
+int sglr_relay_held(int status);
+int sglr_relay_holds(int hold, int status);
+
 /* metatable names, shared because they are type tags */
 extern const char sglr_lua_exchange_mt[];
 

@@ -63,11 +63,20 @@ struct lpd {
     sglr_buf_t body;          /* the spliced body both legs send (unless ranked) */
     sglr_splice_sse_t sse;
     int sse_on;
+    /* x:relay_pd with a pipe argument: the decode's response is passed on
+     * at the heads unless held (SGLR_HOLD_*), and the call returns once
+     * both legs ended */
+    int autopipe, hold;
+    int extra_ref;            /* the extra headers table, or LUA_NOREF */
+    char *rid;                /* the request id (rid_in or malloc'd) */
+    size_t ridl;
+    char rid_in[64];
+    double t_head;            /* when the decode's head came */
 };
 
 /* What a closed PD exchange's box points to (pd:close()). */
 static lpd_t closed_pd = { .mode = PD_DONE, .fail_leg = -1, .co_ref = LUA_NOREF,
-                           .ud_ref = LUA_NOREF, .x_ref = LUA_NOREF };
+                           .ud_ref = LUA_NOREF, .x_ref = LUA_NOREF, .extra_ref = LUA_NOREF };
 
 /* Freed PD exchanges are kept on a free list with their buffers (the
  * client's response head, the spliced body), so a steady stream of PD
@@ -233,6 +242,30 @@ static int push_pipe(lua_State *L, lpd_t *pd)
     return 5;
 }
 
+/* relay_pd's commit came to its end: pd, both statuses, when the decode's
+ * head came, then pd:pipe's results */
+static int push_piped(lua_State *L, lpd_t *pd)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, pd->ud_ref);
+    lua_pushinteger(L, head_status(pd, PREFILL));
+    lua_pushinteger(L, head_status(pd, DECODE));
+    lua_pushnumber(L, pd->t_head);
+    return 4 + push_pipe(L, pd);
+}
+
+/* What relay_pd kept for its commit, let go. */
+static void autopipe_drop(lpd_t *pd)
+{
+    pd->autopipe = 0;
+    if (pd->rid && pd->rid != pd->rid_in)
+        free(pd->rid);
+    pd->rid = NULL;
+    if (pd->extra_ref != LUA_NOREF) {
+        sglr_unref(pd->extra_ref);
+        pd->extra_ref = LUA_NOREF;
+    }
+}
+
 /* Resume the waiting coroutine with push's results. Inside a Lua call the
  * call returns them itself; inside an engine callback the wake waits for
  * the callback's end (flush), so Lua never runs under a frame of ours that
@@ -376,13 +409,22 @@ static int leg_index(const lpd_t *pd, const sglr_leg_t *leg)
     return leg == pd->leg[PREFILL] ? PREFILL : DECODE;
 }
 
+static void autopipe_commit(lpd_t *pd);
+
 static void heads_check(lpd_t *pd)
 {
     if (pd->mode != PD_HEADS || !pd->head[PREFILL])
         return;
     if (pd->head[DECODE] || !ok2xx(pd->leg[PREFILL])) {
         pd->mode = PD_READY;
-        wake(pd, push_pd);
+        if (pd->autopipe && pd->fail_leg < 0 && ok2xx(pd->leg[PREFILL]) &&
+            pd->leg[DECODE]->state == SGLR_LEG_HEAD &&
+            !sglr_relay_holds(pd->hold, pd->leg[DECODE]->req->status))
+            autopipe_commit(pd);
+        else {
+            autopipe_drop(pd);          /* the caller decides, as with relay_pd's heads */
+            wake(pd, push_pd);
+        }
     }
 }
 
@@ -414,8 +456,10 @@ static void lpd_on_end(sglr_leg_t *leg, int err)
     pd->in_cb++;
     switch (pd->mode) {
     case PD_HEADS:
-        if (both && err)
+        if (both && err) {
+            autopipe_drop(pd);
             wake(pd, push_fail);
+        }
         else
             heads_check(pd);       /* a prefill head may have been waiting */
         break;
@@ -426,7 +470,7 @@ static void lpd_on_end(sglr_leg_t *leg, int err)
             finish_plain(pd);
         if (pd->mode == PD_PIPE && ended(pd, PREFILL) && ended(pd, DECODE)) {
             pd->mode = PD_DONE;
-            wake(pd, push_pipe);
+            wake(pd, pd->autopipe ? push_piped : push_pipe);
         }
         break;
     case PD_READ_PREFILL:
@@ -446,6 +490,43 @@ static void lpd_on_end(sglr_leg_t *leg, int err)
     }
     pd->in_cb--;
     flush(pd);
+}
+
+/* relay_pd's commit, at the heads (an engine callback, or the call itself):
+ * the decode's response goes to the client with x-request-id and the
+ * caller's headers, as pd:pipe would send it. */
+static void autopipe_commit(lpd_t *pd)
+{
+    sglr_leg_t *d = pd->leg[DECODE];
+    lua_State *co = pd->co;
+    pd->t_head = d->req->t_head;
+    sglr_buf_reset(&pd->hdrs);
+    const char *err;
+    if (pd->extra_ref != LUA_NOREF && co) {
+        lua_rawgeti(co, LUA_REGISTRYINDEX, pd->extra_ref);
+        lua_pushlstring(co, pd->rid, pd->ridl);
+        int top = lua_gettop(co);
+        err = sglr_lua_headers_id(co, &d->req->head, top - 1, top, &pd->hdrs);
+        lua_pop(co, 2);
+    } else {
+        sglr_hpair_t add = { "x-request-id", pd->rid, 12, pd->ridl };
+        err = sglr_head_merge(&d->req->head, &add, 1, &pd->hdrs);
+    }
+    if (err || !co) {                 /* out of memory: the caller has the heads */
+        autopipe_drop(pd);
+        wake(pd, push_pd);
+        return;
+    }
+    d->px->cancel_on_fail = 0;
+    pd->mode = PD_PIPE;
+    if (pd->logprobs && !ended(pd, PREFILL))
+        pd->wait_prefill = 1;
+    else
+        start_pipe(pd);
+    if (ended(pd, PREFILL) && ended(pd, DECODE) && pd->mode == PD_PIPE) {
+        pd->mode = PD_DONE;
+        wake(pd, push_piped);
+    }
 }
 
 /* --- Lua calls --------------------------------------------------------------------- */
@@ -510,6 +591,8 @@ typedef struct {
     int nadd;
     int batch;                     /* -1: not known, found in the body */
     int logprobs, own;
+    int pipe;                      /* relay_pd's hold + 1 (0: no commit at the heads) */
+    int extra;                     /* its extra headers table, or 0 */
 } pd_opts_t;
 
 static int pd_go(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pools[2], const int ranks[2],
@@ -586,10 +669,20 @@ static int x_forward_pd(lua_State *L)
 
 /* x:relay_pd(prefill_pool, decode_pool, prefill_rank, decode_rank, timeout_ms,
  * connect_timeout_ms, request_id, authorization, route, host, port, batch,
- * flags) -> as x:forward_pd: the flow's PD forward, without an options
- * table read on every request. Ranks nil for none; authorization a string
- * (set), false (the client's dropped) or nil (the client's passed); port
- * nil or false for none; batch and flags as x:pd_check returned them. */
+ * flags[, extra_headers, hold]) -> as x:forward_pd: the flow's PD forward,
+ * without an options table read on every request. Ranks nil for none;
+ * authorization a string (set), false (the client's dropped) or nil (the
+ * client's passed); port nil or false for none; batch and flags as
+ * x:pd_check returned them.
+ * With hold (0 to 3, as x:relay_pipe's: what is kept for the caller) the
+ * commit is made at the heads when the prefill answered 2xx and the
+ * decode's status is not held: the decode's response goes to the client
+ * with x-request-id and extra_headers (a table or nil) as pd:pipe sends it,
+ * and the call returns once both legs ended:
+ *   pd, prefill status, decode status, t_head, then pd:pipe's results
+ * (t_head: when the decode's head came, in core.now()'s milliseconds).
+ * Otherwise it returns as without hold (pd, statuses: no t_head), and pd:pipe
+ * commits as before. */
 static int x_relay_pd(lua_State *L)
 {
     sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
@@ -615,6 +708,21 @@ static int x_relay_pd(lua_State *L)
         return luaL_error(L, "relay_pd: batch out of range");
     o.logprobs = (flags & PD_LOGPROBS) != 0;
     o.own = (flags & PD_OWN_BOOTSTRAP) != 0;
+    if (lua_isnumber(L, 16)) {
+        int hold = (int)lua_tointeger(L, 16);
+        if (hold < SGLR_HOLD_NONE || hold > SGLR_HOLD_ALL)
+            return luaL_argerror(L, 16, "hold is 0, 1, 2 or 3");
+        o.pipe = hold + 1;
+        if (!lua_isnoneornil(L, 15)) {
+            /* checked now: a bad table raises here, not at the heads */
+            sglr_buf_t tmp = sglr_lua_scratch_take();
+            const char *err = sglr_lua_headers(L, NULL, 15, &tmp);
+            sglr_lua_scratch_give(&tmp);
+            if (err)
+                return luaL_error(L, "%s", err);
+            o.extra = 15;
+        }
+    }
     int n = pd_precheck(L, x, "relay_pd");
     if (n)
         return n;
@@ -687,8 +795,26 @@ static int pd_go(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pools[2], const 
         return luaL_error(L, "out of memory");
     }
     pd->fail_leg = -1;
-    pd->co_ref = pd->ud_ref = pd->x_ref = LUA_NOREF;
+    pd->co_ref = pd->ud_ref = pd->x_ref = pd->extra_ref = LUA_NOREF;
     pd->logprobs = logprobs;
+    if (o->pipe) {
+        /* add[0] is the request id, checked */
+        pd->rid = o->add[0].vl <= sizeof pd->rid_in ? pd->rid_in : malloc(o->add[0].vl);
+        if (!pd->rid) {
+            sglr_proxy_leg_free(pd->leg[PREFILL]);
+            sglr_proxy_leg_free(pd->leg[DECODE]);
+            pd_release(pd);
+            return luaL_error(L, "out of memory");
+        }
+        memcpy(pd->rid, o->add[0].v, o->add[0].vl);
+        pd->ridl = o->add[0].vl;
+        pd->autopipe = 1;
+        pd->hold = o->pipe - 1;
+        if (o->extra) {
+            lua_pushvalue(L, o->extra);
+            pd->extra_ref = sglr_ref(L);
+        }
+    }
     px->cancel_on_fail = 1;
     px->on_head = lpd_on_head;
     px->on_end = lpd_on_end;
@@ -857,6 +983,7 @@ static void pd_cancel(lpd_t *pd)
 static void pd_free(lpd_t *pd)
 {
     unref_ud(pd);
+    autopipe_drop(pd);
     pd_cancel(pd);
     sglr_proxy_leg_free(pd->leg[PREFILL]);
     sglr_proxy_leg_free(pd->leg[DECODE]);

@@ -115,7 +115,7 @@ typedef struct {
     /* x:relay_pipe: no response box unless the status is held for the
      * caller; the leg is piped at its head and freed when it ends */
     int autopipe;
-    int hold;                 /* HOLD_NONE, HOLD_RETRYABLE, HOLD_ERRORS or HOLD_ALL */
+    int hold;                 /* SGLR_HOLD_*: what is kept for the caller */
     int extra_ref;            /* the extra headers table, or LUA_NOREF */
     char *rid;                /* the request id for x-request-id (rid_in or malloc'd) */
     size_t ridl;
@@ -123,16 +123,6 @@ typedef struct {
     int status;               /* the head's, kept for the pipe's end */
     double t_head;
 } lleg_t;
-
-enum { HOLD_NONE, HOLD_RETRYABLE, HOLD_ERRORS, HOLD_ALL };
-
-/* The statuses x:relay_pipe holds for a retry with HOLD_RETRYABLE: those
- * of sglr.retry's retryable_status (the flow checks they agree). */
-static int relay_held(int status)
-{
-    return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
-           status == 504;
-}
 
 static void lleg_unpin_x(lleg_t *f)
 {
@@ -566,8 +556,7 @@ static void autopipe_head(lleg_t *f)
     sglr_upreq_t *r = leg->req;
     f->status = r->status;
     f->t_head = r->t_head;
-    if (f->hold == HOLD_ALL || (f->hold == HOLD_RETRYABLE && relay_held(r->status)) ||
-        (f->hold == HOLD_ERRORS && r->status >= 400)) {
+    if (sglr_relay_holds(f->hold, r->status)) {
         /* from here a box owns the leg, as x:relay's response */
         f->autopipe = 0;
         if (f->rid && f->rid != f->rid_in)
@@ -659,8 +648,8 @@ static int x_relay_pipe(lua_State *L)
         if (err)
             return luaL_error(L, "%s", err);
     }
-    int hold = lua_isnumber(L, 9) ? (int)lua_tointeger(L, 9) : HOLD_NONE;
-    if (hold < HOLD_NONE || hold > HOLD_ALL)
+    int hold = lua_isnumber(L, 9) ? (int)lua_tointeger(L, 9) : SGLR_HOLD_NONE;
+    if (hold < SGLR_HOLD_NONE || hold > SGLR_HOLD_ALL)
         return luaL_argerror(L, 9, "hold is nil, 1, 2 or 3");
     lleg_t *f;
     int n = forward_begin(L, x, pool, "relay_pipe", FWD_AUTOPIPE, &f);
@@ -699,7 +688,7 @@ static int x_relay_pipe(lua_State *L)
 /* core.relay_held(status) -> whether x:relay_pipe's hold 1 keeps it */
 static int l_relay_held(lua_State *L)
 {
-    lua_pushboolean(L, relay_held((int)luaL_checkinteger(L, 1)));
+    lua_pushboolean(L, sglr_relay_held((int)luaL_checkinteger(L, 1)));
     return 1;
 }
 

@@ -777,14 +777,23 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
   end
   -- x:forward_pd without its options table (as x:relay); --dp-aware:
   -- each leg's rank is spliced into its body in C
-  local pdx, ferr, leg = x:relay_pd(pw.pool, dw.pool, pw.dp_rank, dw.dp_rank, left,
-    min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.route, pw.bootstrap_host,
-    pw.bootstrap_port, floor(req.pd_shape / 4), req.pd_shape % 4)
+  -- with a hold, the commit is made in C at the heads when nothing is
+  -- left to decide (the prefill said 2xx, the decode's status is not one
+  -- a retry takes), and the call returns when both legs ended; a stream
+  -- is held, so that its time to first byte is recorded at its head
+  local pdx, ferr, leg, t_head, okp, perr, _, pres, dres = x:relay_pd(pw.pool, dw.pool, pw.dp_rank,
+    dw.dp_rank, left, min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.route,
+    pw.bootstrap_host, pw.bootstrap_port, floor(req.pd_shape / 4), req.pd_shape % 4,
+    req.extra or nil, req.stream and 3 or can_retry and flow.hold or 0)
   -- the rest in functions of their own (see regular.dispatch)
+  if t_head then
+    record(req.rs.ttfb, (t_head - req.t0) / 1000)
+    return pd_after_pipe(flow, x, req, pw, dw, now, pdx, ferr, leg, okp, perr, pres, dres)
+  end
   return pd_after_heads(flow, x, req, can_retry, pw, dw, now, pdx, ferr, leg)
 end
 
--- pd.dispatch after its relay_pd returned.
+-- pd.dispatch after its relay_pd returned without a commit.
 function pd_after_heads(flow, x, req, can_retry, pw, dw, now, pdx, ferr, leg)
   local route, rs = req.route, req.rs
   if not pdx then
@@ -864,7 +873,6 @@ end
 -- pd.dispatch after its pipe returned.
 function pd_after_pipe(flow, x, req, pw, dw, now, pdx, pst, dst, okp, perr, pres, dres)
   local route, rs = req.route, req.rs
-  pdx:close()                          -- freed now, not at the next collection
   record(rs.upstream, (now_ms() - now) / 1000)
   flow:settle(req, pw, req.policy, leg_outcome(pres, pst), pst)
   flow:settle(req, dw, req.dpolicy, okp and leg_outcome("ok", dst) or leg_outcome(dres, dst), dst)
@@ -877,6 +885,10 @@ function pd_after_pipe(flow, x, req, pw, dw, now, pdx, pst, dst, okp, perr, pres
     pd_error("decode", perr)
     if perr ~= "timeout" then stats.pd_stream_errors:inc() end
   end
+  -- freed now, not at the next collection; last, as a trace recorded
+  -- from after the pipe can end at this call (one that ran on to the
+  -- return would be given up, and all of this interpreted)
+  pdx:close()
   return "done"
 end
 

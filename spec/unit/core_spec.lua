@@ -503,6 +503,73 @@ describe("sglr.core", function()
     decode:close()
   end)
 
+  it("relay_pd with a hold commits at the heads, or returns the heads the hold keeps", function()
+    local function leg(name)
+      return assert(core.listen("127.0.0.1", 0, {}, function(x)
+        local st = tonumber(x:header("x-" .. name)) or 200
+        x:respond(st, { ["x-leg"] = name, ["x-request-id"] = "from-" .. name }, name .. " " .. st)
+      end))
+    end
+    local prefill, decode = leg("prefill"), leg("decode")
+    local ppool = assert(core.upstream("http://127.0.0.1:" .. prefill:port()))
+    local dpool = assert(core.upstream("http://127.0.0.1:" .. decode:port()))
+    local seen = {}
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      local batch, flags = assert(x:pd_check("generate"))
+      local hold = tonumber(x:header("x-hold"))
+      local extra = x:header("x-extra") and { ["x-extra"] = "e" } or nil
+      if x:header("x-bad") then
+        seen.bad = { pcall(x.relay_pd, x, ppool, dpool, nil, nil, 1000, 1000, "rid", nil, "generate", "h",
+          7, batch, flags, nil, 9) }
+        return x:respond(400, {}, "bad")
+      end
+      local t0 = core.now()
+      local function pack(...) return { n = select("#", ...), ... } end
+      local r = pack(x:relay_pd(ppool, dpool, nil, nil, 1000, 1000, "rid-2", nil, "generate", "h", 7, batch,
+        flags, extra, hold))
+      seen.n, seen.pst, seen.dst = r.n, r[2], r[3]
+      seen.piped = r[4] ~= nil and r[4] >= t0 and r[4] <= core.now()
+      seen.ok, seen.perr, seen.pres, seen.dres = r[5], r[6], r[8], r[9]
+      local pdx = r[1]
+      if not seen.piped then
+        seen.body = pdx:read()
+        x:respond(299, {}, "held")
+      end
+      pdx:close()
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    local function ask(h)
+      return assert(core.request(rpool, { method = "POST", path = "/generate", body = '{"text":"hi"}', headers = h }))
+    end
+    -- committed at the heads: the decode's answer with the request id and the extra headers
+    local res = ask({ ["x-hold"] = "0", ["x-extra"] = "1" })
+    assert.equal(200, res.status)
+    assert.equal("decode 200", res.body)
+    assert.equal("rid-2", res.headers["x-request-id"])
+    assert.equal("e", res.headers["x-extra"])
+    assert.equal("decode", res.headers["x-leg"])
+    assert.same({ n = 9, pst = 200, dst = 200, piped = true, ok = true, pres = "ok", dres = "ok" }, seen)
+    -- hold 1: a retryable decode status is the caller's; another is passed on
+    res = ask({ ["x-hold"] = "1", ["x-decode"] = "503" })
+    assert.equal(299, res.status)
+    assert.same({ n = 3, pst = 200, dst = 503, piped = false, body = "decode 503" }, seen)
+    res = ask({ ["x-hold"] = "1", ["x-decode"] = "404" })
+    assert.equal(404, res.status)
+    assert.equal("decode 404", res.body)
+    -- a prefill that refused is always the caller's; hold 3 keeps any status
+    assert.equal(299, ask({ ["x-hold"] = "0", ["x-prefill"] = "500" }).status)
+    assert.equal(500, seen.pst)
+    assert.equal(299, ask({ ["x-hold"] = "3" }).status)
+    -- without a hold, relay_pd returns at the heads as before
+    assert.equal(299, ask({}).status)
+    assert.equal(3, seen.n)
+    assert.equal(400, ask({ ["x-bad"] = "1" }).status)
+    assert.is_false(seen.bad[1])
+    router:close()
+    prefill:close()
+    decode:close()
+  end)
+
   it("relays a PD request to both legs with the request id, authorization and bootstrap fields", function()
     local legs = {}
     local function leg(name)
