@@ -183,19 +183,16 @@ void sglr_random_alnum24(char *out)
     if (!state)
         state = uv_hrtime() ^ 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&state;
     /* xorshift64*: ids need to be unlikely to collide, not secret. A draw
-     * gives ten six-bit values; the two of 64 that are not base-62 digits
-     * are skipped, so each character is uniform over the 62. */
-    int i = 0;
-    while (i < 24) {
+     * gives four 16-bit values, each mapped onto the 62 characters by a
+     * multiply and a shift (no branch a character): a character is
+     * uniform over the 62 within 0.1% (65,536 / 62 is 1,057.03). */
+    for (int i = 0; i < 24; i += 4) {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
         uint64_t v = state * 0x2545F4914F6CDD1Dull;
-        for (int k = 0; k < 10 && i < 24; k++, v >>= 6) {
-            unsigned d = (unsigned)(v & 63);
-            if (d < 62)
-                out[i++] = alnum[d];
-        }
+        for (int k = 0; k < 4; k++, v >>= 16)
+            out[i + k] = alnum[((v & 0xffff) * 62) >> 16];
     }
 }
 
