@@ -213,6 +213,39 @@ static int s_observe(lua_State *L)
     return 0;
 }
 
+/* metrics.apply(s1, v1, s2, v2, ...): each series' own update with its
+ * value, in one call: a counter is increased by v (v >= 0), a gauge set to
+ * v, a histogram observes v. For a policy that updates several series per
+ * decision: one C call ends one JIT trace, where a call a series would
+ * end one each. Every pair is checked before any is applied. */
+static int l_apply(lua_State *L)
+{
+    int top = lua_gettop(L);
+    if (top % 2)
+        return luaL_error(L, "apply: series and values come in pairs");
+    for (int i = 1; i <= top; i += 2) {
+        lseries_t *h = lua_touserdata(L, i);
+        if (!h || lua_objlen(L, i) != sizeof *h || h->tag != series_tag)
+            return luaL_typerror(L, i, SERIES_MT);
+        if (!h->s)
+            return luaL_argerror(L, i, "series is released");
+        double v = luaL_checknumber(L, i + 1);
+        if (h->type == SGLR_METRIC_COUNTER && !(v >= 0))
+            return luaL_argerror(L, i + 1, "a counter only goes up");
+    }
+    for (int i = 1; i <= top; i += 2) {
+        lseries_t *h = lua_touserdata(L, i);
+        double v = lua_tonumber(L, i + 1);
+        if (h->type == SGLR_METRIC_HISTOGRAM)
+            sglr_metrics_observe(h->s, v);
+        else if (h->type == SGLR_METRIC_GAUGE)
+            sglr_metrics_set(h->s, v);
+        else
+            sglr_metrics_inc(h->s, v);
+    }
+    return 0;
+}
+
 static int s_get(lua_State *L)
 {
     lseries_t *h = check_series(L);
@@ -386,7 +419,7 @@ int luaopen_sglr_metrics(lua_State *L)
     };
     static const luaL_Reg funcs[] = {
         { "counter", l_counter }, { "gauge", l_gauge }, { "histogram", l_histogram },
-        { "render", l_render }, { "remove_label", l_remove_label },
+        { "render", l_render }, { "remove_label", l_remove_label }, { "apply", l_apply },
         { NULL, NULL },
     };
     if (luaL_newmetatable(L, METRIC_MT)) {

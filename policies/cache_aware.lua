@@ -136,6 +136,7 @@ function P.new(conf, rt)
     inserted = 0,             -- characters inserted since the last cut
     early_cuts = 0,           -- cuts between intervals (the insertion bound)
     m = rt.metrics and decision_metrics(rt.metrics) or false,
+    apply = rt.metrics and rt.metrics.apply or false,   -- several series in one call
   }, mt)
   -- characters inserted that make a cut before the interval (false: never,
   -- as with an interval of 0)
@@ -273,15 +274,26 @@ function P:select(req, workers)
   self.counts[decision] = self.counts[decision] + 1
   local m = self.m
   if m then
-    if m[decision] then m[decision]:inc() end
+    -- in one call where the runtime has it (each C call ends a JIT trace)
+    local apply = self.apply
     if ratio then
-      m.ratio:observe(ratio)
       local hit = decision == "hit" and held or 0
-      m.chars_hit:inc(hit)
-      m.chars_miss:inc(len - hit)
+      if apply then
+        apply(m[decision], 1, m.ratio, ratio, m.chars_hit, hit, m.chars_miss, len - hit,
+          m.max_load, max_load, m.min_load, min_load)
+      else
+        m[decision]:inc()
+        m.ratio:observe(ratio)
+        m.chars_hit:inc(hit)
+        m.chars_miss:inc(len - hit)
+        m.max_load:set(max_load)
+        m.min_load:set(min_load)
+      end
+    else
+      if m[decision] then m[decision]:inc() end
+      m.max_load:set(max_load)
+      m.min_load:set(min_load)
     end
-    m.max_load:set(max_load)
-    m.min_load:set(min_load)
   end
   return chosen, REASON[decision], held, len
 end
