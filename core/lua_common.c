@@ -381,3 +381,56 @@ int sglr_relay_holds(int hold, int status)
     return hold == SGLR_HOLD_ALL || (hold == SGLR_HOLD_RETRYABLE && sglr_relay_held(status)) ||
            (hold == SGLR_HOLD_ERRORS && status >= 400);
 }
+
+int sglr_commit_hdrs_keep(lua_State *L, sglr_commit_hdrs_t *c, const char *rid, size_t ridl,
+                          int extra)
+{
+    c->rid = ridl <= sizeof c->rid_in ? c->rid_in : malloc(ridl);
+    if (!c->rid)
+        return -ENOMEM;
+    memcpy(c->rid, rid, ridl);
+    c->ridl = ridl;
+    if (extra) {
+        lua_pushvalue(L, extra);
+        c->extra_ref = sglr_ref(L);
+    }
+    return 0;
+}
+
+void sglr_commit_hdrs_drop(sglr_commit_hdrs_t *c)
+{
+    if (c->rid && c->rid != c->rid_in)
+        free(c->rid);
+    c->rid = NULL;
+    if (c->extra_ref != LUA_NOREF) {
+        sglr_unref(c->extra_ref);
+        c->extra_ref = LUA_NOREF;
+    }
+}
+
+const char *sglr_commit_hdrs_merge(lua_State *co, const sglr_commit_hdrs_t *c,
+                                   const sglr_head_t *h, sglr_buf_t *b)
+{
+    if (c->extra_ref == LUA_NOREF) {
+        sglr_hpair_t add = { "x-request-id", c->rid, 12, c->ridl };
+        return sglr_head_merge(h, &add, 1, b);
+    }
+    lua_rawgeti(co, LUA_REGISTRYINDEX, c->extra_ref);
+    lua_pushlstring(co, c->rid, c->ridl);
+    int top = lua_gettop(co);
+    const char *err = sglr_lua_headers_id(co, h, top - 1, top, b);
+    lua_pop(co, 2);
+    return err;
+}
+
+int sglr_lua_check_extra(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx))
+        return 0;
+    sglr_buf_t tmp = sglr_lua_scratch_take();
+    const char *err = sglr_lua_headers(L, NULL, idx, &tmp);
+    sglr_lua_scratch_give(&tmp);
+    if (err)
+        luaL_error(L, "%s", err);
+    return idx;
+}

@@ -34,6 +34,30 @@ enum { SGLR_HOLD_NONE, SGLR_HOLD_RETRYABLE, SGLR_HOLD_ERRORS, SGLR_HOLD_ALL };
 int sglr_relay_held(int status);
 int sglr_relay_holds(int hold, int status);
 
+/* What x:relay_pipe and x:relay_pd keep for a commit made at a response
+ * head, when no Lua call is running: the request id for x-request-id and
+ * the caller's extra headers table (a registry ref). Zeroed memory with
+ * extra_ref set to LUA_NOREF is an empty one. */
+typedef struct {
+    int extra_ref;
+    char *rid;                /* rid_in, or malloc'd when longer */
+    size_t ridl;
+    char rid_in[64];
+} sglr_commit_hdrs_t;
+/* Keep the request id (ridl bytes, checked) and the table at extra (0:
+ * none; checked, see sglr_lua_check_extra). -> 0 | -ENOMEM (nothing kept) */
+int sglr_commit_hdrs_keep(lua_State *L, sglr_commit_hdrs_t *c, const char *rid, size_t ridl,
+                          int extra);
+void sglr_commit_hdrs_drop(sglr_commit_hdrs_t *c);
+/* h's headers (see sglr_lua_headers) with the kept ones, into b; co is the
+ * waiting coroutine, whose stack lends the table for the merge (and is
+ * left as it was). Returns an error message (out of memory) or NULL. */
+const char *sglr_commit_hdrs_merge(lua_State *co, const sglr_commit_hdrs_t *c,
+                                   const sglr_head_t *h, sglr_buf_t *b);
+/* The extra headers argument at idx: 0 when nil or absent, else idx once
+ * its pairs are checked (raises for a bad one, before anything is sent). */
+int sglr_lua_check_extra(lua_State *L, int idx);
+
 /* metatable names, shared because they are type tags */
 extern const char sglr_lua_exchange_mt[];
 

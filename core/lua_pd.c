@@ -67,16 +67,14 @@ struct lpd {
      * at the heads unless held (SGLR_HOLD_*), and the call returns once
      * both legs ended */
     int autopipe, hold;
-    int extra_ref;            /* the extra headers table, or LUA_NOREF */
-    char *rid;                /* the request id (rid_in or malloc'd) */
-    size_t ridl;
-    char rid_in[64];
+    sglr_commit_hdrs_t ch;    /* x-request-id and the extra headers for the commit */
     double t_head;            /* when the decode's head came */
 };
 
 /* What a closed PD exchange's box points to (pd:close()). */
 static lpd_t closed_pd = { .mode = PD_DONE, .fail_leg = -1, .co_ref = LUA_NOREF,
-                           .ud_ref = LUA_NOREF, .x_ref = LUA_NOREF, .extra_ref = LUA_NOREF };
+                           .ud_ref = LUA_NOREF, .x_ref = LUA_NOREF,
+                           .ch = { .extra_ref = LUA_NOREF } };
 
 /* Freed PD exchanges are kept on a free list with their buffers (the
  * client's response head, the spliced body), so a steady stream of PD
@@ -257,13 +255,7 @@ static int push_piped(lua_State *L, lpd_t *pd)
 static void autopipe_drop(lpd_t *pd)
 {
     pd->autopipe = 0;
-    if (pd->rid && pd->rid != pd->rid_in)
-        free(pd->rid);
-    pd->rid = NULL;
-    if (pd->extra_ref != LUA_NOREF) {
-        sglr_unref(pd->extra_ref);
-        pd->extra_ref = LUA_NOREF;
-    }
+    sglr_commit_hdrs_drop(&pd->ch);
 }
 
 /* Resume the waiting coroutine with push's results. Inside a Lua call the
@@ -501,17 +493,7 @@ static void autopipe_commit(lpd_t *pd)
     lua_State *co = pd->co;
     pd->t_head = d->req->t_head;
     sglr_buf_reset(&pd->hdrs);
-    const char *err;
-    if (pd->extra_ref != LUA_NOREF && co) {
-        lua_rawgeti(co, LUA_REGISTRYINDEX, pd->extra_ref);
-        lua_pushlstring(co, pd->rid, pd->ridl);
-        int top = lua_gettop(co);
-        err = sglr_lua_headers_id(co, &d->req->head, top - 1, top, &pd->hdrs);
-        lua_pop(co, 2);
-    } else {
-        sglr_hpair_t add = { "x-request-id", pd->rid, 12, pd->ridl };
-        err = sglr_head_merge(&d->req->head, &add, 1, &pd->hdrs);
-    }
+    const char *err = co ? sglr_commit_hdrs_merge(co, &pd->ch, &d->req->head, &pd->hdrs) : NULL;
     if (err || !co) {                 /* out of memory: the caller has the heads */
         autopipe_drop(pd);
         wake(pd, push_pd);
@@ -713,15 +695,7 @@ static int x_relay_pd(lua_State *L)
         if (hold < SGLR_HOLD_NONE || hold > SGLR_HOLD_ALL)
             return luaL_argerror(L, 16, "hold is 0, 1, 2 or 3");
         o.pipe = hold + 1;
-        if (!lua_isnoneornil(L, 15)) {
-            /* checked now: a bad table raises here, not at the heads */
-            sglr_buf_t tmp = sglr_lua_scratch_take();
-            const char *err = sglr_lua_headers(L, NULL, 15, &tmp);
-            sglr_lua_scratch_give(&tmp);
-            if (err)
-                return luaL_error(L, "%s", err);
-            o.extra = 15;
-        }
+        o.extra = sglr_lua_check_extra(L, 15);
     }
     int n = pd_precheck(L, x, "relay_pd");
     if (n)
@@ -795,25 +769,11 @@ static int pd_go(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pools[2], const 
         return luaL_error(L, "out of memory");
     }
     pd->fail_leg = -1;
-    pd->co_ref = pd->ud_ref = pd->x_ref = pd->extra_ref = LUA_NOREF;
+    pd->co_ref = pd->ud_ref = pd->x_ref = pd->ch.extra_ref = LUA_NOREF;
     pd->logprobs = logprobs;
     if (o->pipe) {
-        /* add[0] is the request id, checked */
-        pd->rid = o->add[0].vl <= sizeof pd->rid_in ? pd->rid_in : malloc(o->add[0].vl);
-        if (!pd->rid) {
-            sglr_proxy_leg_free(pd->leg[PREFILL]);
-            sglr_proxy_leg_free(pd->leg[DECODE]);
-            pd_release(pd);
-            return luaL_error(L, "out of memory");
-        }
-        memcpy(pd->rid, o->add[0].v, o->add[0].vl);
-        pd->ridl = o->add[0].vl;
         pd->autopipe = 1;
         pd->hold = o->pipe - 1;
-        if (o->extra) {
-            lua_pushvalue(L, o->extra);
-            pd->extra_ref = sglr_ref(L);
-        }
     }
     px->cancel_on_fail = 1;
     px->on_head = lpd_on_head;
@@ -821,6 +781,13 @@ static int pd_go(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pools[2], const 
     sglr_lua_new_box(L, PD_MT, pd);         /* from here the box owns pd */
     lua_pushvalue(L, -1);
     pd->ud_ref = sglr_ref(L);
+    /* add[0] is the request id, checked */
+    if (o->pipe && sglr_commit_hdrs_keep(L, &pd->ch, o->add[0].v, o->add[0].vl, o->extra) < 0) {
+        unref_ud(pd);
+        sglr_proxy_leg_cancel(pd->leg[PREFILL]);
+        sglr_proxy_leg_cancel(pd->leg[DECODE]);
+        return luaL_error(L, "out of memory");
+    }
     /* both legs: x's method, path and headers (plus opts.headers), the
      * spliced body; with data-parallel ranks, each leg's own rank on top */
     sglr_buf_t hb = sglr_lua_scratch_take();

@@ -116,10 +116,7 @@ typedef struct {
      * caller; the leg is piped at its head and freed when it ends */
     int autopipe;
     int hold;                 /* SGLR_HOLD_*: what is kept for the caller */
-    int extra_ref;            /* the extra headers table, or LUA_NOREF */
-    char *rid;                /* the request id for x-request-id (rid_in or malloc'd) */
-    size_t ridl;
-    char rid_in[64];
+    sglr_commit_hdrs_t ch;    /* x-request-id and the extra headers for the commit */
     int status;               /* the head's, kept for the pipe's end */
     double t_head;
 } lleg_t;
@@ -294,7 +291,7 @@ static lleg_t *new_response(lua_State *L, sglr_exchange_t *x, sglr_pool_t *pool,
     f->leg = leg;
     f->co_ref = LUA_NOREF;
     f->x_ref = LUA_NOREF;
-    f->extra_ref = LUA_NOREF;
+    f->ch.extra_ref = LUA_NOREF;
     f->mode = mode;
     if (mode == FWD_AUTOPIPE) {              /* x:relay_pipe: no box (yet) */
         f->mode = FWD_HEAD;
@@ -478,22 +475,45 @@ static int x_forward(lua_State *L)
  * and body with x-request-id set, and authorization set (a string),
  * dropped (false) or the client's (nil); rank nil or a dp rank. The
  * flow's forward: no options table read on every request. */
+/* x:relay's and x:relay_pipe's first six arguments */
+typedef struct {
+    sglr_exchange_t *x;
+    sglr_pool_t *pool;
+    int rank;
+    unsigned timeout_ms, connect_ms;
+    sglr_hpair_t add[2];
+    int nadd;
+} relay_args_t;
+
+static void relay_args(lua_State *L, relay_args_t *a)
+{
+    a->x = sglr_lua_check_exchange(L, 1);
+    a->pool = sglr_lua_check_box(L, 2, POOL_MT);
+    a->rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
+    a->timeout_ms = timeout_arg(luaL_checknumber(L, 4));
+    a->connect_ms = timeout_arg(luaL_checknumber(L, 5));
+    a->nadd = sglr_lua_relay_headers(L, 6, a->add);
+}
+
+/* Build and start f's request: the client's method, path, headers and
+ * body, as a says. */
+static const char *relay_go(lua_State *L, lleg_t *f, relay_args_t *a)
+{
+    sglr_exchange_t *x = a->x;
+    return leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
+                  x->head.url_len, x->body.data, x->body.len, 1, a->rank, 0, a->add, a->nadd,
+                  a->connect_ms, a->timeout_ms);
+}
+
 static int x_relay(lua_State *L)
 {
-    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
-    sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
-    int rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
-    unsigned timeout_ms = timeout_arg(luaL_checknumber(L, 4));
-    unsigned connect_ms = timeout_arg(luaL_checknumber(L, 5));
-    sglr_hpair_t add[2];
-    int nadd = sglr_lua_relay_headers(L, 6, add);
+    relay_args_t a;
+    relay_args(L, &a);
     lleg_t *f;
-    int n = forward_begin(L, x, pool, "relay", FWD_HEAD, &f);
+    int n = forward_begin(L, a.x, a.pool, "relay", FWD_HEAD, &f);
     if (n)
         return n;
-    const char *err = leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
-                             x->head.url_len, x->body.data, x->body.len, 1, rank, 0, add, nadd,
-                             connect_ms, timeout_ms);
+    const char *err = relay_go(L, f, &a);
     if (err)
         return start_failed(L, f, err);
     return lleg_wait(L, f, push_response);
@@ -504,13 +524,7 @@ static int x_relay(lua_State *L)
 /* The leg of a relay_pipe that no box owns, with what it kept, freed. */
 static void autopipe_free(lleg_t *f)
 {
-    if (f->rid && f->rid != f->rid_in)
-        free(f->rid);
-    f->rid = NULL;
-    if (f->extra_ref != LUA_NOREF) {
-        sglr_unref(f->extra_ref);
-        f->extra_ref = LUA_NOREF;
-    }
+    sglr_commit_hdrs_drop(&f->ch);
     lleg_unpin_x(f);
     sglr_proxy_leg_free(f->leg);             /* f goes with it */
 }
@@ -559,13 +573,7 @@ static void autopipe_head(lleg_t *f)
     if (sglr_relay_holds(f->hold, r->status)) {
         /* from here a box owns the leg, as x:relay's response */
         f->autopipe = 0;
-        if (f->rid && f->rid != f->rid_in)
-            free(f->rid);
-        f->rid = NULL;
-        if (f->extra_ref != LUA_NOREF) {
-            sglr_unref(f->extra_ref);
-            f->extra_ref = LUA_NOREF;
-        }
+        sglr_commit_hdrs_drop(&f->ch);
         lua_pushinteger(co, r->status);
         sglr_lua_new_box(co, RESPONSE_MT, f);
         lua_pushnil(co);
@@ -585,17 +593,7 @@ static void autopipe_head(lleg_t *f)
     /* the worker's headers, minus framing, plus the caller's (checked
      * when it called) */
     sglr_buf_t hb = sglr_lua_scratch_take();
-    const char *err;
-    if (f->extra_ref != LUA_NOREF) {
-        lua_rawgeti(co, LUA_REGISTRYINDEX, f->extra_ref);
-        lua_pushlstring(co, f->rid, f->ridl);
-        int top = lua_gettop(co);
-        err = sglr_lua_headers_id(co, &r->head, top - 1, top, &hb);
-        lua_pop(co, 2);
-    } else {
-        sglr_hpair_t add = { "x-request-id", f->rid, 12, f->ridl };
-        err = sglr_head_merge(&r->head, &add, 1, &hb);
-    }
+    const char *err = sglr_commit_hdrs_merge(co, &f->ch, &r->head, &hb);
     if (err) {                                /* out of memory */
         sglr_lua_scratch_give(&hb);
         f->mode = FWD_PIPE;
@@ -632,43 +630,21 @@ static void autopipe_head(lleg_t *f)
  * t_head: when the head came, in core.now()'s milliseconds. */
 static int x_relay_pipe(lua_State *L)
 {
-    sglr_exchange_t *x = sglr_lua_check_exchange(L, 1);
-    sglr_pool_t *pool = sglr_lua_check_box(L, 2, POOL_MT);
-    int rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
-    unsigned timeout_ms = timeout_arg(luaL_checknumber(L, 4));
-    unsigned connect_ms = timeout_arg(luaL_checknumber(L, 5));
-    sglr_hpair_t add[2];
-    int nadd = sglr_lua_relay_headers(L, 6, add);
-    int extra = lua_isnoneornil(L, 8) ? 0 : 8;
-    if (extra) {
-        /* checked now: a bad table raises here, not when the head comes */
-        sglr_buf_t tmp = sglr_lua_scratch_take();
-        const char *err = sglr_lua_headers(L, NULL, extra, &tmp);
-        sglr_lua_scratch_give(&tmp);
-        if (err)
-            return luaL_error(L, "%s", err);
-    }
+    relay_args_t a;
+    relay_args(L, &a);
+    int extra = sglr_lua_check_extra(L, 8);
     int hold = lua_isnumber(L, 9) ? (int)lua_tointeger(L, 9) : SGLR_HOLD_NONE;
     if (hold < SGLR_HOLD_NONE || hold > SGLR_HOLD_ALL)
         return luaL_argerror(L, 9, "hold is nil, 1, 2 or 3");
     lleg_t *f;
-    int n = forward_begin(L, x, pool, "relay_pipe", FWD_AUTOPIPE, &f);
+    int n = forward_begin(L, a.x, a.pool, "relay_pipe", FWD_AUTOPIPE, &f);
     if (n)
         return n;
     f->hold = hold;
     /* add[0] is the request id, checked */
-    f->ridl = add[0].vl;
-    f->rid = f->ridl <= sizeof f->rid_in ? f->rid_in : malloc(f->ridl);
-    if (!f->rid)
+    if (sglr_commit_hdrs_keep(L, &f->ch, a.add[0].v, a.add[0].vl, extra) < 0)
         return start_failed(L, f, "out of memory");
-    memcpy(f->rid, add[0].v, f->ridl);
-    if (extra) {
-        lua_pushvalue(L, extra);
-        f->extra_ref = sglr_ref(L);
-    }
-    const char *err = leg_go(L, f, x, sglr_exchange_method(x), x->head.buf.data + x->head.url_off,
-                             x->head.url_len, x->body.data, x->body.len, 1, rank, 0, add, nadd,
-                             connect_ms, timeout_ms);
+    const char *err = relay_go(L, f, &a);
     if (err)
         return start_failed(L, f, err);
     /* wait for the head (no box to keep alive: nothing is referenced but
@@ -801,7 +777,8 @@ static int resp_read(lua_State *L)
  * to the server's spares with the request. Its methods answer as those
  * of a closed response did (status 0, no headers). */
 static lleg_t closed_resp = { .closed = 1, .mode = FWD_HEAD, .ud_ref = LUA_NOREF,
-                              .co_ref = LUA_NOREF, .x_ref = LUA_NOREF, .extra_ref = LUA_NOREF };
+                              .co_ref = LUA_NOREF, .x_ref = LUA_NOREF,
+                              .ch = { .extra_ref = LUA_NOREF } };
 
 /* resp:close(): drop the response (the worker connection is closed unless the
  * response was complete); pipe and read on it raise from then on. */
