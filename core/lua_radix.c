@@ -286,6 +286,54 @@ static int l_close(lua_State *L)
     return 0;
 }
 
+/* --- through LuaJIT's FFI ------------------------------------------------------------
+ * The bodies of t:match and t:insert for sglr.radix_ffi, which installs
+ * them as those methods: an FFI call the JIT compiles into its trace,
+ * where a method call would end the trace and cost its argument handling.
+ * tb is a tree and xb an exchange as FFI passes a userdata to void * (its
+ * payload); the text is the exchange's kept routing text when xb is given,
+ * else s[0..n). -2: not a live tree or exchange, or an unknown id (the
+ * caller then asks the method, which says why). */
+struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
+
+static const char *ffi_text(void *xb, const char *s, size_t *n)
+{
+    if (!xb)
+        return s;
+    struct sglr_exchange_s *x = sglr_lua_ffi_exchange(xb);
+    return x ? sglr_exchange_text(x, n) : NULL;
+}
+
+/* -> the worker id whose path matched longest (-1: none), *matched its
+ * bytes; allowed: a bitset of worker ids over nbytes bytes, or NULL */
+int sglr_radix_ffi_match(void *tb, void *xb, const char *s, size_t n, const uint8_t *allowed,
+                         size_t nbytes, double *matched)
+{
+    lradix_t *r = tb;
+    if (!r || r->tag != &radix_tag || !r->t)
+        return -2;
+    const char *text = ffi_text(xb, s, &n);
+    if (!text)
+        return -2;
+    int w;
+    *matched = (double)sglr_radix_match(r->t, text, n, allowed, nbytes * 8, &w);
+    return w;
+}
+
+/* -> 0, -1 out of memory, -2 as above; id: a worker id the tree handed out */
+int sglr_radix_ffi_insert(void *tb, void *xb, const char *s, size_t n, int id)
+{
+    lradix_t *r = tb;
+    if (!r || r->tag != &radix_tag || !r->t || id < 0 || id >= r->next_id)
+        return -2;
+    const char *text = ffi_text(xb, s, &n);
+    if (!text)
+        return -2;
+    if (n == 0)
+        return 0;
+    return sglr_radix_insert(r->t, text, n, id) == -ENOMEM ? -1 : 0;
+}
+
 static int l_tostring(lua_State *L)
 {
     lradix_t *r = radix_arg(L);

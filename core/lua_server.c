@@ -252,6 +252,11 @@ static sglr_exchange_t *ffi_x(void *b)
     return box && box->type == EXCHANGE_MT ? box->p : NULL;
 }
 
+sglr_exchange_t *sglr_lua_ffi_exchange(void *b)
+{
+    return ffi_x(b);
+}
+
 int sglr_lua_x_status(void *b)
 {
     sglr_exchange_t *x = ffi_x(b);

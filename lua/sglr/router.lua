@@ -194,7 +194,7 @@ function M:runtime()
     sleep = core.sleep,     -- only inside rt.every callbacks (they run in coroutines)
   }
   rt.radix = function()
-    return require("sglr.radix").new()
+    return require("sglr.radix_ffi").new()
   end
   rt.every = function(ms, fn)
     local t = uv.new_timer()

@@ -126,7 +126,7 @@ end
 function Sim:runtime()
   local sim = self
   local rng = bench.rng(self.o.seed + 104729)   -- a stream apart from prompts and arrivals
-  local radix = require "sglr.radix"
+  local radix = require "sglr.radix_ffi"
   local rt = {
     now = function() return sim.now end,
     random = function(n)

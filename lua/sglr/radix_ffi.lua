@@ -1,0 +1,126 @@
+-- sglr.radix_ffi: the native radix tree (sglr.radix) with t:match and
+-- t:insert called through LuaJIT's FFI.
+--
+-- A policy's select calls them once each per request. As methods of the C
+-- module each call ends the JIT trace and hands its arguments over one Lua
+-- C API call at a time (match reads every candidate's URL that way); here
+-- the candidates' ids are looked up in the tree's own URL -> id table and
+-- the call is compiled into the trace. Same arguments, results and errors:
+-- anything the fast path does not take (an unknown worker, a closed tree,
+-- a finished request's text, a bad argument) goes to the C method, which
+-- answers or raises as before.
+--
+--   local radix = require "sglr.radix_ffi"    -- sglr.radix, methods patched
+local radix = require "sglr.radix"
+
+local ok, ffi = pcall(require, "ffi")
+if not ok or not pcall(ffi.cdef, [[
+    int sglr_radix_ffi_match(void *t, void *x, const char *s, size_t n, const uint8_t *allowed,
+                             size_t nbytes, double *matched);
+    int sglr_radix_ffi_insert(void *t, void *x, const char *s, size_t n, int id);
+  ]]) or not pcall(function() return ffi.C.sglr_radix_ffi_match, ffi.C.sglr_radix_ffi_insert end) then
+  return radix
+end
+
+-- (the tree's metatable hides behind __metatable)
+local probe = radix.new()
+local mt = debug.getmetatable(probe)
+probe:close()
+local methods = type(mt) == "table" and mt.__index
+if type(methods) ~= "table" or methods.ffi_patched then return radix end
+
+local type = type
+local bor, lshift, rshift, band = bit.bor, bit.lshift, bit.rshift, bit.band
+local C = ffi.C
+local fmatch, finsert = C.sglr_radix_ffi_match, C.sglr_radix_ffi_insert
+local c_match, c_insert = methods.match, methods.insert
+local getfenv = debug.getfenv
+
+-- each tree's URL <-> id table (its environment: env[url] = id, env[id] = url)
+local envs = setmetatable({}, { __mode = "k" })
+local function env_of(t)
+  local e = envs[t]
+  if not e then
+    e = getfenv(t)
+    envs[t] = e
+  end
+  return e
+end
+
+-- the allowed set: a bit per worker id (ids go up to 65535), set for one
+-- call and cleared after it
+local bits = ffi.new("uint8_t[8192]")
+local matched = ffi.new("double[1]")
+
+-- Set (on) or clear the bits of the candidates the tree knows -> the
+-- highest byte set, or -1
+local function set_bits(env, allowed, on)
+  local top = -1
+  for i = 1, #allowed do
+    local w = allowed[i]
+    local url = w
+    if type(w) == "table" then url = w.url end
+    local id = type(url) == "string" and env[url]
+    if id then
+      local byte = rshift(id, 3)
+      if on then
+        bits[byte] = bor(bits[byte], lshift(1, band(id, 7)))
+        if byte > top then top = byte end
+      else
+        bits[byte] = 0
+      end
+    end
+  end
+  return top
+end
+
+methods.match = function(t, text, allowed)
+  -- (a tree is checked in C by its tag; anything else goes to the method)
+  if type(t) ~= "userdata" then return c_match(t, text, allowed) end
+  local x, s, n
+  local tt = type(text)
+  if tt == "string" then
+    s, n = text, #text
+  elseif tt == "userdata" then
+    x, n = text, 0
+  else
+    return c_match(t, text, allowed)
+  end
+  local env = env_of(t)
+  local w
+  if allowed == nil then
+    w = fmatch(t, x, s, n, nil, 0, matched)
+  elseif type(allowed) == "table" then
+    -- none the tree knows: an empty set, and nothing can match
+    local top = set_bits(env, allowed, true)
+    w = fmatch(t, x, s, n, bits, top + 1, matched)
+    set_bits(env, allowed, false)
+  else
+    return c_match(t, text, allowed)
+  end
+  if w == -2 then return c_match(t, text, allowed) end
+  local m = matched[0]
+  if w < 0 then return m, nil end
+  return m, env[w]
+end
+
+methods.insert = function(t, text, url)
+  if type(t) == "userdata" and type(url) == "string" then
+    local id = env_of(t)[url]
+    if id then
+      local tt, r = type(text), -2
+      if tt == "string" then
+        r = finsert(t, nil, text, #text, id)
+      elseif tt == "userdata" then
+        r = finsert(t, text, nil, 0, id)
+      end
+      if r == 0 then return end
+    end
+  end
+  return c_insert(t, text, url)
+end
+
+-- the methods replaced, for the specs that compare the two
+methods.ffi_patched = { match = c_match, insert = c_insert }
+
+return radix
