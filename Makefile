@@ -33,15 +33,20 @@ deps:
 test: deps all test-asan fuzz-smoke
 	cd $(BUILD) && ctest --output-on-failure -j 2
 
-# Again under AddressSanitizer + UBSan: the C unit tests, then the
-# functional specs with the router and sim workers built with sanitizers
-# (the spec runner itself is the normal build). Any sanitizer report fails.
+# Again under AddressSanitizer + UBSan: the C unit tests, the Lua unit
+# specs (they drive the C bindings in-process, FFI calls included), then
+# the functional specs with the router and sim workers built with
+# sanitizers (the spec runner itself is the normal build). Any sanitizer
+# report fails.
 ASAN_LOGS = $(CURDIR)/build-asan/logs
 test-asan: deps all
 	cmake -S . -B build-asan -DSGLR_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
 	cmake --build build-asan -j $(JOBS)
 	cd build-asan && ctest --output-on-failure -L unit
 	rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
+	ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_LOGS)/asan \
+	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(ASAN_LOGS)/ubsan \
+	build-asan/sglr test spec/unit
 	ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_LOGS)/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(ASAN_LOGS)/ubsan \
 	SGLR_BIN=$(CURDIR)/build-asan/sglr $(BUILD)/sglr test spec/functional

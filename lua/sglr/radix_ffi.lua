@@ -29,7 +29,14 @@ probe:close()
 local methods = type(mt) == "table" and mt.__index
 if type(methods) ~= "table" or methods.ffi_patched then return radix end
 
-local type = type
+local type, getmetatable = type, getmetatable
+-- what FFI may be given: a tree (its metatable answers with this name)
+-- and a running request's exchange (its metatable, by name in the
+-- registry; an ended request's exchange has another), never some other
+-- userdata, whose memory C would read as one of these
+local TREE = "sglr.radix"
+require "sglr.core"
+local XMT = debug.getregistry()["sglr.exchange"]
 local bor, lshift, rshift, band = bit.bor, bit.lshift, bit.rshift, bit.band
 local C = ffi.C
 local fmatch, finsert = C.sglr_radix_ffi_match, C.sglr_radix_ffi_insert
@@ -75,13 +82,12 @@ local function set_bits(env, allowed, on)
 end
 
 methods.match = function(t, text, allowed)
-  -- (a tree is checked in C by its tag; anything else goes to the method)
-  if type(t) ~= "userdata" then return c_match(t, text, allowed) end
+  if getmetatable(t) ~= TREE then return c_match(t, text, allowed) end
   local x, s, n
   local tt = type(text)
   if tt == "string" then
     s, n = text, #text
-  elseif tt == "userdata" then
+  elseif tt == "userdata" and XMT and getmetatable(text) == XMT then
     x, n = text, 0
   else
     return c_match(t, text, allowed)
@@ -105,13 +111,13 @@ methods.match = function(t, text, allowed)
 end
 
 methods.insert = function(t, text, url)
-  if type(t) == "userdata" and type(url) == "string" then
+  if getmetatable(t) == TREE and type(url) == "string" then
     local id = env_of(t)[url]
     if id then
       local tt, r = type(text), -2
       if tt == "string" then
         r = finsert(t, nil, text, #text, id)
-      elseif tt == "userdata" then
+      elseif tt == "userdata" and XMT and getmetatable(text) == XMT then
         r = finsert(t, text, nil, 0, id)
       end
       if r == 0 then return end
