@@ -334,6 +334,15 @@ int sglr_radix_ffi_insert(void *tb, void *xb, const char *s, size_t n, int id)
     return sglr_radix_insert(r->t, text, n, id) == -ENOMEM ? -1 : 0;
 }
 
+/* -> the bytes held for worker id (0 for an id not in use), -2 as above */
+double sglr_radix_ffi_size(void *tb, int id)
+{
+    lradix_t *r = tb;
+    if (!r || r->tag != &radix_tag || !r->t || id < 0 || id >= r->next_id)
+        return -2;
+    return (double)sglr_radix_size(r->t, id);
+}
+
 static int l_tostring(lua_State *L)
 {
     lradix_t *r = radix_arg(L);

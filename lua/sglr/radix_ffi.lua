@@ -1,5 +1,5 @@
--- sglr.radix_ffi: the native radix tree (sglr.radix) with t:match and
--- t:insert called through LuaJIT's FFI.
+-- sglr.radix_ffi: the native radix tree (sglr.radix) with t:match,
+-- t:insert and t:size called through LuaJIT's FFI.
 --
 -- A policy's select calls them once each per request. As methods of the C
 -- module each call ends the JIT trace and hands its arguments over one Lua
@@ -18,7 +18,10 @@ if not ok or not pcall(ffi.cdef, [[
     int sglr_radix_ffi_match(void *t, void *x, const char *s, size_t n, const uint8_t *allowed,
                              size_t nbytes, double *matched);
     int sglr_radix_ffi_insert(void *t, void *x, const char *s, size_t n, int id);
-  ]]) or not pcall(function() return ffi.C.sglr_radix_ffi_match, ffi.C.sglr_radix_ffi_insert end) then
+    double sglr_radix_ffi_size(void *t, int id);
+  ]]) or not pcall(function()
+    return ffi.C.sglr_radix_ffi_match, ffi.C.sglr_radix_ffi_insert, ffi.C.sglr_radix_ffi_size
+  end) then
   return radix
 end
 
@@ -39,8 +42,8 @@ require "sglr.core"
 local XMT = debug.getregistry()["sglr.exchange"]
 local bor, lshift, rshift, band = bit.bor, bit.lshift, bit.rshift, bit.band
 local C = ffi.C
-local fmatch, finsert = C.sglr_radix_ffi_match, C.sglr_radix_ffi_insert
-local c_match, c_insert = methods.match, methods.insert
+local fmatch, finsert, fsize = C.sglr_radix_ffi_match, C.sglr_radix_ffi_insert, C.sglr_radix_ffi_size
+local c_match, c_insert, c_size = methods.match, methods.insert, methods.size
 local getfenv = debug.getfenv
 
 -- each tree's URL <-> id table (its environment: env[url] = id, env[id] = url)
@@ -126,7 +129,19 @@ methods.insert = function(t, text, url)
   return c_insert(t, text, url)
 end
 
+-- (cache_aware asks it for every candidate when no prefix matched)
+methods.size = function(t, url)
+  if getmetatable(t) == TREE and type(url) == "string" then
+    local id = env_of(t)[url]
+    if id then
+      local n = fsize(t, id)
+      if n >= 0 then return n end
+    end
+  end
+  return c_size(t, url)
+end
+
 -- the methods replaced, for the specs that compare the two
-methods.ffi_patched = { match = c_match, insert = c_insert }
+methods.ffi_patched = { match = c_match, insert = c_insert, size = c_size }
 
 return radix
