@@ -41,6 +41,17 @@ static char *ref_copy(const uint8_t *data, size_t size)
     return in;
 }
 
+/* A scan that answered 0 (left the bytes to llhttp): then it must have
+ * left its head empty. -> 1 when refused */
+static int ref_refused(size_t used, const sglr_head_t *fast)
+{
+    if (used)
+        return 0;
+    if (fast->nhdrs != 0)
+        abort();
+    return 1;
+}
+
 /* the scanner's fields must be llhttp's, in order, byte for byte */
 static void ref_same_fields(const sglr_head_t *fast)
 {

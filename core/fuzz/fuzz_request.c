@@ -63,11 +63,8 @@ static void differential(const uint8_t *data, size_t size)
     sglr_fast_req_t fr;
     size_t used = sglr_req_fast(in, size, 8 << 10, 64 << 10, &fast, &fr);
     free(in);
-    if (!used) {
-        if (fast.nhdrs != 0)
-            abort();                               /* a refusal leaves the head empty */
+    if (ref_refused(used, &fast))
         return;
-    }
     llhttp_settings_t st;
     ref_settings(&st);
     st.on_url = ref_url_cb;
