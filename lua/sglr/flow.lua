@@ -175,9 +175,9 @@ end
 
 -- The fields of a request that read false until set, where a request's
 -- table does not hold them from the start (see infer).
+-- (the fields both modes' tables hold from the start are not here)
 local REQ_FALSE = { dpolicy = false, decision = false, match_ratio = false, prefill = false,
-  ttfb = false, explain = false, shadow = false, pd_shape = false, failed = false, error = false,
-  extra = false, text_source = false, text_len = false }
+  ttfb = false, explain = false, shadow = false, pd_shape = false, failed = false, error = false }
 
 -- req.text, req.body, req.headers, req.path, req.client (the client's IP
 -- address) and req.max_tokens are computed on first read only: most
