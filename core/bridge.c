@@ -44,6 +44,56 @@ double sglr_now_ms(void)
     return (double)uv_hrtime() / 1e6;
 }
 
+static double clock_ms;
+static int clock_fresh;
+static uv_prepare_t clock_prepare;
+static uv_check_t clock_check;
+
+double sglr_clock_ms(void)
+{
+    if (!clock_fresh) {
+        clock_ms = (double)uv_hrtime() / 1e6;
+        clock_fresh = 1;
+    }
+    return clock_ms;
+}
+
+void sglr_clock_tick(void)
+{
+    clock_fresh = 0;
+}
+
+static void clock_prepare_cb(uv_prepare_t *h)
+{
+    (void)h;
+    clock_fresh = 0;
+}
+
+static void clock_check_cb(uv_check_t *h)
+{
+    (void)h;
+    clock_fresh = 0;
+}
+
+void sglr_clock_start(void)
+{
+    /* before the poll (it may block) and after it (timers run next) */
+    uv_prepare_init(sglr_loop, &clock_prepare);
+    uv_prepare_start(&clock_prepare, clock_prepare_cb);
+    uv_unref((uv_handle_t *)&clock_prepare);
+    uv_check_init(sglr_loop, &clock_check);
+    uv_check_start(&clock_check, clock_check_cb);
+    uv_unref((uv_handle_t *)&clock_check);
+}
+
+void sglr_clock_stop(void)
+{
+    if (!uv_is_closing((uv_handle_t *)&clock_prepare))
+        uv_close((uv_handle_t *)&clock_prepare, NULL);
+    if (!uv_is_closing((uv_handle_t *)&clock_check))
+        uv_close((uv_handle_t *)&clock_check, NULL);
+}
+
 /* libuv's cached clock falls behind real time during a stretch of work in
  * a callback. Deadlines are set from the real time (on libuv's scale), and
  * the cached clock is never updated in a callback: that would make timers
@@ -53,8 +103,9 @@ uint64_t sglr_loop_now(void)
 {
     uint64_t cached = uv_now(sglr_loop);
     /* libuv's clock is whole milliseconds, rounded down: round up here,
-     * so that a deadline is never earlier than asked */
-    uint64_t real = (uv_hrtime() + 999999) / 1000000;
+     * so that a deadline is never earlier than asked (the callback clock:
+     * behind the real time by what this callback did so far) */
+    uint64_t real = (uint64_t)ceil(sglr_clock_ms());
     return real > cached ? real : cached;
 }
 

@@ -199,7 +199,7 @@ static int push_request_result(lua_State *L, lleg_t *f)
     lua_setfield(L, -2, "ttfb_ms");
     lua_pushnumber(L, leg->t_body ? leg->t_body - r->t_start : -1);
     lua_setfield(L, -2, "first_body_ms");
-    lua_pushnumber(L, sglr_now_ms() - r->t_start);
+    lua_pushnumber(L, sglr_clock_ms() - r->t_start);
     lua_setfield(L, -2, "total_ms");
     return 1;
 }

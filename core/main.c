@@ -173,6 +173,7 @@ int main(int argc, char **argv)
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
     sglr_loop = uv_default_loop();
+    sglr_clock_start();
     lua_State *L = lua_newstate(sglr_lalloc, NULL);
     if (L)
         lua_atpanic(L, lua_panic);

@@ -209,7 +209,7 @@ static void up_on_body(sglr_upreq_t *r, const char *d, size_t n)
     sglr_leg_t *leg = r->data;
     sglr_proxy_t *px = leg->px;
     if (leg->t_body == 0)
-        leg->t_body = sglr_now_ms();
+        leg->t_body = sglr_clock_ms();
     if (leg->state == SGLR_LEG_PIPE) {
         sglr_exchange_t *x = px->x;
         if (!x || sglr_exchange_closed(x))

@@ -138,7 +138,7 @@ static sglr_exchange_t *exchange_new(sglr_conn_t *c)
     x->conn = c;
     x->server = c->srv;
     x->holds = 1;              /* the connection's */
-    x->start_ms = sglr_now_ms();
+    x->start_ms = sglr_clock_ms();
     return x;
 }
 
@@ -992,6 +992,7 @@ static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     buf->base[nread] = 0;              /* sglr_req_fast's sentinel */
+    sglr_clock_tick();
     conn_dispatch(c, buf->base, (size_t)nread);
 }
 

@@ -74,6 +74,20 @@ int sglr_pcall_error(lua_State *L, int nargs, int nresults, char *err, size_t ca
 
 /* Milliseconds from a monotonic clock (uv_hrtime), with fractions. */
 double sglr_now_ms(void);
+/* The callback clock: sglr_now_ms() as of the callback running now. It
+ * reads the clock at its first call after a tick and answers that reading
+ * until the next tick; the loop ticks it before it polls and after, and
+ * the read callbacks tick it where a client's or a worker's bytes arrive.
+ * A request's timestamps (start, attempt, head, first body byte, end) are
+ * taken with it: the times one callback records are one reading, about two
+ * clock reads a request instead of a dozen. Not for timing work done
+ * within one callback (use sglr_now_ms). */
+double sglr_clock_ms(void);
+void sglr_clock_tick(void);
+/* Starts the loop's ticks (once the loop exists); stop closes their
+ * handles (before uv_loop_close). */
+void sglr_clock_start(void);
+void sglr_clock_stop(void);
 /* 24 random base-62 characters into out (request ids; not secret) */
 void sglr_random_alnum24(char *out);
 /* Now in real time on the scale of uv_now(), for deadlines. */

@@ -407,6 +407,7 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     if (nread > 0) {
+        sglr_clock_tick();
         r->got_bytes = 1;
         if (r->state == UP_HEAD || r->throttled) {
             /* paused: keep the bytes; stop reading if too many wait */
@@ -899,7 +900,7 @@ int sglr_upreq_start(sglr_upreq_t *r, unsigned connect_timeout_ms, unsigned time
     r->connect_timeout_ms = connect_timeout_ms;
     r->connect_deadline = connect_timeout_ms ? now + connect_timeout_ms : 0;
     r->deadline = timeout_ms ? now + timeout_ms : 0;
-    r->t_start = sglr_now_ms();
+    r->t_start = sglr_clock_ms();
     req_dial(r);
     return 0;
 }
@@ -992,7 +993,7 @@ static void fast_head(sglr_upreq_t *r, const char *data, size_t len, size_t used
         req_fail(r, SGLR_UP_ENOMEM);
         return;
     }
-    r->t_head = sglr_now_ms();
+    r->t_head = sglr_clock_ms();
     r->on_head(r);
 }
 
@@ -1062,7 +1063,7 @@ static void req_feed(sglr_upreq_t *r, char *data, size_t len)
         llhttp_resume(&c->parser);
         if (r->state == UP_HEAD) {
             sglr_buf_append(&r->pending, data + used, len - used);
-            r->t_head = sglr_now_ms();
+            r->t_head = sglr_clock_ms();
             r->on_head(r);
             return;
         }

@@ -98,6 +98,7 @@ static void setup(void)
     signal(SIGPIPE, SIG_IGN);
     uv_loop_init(&loop);
     sglr_loop = &loop;
+    sglr_clock_start();
     sglr_server_opts_t o = { .max_body = 64 << 10, .max_header = 8 << 10 };
     if (sglr_server_init(&server, "127.0.0.1", 0, &o, on_request, NULL) < 0)
         abort();

@@ -95,6 +95,7 @@ static void setup(void)
     signal(SIGPIPE, SIG_IGN);
     uv_loop_init(&loop);
     sglr_loop = &loop;
+    sglr_clock_start();
     lfd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     socklen_t len = sizeof a;

@@ -968,6 +968,7 @@ int main(void)
 {
     uv_loop_init(&loop);
     sglr_loop = &loop;
+    sglr_clock_start();
     if (server_start() != 0) {
         fprintf(stderr, "cannot start the test server\n");
         return 1;
@@ -987,6 +988,7 @@ int main(void)
     RUN(cancel_before_connect);
     RUN(bearer_token_and_tls_options);
     RUN(lua_module);
+    sglr_clock_stop();
     server_stop();
     uv_run(&loop, UV_RUN_DEFAULT);
     int rc = uv_loop_close(&loop);

@@ -531,6 +531,7 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);
     uv_loop_init(&loop);
     sglr_loop = &loop;
+    sglr_clock_start();
     uv_timer_init(&loop, &guard);
     uv_tcp_init(&loop, &backend);
     struct sockaddr_in a;

@@ -1410,6 +1410,7 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);   /* a peer that closed first is a result, not a crash */
     uv_loop_init(&loop);
     sglr_loop = &loop;
+    sglr_clock_start();
     uv_timer_init(&loop, &guard);
 
     RUN(get_simple);
@@ -1444,6 +1445,7 @@ int main(void)
     /* Drain: every handle closed, every close callback run, so that the
      * leak checker sees what the engine freed. A failed case may have left
      * handles behind: close those bluntly rather than hang. */
+    sglr_clock_stop();
     sglr_server_shutdown();
     guard_fired = 0;
     uv_timer_start(&guard, guard_cb, 2000, 0);

@@ -41,17 +41,17 @@ local function x_body_size(x) return x:body_size() end
 do
   local ok, ffi = pcall(require, "ffi")
   if ok and pcall(ffi.cdef, [[
-      double sglr_now_ms(void);
+      double sglr_clock_ms(void);
       int sglr_lua_x_status(void *x);
       int sglr_lua_x_closed(void *x);
       double sglr_lua_x_body_size(void *x);
       int sglr_lua_x_request_id(void *x, const char *names, const char *prefix, char *out, int cap);
     ]]) and pcall(function()
-      return ffi.C.sglr_now_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size,
+      return ffi.C.sglr_clock_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size,
         ffi.C.sglr_lua_x_request_id
     end) then
     local C = ffi.C
-    now_ms = C.sglr_now_ms
+    now_ms = C.sglr_clock_ms
     local idbuf, ID_CAP, ffi_string = ffi.new("char[256]"), 256, ffi.string
     -- names: the header names, each followed by a zero byte (flow.new)
     x_request_id = function(x, names, prefix)
