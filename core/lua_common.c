@@ -3,6 +3,7 @@
  * lua_common.h).
  */
 #include "lua_common.h"
+#include "server.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -251,13 +252,21 @@ const char *sglr_head_merge(const sglr_head_t *h, const sglr_hpair_t *add, int n
     return NULL;
 }
 
-int sglr_lua_relay_headers(lua_State *L, int idx, sglr_hpair_t add[2])
+int sglr_lua_relay_headers(lua_State *L, int idx, sglr_hpair_t add[2],
+                           const struct sglr_exchange_s *x)
 {
     add[0] = (sglr_hpair_t){ "x-request-id", NULL, 12, 0 };
     add[1] = (sglr_hpair_t){ "authorization", NULL, 13, 0 };
-    add[0].v = luaL_checklstring(L, idx, &add[0].vl);
-    if (strcspn(add[0].v, "\r\n") != add[0].vl)
-        return luaL_argerror(L, idx, "header contains a forbidden character");
+    int it = lua_type(L, idx);
+    if ((it == LUA_TNIL || (it == LUA_TBOOLEAN && !lua_toboolean(L, idx))) && x && x->rid) {
+        /* x's own: a header value or generated, no CR or LF in either */
+        add[0].v = x->rid;
+        add[0].vl = x->rid_len;
+    } else {
+        add[0].v = luaL_checklstring(L, idx, &add[0].vl);
+        if (strcspn(add[0].v, "\r\n") != add[0].vl)
+            return luaL_argerror(L, idx, "header contains a forbidden character");
+    }
     int at = lua_type(L, idx + 1);
     if (at == LUA_TSTRING) {
         add[1].v = lua_tolstring(L, idx + 1, &add[1].vl);

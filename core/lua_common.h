@@ -112,11 +112,14 @@ typedef struct {
     size_t kl, vl;
 } sglr_hpair_t;
 const char *sglr_head_merge(const sglr_head_t *h, const sglr_hpair_t *add, int nadd, sglr_buf_t *b);
-/* x:relay's and x:relay_pd's header arguments at idx (the request id) and
+/* x:relay's and x:relay_pd's header arguments at idx (the request id:
+ * nil or false for the one x keeps, see sglr_lua_x_set_request_id) and
  * idx + 1 (authorization: a string to set, false to drop the client's,
  * nil to pass it) into add[]; returns how many of add[] apply. Raises on
- * anything else, or a CR or LF in either. */
-int sglr_lua_relay_headers(lua_State *L, int idx, sglr_hpair_t add[2]);
+ * anything else, a CR or LF in either, or no id at all. */
+struct sglr_exchange_s;
+int sglr_lua_relay_headers(lua_State *L, int idx, sglr_hpair_t add[2],
+                           const struct sglr_exchange_s *x);
 /* Push h's headers as a table {name = value}, repeated names joined. */
 void sglr_lua_push_head(lua_State *L, const sglr_head_t *h);
 

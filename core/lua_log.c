@@ -68,13 +68,15 @@ static int l_log_line(lua_State *L)
 }
 
 int sglr_lua_x_status(void *b);
+const char *sglr_lua_x_rid(void *b, size_t *len);
 
 /* The access line of one inference request, called through the FFI from
  * log.lua (M.access): the line core.log_line("info", "request", 0,
  * "duration_ms", dur, "error", err, "prefill", prefill, "request_id", rid,
  * "retries", retries, "route", route, "status", <x's status>, "stream",
  * stream, "worker", worker) queues, byte for byte, without a Lua C call
- * per argument. err and prefill may be NULL (left out). -> 1; 0 when
+ * per argument. err and prefill may be NULL (left out); rid NULL is x's
+ * own (x:request_id(), empty when it has none). -> 1; 0 when
  * the line could not be queued (out of memory); -1 when x is no live
  * exchange (nothing written: the caller logs the line its own way) */
 int sglr_log_access(void *x, double dur, const char *err, size_t errl, const char *prefill,
@@ -84,6 +86,13 @@ int sglr_log_access(void *x, double dur, const char *err, size_t errl, const cha
     int status = sglr_lua_x_status(x);
     if (status < 0)
         return -1;
+    if (!rid) {
+        rid = sglr_lua_x_rid(x, &ridl);
+        if (!rid) {
+            rid = "";
+            ridl = 0;
+        }
+    }
     uv_timeval64_t tv;
     uv_gettimeofday(&tv);
     size_t start = sglr_logline_begin((double)tv.tv_sec + tv.tv_usec / 1e6, "info", "request", 7);

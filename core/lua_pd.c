@@ -653,6 +653,7 @@ static int x_forward_pd(lua_State *L)
  * connect_timeout_ms, request_id, authorization, route, host, port, batch,
  * flags[, extra_headers, hold]) -> as x:forward_pd: the flow's PD forward,
  * without an options table read on every request. Ranks nil for none;
+ * request_id nil or false for the id x keeps (x:request_id());
  * authorization a string (set), false (the client's dropped) or nil (the
  * client's passed); port nil or false for none; batch and flags as
  * x:pd_check returned them.
@@ -676,7 +677,7 @@ static int x_relay_pd(lua_State *L)
     o.connect = luaL_checknumber(L, 7);
     sglr_hpair_t add[2];
     o.add = add;
-    o.nadd = sglr_lua_relay_headers(L, 8, add);
+    o.nadd = sglr_lua_relay_headers(L, 8, add, x);
     size_t rlen;
     const char *rname = luaL_checklstring(L, 10, &rlen);
     o.route = sglr_extract_route(rname, rlen);

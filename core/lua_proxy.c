@@ -472,7 +472,8 @@ static int x_forward(lua_State *L)
 
 /* x:relay(pool, rank, timeout_ms, connect_timeout_ms, request_id [, authorization])
  * -> response | nil, err: x:forward of the client's method, path, headers
- * and body with x-request-id set, and authorization set (a string),
+ * and body with x-request-id set (request_id nil or false: the id x keeps,
+ * x:request_id()), and authorization set (a string),
  * dropped (false) or the client's (nil); rank nil or a dp rank. The
  * flow's forward: no options table read on every request. */
 /* x:relay's and x:relay_pipe's first six arguments */
@@ -492,7 +493,7 @@ static void relay_args(lua_State *L, relay_args_t *a)
     a->rank = lua_isnumber(L, 3) ? (int)lua_tointeger(L, 3) : -1;
     a->timeout_ms = timeout_arg(luaL_checknumber(L, 4));
     a->connect_ms = timeout_arg(luaL_checknumber(L, 5));
-    a->nadd = sglr_lua_relay_headers(L, 6, a->add);
+    a->nadd = sglr_lua_relay_headers(L, 6, a->add, a->x);
 }
 
 /* Build and start f's request: the client's method, path, headers and

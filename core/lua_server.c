@@ -12,6 +12,7 @@
 #include "lua_common.h"
 #include "server.h"
 
+#include <limits.h>
 #include <llhttp.h>
 
 #include <stdlib.h>
@@ -300,16 +301,19 @@ double sglr_lua_x_body_size(void *b)
     return x ? (double)x->body.len : -1;
 }
 
-/* A request's id, for the flow through the FFI (one call, compiled into
- * its trace): the value of the first of names (each NUL-terminated, an
- * empty name ends the list) that x carries non-empty, else prefix and 24
- * random alphanumerics. Written to out; returns its length, or -1 when x
- * is not a live exchange or the id does not fit in cap (the caller then
- * asks x:header and core.random_id). */
-int sglr_lua_x_request_id(void *b, const char *names, const char *prefix, char *out, int cap)
+/* A request's id, chosen for the flow through the FFI (one call, compiled
+ * into its trace) and kept in x, so that no Lua string of it is made unless
+ * something reads it: the value of the first of names (each NUL-terminated,
+ * an empty name ends the list) that x carries non-empty, else prefix and 24
+ * random alphanumerics. x:request_id() reads it; x:relay_pipe and
+ * x:relay_pd add it when their request_id is nil, and so does the access
+ * line. Returns its length, or -1 when x is not a live exchange or prefix
+ * is longer than 23 bytes (the caller then asks x:header and
+ * core.random_id). */
+int sglr_lua_x_set_request_id(void *b, const char *names, const char *prefix)
 {
     sglr_exchange_t *x = ffi_x(b);
-    if (!x || cap < 0)
+    if (!x)
         return -1;
     /* one pass over the headers: for each name (in order) its first
      * header counts, and the earliest name whose value is not empty wins
@@ -343,17 +347,44 @@ int sglr_lua_x_request_id(void *b, const char *names, const char *prefix, char *
         }
     }
     if (best) {
-        if (best_len > (size_t)cap)
-            return -1;
-        memcpy(out, best, best_len);
-        return (int)best_len;
+        /* the head is x's until it is freed: no copy */
+        x->rid = best;
+        x->rid_len = best_len;
+        return (int)(best_len < INT_MAX ? best_len : INT_MAX);
     }
     size_t plen = strlen(prefix);
-    if (plen + 24 > (size_t)cap)
+    if (plen + 24 > sizeof x->rid_buf)
         return -1;
-    memcpy(out, prefix, plen);
-    sglr_random_alnum24(out + plen);
-    return (int)(plen + 24);
+    memcpy(x->rid_buf, prefix, plen);
+    sglr_random_alnum24(x->rid_buf + plen);
+    x->rid = x->rid_buf;
+    x->rid_len = plen + 24;
+    return (int)x->rid_len;
+}
+
+/* x's request id (set above), or NULL when x is no live exchange or has
+ * none; *len its length */
+const char *sglr_lua_x_rid(void *b, size_t *len)
+{
+    sglr_exchange_t *x = ffi_x(b);
+    if (!x || !x->rid)
+        return NULL;
+    *len = x->rid_len;
+    return x->rid;
+}
+
+/* The same into out, at most cap bytes (the decision ring's slot) ->
+ * bytes written, or -1 when there is none */
+int sglr_lua_x_copy_request_id(void *b, char *out, int cap)
+{
+    size_t n;
+    const char *id = sglr_lua_x_rid(b, &n);
+    if (!id || cap < 0)
+        return -1;
+    if (n > (size_t)cap)
+        n = (size_t)cap;
+    memcpy(out, id, n);
+    return (int)n;
 }
 
 static sglr_exchange_t *check_x(lua_State *L)
@@ -419,6 +450,17 @@ static int x_header(lua_State *L)
         }
     }
     lua_pushnil(L);
+    return 1;
+}
+
+/* x:request_id() -> the id the flow chose for the request, or nil */
+static int x_request_id(lua_State *L)
+{
+    sglr_exchange_t *x = check_x(L);
+    if (x->rid)
+        lua_pushlstring(L, x->rid, x->rid_len);
+    else
+        lua_pushnil(L);
     return 1;
 }
 
@@ -674,6 +716,7 @@ void sglr_lua_open_server(lua_State *L)
         { NULL, NULL } };
     static const luaL_Reg x_m[] = {
         { "method", x_method }, { "url", x_url }, { "path", x_path }, { "header", x_header }, { "peer", x_peer },
+        { "request_id", x_request_id },
         { "headers", x_headers }, { "body", x_body }, { "body_size", x_body_size },
         { "route_text", x_route_text },
         { "respond", x_respond }, { "start", x_start }, { "write", x_write },

@@ -81,6 +81,12 @@ struct sglr_exchange_s {
     int holds;               /* owner references */
     int status;              /* response status once started */
     double start_ms;
+    /* the request's id once the flow chose it (sglr_lua_x_set_request_id):
+     * a header value in head, or prefix and random characters in rid_buf;
+     * NULL until then */
+    const char *rid;
+    size_t rid_len;
+    char rid_buf[48];
     size_t bytes_out;
     size_t body_held;        /* counted in sglr_exchange_body_bytes */
     /* set by whoever streams into this exchange (the proxy) */

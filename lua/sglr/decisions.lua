@@ -45,6 +45,12 @@ typedef struct {
 } sglr_decision_t;
 ]]
 local slots_t = ffi.typeof("sglr_decision_t[?]")
+-- a request id kept in an exchange, copied into a slot (flow.lua)
+local copy_rid = false
+if pcall(ffi.cdef, "int sglr_lua_x_copy_request_id(void *x, char *out, int cap);") then
+  local ok, f = pcall(function() return ffi.C.sglr_lua_x_copy_request_id end)
+  if ok then copy_rid = f end
+end
 local copy = ffi.copy
 local string_of = ffi.string
 local NAN = 0 / 0
@@ -97,10 +103,19 @@ function M:record(now, req, policy, w, reason, matched, total)
   d.worker, d.reason = intern(self, w.url), intern(self, reason)
   d.matched, d.total = matched or NAN, total or NAN
   d.dworker, d.has_shadow = 0, 0
-  local id = req.id
-  local len = #id
-  if len > ID_MAX then len = ID_MAX end
-  copy(d.id, id, len)
+  -- the id straight from the request's exchange when it is kept there
+  -- (no Lua string of it made), else req.id
+  local id, len = rawget(req, "id"), -1
+  if not id then
+    local x = rawget(req, "_x")
+    if copy_rid and type(x) == "userdata" then len = copy_rid(x, d.id, ID_MAX) end
+    if len < 0 then id = req.id end
+  end
+  if len < 0 then
+    len = #id
+    if len > ID_MAX then len = ID_MAX end
+    copy(d.id, id, len)
+  end
   d.idlen = len
   return pos
 end

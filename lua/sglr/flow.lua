@@ -45,19 +45,17 @@ do
       int sglr_lua_x_status(void *x);
       int sglr_lua_x_closed(void *x);
       double sglr_lua_x_body_size(void *x);
-      int sglr_lua_x_request_id(void *x, const char *names, const char *prefix, char *out, int cap);
+      int sglr_lua_x_set_request_id(void *x, const char *names, const char *prefix);
     ]]) and pcall(function()
       return ffi.C.sglr_clock_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size,
-        ffi.C.sglr_lua_x_request_id
+        ffi.C.sglr_lua_x_set_request_id
     end) then
     local C = ffi.C
     now_ms = C.sglr_clock_ms
-    local idbuf, ID_CAP, ffi_string = ffi.new("char[256]"), 256, ffi.string
-    -- names: the header names, each followed by a zero byte (flow.new)
+    -- names: the header names, each followed by a zero byte (flow.new).
+    -- true: the id is kept in x (x:request_id() reads it)
     x_request_id = function(x, names, prefix)
-      local n = type(x) == "userdata" and C.sglr_lua_x_request_id(x, names, prefix, idbuf, ID_CAP) or -1
-      if n >= 0 then return ffi_string(idbuf, n) end
-      return nil
+      return type(x) == "userdata" and C.sglr_lua_x_set_request_id(x, names, prefix) >= 0
     end
     x_status = function(x)
       local v = type(x) == "userdata" and C.sglr_lua_x_status(x) or -1
@@ -154,10 +152,11 @@ function M:start_capture(path, max_mb)
   return true
 end
 
+-- A request's id: false when it is kept in its exchange (no Lua string
+-- of it is made unless something reads req.id), else the string.
 function M:request_id(x, route)
   local prefix = ID_PREFIX[route] or "req-"
-  local id = x_request_id and x_request_id(x, self.request_id_names, prefix)
-  if id then return id end
+  if x_request_id and x_request_id(x, self.request_id_names, prefix) then return false end
   local v = x:header(unpack(self.request_id_headers))
   if v then return v end
   return core.random_id(prefix)
@@ -180,8 +179,8 @@ local REQ_FALSE = { dpolicy = false, decision = false, match_ratio = false, pref
   ttfb = false, explain = false, shadow = false, pd_shape = false, failed = false, error = false }
 
 -- req.text, req.body, req.headers, req.path, req.client (the client's IP
--- address) and req.max_tokens are computed on first read only: most
--- policies need none of them.
+-- address), req.max_tokens and req.id (kept in the exchange) are made on
+-- first read only: most policies need none of them.
 local req_mt = {
   __index = function(t, k)
     if k == "text" then
@@ -215,6 +214,11 @@ local req_mt = {
       local n = max_tokens_of(t.body)
       rawset(t, "max_tokens", n)
       return n
+    elseif k == "id" then
+      -- kept in the exchange (M:request_id)
+      local id = t._x:request_id() or false
+      rawset(t, "id", id)
+      return id
     end
     return REQ_FALSE[k]
   end,
@@ -253,29 +257,31 @@ function M:infer(x, route)
   -- pipe adds from req.id): CORS here, the rest where they arise (extra_of)
   local extra = false
   if r.cors_check then
-    extra = { ["x-request-id"] = rid }
+    extra = { ["x-request-id"] = rid or x:request_id() }
     r:cors_headers(x, extra)
   end
   local rs = stats.for_route(route)
   bump(rs.requests)
   -- one table per request: the policy's view and the access log's record.
   -- The fields a request of this mode sets on its way are present from the
-  -- start (false), 16 in all, so the table is allocated once at its final
-  -- size (16 hash slots: 17 fields would take 32) and a read of one never
-  -- reaches the metatable. The rest (REQ_FALSE: an error, the workers a
-  -- retry avoids, an explanation...) read false through the metatable
-  -- until a rarer path sets them.
+  -- start (false), 15 in all, so the table is allocated once at its final
+  -- size (16 hash slots, the last for id when it is a string; 17 fields
+  -- would take 32) and a read of one never reaches the metatable. The
+  -- rest (REQ_FALSE: an error, the workers a retry avoids, an
+  -- explanation...) read false through the metatable until a rarer path
+  -- sets them; id is read from the exchange on first need.
   local req
   if self.pd_mode then
-    req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
+    req = setmetatable({ route = route, _x = x, t0 = t0, retries = 0, rs = rs,
       extra = extra, stream = false, model = false, worker = false, policy = r.policy,
       dpolicy = r.dpolicy or false, prefill = false, pd_shape = false, text_source = false, text_len = false },
       req_mt)
   else
-    req = setmetatable({ route = route, id = rid, _x = x, t0 = t0, retries = 0, rs = rs,
+    req = setmetatable({ route = route, _x = x, t0 = t0, retries = 0, rs = rs,
       extra = extra, stream = false, model = false, worker = false, policy = r.policy,
       ttfb = false, error = false, shadow = false, text_source = false, text_len = false }, req_mt)
   end
+  if rid then req.id = rid end
   local em = self.explain_mode
   if em then
     local v = x:header("x-sglr-explain")
@@ -305,7 +311,7 @@ function M:infer(x, route)
   if limited then limiter:release() end
   if not okr then
     stats.script_errors:inc()
-    log.error("request failed in script", { request_id = rid, error = tostring(err) })
+    log.error("request failed in script", { request_id = req.id, error = tostring(err) })
     r:send_error(x, 500, "internal router error", "internal_error", extra_of(req))
   end
   self:access(x, req)
@@ -318,7 +324,8 @@ function M:access(x, req)
   -- the metatable, here and below)
   if rawget(req, "dpolicy") then record(stats.for_pd_route(req.route).duration, dur) end
   -- keys in sorted order: the line log.info("request", {...}) printed
-  log.access(x, floor(dur * 1e4) / 10, rawget(req, "error") or nil, rawget(req, "prefill") or nil, req.id, req.retries,
+  log.access(x, floor(dur * 1e4) / 10, rawget(req, "error") or nil, rawget(req, "prefill") or nil,
+    rawget(req, "id") or nil, req.retries,
     req.route, req.stream, req.worker or "-")
 end
 
@@ -625,7 +632,7 @@ function regular.dispatch(flow, x, req, deadline, can_retry, w)
   -- A stream is held whatever its status: its time to first byte is
   -- recorded when the head comes, not when the stream ends.
   local status, resp, perr, t_head = x:relay_pipe(w.pool, w.dp_rank, left,
-    min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.extra or nil,
+    min(flow.connect_timeout_ms, left), rawget(req, "id"), flow.relay_auth, req.extra or nil,
     req.stream and 3 or can_retry and flow.hold or nil)
   -- the rest in a function of its own: code after a call that yielded
   -- is compiled only from a function's start (a trace begun after the
@@ -782,7 +789,7 @@ function pd.dispatch(flow, x, req, deadline, can_retry, pw, dw)
   -- a retry takes), and the call returns when both legs ended; a stream
   -- is held, so that its time to first byte is recorded at its head
   local pdx, ferr, leg, t_head, okp, perr, _, pres, dres = x:relay_pd(pw.pool, dw.pool, pw.dp_rank,
-    dw.dp_rank, left, min(flow.connect_timeout_ms, left), req.id, flow.relay_auth, req.route,
+    dw.dp_rank, left, min(flow.connect_timeout_ms, left), rawget(req, "id"), flow.relay_auth, req.route,
     pw.bootstrap_host, pw.bootstrap_port, floor(req.pd_shape / 4), req.pd_shape % 4,
     req.extra or nil, req.stream and 3 or can_retry and flow.hold or 0)
   -- the rest in functions of their own (see regular.dispatch)

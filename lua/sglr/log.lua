@@ -116,7 +116,8 @@ end
 -- The access line of an inference request (flow.lua): what
 -- log.fields("info", "request", "duration_ms", dur, "error", err, "prefill",
 -- prefill, "request_id", rid, "retries", retries, "route", route, "status",
--- x's status, "stream", stream, "worker", worker) writes. A text line to
+-- x's status, "stream", stream, "worker", worker) writes (rid nil: the id
+-- x keeps, x:request_id()). A text line to
 -- stderr is formatted in C in one FFI call (sglr_log_access), not one Lua C
 -- call per argument; JSON lines, --log-dir and any value of another type
 -- take the general path.
@@ -136,12 +137,13 @@ function M.access(x, dur, err, prefill, rid, retries, route, stream, worker)
   if level > 1 then return end
   if access_c and not json_mode and not dir and type(x) == "userdata" and type(dur) == "number"
       and (err == nil or type(err) == "string") and (prefill == nil or type(prefill) == "string")
-      and type(rid) == "string" and type(retries) == "number" and type(route) == "string"
+      and (rid == nil or type(rid) == "string") and type(retries) == "number" and type(route) == "string"
       and type(worker) == "string"
-      and access_c(x, dur, err, err and #err or 0, prefill, prefill and #prefill or 0, rid, #rid,
+      and access_c(x, dur, err, err and #err or 0, prefill, prefill and #prefill or 0, rid, rid and #rid or 0,
         retries, route, #route, stream and 1 or 0, worker, #worker) >= 0 then
     return
   end
+  if rid == nil then rid = x:request_id() or "" end
   M.fields("info", "request", "duration_ms", dur, "error", err, "prefill", prefill, "request_id", rid,
     "retries", retries, "route", route, "status", x:status(), "stream", stream and true or false,
     "worker", worker)

@@ -231,12 +231,14 @@ describe("sglr.core", function()
 
   it("takes the request id from the first configured name with a value, whatever the header order", function()
     local ffi = require "ffi"
-    pcall(ffi.cdef, "int sglr_lua_x_request_id(void *x, const char *names, const char *prefix, char *out, int cap);")
-    local buf = ffi.new("char[256]")
-    local got = {}
+    pcall(ffi.cdef, "int sglr_lua_x_set_request_id(void *x, const char *names, const char *prefix);")
+    local got, lens = {}, {}
     local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
-      local n = ffi.C.sglr_lua_x_request_id(x, "x-request-id\0x-trace-id\0\0", "gnt-", buf, 256)
-      got[#got + 1] = n >= 0 and ffi.string(buf, n) or false
+      assert.is_nil(x:request_id())                   -- none until the flow chose it
+      lens[#lens + 1] = ffi.C.sglr_lua_x_set_request_id(x, "x-request-id\0x-trace-id\0\0", "gnt-")
+      got[#got + 1] = x:request_id() or false
+      -- a prefix too long for the exchange's room: the caller makes the id
+      assert.equal(-1, ffi.C.sglr_lua_x_set_request_id(x, "\0", ("p"):rep(25)))
       x:respond(200, {}, "")
     end))
     local uv = require "luv"
@@ -253,10 +255,40 @@ describe("sglr.core", function()
     send("X-Trace-Id: t-1\r\nX-Request-Id: r-1\r\n")                     -- the name order wins
     send("x-request-id: \r\nx-trace-id: t-2\r\nx-request-id: r-2\r\n")   -- the first of a name counts
     send("x-other: o\r\n")
+    local long = ("i"):rep(800)
+    send("x-request-id: " .. long .. "\r\n")                            -- whole, however long
+    assert.equal(4, #got)
     assert.equal("r-1", got[1])
     assert.equal("t-2", got[2])
     assert.truthy(got[3]:match("^gnt%-%w+$") and #got[3] == 28, got[3])
+    assert.equal(long, got[4])
+    assert.same({ 3, 3, 28, 800 }, lens)
     srv:close()
+  end)
+
+  it("sends the id the exchange keeps when x:relay_pipe is given none", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int sglr_lua_x_set_request_id(void *x, const char *names, const char *prefix);")
+    local seen
+    local worker = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      seen = x:header("x-request-id")
+      x:respond(200, { ["content-type"] = "text/plain" }, "ok")
+    end))
+    local wpool = assert(core.upstream("http://127.0.0.1:" .. worker:port()))
+    local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
+      assert(ffi.C.sglr_lua_x_set_request_id(x, "x-request-id\0\0", "gnt-") >= 0)
+      x:relay_pipe(wpool, nil, 2000, 2000, nil, nil, nil, nil)
+    end))
+    local rpool = assert(core.upstream("http://127.0.0.1:" .. router:port()))
+    local res = assert(core.request(rpool, { path = "/g", headers = { ["x-request-id"] = "abc-1" } }))
+    assert.equal(200, res.status)
+    assert.equal("abc-1", seen)                       -- to the worker
+    assert.equal("abc-1", res.headers["x-request-id"]) -- and back to the client
+    res = assert(core.request(rpool, { path = "/g" }))
+    assert.truthy(seen:match("^gnt%-%w+$") and #seen == 28, seen)
+    assert.equal(seen, res.headers["x-request-id"])
+    router:close()
+    worker:close()
   end)
 
   it("answers 500 for a handler that yields with nothing to resume it, and serves on", function()

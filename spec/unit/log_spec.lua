@@ -110,6 +110,11 @@ describe("native log lines", function()
     local ffi = require "ffi"
     pcall(ffi.cdef, "int dup(int); int dup2(int, int); int close(int);")
     pcall(ffi.cdef, "int fileno(void *);")
+    pcall(ffi.cdef, "int sglr_lua_x_set_request_id(void *x, const char *names, const char *prefix);")
+    -- last, a request whose id its exchange keeps (the flow's case): no
+    -- id given, the line has the exchange's
+    local kept = { request_id = "kept-7", route = "generate", worker = "http://127.0.0.1:8000",
+      status = 200, duration_ms = 2.5, retries = 0, stream = false }
     local path = os.tmpname()
     local saved = ffi.C.dup(2)
     core.log_flush()
@@ -118,12 +123,19 @@ describe("native log lines", function()
     local n = 0
     local srv = assert(core.listen("127.0.0.1", 0, {}, function(x)
       n = n + 1
-      local c = cases[n]
+      local c, rid = cases[n], nil
+      if c then
+        rid = c.request_id
+      else
+        c = kept
+        assert(ffi.C.sglr_lua_x_set_request_id(x, "x-request-id\0\0", "gnt-") == 6)
+      end
       x:respond(c.status, {}, "")
-      log.access(x, c.duration_ms, c.error, c.prefill, c.request_id, c.retries, c.route, c.stream, c.worker)
+      log.access(x, c.duration_ms, c.error, c.prefill, rid, c.retries, c.route, c.stream, c.worker)
     end))
     local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
     for _ = 1, #cases do assert(core.request(pool, { path = "/" })) end
+    assert(core.request(pool, { path = "/", headers = { ["x-request-id"] = "kept-7" } }))
     core.log_flush()
     ffi.C.dup2(saved, 2)
     ffi.C.close(saved)
@@ -132,10 +144,11 @@ describe("native log lines", function()
     local lines = {}
     for line in io.lines(path) do lines[#lines + 1] = line .. "\n" end
     os.remove(path)
-    assert.equal(#cases, #lines)
+    assert.equal(#cases + 1, #lines)
     for i, c in ipairs(cases) do
       assert.equal(lua_line("info", "request", c):sub(25), lines[i]:sub(25))
     end
+    assert.equal(lua_line("info", "request", kept):sub(25), lines[#cases + 1]:sub(25))
   end)
 
   it("refuse a key or value of another type, and keep nothing of that line", function()
