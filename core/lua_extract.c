@@ -16,7 +16,10 @@
 #include "sglr.h"
 #include "server.h"
 
+struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
+
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <lua.h>
 #include <lauxlib.h>
@@ -125,6 +128,59 @@ static int l_check(lua_State *L)
     return 4;
 }
 
+/* The module's extractor for the FFI entry below (NULL once collected). */
+static sglr_extract_t *ffi_state;
+
+/* extract.check(route, x [, max_text, true]) through LuaJIT's FFI, for
+ * the flow: one call compiled into its trace, where the classic call ended
+ * the trace and read its arguments through the Lua C API. x is the box of
+ * a request's exchange, route a sglr_route_t; with keep the routing text
+ * (at most max bytes, 0: all) is kept in the exchange and *text_len is its
+ * length. Returns
+ *   -1  x is no live exchange, or route none: the caller asks extract.check
+ *   -2  the body is refused: sglr_extract_ffi_error() says why
+ *   -3  out of memory
+ *   else bit 0 the stream flag, bit 1 a model given (sglr_extract_ffi_model)
+ * The model and the message are the shared extractor's: read them before
+ * the next extraction. */
+int sglr_extract_ffi_check(void *b, int route, double max, int keep, double *text_len)
+{
+    sglr_extract_t *x = ffi_state;
+    struct sglr_exchange_s *ex = sglr_lua_ffi_exchange(b);
+    if (!x || !ex || route < SGLR_ROUTE_GENERATE || route > SGLR_ROUTE_COMPLETIONS)
+        return -1;
+    int r = sglr_extract_run(x, (sglr_route_t)route, ex->body.data ? ex->body.data : "",
+                             ex->body.len, keep ? SGLR_EXTRACT_TEXT : 0);
+    if (r == -ENOMEM)
+        return -3;
+    if (r < 0)
+        return -2;
+    if (keep) {
+        size_t n = text_cap(x->text, x->text_len, max);
+        ex->text.len = 0;
+        if (sglr_buf_append(&ex->text, x->text, n))
+            return -3;
+        ex->has_text = 1;
+        *text_len = (double)n;
+    }
+    return (x->stream ? 1 : 0) | (x->has_model ? 2 : 0);
+}
+
+const char *sglr_extract_ffi_model(int *len)
+{
+    if (!ffi_state || !ffi_state->has_model || ffi_state->model_len > INT_MAX) {
+        *len = 0;
+        return "";
+    }
+    *len = (int)ffi_state->model_len;
+    return ffi_state->model;
+}
+
+const char *sglr_extract_ffi_error(void)
+{
+    return ffi_state ? ffi_state->err : "extract: no extractor";
+}
+
 /* extract.route_text(route, body) -> text | "", err */
 
 /* extract.route_text(route, body_or_exchange [, max_bytes]) -> text */
@@ -226,6 +282,8 @@ static int l_check_text(lua_State *L)
 static int l_gc(lua_State *L)
 {
     sglr_extract_t *x = luaL_checkudata(L, 1, EXTRACT_MT);
+    if (ffi_state == x)
+        ffi_state = NULL;
     sglr_extract_close(x);      /* leaves it zeroed: safe twice */
     return 0;
 }
@@ -235,6 +293,7 @@ int luaopen_sglr_extract(lua_State *L)
     lua_createtable(L, 0, 2);
     sglr_extract_t *x = lua_newuserdata(L, sizeof *x);
     sglr_extract_init(x);
+    ffi_state = x;
     if (luaL_newmetatable(L, EXTRACT_MT)) {
         lua_pushcfunction(L, l_gc);
         lua_setfield(L, -2, "__gc");

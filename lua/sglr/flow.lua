@@ -162,6 +162,45 @@ function M:request_id(x, route)
   return core.random_id(prefix)
 end
 
+-- extract.check(route, x [, max, keep]) for a request's exchange, through
+-- the FFI when it loads: one call compiled into the flow's trace (the
+-- classic call ended the trace); anything else goes to extract.check.
+local check = ok_extract and extract.check
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok_extract and ok and pcall(ffi.cdef, [[
+      int sglr_extract_ffi_check(void *x, int route, double max, int keep, double *text_len);
+      const char *sglr_extract_ffi_model(int *len);
+      const char *sglr_extract_ffi_error(void);
+    ]]) and pcall(function()
+      return ffi.C.sglr_extract_ffi_check, ffi.C.sglr_extract_ffi_model, ffi.C.sglr_extract_ffi_error
+    end) then
+    local C, ffi_string = ffi.C, ffi.string
+    local ROUTE = { generate = 0, chat = 1, completions = 2 }
+    local tlen, mlen = ffi.new("double[1]"), ffi.new("int[1]")
+    local classic = extract.check
+    check = function(route, x, cap, keep)
+      local id = ROUTE[route]
+      local r = id and type(x) == "userdata" and (cap == nil or keep) and
+        C.sglr_extract_ffi_check(x, id, cap or 0, keep and 1 or 0, tlen) or -1
+      if r >= 0 then
+        local model = nil
+        if r >= 2 then
+          local m = C.sglr_extract_ffi_model(mlen)
+          model = ffi_string(m, mlen[0])
+        end
+        if keep then return true, r % 2 == 1, model, tlen[0] end
+        return true, r % 2 == 1, model
+      elseif r == -2 then
+        return nil, ffi_string(C.sglr_extract_ffi_error())
+      elseif r == -3 then
+        error("extract: out of memory")
+      end
+      return classic(route, x, cap, keep)
+    end
+  end
+end
+
 -- The tokens a request asks for at most, from its body: max_tokens,
 -- max_completion_tokens, or sampling_params.max_new_tokens; false if none.
 local function max_tokens_of(body)
@@ -228,7 +267,7 @@ local req_mt = {
 -- types are the client's error (400) and never reach a worker.
 -- -> true, stream, model | nil, message
 local function inspect(route, x)
-  if ok_extract then return extract.check(route, x) end
+  if ok_extract then return check(route, x) end
   local obj, err = cjson.decode(x:body())
   if type(obj) ~= "table" then return nil, "invalid JSON body: " .. tostring(err or "not an object") end
   if route == "chat" and type(obj.messages) ~= "table" then return nil, "field 'messages' must be an array" end
@@ -450,7 +489,7 @@ function M:run(x, req)
     -- a policy that matches on the routing text gets it from the same pass,
     -- kept in the exchange: the radix tree reads it there (req.text_source),
     -- and no Lua string of it is made unless req.text is read
-    ok, stream_or_err, model, text = extract.check(route, x, MAX_TEXT, true)
+    ok, stream_or_err, model, text = check(route, x, MAX_TEXT, true)
     if ok then
       if type(text) == "number" then
         req.text_source, req.text_len = x, text
@@ -587,6 +626,9 @@ end
 --                                             "fail" when not worth another
 local regular = {}
 M.regular = regular
+-- the body check the flow makes (extract.check's results; exported for
+-- its spec)
+M.check_body = check
 
 function regular.pick(flow, req, now)
   local avail = flow.workers:available(now, rawget(req, "failed"), nil, flow:take_list())

@@ -97,6 +97,56 @@ describe("request flow", function()
     assert.equal(0, r.workers.list[1].load)
   end)
 
+  it("checks a body through the FFI as extract.check does, the routing text kept alike", function()
+    local extract = require "sglr.extract"
+    local bodies = {
+      { "generate", '{"text":"hello world","sampling_params":{"max_new_tokens":1}}' },
+      { "generate", '{"text":"caf\\u00e9 \\ud83d\\ude00","stream":true,"model":"m-1"}' },
+      { "chat", '{"model":"llama","messages":[{"role":"user","content":"hi there"}],"stream":false}' },
+      { "chat", '{"messages":[{"role":"system","content":"' .. ("s"):rep(3000) .. '"},{"role":"user","content":"q"}]}' },
+      { "completions", '{"prompt":"once upon","model":"' .. ("m"):rep(300) .. '","stream":true}' },
+      { "generate", '{"text":"a"' },                              -- cut short
+      { "chat", '{"messages":"no"}' },                           -- wrong type
+      { "completions", '{"model":"x"}' },                        -- no prompt
+      { "generate", '[1,2]' },
+      { "chat", '' },
+    }
+    local function pack(...) return { n = select("#", ...), ... } end
+    local got, n = {}, 0
+    local srv = listen(function(x)
+      n = n + 1
+      local route = bodies[n][1]
+      local body = x:body()
+      local r = { pack = pack(flow_mod.check_body(route, x)),
+                  want = pack(extract.check(route, body)) }
+      -- keep: the text into the exchange (its length returned), capped
+      -- at a character boundary
+      r.kept = pack(flow_mod.check_body(route, x, 20, true))
+      r.kept_text = r.kept[1] and x:route_text() or nil
+      r.want_text = pack(extract.check(route, body, 20))
+      got[n] = r
+      x:respond(200, {}, "")
+    end)
+    local pool = assert(core.upstream("http://127.0.0.1:" .. srv:port()))
+    for _, b in ipairs(bodies) do
+      assert(core.request(pool, { method = "POST", path = "/", body = b[2] }))
+    end
+    srv:close()
+    assert.equal(#bodies, n)
+    for i, r in ipairs(got) do
+      assert.same(r.want, r.pack, "body " .. i)
+      local w = r.want_text
+      if w[1] then
+        assert.same({ w[1], w[2], w[3], #w[4] }, { r.kept[1], r.kept[2], r.kept[3], r.kept[4] }, "body " .. i)
+        assert.equal(w[4], r.kept_text, "body " .. i)
+      else
+        assert.same(w, r.kept, "body " .. i)
+      end
+    end
+    -- not an exchange: the classic call answers
+    assert.same({ extract.check("chat", '{"messages":[]}') }, { flow_mod.check_body("chat", '{"messages":[]}') })
+  end)
+
   it("shows a policy false, not nil, for request fields not set yet", function()
     local seen = {}
     local p = recording_policy("f")
