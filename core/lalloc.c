@@ -16,14 +16,25 @@
  * exact size, so the class of osize is the class it came from, and a list
  * hands one back in a few instructions where malloc and free took over a
  * hundred. Up to 1 KB: a request's table of 17 to 32 fields has a hash
- * part of 768 bytes. Each list holds at most SMALL_KEEP bytes (32 MB over
- * all lists); the rest is freed. */
+ * part of 768 bytes. Each list holds at most SMALL_KEEP bytes and all of
+ * them SMALL_KEEP_ALL; the rest is freed. The collector frees a cycle's
+ * garbage at once (about a megabyte of request tables at the default
+ * pause), so a list must hold a cycle's worth of its class or the next
+ * cycle's requests go to malloc again (at 512 KB a list, one malloc and
+ * half a free a request did). */
 #define SMALL_MAX 1024
 #define SMALL_CLASSES (SMALL_MAX / 16)
-#define SMALL_KEEP (1u << 19)
+#define SMALL_KEEP (1u << 22)
+#define SMALL_KEEP_ALL SGLR_LALLOC_KEEP_ALL
 
 static void *small_free[SMALL_CLASSES];
 static size_t small_kept[SMALL_CLASSES];
+static size_t small_kept_all;
+
+size_t sglr_lalloc_kept(void)
+{
+    return small_kept_all;
+}
 
 static inline size_t small_class(size_t n)
 {
@@ -37,6 +48,7 @@ static void *small_alloc(size_t n)
     if (p) {
         small_free[c] = *(void **)p;
         small_kept[c] -= (c + 1) * 16;
+        small_kept_all -= (c + 1) * 16;
         return p;
     }
     return malloc((c + 1) * 16);
@@ -45,13 +57,14 @@ static void *small_alloc(size_t n)
 static void small_release(void *p, size_t n)
 {
     size_t c = small_class(n);
-    if (small_kept[c] + (c + 1) * 16 > SMALL_KEEP) {
+    if (small_kept[c] + (c + 1) * 16 > SMALL_KEEP || small_kept_all + (c + 1) * 16 > SMALL_KEEP_ALL) {
         free(p);
         return;
     }
     *(void **)p = small_free[c];
     small_free[c] = p;
     small_kept[c] += (c + 1) * 16;
+    small_kept_all += (c + 1) * 16;
 }
 
 void *sglr_lalloc(void *ud, void *ptr, size_t osize, size_t nsize)

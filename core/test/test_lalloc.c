@@ -44,6 +44,31 @@ TEST(resizes_keep_contents)
     CHECK(sglr_lalloc(NULL, p, had, 0) == NULL);
 }
 
+/* The lists hold a collector cycle's garbage of one class (a few MB of
+ * request tables), and never more than SGLR_LALLOC_KEEP_ALL in all: past
+ * it, freed blocks go back to malloc. */
+TEST(free_lists_are_bounded)
+{
+    size_t base = sglr_lalloc_kept();
+    enum { N = 40000 };
+    static void *p[N];
+    for (int i = 0; i < N; i++)
+        p[i] = sglr_lalloc(NULL, NULL, 0, 384);   /* a 16-slot hash part */
+    for (int i = 0; i < N; i++)
+        sglr_lalloc(NULL, p[i], 384, 0);
+    /* 15 MB freed: a cycle's worth is kept (at least 2 MB of it) */
+    CHECK(sglr_lalloc_kept() >= base + (2u << 20));
+    size_t one = sglr_lalloc_kept();
+    for (int c = 1; c <= 32; c++) {                /* every other class */
+        for (int i = 0; i < N / 8; i++)
+            p[i] = sglr_lalloc(NULL, NULL, 0, (size_t)c * 32);
+        for (int i = 0; i < N / 8; i++)
+            sglr_lalloc(NULL, p[i], (size_t)c * 32, 0);
+    }
+    CHECK(sglr_lalloc_kept() > one);
+    CHECK(sglr_lalloc_kept() <= SGLR_LALLOC_KEEP_ALL);
+}
+
 TEST(small_blocks_are_reused_by_class)
 {
     void *a = sglr_lalloc(NULL, NULL, 0, 40);
@@ -88,6 +113,7 @@ int main(void)
 {
     RUN(resizes_keep_contents);
     RUN(small_blocks_are_reused_by_class);
+    RUN(free_lists_are_bounded);
     RUN(runs_a_lua_state);
     TEST_EXIT();
 }
