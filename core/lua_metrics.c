@@ -286,6 +286,34 @@ int sglr_lua_series_observe(void *p, double v)
     return 0;
 }
 
+/* metrics.apply's pairs through the FFI (stats.lua), up to six in one
+ * call: every handle that is not NULL is checked first (a live series,
+ * a counter not going down), then each takes its update (a histogram
+ * observes, a gauge is set, a counter adds). The first NULL handle ends
+ * the list. -> 0 | -EINVAL (nothing changes; the caller asks the classic
+ * apply, which says what is wrong). */
+int sglr_lua_series_apply6(void *p1, double v1, void *p2, double v2, void *p3, double v3,
+                           void *p4, double v4, void *p5, double v5, void *p6, double v6)
+{
+    lseries_t *h[6] = { p1, p2, p3, p4, p5, p6 };
+    double v[6] = { v1, v2, v3, v4, v5, v6 };
+    int n = 0;
+    while (n < 6 && h[n])
+        n++;
+    for (int i = 0; i < n; i++)
+        if (h[i]->tag != series_tag || !h[i]->s || (h[i]->type == SGLR_METRIC_COUNTER && !(v[i] >= 0)))
+            return -EINVAL;
+    for (int i = 0; i < n; i++) {
+        if (h[i]->type == SGLR_METRIC_HISTOGRAM)
+            sglr_metrics_observe(h[i]->s, v[i]);
+        else if (h[i]->type == SGLR_METRIC_GAUGE)
+            sglr_metrics_set(h[i]->s, v[i]);
+        else
+            sglr_metrics_inc(h[i]->s, v[i]);
+    }
+    return 0;
+}
+
 static int s_gc(lua_State *L)
 {
     lseries_t *h = luaL_checkudata(L, 1, SERIES_MT);

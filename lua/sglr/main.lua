@@ -2,6 +2,14 @@
 -- started by core/main.c, so every subcommand may wait on the loop.
 local core = require "sglr.core"
 
+-- LuaJIT's trace limits. A request's path from the flow through a policy
+-- (cache_aware's select, its radix and metric calls through the FFI) holds
+-- more IR constants than the default 500, and a trace over a limit is
+-- abandoned each time it is tried, so that code runs in the interpreter
+-- (4 KB chat, cache_aware: 35.4k instructions a request at the defaults,
+-- 27.9k here). Room for longer policies too.
+if jit and jit.opt then jit.opt.start("maxirconst=2000", "maxrecord=8000") end
+
 local USAGE = [[
 usage: sglr <command> [options]
 

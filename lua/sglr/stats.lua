@@ -138,6 +138,33 @@ if ffi_ok then
   function M.bump(s) C.sglr_lua_series_inc(s, 1) end
   function M.add(s, v) C.sglr_lua_series_inc(s, v) end
   function M.record(s, v) C.sglr_lua_series_observe(s, v) end
+  -- metrics.apply(s1, v1, ...), a policy's several updates in one call
+  -- (rt.metrics.apply): up to six pairs in one FFI call the JIT compiles
+  -- into the policy's trace, where the classic call ended it. Anything
+  -- else (more pairs, a value that is no series or number, a counter
+  -- going down) goes to the classic apply, which checks it as before.
+  if pcall(ffi.cdef, [[
+      int sglr_lua_series_apply6(void *h1, double v1, void *h2, double v2, void *h3, double v3,
+                                 void *h4, double v4, void *h5, double v5, void *h6, double v6);
+    ]]) and pcall(function() return C.sglr_lua_series_apply6 end) then
+    local classic_apply, SERIES = metrics.apply, getmetatable(M.inflight_h)
+    -- pair i of k is a series and a number (a pair past k: nothing)
+    local function pair(i, k, s, v)
+      return i > k or type(s) == "userdata" and getmetatable(s) == SERIES and type(v) == "number"
+    end
+    metrics.apply = function(...)
+      local n = select("#", ...)
+      local k = n / 2
+      local h1, v1, h2, v2, h3, v3, h4, v4, h5, v5, h6, v6 = ...
+      if n >= 2 and n <= 12 and n % 2 == 0 and pair(1, k, h1, v1) and pair(2, k, h2, v2)
+          and pair(3, k, h3, v3) and pair(4, k, h4, v4) and pair(5, k, h5, v5) and pair(6, k, h6, v6)
+          and C.sglr_lua_series_apply6(h1, v1, h2, v2 or 0, h3, v3 or 0, h4, v4 or 0, h5, v5 or 0,
+            h6, v6 or 0) == 0 then
+        return
+      end
+      return classic_apply(...)
+    end
+  end
 else
   function M.bump(s) s:inc() end
   function M.add(s, v) s:inc(v) end

@@ -48,6 +48,37 @@ describe("metric series handles", function()
     assert.equal(3, g:get())
   end)
 
+  it("apply through the FFI (sglr.stats) as the classic call does, up to six pairs and past", function()
+    local stats = require "sglr.stats"
+    assert.equal(stats.metrics, metrics)
+    local c = metrics.counter("spec_apply2_total", "Spec counter.", {}):series()
+    local g = metrics.gauge("spec_apply2_gauge", "Spec gauge.", {}):series()
+    local h = metrics.histogram("spec_apply2_seconds", "Spec histogram.", {}, { 1 }):series()
+    metrics.apply(c, 1)
+    metrics.apply(c, 1, g, 4, h, 0.5, c, 2, g, 6, h, 1.5)          -- six pairs: one FFI call
+    metrics.apply(c, 1, c, 1, c, 1, c, 1, c, 1, c, 1, c, 1)         -- seven: the classic call
+    assert.equal(11, c:get())
+    assert.equal(6, g:get())
+    local count, sum = h:get()
+    assert.equal(2, count)
+    assert.near(2, sum, 1e-9)
+    -- whatever the FFI path does not take is refused as before, with
+    -- nothing of the call applied
+    assert.has_error(function() metrics.apply(c, 1, g, 9, c, -1) end)
+    assert.has_error(function() metrics.apply(c, 1, nil, nil) end)
+    assert.has_error(function() metrics.apply(c, 1, g) end)
+    assert.has_error(function() metrics.apply(c, 1, {}, 1) end)
+    assert.has_error(function() metrics.apply(c, 1, g, "x") end)
+    assert.has_error(function() metrics.apply(c, 1, io.stdout, 1) end)    -- another userdata
+    assert.equal(11, c:get())
+    assert.equal(6, g:get())
+    local gone = metrics.gauge("spec_apply2_removed", "Spec gauge.", { "worker" })
+    local gh = gone:series("w9")
+    gone:remove("w9")
+    assert.has_no_error(function() metrics.apply(gh, 1, c, 1) end)   -- unexported, still counts
+    assert.equal(12, c:get())
+  end)
+
   it("refuse updates that do not fit the metric type", function()
     local c = metrics.counter("spec_handle2_total", "Spec counter.", {})
     local h = c:series()
