@@ -183,16 +183,21 @@ void sglr_random_alnum24(char *out)
     if (!state)
         state = uv_hrtime() ^ 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&state;
     /* xorshift64*: ids need to be unlikely to collide, not secret. A draw
-     * gives four 16-bit values, each mapped onto the 62 characters by a
-     * multiply and a shift (no branch a character): a character is
-     * uniform over the 62 within 0.1% (65,536 / 62 is 1,057.03). */
-    for (int i = 0; i < 24; i += 4) {
+     * is a 64-bit fraction whose first eight base-62 digits are the next
+     * eight characters: each digit is the high word of the fraction times
+     * 62, the low word the fraction left (one multiply a character, no
+     * branch). A character is uniform over the 62 within 62^8 / 2^64
+     * (about 1e-5). */
+    for (int i = 0; i < 24; i += 8) {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
         uint64_t v = state * 0x2545F4914F6CDD1Dull;
-        for (int k = 0; k < 4; k++, v >>= 16)
-            out[i + k] = alnum[((v & 0xffff) * 62) >> 16];
+        for (int k = 0; k < 8; k++) {
+            unsigned __int128 m = (unsigned __int128)v * 62;
+            out[i + k] = alnum[(unsigned)(m >> 64)];
+            v = (uint64_t)m;
+        }
     }
 }
 

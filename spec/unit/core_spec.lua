@@ -156,14 +156,25 @@ describe("sglr.core", function()
     end
     -- every one of the 62 characters, about equally often (48,000 drawn:
     -- 774 each expected; a character outside 600..950 is a biased draw)
-    local counts, kinds = {}, 0
+    -- and at every place of the 24 (each character about 32 times there:
+    -- one missing is a stuck or biased place)
+    local counts, kinds, at = {}, 0, {}
+    for i = 1, 24 do at[i] = {} end
     for _ = 1, 2000 do
+      local i = 0
       for ch in core.random_id(""):gmatch(".") do
         if not counts[ch] then kinds = kinds + 1 end
         counts[ch] = (counts[ch] or 0) + 1
+        i = i + 1
+        at[i][ch] = true
       end
     end
     assert.equal(62, kinds)
+    for i = 1, 24 do
+      local n = 0
+      for _ in pairs(at[i]) do n = n + 1 end
+      assert.equal(62, n, "characters at place " .. i)
+    end
     for ch, v in pairs(counts) do
       assert.is_true(v > 600 and v < 950, ch .. " drawn " .. v .. " times")
     end
