@@ -720,7 +720,9 @@ sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p)
         sglr_buf_t out = r->out, pending = r->pending;
         sglr_head_t head = r->head;
         uv_timer_t timer = r->timer;
+        uint64_t due = r->timer_due;
         memset(r, 0, sizeof *r);
+        r->timer_due = due;
         out.len = pending.len = 0;
         sglr_head_reset(&head);
         r->out = out;
@@ -732,6 +734,7 @@ sglr_upreq_t *sglr_upreq_new(sglr_pool_t *p)
         if (!r)
             return NULL;
         uv_timer_init(sglr_loop, &r->timer);
+        uv_unref((uv_handle_t *)&r->timer);  /* lazy (below): the loop waits on the request, not on it */
         r->timer.data = r;
     }
     r->pool = p;
@@ -794,17 +797,41 @@ int sglr_upreq_build(sglr_upreq_t *r, const char *method, const char *path, size
     return 0;
 }
 
-/* Stop the deadline timer, unless the request was freed: then the timer
- * carries the recycling and must run. */
+/* The deadline timer is lazy: it is armed only when a request needs it
+ * earlier than it is armed for, and never stopped. When it fires it
+ * checks the request it belongs to now (none, or a later one on the same
+ * recycled object) and arms itself again for what is due next, if
+ * anything. A keep-alive stream of requests, each due a timeout from its
+ * start, so touches the timer heap about once a timeout, not twice a
+ * request. The handle keeps no loop alive (the request's connection or
+ * lookup does). */
+static int req_active(const sglr_upreq_t *r)
+{
+    return !r->freed && r->state != UP_NEW && r->state != UP_DONE && r->state != UP_ABORTED;
+}
+
+/* when the request's next deadline falls due (uv_now based), 0 = none */
+static uint64_t req_due(const sglr_upreq_t *r)
+{
+    uint64_t next = 0;
+    if ((r->state == UP_CONNECTING || r->state == UP_RESOLVING) && r->connect_deadline)
+        next = r->connect_deadline;
+    if (r->deadline && (!next || r->deadline < next))
+        next = r->deadline;
+    return next;
+}
+
 static void deadline_stop(sglr_upreq_t *r)
 {
-    if (!r->freed)
-        uv_timer_stop(&r->timer);
+    (void)r;                    /* lazy: a due timer finds nothing to do */
 }
 
 static void timer_cb(uv_timer_t *t)
 {
     sglr_upreq_t *r = t->data;
+    r->timer_due = 0;
+    if (!req_active(r))
+        return;
     uint64_t now = uv_now(sglr_loop);
     if ((r->state == UP_CONNECTING || r->state == UP_RESOLVING) && r->connect_deadline &&
         now >= r->connect_deadline) {
@@ -817,22 +844,21 @@ static void timer_cb(uv_timer_t *t)
         req_fail(r, SGLR_UP_ETIMEOUT);
         return;
     }
-    uint64_t next = r->deadline ? r->deadline - now : 0;
-    if (next)
-        uv_timer_start(&r->timer, timer_cb, next, 0);
+    uint64_t next = req_due(r);
+    if (next) {
+        uv_timer_start(&r->timer, timer_cb, next > now ? next - now : 0, 0);
+        r->timer_due = next;
+    }
 }
 
 static void arm_timer(sglr_upreq_t *r)
 {
-    uint64_t now = uv_now(sglr_loop), next = 0;
-    if ((r->state == UP_CONNECTING || r->state == UP_RESOLVING) && r->connect_deadline)
-        next = r->connect_deadline;
-    if (r->deadline && (!next || r->deadline < next))
-        next = r->deadline;
-    if (next)
-        uv_timer_start(&r->timer, timer_cb, next > now ? next - now : 0, 0);
-    else
-        deadline_stop(r);
+    uint64_t next = req_due(r);
+    if (!next || (r->timer_due && r->timer_due <= next))
+        return;                 /* nothing due, or the timer fires first and checks again */
+    uint64_t now = uv_now(sglr_loop);
+    uv_timer_start(&r->timer, timer_cb, next > now ? next - now : 0, 0);
+    r->timer_due = next;
 }
 
 static void req_dial(sglr_upreq_t *r)
@@ -1172,7 +1198,6 @@ void sglr_upreq_free(sglr_upreq_t *r)
         uv_close((uv_handle_t *)&r->timer, timer_close_cb);
         return;
     }
-    uv_timer_stop(&r->timer);
     if (!recycle_ready) {
         uv_idle_init(sglr_loop, &recycle_idle);
         recycle_ready = 1;

@@ -103,6 +103,7 @@ struct sglr_upreq_s {
     size_t skipped;          /* header bytes not kept, counted against the head cap */
     sglr_buf_t pending;      /* bytes after the head, parsed on continue */
     uv_timer_t timer;
+    uint64_t timer_due;      /* when the timer is armed to fire (uv_now based), 0 = not armed */
     uint64_t connect_deadline, deadline;   /* uv_now based, 0 = none */
     uint64_t sent_at;        /* uv_now when the request was written */
     sglr_upreq_t *wnext, *wprev;   /* the pool's waiting list */

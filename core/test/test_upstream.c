@@ -1045,6 +1045,48 @@ TEST(paused_with_much_pending)
     POOL_DOWN(pool);
 }
 
+/* The deadline timer is lazy: a request on a recycled object whose timer
+ * fires no later than the new deadline leaves it as it is (no timer-heap
+ * work); one due earlier arms it earlier, and it times out on time. */
+TEST(lazy_deadline_timer)
+{
+    sglr_pool_t *pool = pool_up("");
+    call_t *c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 5000);
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+#ifndef SGLR_NO_FREELIST
+    sglr_upreq_t *first = c->r;
+    uint64_t due = first->timer_due;         /* its own, or an earlier one still armed */
+    CHECK(due != 0 && due <= c->t_start + 5001);
+#endif
+    call_free(c);
+    uv_run(&loop, UV_RUN_NOWAIT);            /* recycled on the next loop turn */
+    c = call_reset(0);
+    call_start(c, pool, "GET", "/ok", NULL, 5000);
+#ifndef SGLR_NO_FREELIST
+    CHECK(c->r == first);
+    CHECK(c->r->timer_due == due);           /* not armed again */
+#endif
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_OK);
+    call_free(c);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    c = call_reset(0);
+    call_start(c, pool, "GET", "/hang", NULL, 150);
+#ifndef SGLR_NO_FREELIST
+    CHECK(c->r == first);
+    CHECK(c->r->timer_due != 0 && c->r->timer_due <= c->t_start + 151);   /* armed by its deadline */
+#endif
+    WAIT(c->ndone, 2000);
+    CHECK_EQ_INT(c->err, SGLR_UP_ETIMEOUT);
+    CHECK(c->t_done - c->t_start >= 140);
+    CHECK(c->t_done - c->t_start < 1000);
+    call_free(c);
+    WAIT(pool->nconns == 0, 2000);
+    POOL_DOWN(pool);
+}
+
 TEST(interim_100)
 {
     sglr_pool_t *pool = pool_up("");
@@ -1649,6 +1691,7 @@ int main(void)
     RUN(continue_later);
     RUN(paused_while_connection_ends);
     RUN(paused_with_much_pending);
+    RUN(lazy_deadline_timer);
     RUN(interim_100);
     RUN(eof_delimited);
     RUN(keep_alive_reuse);
