@@ -99,21 +99,28 @@ void sglr_clock_stop(void)
  * the cached clock is never updated in a callback: that would make timers
  * due within the timer pass running now, and a chain of timers that re-arm
  * could then run on without the loop ever polling for I/O. */
-uint64_t sglr_loop_now(void)
+static uint64_t loop_now(double real_ms)
 {
     uint64_t cached = uv_now(sglr_loop);
     /* libuv's clock is whole milliseconds, rounded down: round up here,
-     * so that a deadline is never earlier than asked (the callback clock:
-     * behind the real time by what this callback did so far) */
-    uint64_t real = (uint64_t)ceil(sglr_clock_ms());
+     * so that a deadline is never earlier than asked */
+    uint64_t real = (uint64_t)ceil(real_ms);
     return real > cached ? real : cached;
+}
+
+/* A request's deadlines (seconds away) take the callback clock: behind
+ * the real time by what this callback did so far, microseconds. */
+uint64_t sglr_loop_now(void)
+{
+    return loop_now(sglr_clock_ms());
 }
 
 uint64_t sglr_timer_ms(double ms)
 {
     if (!(ms < 1e12))
         ms = 1e12;      /* about 30 years: "never", without overflowing */
-    uint64_t due = sglr_loop_now() + (ms > 0 ? (uint64_t)ceil(ms) : 0);
+    /* the real clock: a sleep or a timer is never shorter than asked */
+    uint64_t due = loop_now(sglr_now_ms()) + (ms > 0 ? (uint64_t)ceil(ms) : 0);
     uint64_t now = uv_now(sglr_loop);
     return due > now ? due - now : 1;
 }

@@ -90,7 +90,9 @@ void sglr_clock_start(void);
 void sglr_clock_stop(void);
 /* 24 random base-62 characters into out (request ids; not secret) */
 void sglr_random_alnum24(char *out);
-/* Now in real time on the scale of uv_now(), for deadlines. */
+/* Now on the scale of uv_now() by the callback clock, for a request's
+ * deadlines (seconds away: behind the real time by what this callback did
+ * so far). */
 uint64_t sglr_loop_now(void);
 /* The uv_timer_start timeout for "ms from now in real time": at least 1, so
  * the timer never falls due within the timer pass that armed it. */
