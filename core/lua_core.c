@@ -188,6 +188,7 @@ void sglr_random_alnum24(char *out)
      * 62, the low word the fraction left (one multiply a character, no
      * branch). A character is uniform over the 62 within 62^8 / 2^64
      * (about 1e-5). */
+#ifdef __SIZEOF_INT128__
     for (int i = 0; i < 24; i += 8) {
         state ^= state >> 12;
         state ^= state << 25;
@@ -199,6 +200,17 @@ void sglr_random_alnum24(char *out)
             v = (uint64_t)m;
         }
     }
+#else
+    /* no 128-bit product: four 16-bit slices a draw, each times 62 */
+    for (int i = 0; i < 24; i += 4) {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        uint64_t v = state * 0x2545F4914F6CDD1Dull;
+        for (int k = 0; k < 4; k++, v >>= 16)
+            out[i + k] = alnum[((v & 0xffff) * 62) >> 16];
+    }
+#endif
 }
 
 /* core.random_id(prefix) -> prefix .. 24 alphanumerics (request ids) */

@@ -677,6 +677,9 @@ static int l_request(lua_State *L)
     if (lua_pushthread(L))
         return luaL_error(L, "core.request must run inside a coroutine");
     lua_pop(L, 1);
+    /* a client's request (sglr bench, health checks) times itself from
+     * now, not from the start of a callback that may start many */
+    sglr_clock_tick();
     lleg_t *f = new_response(L, NULL, pool, FWD_REQUEST);
     const char *err = leg_start(L, f, opts, NULL, -1);
     if (err)

@@ -397,6 +397,7 @@ static void dispatch_idle_cb(uv_idle_t *h)
         list = c->qnext;
         c->qnext = NULL;
         c->queued = 0;
+        sglr_clock_tick();        /* each pipelined request starts at its own time */
         if (!c->closing && !c->shutting)
             conn_dispatch(c, NULL, 0);
     }
@@ -973,6 +974,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 {
     sglr_conn_t *c = stream->data;
+    sglr_clock_tick();
     if (nread < 0) {
         conn_close(c);
         return;
@@ -992,7 +994,6 @@ static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     buf->base[nread] = 0;              /* sglr_req_fast's sentinel */
-    sglr_clock_tick();
     conn_dispatch(c, buf->base, (size_t)nread);
 }
 

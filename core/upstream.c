@@ -401,13 +401,13 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     sglr_upconn_t *c = s->data;
     sglr_upreq_t *r = c->req;
+    sglr_clock_tick();                 /* a worker's bytes, its end or its error: now */
     if (!r) {
         if (nread != 0)
             conn_close(c);
         return;
     }
     if (nread > 0) {
-        sglr_clock_tick();
         r->got_bytes = 1;
         if (r->state == UP_HEAD || r->throttled) {
             /* paused: keep the bytes; stop reading if too many wait */
