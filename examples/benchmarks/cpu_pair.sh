@@ -44,26 +44,9 @@ done
 [ -x "$SGLR_BIN" ] || { echo "cpu_pair.sh: $SGLR_BIN not found: build first (make)" >&2; exit 1; }
 if [ "$LOGS" = on ]; then LEVEL=info; else LEVEL=warn; fi
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sglr-cpu-pair.XXXXXX")
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$(dirname "$0")/lib.sh"
+bench_setup cpu-pair
 
-wait_http() {     # URL NAME PID
-  for _ in $(seq 1 100); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = 200 ]; then return 0; fi
-    kill -0 "$3" 2>/dev/null || { echo "cpu_pair.sh: $2 exited; its log:" >&2; cat "$TMP/$2.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "cpu_pair.sh: $2 did not answer $1" >&2
-  exit 1
-}
 
 PATH_Q=/generate
 if [ "$PROMPT" = chat4k ]; then

@@ -79,16 +79,8 @@ for tool in wrk nginx curl; do
 done
 [ -x "$SGLR_BIN" ] || { echo "proxy.sh: $SGLR_BIN not found: build first (make) or set SGLR_BIN" >&2; exit 1; }
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sglr-proxy-bench.XXXXXX")
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$(dirname "$0")/lib.sh"
+bench_setup proxy-bench
 
 for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT" "$PD_PORT" "$HAPROXY_PORT" "$CA_PORT"; do
   if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/"; then
@@ -97,16 +89,6 @@ for port in "$WORKER_PORT" "$ROUTER_PORT" "$NGINX_PORT" "$BASE_PORT" "$PD_PORT" 
   fi
 done
 
-# wait_http URL NAME PID: until URL answers 200, or fail if PID died
-wait_http() {
-  for _ in $(seq 1 100); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = 200 ]; then return 0; fi
-    kill -0 "$3" 2>/dev/null || { echo "proxy.sh: $2 exited; its log:" >&2; cat "$TMP/$2.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "proxy.sh: $2 did not answer $1" >&2
-  exit 1
-}
 
 "$SGLR_BIN" sim-worker --port "$WORKER_PORT" --max-new-tokens 1 >"$TMP/worker.log" 2>&1 &
 PIDS+=($!)

@@ -46,26 +46,9 @@ SIM_BIN=${SIM_BIN:-build/sglr}
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
   { echo "proxy_cost.sh: valgrind (callgrind) not found" >&2; exit 1; }
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sglr-proxy-cost.XXXXXX")
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$(dirname "$0")/lib.sh"
+bench_setup proxy-cost
 
-wait_http() {
-  for _ in $(seq 1 300); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true)" = 200 ]; then return 0; fi
-    kill -0 "$2" 2>/dev/null || { echo "proxy_cost.sh: process for $1 exited" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "proxy_cost.sh: $1 did not answer" >&2
-  exit 1
-}
 
 # the load: N requests over CONNS coroutines, each on its own connection
 cat >"$TMP/load.lua" <<'LUA'
@@ -107,14 +90,14 @@ LUA
 
 "$SIM_BIN" sim-worker --port "$WORKER_PORT" --max-new-tokens 1 >"$TMP/worker.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$WORKER_PORT/health" "$!"
+wait_http "http://127.0.0.1:$WORKER_PORT/health" worker "$!" 300
 "$SIM_BIN" sim-worker --role prefill --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT" \
   --max-new-tokens 1 >"$TMP/prefill.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$PREFILL_PORT/health" "$!"
+wait_http "http://127.0.0.1:$PREFILL_PORT/health" prefill "$!" 300
 "$SIM_BIN" sim-worker --role decode --port "$DECODE_PORT" --max-new-tokens 1 >"$TMP/decode.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$DECODE_PORT/health" "$!"
+wait_http "http://127.0.0.1:$DECODE_PORT/health" decode "$!" 300
 
 printf '%-40s %-8s %-14s %14s\n' binary mode policy "instr/request"
 bin_i=1
@@ -134,7 +117,7 @@ for bin in "$@"; do
     --prometheus-port 0 --max-concurrent-requests 0 $ROUTER_ARGS >"$TMP/router.log" 2>&1 &
   rpid=$!
   PIDS+=($rpid)
-  wait_http "http://127.0.0.1:$ROUTER_PORT/health" "$rpid"
+  wait_http "http://127.0.0.1:$ROUTER_PORT/health" router "$rpid" 300
   "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$WARMUP" "$CONNS" "$PROMPT" 1000000      # warm-up
   callgrind_control -z "$rpid" >/dev/null 2>&1
   "$SIM_BIN" lua "$TMP/load.lua" "http://127.0.0.1:$ROUTER_PORT" "$N" "$CONNS" "$PROMPT"
