@@ -48,31 +48,7 @@ if [ "$LOGS" = on ]; then LEVEL=info; else LEVEL=warn; fi
 bench_setup cpu-pair
 
 
-PATH_Q=/generate
-if [ "$PROMPT" = chat4k ]; then
-  PATH_Q=/v1/chat/completions
-  cat >"$TMP/post.lua" <<'EOF'
--- chat prompts of about 4 KB, each its own question after a shared system
--- prompt (as proxy.sh's PROMPT=chat4k)
-local system = ("You are a careful assistant for a GPU fleet. "):rep(20)
-local filler = ("how do I size the KV cache for this model? "):rep(70)
-local n = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  n = n + 1
-  local user = "Question " .. n .. ": " .. filler:sub(1, 2700 + n % 64 * 9)
-  return wrk.format(nil, nil, nil, '{"model":"m","max_tokens":1,"messages":[{"role":"system","content":"' ..
-    system .. '"},{"role":"user","content":"' .. user .. '"}]}')
-end
-EOF
-else
-  cat >"$TMP/post.lua" <<'EOF'
-wrk.method = "POST"
-wrk.body = '{"text":"hello","sampling_params":{"max_new_tokens":1}}'
-wrk.headers["Content-Type"] = "application/json"
-EOF
-fi
+bench_wrk_script "$PROMPT" "$TMP/post.lua"
 
 NAMES=() PORTS=() PROXY=()
 start_target() {   # INDEX SPEC

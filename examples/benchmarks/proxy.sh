@@ -214,36 +214,7 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-PATH_Q=/generate
-if [ "$PROMPT" = chat4k ]; then
-  PATH_Q=/v1/chat/completions
-  cat >"$TMP/post.lua" <<'EOF'
--- chat prompts of about 4 KB: a shared system prompt, then a question no
--- earlier request asked (as live traffic), of varying length
-local system = ("You are a careful assistant for a GPU fleet. "):rep(20)
-local filler = ("how do I size the KV cache for this model? "):rep(70)
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-local n = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  n = n + 1
-  local user = "Question " .. tostring(id) .. "-" .. n .. ": " .. filler:sub(1, 2700 + n % 64 * 9)
-  return wrk.format(nil, nil, nil, '{"model":"m","max_tokens":1,"messages":[{"role":"system","content":"' ..
-    system .. '"},{"role":"user","content":"' .. user .. '"}]}')
-end
-EOF
-else
-  cat >"$TMP/post.lua" <<'EOF'
-wrk.method = "POST"
-wrk.body = '{"text":"hello","sampling_params":{"max_new_tokens":1}}'
-wrk.headers["Content-Type"] = "application/json"
-EOF
-fi
+bench_wrk_script "$PROMPT" "$TMP/post.lua"
 
 # to_us VALUE: wrk's "812.00us" / "1.23ms" / "1.01s" in microseconds
 to_us() {
