@@ -66,6 +66,17 @@ describe("sglr.core", function()
     return finished_at
   end
 
+  -- A prefill and a decode worker answering with respond(name, x), and a
+  -- pool for each -> prefill, decode, prefill pool, decode pool
+  local function pd_legs(respond)
+    local function leg(name)
+      return assert(core.listen("127.0.0.1", 0, {}, function(x) respond(name, x) end))
+    end
+    local prefill, decode = leg("prefill"), leg("decode")
+    return prefill, decode, assert(core.upstream("http://127.0.0.1:" .. prefill:port())),
+      assert(core.upstream("http://127.0.0.1:" .. decode:port()))
+  end
+
   it("lets I/O in between the steps of a work loop that sleeps 0 ms", function()
     local at = served_during(function(step)
       for _ = 1, 40 do busy(2); step(); core.sleep(0) end
@@ -186,8 +197,7 @@ describe("sglr.core", function()
     assert(core.request(pool, { path = "/" }))          -- connected and warm
     -- 60 ms of work in this callback before the request starts (as sglr
     -- bench starting many requests in one)
-    local t = core.now()
-    while core.now() - t < 60 do end
+    busy(60)
     local res = assert(core.request(pool, { path = "/" }))
     assert.is_true(res.total_ms < 40, "total_ms " .. res.total_ms)
     assert.is_true(res.ttfb_ms <= res.total_ms)
@@ -561,15 +571,10 @@ describe("sglr.core", function()
   end)
 
   it("relay_pd with a hold commits at the heads, or returns the heads the hold keeps", function()
-    local function leg(name)
-      return assert(core.listen("127.0.0.1", 0, {}, function(x)
-        local st = tonumber(x:header("x-" .. name)) or 200
-        x:respond(st, { ["x-leg"] = name, ["x-request-id"] = "from-" .. name }, name .. " " .. st)
-      end))
-    end
-    local prefill, decode = leg("prefill"), leg("decode")
-    local ppool = assert(core.upstream("http://127.0.0.1:" .. prefill:port()))
-    local dpool = assert(core.upstream("http://127.0.0.1:" .. decode:port()))
+    local prefill, decode, ppool, dpool = pd_legs(function(name, x)
+      local st = tonumber(x:header("x-" .. name)) or 200
+      x:respond(st, { ["x-leg"] = name, ["x-request-id"] = "from-" .. name }, name .. " " .. st)
+    end)
     local seen = {}
     local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
       local batch, flags = assert(x:pd_check("generate"))
@@ -629,16 +634,11 @@ describe("sglr.core", function()
 
   it("relays a PD request to both legs with the request id, authorization and bootstrap fields", function()
     local legs = {}
-    local function leg(name)
-      return assert(core.listen("127.0.0.1", 0, {}, function(x)
-        local h = x:headers()
-        legs[#legs + 1] = { name = name, id = h["x-request-id"], auth = h.authorization, body = x:body() }
-        x:respond(200, {}, name == "decode" and '{"text":"d"}' or "{}")
-      end))
-    end
-    local prefill, decode = leg("prefill"), leg("decode")
-    local ppool = assert(core.upstream("http://127.0.0.1:" .. prefill:port()))
-    local dpool = assert(core.upstream("http://127.0.0.1:" .. decode:port()))
+    local prefill, decode, ppool, dpool = pd_legs(function(name, x)
+      local h = x:headers()
+      legs[#legs + 1] = { name = name, id = h["x-request-id"], auth = h.authorization, body = x:body() }
+      x:respond(200, {}, name == "decode" and '{"text":"d"}' or "{}")
+    end)
     local errs = {}
     local router = assert(core.listen("127.0.0.1", 0, {}, function(x)
       local batch, flags = assert(x:pd_check("generate"))

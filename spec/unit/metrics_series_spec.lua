@@ -3,6 +3,13 @@
 local metrics = require "sglr.metrics"
 
 describe("metric series handles", function()
+  -- a counter, a gauge and a histogram (bucket 1) series named after name
+  local function three(name)
+    return metrics.counter("spec_" .. name .. "_total", "Spec counter.", {}):series(),
+      metrics.gauge("spec_" .. name .. "_gauge", "Spec gauge.", {}):series(),
+      metrics.histogram("spec_" .. name .. "_seconds", "Spec histogram.", {}, { 1 }):series()
+  end
+
   it("share the series with labelled updates", function()
     local c = metrics.counter("spec_handle_total", "Spec counter.", { "route" })
     local h = c:series("generate")
@@ -29,9 +36,7 @@ describe("metric series handles", function()
   end)
 
   it("update several series in one apply call, each its own way, or none when a pair is bad", function()
-    local c = metrics.counter("spec_apply_total", "Spec counter.", {}):series()
-    local g = metrics.gauge("spec_apply_gauge", "Spec gauge.", {}):series()
-    local h = metrics.histogram("spec_apply_seconds", "Spec histogram.", {}, { 1 }):series()
+    local c, g, h = three("apply")
     metrics.apply(c, 2, g, 5, h, 0.5)
     metrics.apply(c, 1, g, 3, h, 2)
     assert.equal(3, c:get())
@@ -51,9 +56,7 @@ describe("metric series handles", function()
   it("apply through the FFI (sglr.stats) as the classic call does, up to six pairs and past", function()
     local stats = require "sglr.stats"
     assert.equal(stats.metrics, metrics)
-    local c = metrics.counter("spec_apply2_total", "Spec counter.", {}):series()
-    local g = metrics.gauge("spec_apply2_gauge", "Spec gauge.", {}):series()
-    local h = metrics.histogram("spec_apply2_seconds", "Spec histogram.", {}, { 1 }):series()
+    local c, g, h = three("apply2")
     metrics.apply(c, 1)
     metrics.apply(c, 1, g, 4, h, 0.5, c, 2, g, 6, h, 1.5)          -- six pairs: one FFI call
     metrics.apply(c, 1, c, 1, c, 1, c, 1, c, 1, c, 1, c, 1)         -- seven: the classic call
