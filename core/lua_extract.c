@@ -16,8 +16,6 @@
 #include "sglr.h"
 #include "server.h"
 
-struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
-
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -90,6 +88,18 @@ static size_t text_cap(const char *t, size_t len, lua_Number max)
     return n;
 }
 
+/* The routing text of the last run (at most max bytes) kept in exchange ex
+ * for the radix tree -> 0 and *n its length | -ENOMEM */
+static int keep_text(struct sglr_exchange_s *ex, const sglr_extract_t *x, lua_Number max, size_t *n)
+{
+    *n = text_cap(x->text, x->text_len, max);
+    ex->text.len = 0;
+    if (sglr_buf_append(&ex->text, x->text, *n))
+        return -ENOMEM;
+    ex->has_text = 1;
+    return 0;
+}
+
 /* extract.check(route, body_or_exchange [, max_text [, keep]]) -> true,
  * stream, model [, text] | nil, message. With max_text (a number; 0: no
  * cap) the routing text comes from the same pass, for a policy that reads
@@ -117,10 +127,8 @@ static int l_check(lua_State *L)
     size_t n = text_cap(x->text, x->text_len, max);
     struct sglr_exchange_s *ex = lua_toboolean(L, 4) ? sglr_lua_to_exchange(L, 2) : NULL;
     if (ex) {
-        ex->text.len = 0;
-        if (sglr_buf_append(&ex->text, x->text, n))
+        if (keep_text(ex, x, max, &n) < 0)
             return luaL_error(L, "extract: out of memory");
-        ex->has_text = 1;
         lua_pushinteger(L, (lua_Integer)n);
         return 4;
     }
@@ -156,11 +164,9 @@ int sglr_extract_ffi_check(void *b, int route, double max, int keep, double *tex
     if (r < 0)
         return -2;
     if (keep) {
-        size_t n = text_cap(x->text, x->text_len, max);
-        ex->text.len = 0;
-        if (sglr_buf_append(&ex->text, x->text, n))
+        size_t n;
+        if (keep_text(ex, x, max, &n) < 0)
             return -3;
-        ex->has_text = 1;
         *text_len = (double)n;
     }
     return (x->stream ? 1 : 0) | (x->has_model ? 2 : 0);

@@ -67,8 +67,6 @@ static int l_log_line(lua_State *L)
     return mode != 0;
 }
 
-int sglr_lua_x_status(void *b);
-const char *sglr_lua_x_rid(void *b, size_t *len);
 
 /* The access line of one inference request, called through the FFI from
  * log.lua (M.access): the line core.log_line("info", "request", 0,

@@ -294,7 +294,6 @@ static int l_close(lua_State *L)
  * payload); the text is the exchange's kept routing text when xb is given,
  * else s[0..n). -2: not a live tree or exchange, or an unknown id (the
  * caller then asks the method, which says why). */
-struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
 
 static const char *ffi_text(void *xb, const char *s, size_t *n)
 {

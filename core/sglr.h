@@ -104,6 +104,13 @@ const char *sglr_lua_body(lua_State *L, int idx, size_t *len);
 /* The live exchange (struct sglr_exchange_s) argument idx is, or NULL
  * (another value, or one whose exchange is gone). Never raises. */
 struct sglr_exchange_s *sglr_lua_to_exchange(lua_State *L, int idx);
+/* For C called through LuaJIT's FFI with an exchange's userdata (the box
+ * FFI passes as void *): the live exchange, or NULL; its status (-1: no
+ * live exchange); its request id (NULL when none, see
+ * sglr_lua_x_set_request_id), *len its length. */
+struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
+int sglr_lua_x_status(void *b);
+const char *sglr_lua_x_rid(void *b, size_t *len);
 /* The routing text kept in exchange x (sglr.extract's check with keep):
  * its bytes, "" with *len 0 when none was kept. */
 const char *sglr_exchange_text(const struct sglr_exchange_s *x, size_t *len);
