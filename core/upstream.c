@@ -821,11 +821,6 @@ static uint64_t req_due(const sglr_upreq_t *r)
     return next;
 }
 
-static void deadline_stop(sglr_upreq_t *r)
-{
-    (void)r;                    /* lazy: a due timer finds nothing to do */
-}
-
 static void timer_cb(uv_timer_t *t)
 {
     sglr_upreq_t *r = t->data;
@@ -940,7 +935,6 @@ static void req_release_conn(sglr_upreq_t *r, int reusable)
         return;
     r->conn = NULL;
     c->req = NULL;
-    deadline_stop(r);
     if (reusable && !c->closing && c->writing) {
         /* The worker answered while our write request is still with libuv:
          * wreq may not be reused before write_cb, and unsent bytes would be
@@ -990,7 +984,6 @@ static void req_fail(sglr_upreq_t *r, int err)
     }
     r->state = UP_DONE;
     r->err = err;
-    deadline_stop(r);
     r->on_done(r, err);
 }
 
@@ -1176,7 +1169,6 @@ void sglr_upreq_abort(sglr_upreq_t *r)
     if (r->state == UP_RESOLVING)
         pool_unqueue(r);
     r->state = UP_ABORTED;
-    deadline_stop(r);
     if (r->in_parse) {
         r->abort_pending = 1;
         return;
