@@ -65,6 +65,8 @@ typedef struct {
     size_t nodes;       /* nodes, root excluded */
     size_t chars;       /* bytes stored in edges (each edge once) */
     size_t tenancies;   /* (node, worker) pairs */
+    size_t kept;        /* bytes of released edge blocks kept for reuse
+                         * (at most max(chars, 1 MB) when released) */
 } sglr_radix_stats_t;
 
 void sglr_radix_stats(const sglr_radix_t *t, sglr_radix_stats_t *out);

@@ -354,6 +354,7 @@ TEST(memory_bounded_under_unique_prompts)
             sglr_radix_evict(t, 10000);
         if (stats(t).chars > peak)
             peak = stats(t).chars;
+        CHECK(stats(t).kept <= (1u << 20));   /* the floor: this tree is small */
     }
     CHECK(peak < 4 * (10000 + 500 * 110));
     sglr_radix_evict(t, 10000);
@@ -361,6 +362,46 @@ TEST(memory_bounded_under_unique_prompts)
         CHECK(sglr_radix_size(t, w) <= 10000);
     CHECK(stats(t).chars <= 4 * 10000);
     CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
+/* What an eviction frees is used again by the insertions that follow (a
+ * cache_aware tree under unique prompts frees and makes a leaf of a few KB
+ * per request), the blocks kept never pass the characters the tree holds
+ * (or 1 MB), and the tree reads the same as ever. */
+TEST(evicted_edges_are_reused)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    static char buf[4096];
+    memset(buf, 'q', sizeof buf);
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 2000; i++) {
+            int n = snprintf(buf, 32, "%05d-%d", i, round);
+            buf[n] = ':';
+            CHECK_EQ_INT(sglr_radix_insert(t, buf, 1000 + (size_t)(i % 7) * 400, i % 2), 0);
+        }
+        size_t held = stats(t).chars;
+        CHECK(sglr_radix_evict(t, 100000) > 0);
+        CHECK_EQ_INT(sglr_radix_check(t), 0);
+        size_t kept = stats(t).kept;
+#ifdef SGLR_NO_FREELIST
+        CHECK_EQ_INT(kept, 0);     /* sanitizer builds: every block is freed */
+#else
+        CHECK(kept > (1u << 20) / 2);
+        CHECK(kept <= held);
+#endif
+        /* the next unique prompt takes a kept block of its class */
+        int n = snprintf(buf, 32, "next-%d", round);
+        buf[n] = ':';
+        CHECK_EQ_INT(sglr_radix_insert(t, buf, 2200, 0), 0);
+#ifndef SGLR_NO_FREELIST
+        CHECK_EQ_INT(stats(t).kept, kept - 2208);
+#endif
+        int w = -1;
+        CHECK_EQ_INT(sglr_radix_match(t, buf, 2200, NULL, 0, &w), 2200);
+        CHECK_EQ_INT(w, 0);
+        CHECK_EQ_INT(sglr_radix_check(t), 0);
+    }
     sglr_radix_free(t);
 }
 
@@ -640,6 +681,7 @@ int main(void)
     RUN(utf8_boundaries);
     RUN(deep_chains);
     RUN(memory_bounded_under_unique_prompts);
+    RUN(evicted_edges_are_reused);
     RUN(evict_is_fast);
     RUN(randomized_against_model);
     RUN(randomized_with_eviction_stays_sound);
