@@ -387,6 +387,38 @@ int sglr_lua_x_copy_request_id(void *b, char *out, int cap)
     return (int)n;
 }
 
+int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
+                      int pversion, int worker, int reason, double matched, double total,
+                      void *x, const char *id, int idlen)
+{
+    sglr_decision_t *d = &a[i];
+    d->t = t;
+    d->matched = matched;
+    d->total = total;
+    d->attempt = attempt;
+    d->route = (uint16_t)route;
+    d->pname = (uint16_t)pname;
+    d->pversion = (uint16_t)pversion;
+    d->worker = (uint16_t)worker;
+    d->reason = (uint16_t)reason;
+    d->dworker = 0;
+    d->has_shadow = 0;
+    size_t n = 0;
+    const char *s = x ? sglr_lua_x_rid(x, &n) : NULL;
+    int r = 0;
+    if (!s) {
+        s = id;
+        n = id && idlen > 0 ? (size_t)idlen : 0;
+        r = id ? 0 : -1;
+    }
+    if (n > sizeof d->id)
+        n = sizeof d->id;
+    if (n)
+        memcpy(d->id, s, n);
+    d->idlen = (uint8_t)n;
+    return r;
+}
+
 static sglr_exchange_t *check_x(lua_State *L)
 {
     return sglr_lua_check_exchange(L, 1);

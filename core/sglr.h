@@ -111,6 +111,25 @@ struct sglr_exchange_s *sglr_lua_to_exchange(lua_State *L, int idx);
 struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
 int sglr_lua_x_status(void *b);
 const char *sglr_lua_x_rid(void *b, size_t *len);
+
+/* One slot of the decision log (lua/sglr/decisions.lua declares the same
+ * struct to the FFI: keep the two alike). */
+typedef struct {
+    double t, matched, total, dmatched, dtotal;
+    int32_t attempt;
+    uint16_t route, pname, pversion, worker, reason, dpname, dpversion, dworker, dreason;
+    uint8_t has_shadow, idlen;
+    char id[63];
+} sglr_decision_t;
+
+/* Write the first leg of a decision into a[i] in one call (the FFI's field
+ * stores, where the JIT leaves them to the interpreter, cost thousands of
+ * instructions). The request id: the one kept in x's exchange (x: its box,
+ * or NULL), else id (idlen bytes, cut to 63). -> 0, or -1 when x kept no
+ * id and id is NULL (the slot then has an empty id). */
+int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
+                      int pversion, int worker, int reason, double matched, double total,
+                      void *x, const char *id, int idlen);
 /* The routing text kept in exchange x (sglr.extract's check with keep):
  * its bytes, "" with *len 0 when none was kept. */
 const char *sglr_exchange_text(const struct sglr_exchange_s *x, size_t *len);

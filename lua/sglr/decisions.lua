@@ -51,6 +51,14 @@ if pcall(ffi.cdef, "int sglr_lua_x_copy_request_id(void *x, char *out, int cap);
   local ok, f = pcall(function() return ffi.C.sglr_lua_x_copy_request_id end)
   if ok then copy_rid = f end
 end
+-- the first leg written in one C call (below), where the binary has it
+local put = false
+if pcall(ffi.cdef, [[int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route,
+    int pname, int pversion, int worker, int reason, double matched, double total, void *x, const char *id,
+    int idlen);]]) then
+  local ok, f = pcall(function() return ffi.C.sglr_decision_put end)
+  if ok then put = f end
+end
 local copy = ffi.copy
 local string_of = ffi.string
 local NAN = 0 / 0
@@ -97,6 +105,25 @@ function M:record(now, req, policy, w, reason, matched, total)
   if pos > size then pos = 1 end
   self.pos = pos
   if self.n < size then self.n = self.n + 1 end
+  if put then
+    -- one C call: the FFI's field stores cost thousands of instructions
+    -- wherever the JIT leaves this function to the interpreter. The id
+    -- straight from the request's exchange when it is kept there.
+    local id, x = rawget(req, "id"), nil
+    if not id then
+      x = rawget(req, "_x")
+      if type(x) ~= "userdata" then x, id = nil, req.id end
+    end
+    local a, attempt = self.a, req.retries + 1
+    local route, pname, pversion = intern(self, req.route), intern(self, policy.name), intern(self, policy.version)
+    local wid, rid = intern(self, w.url), intern(self, reason)
+    matched, total = matched or NAN, total or NAN
+    if put(a, pos - 1, now, attempt, route, pname, pversion, wid, rid, matched, total, x, id, id and #id or 0) < 0 then
+      id = req.id      -- the exchange kept none
+      put(a, pos - 1, now, attempt, route, pname, pversion, wid, rid, matched, total, nil, id, #id)
+    end
+    return pos
+  end
   local d = self.a[pos - 1]
   d.t, d.attempt = now, req.retries + 1
   d.route, d.pname, d.pversion = intern(self, req.route), intern(self, policy.name), intern(self, policy.version)
