@@ -24,6 +24,7 @@
 #include "server.h"
 #include "sglr.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <signal.h>
 #include <strings.h>
@@ -797,6 +798,47 @@ TEST(fast_request_shapes)
     sglr_head_free(&h);
 }
 
+/* Names are lowercased eight bytes a step while they are letters, digits
+ * and '-': every name shape (any length, other tchars anywhere, a ':' at
+ * any offset in a step) comes out lowercased to its ':' and no further,
+ * values keep their case, and a byte no name may hold leaves the request
+ * to llhttp. */
+TEST(fast_request_names)
+{
+    static const char *names[] = {
+        "A", "Ab", "X-Y", "ABCDEFG", "ABCDEFGH", "ABCDEFGHI", "Content-Type", "CONTENT-LANGUAGE",
+        "X-Request-Id-0123456789", "x_under_SCORE", "X-Custom_Name!~", "A#B$C%D&E'F*G+H.I^J`K|L~M",
+        "Sixteen-Chars-Ab", "Fifteen-Chars-A", "X-0123456789-ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char in[512], want[128];
+        int n = snprintf(in, sizeof in, "GET /g HTTP/1.1\r\nHost: a\r\n%s: VaLuE-ABCDEFGH\r\n\r\n", names[i]);
+        size_t nl = strlen(names[i]);
+        for (size_t k = 0; k <= nl; k++)
+            want[k] = (char)tolower((unsigned char)names[i][k]);
+        sglr_head_t h = { 0 };
+        sglr_fast_req_t fr = { 0 };
+        size_t used = sglr_req_fast(in, (size_t)n, 4096, 4096, &h, &fr);
+        size_t vl = 0;
+        const char *v = used ? sglr_head_get(&h, want, &vl) : NULL;
+        int ok = used == (size_t)n && h.nhdrs == 2 && strcmp(SGLR_HDR_NAME(&h, 1), want) == 0 && v &&
+                 vl == 14 && memcmp(v, "VaLuE-ABCDEFGH", 14) == 0;
+        if (!ok)
+            fprintf(stderr, "name %s: used %zu\n", names[i], used);
+        sglr_head_free(&h);
+        CHECK(ok);
+    }
+    static const char *bad[] = { "X-Na@me", "ABCDEFGH(", "Abcdefgh\x80", "X Y", "ABCDEFGHIJ/" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char in[256];
+        int n = snprintf(in, sizeof in, "GET /g HTTP/1.1\r\nHost: a\r\n%s: v\r\n\r\n", bad[i]);
+        sglr_head_t h = { 0 };
+        sglr_fast_req_t fr = { 0 };
+        CHECK_EQ_INT(sglr_req_fast(in, (size_t)n, 4096, 4096, &h, &fr), 0);
+        sglr_head_free(&h);
+    }
+}
+
 TEST(chunked_request_body)
 {
     sglr_server_t *s = server_up(1000, 4096);
@@ -1422,6 +1464,7 @@ int main(void)
     RUN(abort_truncates);
     RUN(split_reads);
     RUN(fast_request_shapes);
+    RUN(fast_request_names);
     RUN(chunked_request_body);
     RUN(body_too_large_by_content_length);
     RUN(body_too_large_chunked);
