@@ -247,47 +247,6 @@ static inline const char *ctl_scan(const char *q, const char *end)
     return end;
 }
 
-/* High bit of each byte of w that lies in [lo, hi] (bytes below 0x80,
- * lo > 0, hi < 0x7f): exact per byte, no borrow between bytes. */
-static inline uint64_t bytes_in(uint64_t w, unsigned lo, unsigned hi)
-{
-    const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80, lows = ~highs;
-    uint64_t x = w & lows;
-    uint64_t ge = (x + ones * (0x80 - lo)) & highs;       /* x >= lo */
-    uint64_t le = ~(x + ones * (0x7f - hi)) & highs;      /* x <= hi */
-    return ge & le & ~w;                                  /* and w < 0x80 */
-}
-
-/* Lowercase the header name at q in place -> the byte after it (the
- * first that is not a tchar). Eight bytes a step while they are letters,
- * digits and '-' (the names seen in practice), a byte a step for the rest
- * (tlower); a step never writes past the name. */
-static inline char *name_lower(char *q, const char *end)
-{
-    while (end - q >= 8) {
-        uint64_t w;
-        memcpy(&w, q, 8);
-        uint64_t up = bytes_in(w, 'A', 'Z');
-        uint64_t lw = w | (up >> 2);                      /* 0x80 >> 2: 0x20 */
-        uint64_t ok = bytes_in(lw, 'a', 'z') | bytes_in(lw, '0', '9') | bytes_in(lw, '-', '-');
-        if (ok == 0x8080808080808080ull) {
-            memcpy(q, &lw, 8);
-            q += 8;
-            continue;
-        }
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        size_t k = (size_t)__builtin_ctzll(~ok & 0x8080808080808080ull) >> 3;
-        memcpy(q, &lw, k);      /* the leading bytes that passed */
-        q += k;
-#endif
-        break;
-    }
-    unsigned char c;
-    while ((c = tlower[(unsigned char)*q]) != 0)
-        *q++ = (char)c;
-    return q;
-}
-
 static int name_is(const char *p, size_t n, const char *lower)
 {
     return strlen(lower) == n && strncasecmp(p, lower, n) == 0;
@@ -320,7 +279,9 @@ static char *fields_scan(char *p, char *q, const char *end, fast_fields_t *ff, i
         if (*q == '\r')
             return q[1] == '\n' ? q + 2 : NULL;
         char *name = q;
-        q = name_lower(q, end);
+        unsigned char c;
+        while ((c = tlower[(unsigned char)*q]) != 0)
+            *q++ = (char)c;
         if (q == name || *q != ':')
             return NULL;
         size_t nl = (size_t)(q - name);
