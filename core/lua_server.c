@@ -387,9 +387,8 @@ int sglr_lua_x_copy_request_id(void *b, char *out, int cap)
     return (int)n;
 }
 
-int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
-                      int pversion, int worker, int reason, double matched, double total,
-                      void *x, const char *id, int idlen)
+void sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
+                       int pversion, int worker, int reason, double matched, double total)
 {
     sglr_decision_t *d = &a[i];
     d->t = t;
@@ -403,6 +402,11 @@ int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int rout
     d->reason = (uint16_t)reason;
     d->dworker = 0;
     d->has_shadow = 0;
+}
+
+int sglr_decision_put_id(sglr_decision_t *a, int i, void *x, const char *id, int idlen)
+{
+    sglr_decision_t *d = &a[i];
     size_t n = 0;
     const char *s = x ? sglr_lua_x_rid(x, &n) : NULL;
     int r = 0;

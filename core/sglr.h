@@ -124,12 +124,14 @@ typedef struct {
 
 /* Write the first leg of a decision into a[i] in one call (the FFI's field
  * stores, where the JIT leaves them to the interpreter, cost thousands of
- * instructions). The request id: the one kept in x's exchange (x: its box,
- * or NULL), else id (idlen bytes, cut to 63). -> 0, or -1 when x kept no
- * id and id is NULL (the slot then has an empty id). */
-int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
-                      int pversion, int worker, int reason, double matched, double total,
-                      void *x, const char *id, int idlen);
+ * instructions). */
+void sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
+                       int pversion, int worker, int reason, double matched, double total);
+
+/* The request id of a[i]: the one kept in x's exchange (x: its box, or
+ * NULL), else id (idlen bytes), cut to 63 bytes. -> 0, or -1 when neither
+ * gives one (the slot's id is then empty). */
+int sglr_decision_put_id(sglr_decision_t *a, int i, void *x, const char *id, int idlen);
 /* The routing text kept in exchange x (sglr.extract's check with keep):
  * its bytes, "" with *len 0 when none was kept. */
 const char *sglr_exchange_text(const struct sglr_exchange_s *x, size_t *len);

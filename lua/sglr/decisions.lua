@@ -22,7 +22,7 @@
 -- "unspecified". A retried attempt's reason is "retry", with the policy's
 -- own as policy_reason.
 
-local type, floor = type, math.floor
+local type, floor, min = type, math.floor, math.min
 local cjson = require "cjson.safe"
 local ffi = require "ffi"
 
@@ -51,13 +51,14 @@ if pcall(ffi.cdef, "int sglr_lua_x_copy_request_id(void *x, char *out, int cap);
   local ok, f = pcall(function() return ffi.C.sglr_lua_x_copy_request_id end)
   if ok then copy_rid = f end
 end
--- the first leg written in one C call (below), where the binary has it
-local put = false
-if pcall(ffi.cdef, [[int sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route,
-    int pname, int pversion, int worker, int reason, double matched, double total, void *x, const char *id,
-    int idlen);]]) then
-  local ok, f = pcall(function() return ffi.C.sglr_decision_put end)
-  if ok then put = f end
+-- the first leg written by C calls (below), where the binary has them
+local put, put_id = false, false
+if pcall(ffi.cdef, [[
+    void sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
+      int pversion, int worker, int reason, double matched, double total);
+    int sglr_decision_put_id(sglr_decision_t *a, int i, void *x, const char *id, int idlen);]]) then
+  local ok, f, g = pcall(function() return ffi.C.sglr_decision_put, ffi.C.sglr_decision_put_id end)
+  if ok then put, put_id = f, g end
 end
 local copy = ffi.copy
 local string_of = ffi.string
@@ -101,26 +102,34 @@ end
 -- Record the first leg of a decision in the next slot (the oldest once the
 -- ring is full) -> its position.
 function M:record(now, req, policy, w, reason, matched, total)
-  local pos, size = self.pos + 1, self.size
-  if pos > size then pos = 1 end
+  -- without branches: one that flips after a while (the ring wrapping
+  -- every size decisions, or full from then on) left the JIT a side trace
+  -- it could not compile from inside the flow's ("register coalescing too
+  -- complex"), and every request after it interpreted the rest of record
+  -- and of the flow, the JIT trying again and again
+  local size = self.size
+  local pos = self.pos % size + 1
   self.pos = pos
-  if self.n < size then self.n = self.n + 1 end
+  self.n = min(self.n + 1, size)
   if put then
-    -- one C call: the FFI's field stores cost thousands of instructions
+    -- C calls: the FFI's field stores cost thousands of instructions
     -- wherever the JIT leaves this function to the interpreter. The id
-    -- straight from the request's exchange when it is kept there.
-    local id, x = rawget(req, "id"), nil
-    if not id then
-      x = rawget(req, "_x")
-      if type(x) ~= "userdata" then x, id = nil, req.id end
-    end
-    local a, attempt = self.a, req.retries + 1
-    local route, pname, pversion = intern(self, req.route), intern(self, policy.name), intern(self, policy.version)
-    local wid, rid = intern(self, w.url), intern(self, reason)
-    matched, total = matched or NAN, total or NAN
-    if put(a, pos - 1, now, attempt, route, pname, pversion, wid, rid, matched, total, x, id, id and #id or 0) < 0 then
-      id = req.id      -- the exchange kept none
-      put(a, pos - 1, now, attempt, route, pname, pversion, wid, rid, matched, total, nil, id, #id)
+    -- last, once the leg's many values are dead: a side trace from a
+    -- branch with them all live could not be compiled ("register
+    -- coalescing too complex") and was tried again and again.
+    local a, i = self.a, pos - 1
+    put(a, i, now, req.retries + 1, intern(self, req.route), intern(self, policy.name),
+      intern(self, policy.version), intern(self, w.url), intern(self, reason), matched or NAN, total or NAN)
+    -- the id straight from the request's exchange when it is kept there
+    local id = rawget(req, "id")
+    if id then
+      put_id(a, i, nil, id, #id)
+    else
+      local x = rawget(req, "_x")
+      if type(x) ~= "userdata" or put_id(a, i, x, nil, 0) < 0 then
+        id = req.id
+        put_id(a, i, nil, id, #id)
+      end
     end
     return pos
   end
