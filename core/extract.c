@@ -422,3 +422,25 @@ int sglr_extract_run(sglr_extract_t *x, sglr_route_t route,
     }
     return 0;
 }
+
+int sglr_extract_take_text(sglr_extract_t *x, sglr_buf_t *out, size_t n, size_t max_cap)
+{
+    if (x->text_len == 0 || n > x->text_len)
+        return -1;
+    for (int i = 0; i < NSLOTS; i++) {
+        buf_t *b = &x->buf[i];
+        if (b->data != x->text)
+            continue;
+        if (b->cap > max_cap)
+            return -1;
+        buf_t spare = *out;
+        spare.len = 0;
+        *out = *b;
+        out->len = n;
+        *b = spare;
+        x->text = "";
+        x->text_len = 0;
+        return 0;
+    }
+    return -1;
+}

@@ -57,4 +57,12 @@ void sglr_extract_close(sglr_extract_t *x);
 int sglr_extract_run(sglr_extract_t *x, sglr_route_t route,
                      const char *body, size_t n, int flags);
 
+/* Hand the routing text of the last run to *out without copying it: the
+ * extractor's buffer that holds it changes places with *out's (emptied,
+ * and kept for the next run), and out->len becomes n (at most text_len).
+ * Then x->text is "". -> 0, or -1 (*out left alone) when no buffer of x
+ * holds the text (an empty one) or that buffer is over max_cap bytes (the
+ * extractor keeps a large one rather than grow a small one again). */
+int sglr_extract_take_text(sglr_extract_t *x, sglr_buf_t *out, size_t n, size_t max_cap);
+
 #endif

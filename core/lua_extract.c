@@ -90,12 +90,19 @@ static size_t text_cap(const char *t, size_t len, lua_Number max)
 
 /* The routing text of the last run (at most max bytes) kept in exchange ex
  * for the radix tree -> 0 and *n its length | -ENOMEM */
-static int keep_text(struct sglr_exchange_s *ex, const sglr_extract_t *x, lua_Number max, size_t *n)
+static int keep_text(struct sglr_exchange_s *ex, sglr_extract_t *x, lua_Number max, size_t *n)
 {
     *n = text_cap(x->text, x->text_len, max);
-    ex->text.len = 0;
-    if (sglr_buf_append(&ex->text, x->text, *n))
-        return -ENOMEM;
+    /* the extractor's buffer that holds it goes to the exchange, which
+     * gives its own (emptied) for the next run: a prompt is not copied.
+     * Up to the size an exchange keeps between requests (16 KB): a larger
+     * one would be freed with the exchange, and the extractor would grow
+     * a small one again for each long prompt. */
+    if (!(*n && sglr_extract_take_text(x, &ex->text, *n, 16u << 10) == 0)) {
+        ex->text.len = 0;
+        if (sglr_buf_append(&ex->text, x->text, *n))
+            return -ENOMEM;
+    }
     ex->has_text = 1;
     return 0;
 }

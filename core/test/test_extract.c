@@ -269,6 +269,46 @@ TEST(buffers_are_reused)
     CHECK_EQ_STR(text_of(CHAT, "{\"messages\": [{\"content\": \"c\"}]}"), "c");
 }
 
+/* The routing text handed over without a copy (the flow keeps it in the
+ * request's exchange): the buffers change places, each run after it
+ * decodes into the one it was given, and a buffer over the cap, or no
+ * text, leaves the caller's buffer alone. */
+TEST(text_taken_without_a_copy)
+{
+    sglr_buf_t out = { 0 };
+    CHECK_EQ_INT(sglr_buf_append(&out, "old text", 8), 0);
+    char *given = out.data;
+    const char *chat = "{\"messages\": [{\"content\": \"sys\"}, {\"content\": \"question one\"}]}";
+    CHECK_EQ_INT(sglr_extract_run(&X, CHAT, chat, strlen(chat), SGLR_EXTRACT_TEXT), 0);
+    const char *held = X.text;
+    CHECK_EQ_INT(sglr_extract_take_text(&X, &out, 12, 1u << 14), 0);
+    CHECK(out.data == held);                     /* the same bytes, not a copy */
+    CHECK_EQ_INT(out.len, 12);
+    CHECK(memcmp(out.data, "sys question", 12) == 0);
+    CHECK_EQ_INT(X.text_len, 0);
+    /* the next run decodes into the buffer the caller gave */
+    CHECK_EQ_STR(text_of(COMP, "{\"prompt\": \"a prompt\"}"), "a prompt");
+    CHECK_EQ_STR(text_of(CHAT, "{\"messages\": [{\"content\": \"next\"}]}"), "next");
+    CHECK(X.text == given);
+    CHECK(memcmp(out.data, "sys question", 12) == 0);     /* what was taken stays */
+    /* from the prompt's buffer too */
+    sglr_buf_t out2 = { 0 };
+    CHECK_EQ_STR(text_of(COMP, "{\"prompt\": \"the prompt\"}"), "the prompt");
+    CHECK_EQ_INT(sglr_extract_take_text(&X, &out2, 10, 1u << 14), 0);
+    CHECK(out2.len == 10 && memcmp(out2.data, "the prompt", 10) == 0);
+    /* over the cap, or no text: refused, nothing moved */
+    CHECK_EQ_STR(text_of(GEN, "{\"text\": \"kept here\"}"), "kept here");
+    CHECK_EQ_INT(sglr_extract_take_text(&X, &out, 9, 4), -1);
+    CHECK(memcmp(out.data, "sys question", 12) == 0 && out.len == 12);
+    CHECK_EQ_INT(X.text_len, 9);
+    CHECK_EQ_STR(text_of(GEN, "{\"text\": \"\"}"), "");
+    sglr_buf_t before = out;
+    CHECK_EQ_INT(sglr_extract_take_text(&X, &out, 0, 1u << 14), -1);
+    CHECK(out.data == before.data && out.len == before.len);
+    sglr_buf_free(&out);
+    sglr_buf_free(&out2);
+}
+
 int main(void)
 {
     sglr_extract_init(&X);
@@ -284,6 +324,7 @@ int main(void)
     RUN(wrong_types);
     RUN(every_truncation_is_refused);
     RUN(buffers_are_reused);
+    RUN(text_taken_without_a_copy);
     sglr_extract_close(&X);
     TEST_EXIT();
 }

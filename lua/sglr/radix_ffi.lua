@@ -46,7 +46,12 @@ local fmatch, finsert, fsize = C.sglr_radix_ffi_match, C.sglr_radix_ffi_insert, 
 local c_match, c_insert, c_size = methods.match, methods.insert, methods.size
 local getfenv = debug.getfenv
 
--- each tree's URL <-> id table (its environment: env[url] = id, env[id] = url)
+-- each tree's URL <-> id table (its environment: env[url] = id, env[id] = url),
+-- read as `envs[t] or env_of(t)`: env_of runs once a tree, so it never
+-- becomes hot on its own. (Called every time, it could: LuaJIT then gave
+-- it a trace of its own, which returns to an interpreted caller, and in
+-- such a router process the rest of every select ran interpreted, about
+-- a third more CPU a request.)
 local envs = setmetatable({}, { __mode = "k" })
 local function env_of(t)
   local e = envs[t]
@@ -95,7 +100,7 @@ methods.match = function(t, text, allowed)
   else
     return c_match(t, text, allowed)
   end
-  local env = env_of(t)
+  local env = envs[t] or env_of(t)
   local w
   if allowed == nil then
     w = fmatch(t, x, s, n, nil, 0, matched)
@@ -115,7 +120,7 @@ end
 
 methods.insert = function(t, text, url)
   if getmetatable(t) == TREE and type(url) == "string" then
-    local id = env_of(t)[url]
+    local id = (envs[t] or env_of(t))[url]
     if id then
       local tt, r = type(text), -2
       if tt == "string" then
@@ -132,7 +137,7 @@ end
 -- (cache_aware asks it for every candidate when no prefix matched)
 methods.size = function(t, url)
   if getmetatable(t) == TREE and type(url) == "string" then
-    local id = env_of(t)[url]
+    local id = (envs[t] or env_of(t))[url]
     if id then
       local n = fsize(t, id)
       if n >= 0 then return n end
