@@ -186,6 +186,12 @@ end
 -- Least loaded worker; ties rotate.
 local function least_loaded(self, workers, min_load)
   local cand, n = self.cand, 0
+  if #workers == 1 then
+    -- one worker: no loop of one trip (LuaJIT cannot close a trace on
+    -- one, and its attempts could leave select interpreted)
+    cand[1] = workers[1]
+    return rotate(self, 1)
+  end
   for i = 1, #workers do
     local w = workers[i]
     if (w.load or 0) == min_load then
@@ -200,6 +206,10 @@ end
 -- lower load, then rotate.
 local function emptiest(self, workers)
   local tree, cand = self.tree, self.cand
+  if #workers == 1 then
+    cand[1] = workers[1]    -- (as in least_loaded)
+    return rotate(self, 1)
+  end
   local n, best_size, best_load = 0, nil, nil
   for i = 1, #workers do
     local w = workers[i]
@@ -226,10 +236,15 @@ function P:select(req, workers)
   if n == 0 then return nil, "no workers" end
 
   local min_load, max_load = math.huge, -math.huge
-  for i = 1, n do
-    local l = workers[i].load or 0
-    if l < min_load then min_load = l end
-    if l > max_load then max_load = l end
+  if n == 1 then
+    min_load = workers[1].load or 0    -- (as in least_loaded)
+    max_load = min_load
+  else
+    for i = 1, n do
+      local l = workers[i].load or 0
+      if l < min_load then min_load = l end
+      if l > max_load then max_load = l end
+    end
   end
 
   -- the routing text as the tree takes it: where the router kept it

@@ -69,23 +69,30 @@ local matched = ffi.new("double[1]")
 
 -- Set (on) or clear the bits of the candidates the tree knows -> the
 -- highest byte set, or -1
-local function set_bits(env, allowed, on)
-  local top = -1
-  for i = 1, #allowed do
-    local w = allowed[i]
-    local url = w
-    if type(w) == "table" then url = w.url end
-    local id = type(url) == "string" and env[url]
-    if id then
-      local byte = rshift(id, 3)
-      if on then
-        bits[byte] = bor(bits[byte], lshift(1, band(id, 7)))
-        if byte > top then top = byte end
-      else
-        bits[byte] = 0
-      end
+local function set_bit(env, w, on, top)
+  local url = w
+  if type(w) == "table" then url = w.url end
+  local id = type(url) == "string" and env[url]
+  if id then
+    local byte = rshift(id, 3)
+    if on then
+      bits[byte] = bor(bits[byte], lshift(1, band(id, 7)))
+      if byte > top then top = byte end
+    else
+      bits[byte] = 0
     end
   end
+  return top
+end
+
+local function set_bits(env, allowed, on)
+  local top = -1
+  local n = #allowed
+  -- one candidate without a loop: a loop of one trip never closes a trace
+  -- of its own, and LuaJIT, trying again and again, could leave the code
+  -- around it interpreted (see flow.give_list)
+  if n == 1 then return set_bit(env, allowed[1], on, top) end
+  for i = 1, n do top = set_bit(env, allowed[i], on, top) end
   return top
 end
 

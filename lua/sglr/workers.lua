@@ -222,7 +222,14 @@ end
 function M:available(now, exclude, role, out)
   local excluded = 0
   out = out or {}
-  for _, w in ipairs(self.list) do
+  local list = self.list
+  if #list == 1 and not exclude then
+    -- one worker: no loop of one trip (see flow.give_list)
+    local w = list[1]
+    if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then out[1] = w end
+    return out
+  end
+  for _, w in ipairs(list) do
     if w.healthy and (not role or w.role == role) and w.breaker:allow(now) then
       if exclude and exclude[w.base_url] then
         excluded = excluded + 1
