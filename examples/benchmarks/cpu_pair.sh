@@ -21,8 +21,15 @@
 # Everything listens on 127.0.0.1; every process started here is stopped by
 # its pid on exit.
 #
+# LuaJIT compiles a process's traces in an order that depends on timing,
+# and two processes of one build can differ by a third in CPU a request
+# (the README's benchmarks say more): with INSTANCES=K both targets are
+# started afresh K times, RUNS runs each time, so that one lucky or
+# unlucky process does not decide the comparison.
+#
 # usage: examples/benchmarks/cpu_pair.sh A B
-# env:   SGLR_BIN (build/sglr: the sim workers, and "sglr"), RUNS (20),
+# env:   SGLR_BIN (build/sglr: the sim workers, and "sglr"), RUNS (20 in
+#        all, RUNS / INSTANCES per start), INSTANCES (1),
 #        DURATION (4s a run), CONNECTIONS (16 each), PROMPT (small; chat4k),
 #        LOGS (off; on: the routers log at info, nginx writes an access log),
 #        PORT_BASE (31840: workers and proxies on the four ports from it)
@@ -30,13 +37,14 @@ set -euo pipefail
 
 SGLR_BIN=${SGLR_BIN:-build/sglr}
 RUNS=${RUNS:-20}
+INSTANCES=${INSTANCES:-1}
 DURATION=${DURATION:-4s}
 CONNECTIONS=${CONNECTIONS:-16}
 PROMPT=${PROMPT:-small}
 LOGS=${LOGS:-off}
 PORT_BASE=${PORT_BASE:-31840}
 
-if [ $# -ne 2 ]; then sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
+if [ $# -ne 2 ]; then sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
 case $PROMPT in small|chat4k) ;; *) echo "cpu_pair.sh: PROMPT is small or chat4k" >&2; exit 2 ;; esac
 for tool in wrk curl; do
   command -v "$tool" >/dev/null || { echo "cpu_pair.sh: $tool not found (make deps installs it)" >&2; exit 1; }
@@ -50,11 +58,12 @@ bench_setup cpu-pair
 
 bench_wrk_script "$PROMPT" "$TMP/post.lua"
 
-NAMES=() PORTS=() PROXY=()
+NAMES=() PORTS=() PROXY=() WORKER=()
 start_target() {   # INDEX SPEC
   local i=$1 spec=$2 wport=$((PORT_BASE + 2 * $1)) port=$((PORT_BASE + 2 * $1 + 1))
   "$SGLR_BIN" sim-worker --host 127.0.0.1 --port "$wport" --max-new-tokens 1 >"$TMP/worker$i.log" 2>&1 &
   PIDS+=($!)
+  WORKER[$i]=$!
   wait_http "http://127.0.0.1:$wport/health" "worker$i" "$!"
   local name=${spec%%:*} policy=round_robin bin=$SGLR_BIN
   [[ $spec == *:* ]] && policy=${spec#*:}
@@ -94,8 +103,14 @@ EOF
   NAMES[$i]=$spec
   PORTS[$i]=$port
 }
-start_target 0 "$1"
-start_target 1 "$2"
+# a target's proxy and sim worker stopped (by their pids), for a fresh start
+stop_target() {   # INDEX
+  local pid
+  for pid in "${PROXY[$1]}" "${WORKER[$1]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
 
 # user and system clock ticks of a process and its children (nginx: master
 # and worker)
@@ -118,19 +133,28 @@ load() {   # DURATION: both targets at once
   wait "${w[@]}"
 }
 
-echo "head to head: ${NAMES[0]} (A) and ${NAMES[1]} (B), $RUNS runs of $DURATION, wrk -t1 -c$CONNECTIONS each, $PROMPT" >&2
-load 2s    # warm-up: the JIT compiles, the pools fill
+PER=$(( (RUNS + INSTANCES - 1) / INSTANCES ))
+echo "head to head: $1 (A) and $2 (B), $RUNS runs of $DURATION over $INSTANCES start(s), wrk -t1 -c$CONNECTIONS each, $PROMPT" >&2
 : >"$TMP/runs"
-for r in $(seq 1 "$RUNS"); do
-  read -r u0a s0a < <(ticks "${PROXY[0]}"); read -r u0b s0b < <(ticks "${PROXY[1]}")
-  load "$DURATION"
-  read -r u1a s1a < <(ticks "${PROXY[0]}"); read -r u1b s1b < <(ticks "${PROXY[1]}")
-  na=$(awk '/requests in/ { print $1 }' "$TMP/wrk0.out"); nb=$(awk '/requests in/ { print $1 }' "$TMP/wrk1.out")
-  awk -v r="$r" -v t="$TCK" -v na="$na" -v nb="$nb" -v ua=$((u1a - u0a)) -v sa=$((s1a - s0a)) \
-    -v ub=$((u1b - u0b)) -v sb=$((s1b - s0b)) 'BEGIN {
-      printf "%d %.3f %.3f %.3f %.3f\n", r, (ua + sa) * 1e6 / t / na, ua * 1e6 / t / na,
-        (ub + sb) * 1e6 / t / nb, ub * 1e6 / t / nb }' >>"$TMP/runs"
-  awk -v r="$r" '$1 == r { printf "run %2d   A %6.2f us (user %5.2f)   B %6.2f us (user %5.2f)\n", $1, $2, $3, $4, $5 }' "$TMP/runs"
+r=0
+for inst in $(seq 1 "$INSTANCES"); do
+  if [ "$inst" -gt 1 ]; then stop_target 0; stop_target 1; fi
+  start_target 0 "$1"
+  start_target 1 "$2"
+  load 2s    # warm-up: the JIT compiles, the pools fill
+  for _ in $(seq 1 "$PER"); do
+    [ "$r" -lt "$RUNS" ] || break
+    r=$((r + 1))
+    read -r u0a s0a < <(ticks "${PROXY[0]}"); read -r u0b s0b < <(ticks "${PROXY[1]}")
+    load "$DURATION"
+    read -r u1a s1a < <(ticks "${PROXY[0]}"); read -r u1b s1b < <(ticks "${PROXY[1]}")
+    na=$(awk '/requests in/ { print $1 }' "$TMP/wrk0.out"); nb=$(awk '/requests in/ { print $1 }' "$TMP/wrk1.out")
+    awk -v r="$r" -v t="$TCK" -v na="$na" -v nb="$nb" -v ua=$((u1a - u0a)) -v sa=$((s1a - s0a)) \
+      -v ub=$((u1b - u0b)) -v sb=$((s1b - s0b)) 'BEGIN {
+        printf "%d %.3f %.3f %.3f %.3f\n", r, (ua + sa) * 1e6 / t / na, ua * 1e6 / t / na,
+          (ub + sb) * 1e6 / t / nb, ub * 1e6 / t / nb }' >>"$TMP/runs"
+    awk -v r="$r" -v i="$inst" '$1 == r { printf "run %2d (start %d)   A %6.2f us (user %5.2f)   B %6.2f us (user %5.2f)\n", $1, i, $2, $3, $4, $5 }' "$TMP/runs"
+  done
 done
 
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
