@@ -24,7 +24,7 @@
  * requests allocates neither. Sanitizer builds keep nothing, so that a use
  * after free is still caught. */
 #ifndef SGLR_NO_FREELIST
-#define BLOCK_SPARE_MAX 64
+#define BLOCK_SPARE_MAX 1024      /* a router at 1,000 requests in flight reuses them all */
 static struct { size_t size; void *p; } block_spare[BLOCK_SPARE_MAX];
 static int nblock_spare;
 #endif
