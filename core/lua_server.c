@@ -387,6 +387,14 @@ int sglr_lua_x_copy_request_id(void *b, char *out, int cap)
     return (int)n;
 }
 
+#define DECISION_STR_(...) #__VA_ARGS__
+#define DECISION_STR(...) DECISION_STR_(__VA_ARGS__)
+
+const char *sglr_decision_cdef(void)
+{
+    return "typedef struct { " DECISION_STR(SGLR_DECISION_FIELDS) " } sglr_decision_t;";
+}
+
 void sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
                        int pversion, int worker, int reason, double matched, double total)
 {

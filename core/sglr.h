@@ -112,15 +112,19 @@ struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
 int sglr_lua_x_status(void *b);
 const char *sglr_lua_x_rid(void *b, size_t *len);
 
-/* One slot of the decision log (lua/sglr/decisions.lua declares the same
- * struct to the FFI: keep the two alike). */
-typedef struct {
-    double t, matched, total, dmatched, dtotal;
-    int32_t attempt;
-    uint16_t route, pname, pversion, worker, reason, dpname, dpversion, dworker, dreason;
-    uint8_t has_shadow, idlen;
+/* One slot of the decision log. Its fields are written once, here:
+ * lua/sglr/decisions.lua declares the struct to the FFI from
+ * sglr_decision_cdef(), the same text. */
+#define SGLR_DECISION_FIELDS \
+    double t, matched, total, dmatched, dtotal; \
+    int32_t attempt; \
+    uint16_t route, pname, pversion, worker, reason, dpname, dpversion, dworker, dreason; \
+    uint8_t has_shadow, idlen; \
     char id[63];
-} sglr_decision_t;
+typedef struct { SGLR_DECISION_FIELDS } sglr_decision_t;
+
+/* "typedef struct { ... } sglr_decision_t;" for the FFI */
+const char *sglr_decision_cdef(void);
 
 /* Write the first leg of a decision into a[i] in one call (the FFI's field
  * stores, where the JIT leaves them to the interpreter, cost thousands of

@@ -35,15 +35,9 @@ M.MAX_SIZE = 100000
 
 local ID_MAX = 63               -- request id bytes kept (longer ones are cut)
 
-ffi.cdef [[
-typedef struct {
-  double t, matched, total, dmatched, dtotal;
-  int32_t attempt;
-  uint16_t route, pname, pversion, worker, reason, dpname, dpversion, dworker, dreason;
-  uint8_t has_shadow, idlen;
-  char id[63];
-} sglr_decision_t;
-]]
+-- the slot's struct, as the runtime defines it (core/sglr.h)
+ffi.cdef "const char *sglr_decision_cdef(void);"
+ffi.cdef(ffi.string(ffi.C.sglr_decision_cdef()))
 local slots_t = ffi.typeof("sglr_decision_t[?]")
 -- a request id kept in an exchange, copied into a slot (flow.lua)
 local copy_rid = false
