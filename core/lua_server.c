@@ -373,20 +373,6 @@ const char *sglr_lua_x_rid(void *b, size_t *len)
     return x->rid;
 }
 
-/* The same into out, at most cap bytes (the decision ring's slot) ->
- * bytes written, or -1 when there is none */
-int sglr_lua_x_copy_request_id(void *b, char *out, int cap)
-{
-    size_t n;
-    const char *id = sglr_lua_x_rid(b, &n);
-    if (!id || cap < 0)
-        return -1;
-    if (n > (size_t)cap)
-        n = (size_t)cap;
-    memcpy(out, id, n);
-    return (int)n;
-}
-
 #define DECISION_STR_(...) #__VA_ARGS__
 #define DECISION_STR(...) DECISION_STR_(__VA_ARGS__)
 

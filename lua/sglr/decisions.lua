@@ -33,28 +33,19 @@ M.UNSPECIFIED = "unspecified"
 -- Largest --decision-log-size and n of GET /admin/decisions.
 M.MAX_SIZE = 100000
 
-local ID_MAX = 63               -- request id bytes kept (longer ones are cut)
 
 -- the slot's struct, as the runtime defines it (core/sglr.h)
 ffi.cdef "const char *sglr_decision_cdef(void);"
 ffi.cdef(ffi.string(ffi.C.sglr_decision_cdef()))
 local slots_t = ffi.typeof("sglr_decision_t[?]")
--- a request id kept in an exchange, copied into a slot (flow.lua)
-local copy_rid = false
-if pcall(ffi.cdef, "int sglr_lua_x_copy_request_id(void *x, char *out, int cap);") then
-  local ok, f = pcall(function() return ffi.C.sglr_lua_x_copy_request_id end)
-  if ok then copy_rid = f end
-end
--- the first leg written by C calls (below), where the binary has them
-local put, put_id = false, false
-if pcall(ffi.cdef, [[
-    void sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
-      int pversion, int worker, int reason, double matched, double total);
-    int sglr_decision_put_id(sglr_decision_t *a, int i, void *x, const char *id, int idlen);]]) then
-  local ok, f, g = pcall(function() return ffi.C.sglr_decision_put, ffi.C.sglr_decision_put_id end)
-  if ok then put, put_id = f, g end
-end
-local copy = ffi.copy
+-- a decision's first leg and its request id are written by C calls (the
+-- id cut to the slot's 63 bytes)
+ffi.cdef [[
+  void sglr_decision_put(sglr_decision_t *a, int i, double t, int attempt, int route, int pname,
+    int pversion, int worker, int reason, double matched, double total);
+  int sglr_decision_put_id(sglr_decision_t *a, int i, void *x, const char *id, int idlen);
+]]
+local put, put_id = ffi.C.sglr_decision_put, ffi.C.sglr_decision_put_id
 local string_of = ffi.string
 local NAN = 0 / 0
 
@@ -105,48 +96,26 @@ function M:record(now, req, policy, w, reason, matched, total)
   local pos = self.pos % size + 1
   self.pos = pos
   self.n = min(self.n + 1, size)
-  if put then
-    -- C calls: the FFI's field stores cost thousands of instructions
-    -- wherever the JIT leaves this function to the interpreter. The id
-    -- last, once the leg's many values are dead: a side trace from a
-    -- branch with them all live could not be compiled ("register
-    -- coalescing too complex") and was tried again and again.
-    local a, i = self.a, pos - 1
-    put(a, i, now, req.retries + 1, intern(self, req.route), intern(self, policy.name),
-      intern(self, policy.version), intern(self, w.url), intern(self, reason), matched or NAN, total or NAN)
-    -- the id straight from the request's exchange when it is kept there
-    local id = rawget(req, "id")
-    if id then
-      put_id(a, i, nil, id, #id)
-    else
-      local x = rawget(req, "_x")
-      if type(x) ~= "userdata" or put_id(a, i, x, nil, 0) < 0 then
-        id = req.id
-        put_id(a, i, nil, id, #id)
-      end
-    end
-    return pos
-  end
-  local d = self.a[pos - 1]
-  d.t, d.attempt = now, req.retries + 1
-  d.route, d.pname, d.pversion = intern(self, req.route), intern(self, policy.name), intern(self, policy.version)
-  d.worker, d.reason = intern(self, w.url), intern(self, reason)
-  d.matched, d.total = matched or NAN, total or NAN
-  d.dworker, d.has_shadow = 0, 0
+  -- C calls: the FFI's field stores cost thousands of instructions
+  -- wherever the JIT leaves this function to the interpreter. The id
+  -- last, once the leg's many values are dead: a side trace from a
+  -- branch with them all live could not be compiled ("register
+  -- coalescing too complex") and was tried again and again.
+  local a, i = self.a, pos - 1
+  put(a, i, now, req.retries + 1, intern(self, req.route), intern(self, policy.name),
+    intern(self, policy.version), intern(self, w.url), intern(self, reason), matched or NAN, total or NAN)
   -- the id straight from the request's exchange when it is kept there
   -- (no Lua string of it made), else req.id
-  local id, len = rawget(req, "id"), -1
-  if not id then
+  local id = rawget(req, "id")
+  if id then
+    put_id(a, i, nil, id, #id)
+  else
     local x = rawget(req, "_x")
-    if copy_rid and type(x) == "userdata" then len = copy_rid(x, d.id, ID_MAX) end
-    if len < 0 then id = req.id end
+    if type(x) ~= "userdata" or put_id(a, i, x, nil, 0) < 0 then
+      id = req.id
+      put_id(a, i, nil, id, #id)
+    end
   end
-  if len < 0 then
-    len = #id
-    if len > ID_MAX then len = ID_MAX end
-    copy(d.id, id, len)
-  end
-  d.idlen = len
   return pos
 end
 
