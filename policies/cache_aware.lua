@@ -47,6 +47,9 @@ local P = {
   -- checks the body, instead of a second pass, and keeps it for the tree
   -- (req.text_source)
   wants_text = true,
+  -- keeps no reference to req after select returns (the tree copies the
+  -- text): the router may reuse the request's table for a later request
+  transient_req = true,
   description = "Send requests sharing a prompt prefix to the worker that has it cached; "
              .. "fall back to the emptiest worker, and to the least loaded one under skew.",
 }

@@ -22,6 +22,9 @@ local cjson = require "cjson.safe"
 local P = {
   name = "power_of_two",
   version = "1.0.0",
+  -- keeps no reference to req after select returns: the router may reuse
+  -- the request's table for a later request
+  transient_req = true,
   description = "Pick two workers at random and send to the less loaded one.",
 }
 

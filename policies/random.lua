@@ -13,6 +13,9 @@ local setmetatable, random = setmetatable, math.random
 local P = {
   name = "random",
   version = "1.0.0",
+  -- keeps no reference to req after select returns: the router may reuse
+  -- the request's table for a later request
+  transient_req = true,
   description = "Send each request to a uniformly random worker.",
 }
 

@@ -14,6 +14,9 @@ local setmetatable = setmetatable
 local P = {
   name = "round_robin",
   version = "1.0.0",
+  -- keeps no reference to req after select returns: the router may reuse
+  -- the request's table for a later request
+  transient_req = true,
   description = "Send requests to workers in turn.",
 }
 

@@ -101,6 +101,7 @@ function M.new(r)
     request_timeout_ms = (conf.request_timeout_secs or 600) * 1000,
     connect_timeout_ms = conf.connect_timeout_ms or 5000,
     spare = {},               -- candidate lists (take_list / give_list)
+    req_pool = {},            -- finished requests' tables (recycle_req)
     -- Authorization sent to workers (x:relay): --api-key's, false (drop
     -- the client's: it holds our inference key), or nil (the client's
     -- passes).
@@ -287,6 +288,33 @@ end
 
 -- --- one request ------------------------------------------------------------------
 
+-- Request tables kept for the next requests (infer), at most this many.
+local REQ_POOL_MAX = 512
+
+-- A finished request's table into the flow's pool, when nothing but the
+-- router can still hold it: its policy (the one that picked, which a
+-- failed select may have replaced) declared transient_req, and no shadow
+-- candidate saw it (their policies are the operator's). Only a table of
+-- the common shape: one that took a field beyond the 16 it starts with
+-- (the request id is the 16th) was rehashed, and code compiled for the
+-- common table would leave its traces on each of its fields; the
+-- collector takes it. The references it holds are dropped: a pooled
+-- table keeps no exchange, policy instance or answer headers alive.
+local function recycle_req(flow, req)
+  local pool = flow.req_pool
+  local n = #pool
+  if n >= REQ_POOL_MAX or flow.shadow.n > 0 or not req.policy.transient_req then return end
+  if rawget(req, "text") ~= nil or rawget(req, "body") ~= nil or rawget(req, "headers") ~= nil
+    or rawget(req, "client") ~= nil or rawget(req, "path") ~= nil or rawget(req, "max_tokens") ~= nil
+    or rawget(req, "explain") ~= nil or rawget(req, "failed") ~= nil or rawget(req, "decision") ~= nil
+    or rawget(req, "match_ratio") ~= nil then
+    return
+  end
+  if rawget(req, "id") ~= nil then req.id = nil end
+  req._x, req.extra, req.policy, req.rs, req.worker = false, false, false, false, false
+  pool[n + 1] = req
+end
+
 function M:infer(x, route)
   local r = self.r
   local t0 = now_ms()
@@ -309,12 +337,31 @@ function M:infer(x, route)
   -- rest (REQ_FALSE: an error, the workers a retry avoids, an
   -- explanation...) read false through the metatable until a rarer path
   -- sets them; id is read from the exchange on first need.
+  --
+  -- A request whose policy keeps no reference to it once select and
+  -- on_done returned (the policy says so with transient_req = true, as
+  -- the built-in ones do) leaves its table to the next request
+  -- (recycle_req): without it, that table was most of what a request
+  -- left to the collector, and the collector's cycles (marking and
+  -- sweeping a heap that no longer fits the caches) cost more than the
+  -- rest of the Lua a request runs.
   local req
+  local pool = self.req_pool
+  local np = #pool
+  local reuse = r.policy.transient_req
   if self.pd_mode then
     req = setmetatable({ route = route, _x = x, t0 = t0, retries = 0, rs = rs,
       extra = extra, stream = false, model = false, worker = false, policy = r.policy,
       dpolicy = r.dpolicy or false, prefill = false, pd_shape = false, text_source = false, text_len = false },
       req_mt)
+  elseif np > 0 then
+    -- every field the fresh table below starts with, set again (the rest
+    -- were never set, or cleared: recycle_req)
+    req = pool[np]
+    pool[np] = nil
+    req.route, req._x, req.t0, req.retries, req.rs = route, x, t0, 0, rs
+    req.extra, req.stream, req.model, req.worker, req.policy = extra, false, false, false, r.policy
+    req.ttfb, req.error, req.shadow, req.text_source, req.text_len = false, false, false, false, false
   else
     req = setmetatable({ route = route, _x = x, t0 = t0, retries = 0, rs = rs,
       extra = extra, stream = false, model = false, worker = false, policy = r.policy,
@@ -354,6 +401,7 @@ function M:infer(x, route)
     r:send_error(x, 500, "internal router error", "internal_error", extra_of(req))
   end
   self:access(x, req)
+  if reuse and okr then recycle_req(self, req) end
 end
 
 function M:access(x, req)

@@ -206,6 +206,68 @@ describe("request flow", function()
     assert.truthy(tostring(err):find("only during select", 1, true), err)
   end)
 
+  it("hands a finished request's table to the next request when its policy keeps none (transient_req)", function()
+    local seen = {}
+    local p = recording_policy("t")
+    p.transient_req = true
+    function p.select(_, req, workers)
+      -- (kept here only to watch the reuse: a transient_req policy keeps nothing)
+      local tag = req.retries == 0 and seen.read_headers and req.headers["x-tag"] or false
+      seen[#seen + 1] = { t = req, id = req.id, worker = req.worker, error = req.error, ttfb = req.ttfb,
+        explain = req.explain, failed = req.failed, tag = tag }
+      return workers[1]
+    end
+    local r = fake_router({ worker({}) }, p)
+    assert.equal(200, post(r.url, { ["x-request-id"] = "first" }).status)
+    local res = post(r.url)        -- no id of its own: the router makes one
+    assert.equal(200, res.status)
+    assert.equal("first", seen[1].id)
+    assert.is_true(rawequal(seen[1].t, seen[2].t), "the second request got the first one's table")
+    -- and nothing of the first request in it
+    assert.equal(res.headers["x-request-id"], seen[2].id)
+    assert.not_equal("first", seen[2].id)
+    for _, k in ipairs({ "worker", "error", "ttfb", "explain", "failed" }) do assert.is_false(seen[2][k], k) end
+    -- a table that took a field made on first read (req.headers) grew past
+    -- its 16 slots: left to the collector, the next request gets another
+    seen.read_headers = true
+    assert.equal(200, post(r.url, { ["x-tag"] = "three" }).status)
+    assert.equal(200, post(r.url, { ["x-tag"] = "four" }).status)
+    assert.equal("three", seen[3].tag)
+    assert.equal("four", seen[4].tag)
+    assert.is_false(rawequal(seen[3].t, seen[4].t))
+  end)
+
+  it("never reuses a request's table a policy may keep, or one shadow candidates saw", function()
+    local kept = {}
+    local p = recording_policy("k")        -- no transient_req: it may keep req
+    function p.select(_, req, workers)
+      kept[#kept + 1] = req
+      local _ = req.id       -- read while in flight: the table keeps it
+      return workers[1]
+    end
+    local r = fake_router({ worker({}) }, p)
+    assert.equal(200, post(r.url, { ["x-request-id"] = "one" }).status)
+    assert.equal(200, post(r.url, { ["x-request-id"] = "two" }).status)
+    assert.is_false(rawequal(kept[1], kept[2]))
+    assert.equal("one", kept[1].id)
+    assert.equal("generate", kept[1].route)
+    assert.equal(r.workers.list[1].url, kept[1].worker)
+    -- transient_req, but shadow candidates (the operator's policies) are offered each request
+    local p2 = recording_policy("s")
+    p2.transient_req = true
+    function p2.select(_, req, workers)
+      kept[#kept + 1] = req
+      local _ = req.id
+      return workers[1]
+    end
+    local r2 = fake_router({ worker({}) }, p2)
+    r2.flow.shadow = { n = 1, offer = function() end }
+    assert.equal(200, post(r2.url, { ["x-request-id"] = "three" }).status)
+    assert.equal(200, post(r2.url, { ["x-request-id"] = "four" }).status)
+    assert.is_false(rawequal(kept[3], kept[4]))
+    assert.equal("three", kept[3].id)
+  end)
+
   it("skips an empty name among the request id headers", function()
     local r = fake_router({ worker({}) }, recording_policy("a"), { request_id_headers = { "", "x-trace-id" } })
     local res = post(r.url, { ["x-trace-id"] = "t-1" })
