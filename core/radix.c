@@ -61,11 +61,19 @@ struct node {
 #define SLAB_NODES 1024
 
 /* Edges come in blocks of whole EDGE_GRAIN bytes up to EDGE_CLASSES grains,
- * and a released block waits on its class's free list for the next edge of
- * that class. A cache_aware tree under unique prompts inserts a leaf of a
- * few KB per request and eviction frees as many: through malloc that was
- * about half of what the tree cost a request (bins, coalescing, the
- * neighbouring chunks' headers), a list pop or push here. */
+ * and a released block waits in its class for the next edge of that class.
+ * A cache_aware tree under unique prompts inserts a leaf of a few KB per
+ * request and eviction frees as many: through malloc that was about half
+ * of what the tree cost a request (bins, coalescing, the neighbouring
+ * chunks' headers), a pop or push here.
+ *
+ * The spare edge blocks and node slots are kept as arrays of addresses,
+ * not as lists linked through them: an evicted block is long out of the
+ * caches when the next insertion takes it, and a list's link is a load
+ * from it (a stall on memory, the largest part of an insertion's cost by
+ * perf), where from an array the block is only written, by the copy of
+ * the new text, and a store does not wait for the line. Releasing no
+ * longer writes into the dead block either. */
 #define EDGE_GRAIN 32
 #define EDGE_CLASSES 512    /* blocks up to 16 KB; longer edges are malloc'd */
 
@@ -74,8 +82,7 @@ typedef struct slab {
     node_t nodes[SLAB_NODES];
 } slab_t;
 
-/* A free slot keeps its spare link and len readable (see node_free). */
-_Static_assert(offsetof(node_t, parent) == 0, "spare link first");
+/* A free slot keeps len readable (see node_free). */
 _Static_assert(offsetof(node_t, len) + sizeof(uint32_t) == offsetof(node_t, nkids),
                "len, nkids, capkids together");
 _Static_assert(offsetof(node_t, capkids) + sizeof(uint16_t) == offsetof(node_t, nten),
@@ -84,13 +91,18 @@ _Static_assert(offsetof(node_t, capkids) + sizeof(uint16_t) == offsetof(node_t, 
 struct sglr_radix {
     node_t root;        /* empty edge, never has tenants */
     slab_t *slabs;
-    node_t *spare;      /* freed nodes, linked through parent */
+    node_t **spare;     /* freed node slots, nspare of them; room for */
+    size_t nspare;      /* every slot handed out (grown with the slabs) */
+    size_t capspare;
     size_t fresh;       /* nodes of the newest slab not handed out yet */
     uint64_t clock;
     size_t *sizes;      /* bytes attributed to each worker id */
     size_t nsizes;
     size_t nodes, chars, tenancies;
-    void *edge_free[EDGE_CLASSES];  /* released edge blocks by class */
+    struct {
+        void **v;
+        uint32_t n, cap;
+    } edge_free[EDGE_CLASSES];      /* released edge blocks by class */
     size_t edge_kept;               /* bytes in them */
 };
 
@@ -206,12 +218,18 @@ static node_t *node_alloc(sglr_radix_t *t)
      * use after free is reported rather than hidden by a reuse */
     node_t *n = NULL;
 #else
-    node_t *n = t->spare;
+    node_t *n = t->nspare ? t->spare[--t->nspare] : NULL;
 #endif
-    if (n) {
-        t->spare = n->parent;
-    } else {
+    if (!n) {
         if (!t->slabs || t->fresh == 0) {
+            /* room to keep every slot as a spare, so that node_free
+             * never fails to */
+            size_t need = t->capspare + SLAB_NODES;
+            node_t **v = R_REALLOC(t->spare, need * sizeof *v);
+            if (!v)
+                return NULL;
+            t->spare = v;
+            t->capspare = need;
             slab_t *sl = R_MALLOC(sizeof *sl);
             if (!sl)
                 return NULL;
@@ -237,11 +255,9 @@ static uint8_t *edge_alloc(sglr_radix_t *t, size_t n, uint32_t *cap)
     size_t c = (n - 1) / EDGE_GRAIN;
     *cap = (uint32_t)((c + 1) * EDGE_GRAIN);
 #ifndef SGLR_NO_FREELIST
-    void *p = t->edge_free[c];
-    if (p) {
-        t->edge_free[c] = *(void **)p;
+    if (t->edge_free[c].n) {
         t->edge_kept -= *cap;
-        return p;
+        return t->edge_free[c].v[--t->edge_free[c].n];
     }
 #else
     (void)t;
@@ -261,8 +277,17 @@ static void edge_release(sglr_radix_t *t, uint8_t *e, uint32_t cap)
     size_t limit = t->chars > (1u << 20) ? t->chars : (1u << 20);
     if (cap <= (size_t)EDGE_GRAIN * EDGE_CLASSES && t->edge_kept + cap <= limit) {
         size_t c = cap / EDGE_GRAIN - 1;
-        *(void **)e = t->edge_free[c];
-        t->edge_free[c] = e;
+        if (t->edge_free[c].n == t->edge_free[c].cap) {
+            uint32_t ncap = t->edge_free[c].cap ? t->edge_free[c].cap * 2 : 16;
+            void **v = R_REALLOC(t->edge_free[c].v, ncap * sizeof *v);
+            if (!v) {
+                free(e);
+                return;
+            }
+            t->edge_free[c].v = v;
+            t->edge_free[c].cap = ncap;
+        }
+        t->edge_free[c].v[t->edge_free[c].n++] = e;
         t->edge_kept += cap;
         return;
     }
@@ -286,11 +311,10 @@ static void node_free(sglr_radix_t *t, node_t *n)
     node_release(t, n);
     n->len = 0;         /* marks the slot free for scans over the slabs */
     n->nten = 0;
-    n->parent = t->spare;
-    t->spare = n;
-    /* Under ASan a free slot is poisoned but for the spare link and
-     * len/nkids/capkids, so a node used after it was freed is reported. */
-    SLOT_POISON((char *)n + sizeof n->parent, offsetof(node_t, len) - sizeof n->parent);
+    t->spare[t->nspare++] = n;     /* room for it: node_alloc */
+    /* Under ASan a free slot is poisoned but for len/nkids/capkids, so a
+     * node used after it was freed is reported. */
+    SLOT_POISON((char *)n, offsetof(node_t, len));
     SLOT_POISON((char *)n + offsetof(node_t, nten), sizeof *n - offsetof(node_t, nten));
 }
 
@@ -516,12 +540,11 @@ void sglr_radix_free(sglr_radix_t *t)
         return;
     walk_post(t, free_visit, NULL);
     for (size_t c = 0; c < EDGE_CLASSES; c++) {
-        while (t->edge_free[c]) {
-            void *next = *(void **)t->edge_free[c];
-            free(t->edge_free[c]);
-            t->edge_free[c] = next;
-        }
+        for (uint32_t i = 0; i < t->edge_free[c].n; i++)
+            free(t->edge_free[c].v[i]);
+        free(t->edge_free[c].v);
     }
+    free(t->spare);
     while (t->slabs) {
         slab_t *next = t->slabs->next;
         free(t->slabs);
@@ -893,16 +916,15 @@ int sglr_radix_check(const sglr_radix_t *ct)
         for (size_t i = first; i < SLAB_NODES; i++)
             live += sl->nodes[i].len > 0;
     }
-    for (node_t *n = t->spare; n; n = n->parent, spare++)
-        if (n->len != 0)
+    for (size_t i = 0; i < t->nspare; i++, spare++)
+        if (t->spare[i]->len != 0)
             return -__LINE__;
     if (live != t->nodes || live + spare != handed)
         return -__LINE__;
     /* The edge blocks kept for reuse add up to edge_kept. */
     size_t kept = 0;
     for (size_t c = 0; c < EDGE_CLASSES; c++)
-        for (void *e = t->edge_free[c]; e; e = *(void **)e)
-            kept += (c + 1) * EDGE_GRAIN;
+        kept += (size_t)t->edge_free[c].n * (c + 1) * EDGE_GRAIN;
     if (kept != t->edge_kept)
         return -__LINE__;
     return 0;
