@@ -51,6 +51,8 @@ struct node {
     uint16_t nkids, capkids;
     uint32_t nten, capten;
     uint8_t key;        /* edge[0], kept here so walks need not read the edge */
+    uint16_t eoff;      /* where edge starts in its block (a split leaves */
+                        /* the rest in place): the block is edge - eoff */
     uint32_t ecap;      /* bytes of the edge's block (edge_alloc) */
 };
 
@@ -300,7 +302,7 @@ static void edge_release(sglr_radix_t *t, uint8_t *e, uint32_t cap)
 /* Release what n owns; the node itself goes back to the tree's spares. */
 static void node_release(sglr_radix_t *t, node_t *n)
 {
-    edge_release(t, n->edge, n->ecap);
+    edge_release(t, n->edge ? n->edge - n->eoff : NULL, n->ecap);
     free(n->kids);
     if (n->ten != &n->one)
         free(n->ten);
@@ -439,17 +441,27 @@ static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
     m->parent = p;
 
     c->len -= (uint32_t)k;
-    /* the rest moves to the front of c's block, or to a block of its own
-     * size when it would fill less than half of this one */
+    /* The rest stays where it is, its block now starting k + eoff bytes
+     * before it: under unique prompts each insertion splits the leaf of
+     * the one before a few bytes in, and moving the rest to the front was
+     * a second copy of a prompt a request. It moves to a block of its own
+     * size when it would fill less than half of this one, and to the
+     * front when the offset would not fit (blocks over 64 KB). */
     uint32_t cap;
     uint8_t *e = c->len <= c->ecap / 2 ? edge_alloc(t, c->len, &cap) : NULL;
     if (e) {
         memcpy(e, c->edge + k, c->len);
-        edge_release(t, c->edge, c->ecap);
+        edge_release(t, c->edge - c->eoff, c->ecap);
         c->edge = e;
         c->ecap = cap;
+        c->eoff = 0;
+    } else if ((size_t)c->eoff + k <= UINT16_MAX) {
+        c->edge += k;
+        c->eoff = (uint16_t)(c->eoff + k);
     } else {
-        memmove(c->edge, c->edge + k, c->len);
+        memmove(c->edge - c->eoff, c->edge + k, c->len);
+        c->edge -= c->eoff;
+        c->eoff = 0;
     }
     c->parent = m;
     c->key = c->edge[0];
@@ -469,15 +481,16 @@ static int try_merge(sglr_radix_t *t, node_t *n)
     if (c->nten != n->nten || (size_t)n->len + c->len > MAX_EDGE)
         return 0;
     size_t len = (size_t)n->len + c->len;
-    if (len > n->ecap) {
+    if (len > (size_t)n->ecap - n->eoff) {
         uint32_t cap;
         uint8_t *e = edge_alloc(t, len, &cap);
         if (!e)
             return 0;
         memcpy(e, n->edge, n->len);
-        edge_release(t, n->edge, n->ecap);
+        edge_release(t, n->edge - n->eoff, n->ecap);
         n->edge = e;
         n->ecap = cap;
+        n->eoff = 0;
     }
     memcpy(n->edge + n->len, c->edge, c->len);
     n->len = (uint32_t)len;
@@ -857,7 +870,7 @@ static void check_visit(sglr_radix_t *t, node_t *n, void *ud)
     k->chars += n->len;
     k->tenancies += n->nten;
     VERIFY(n->len > 0);
-    VERIFY(n->len <= n->ecap);
+    VERIFY((size_t)n->eoff + n->len <= n->ecap);
     VERIFY(n->nten > 0);
     VERIFY(n->key == n->edge[0]);
     VERIFY(p && kid_index(p, n->key) >= 0 && p->kids[kid_index(p, n->key)] == n);

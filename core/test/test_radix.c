@@ -381,6 +381,7 @@ TEST(evicted_edges_are_reused)
             CHECK_EQ_INT(sglr_radix_insert(t, buf, 1000 + (size_t)(i % 7) * 400, i % 2), 0);
         }
         size_t held = stats(t).chars;
+        (void)held;      /* (sanitizer builds keep nothing to compare) */
         CHECK(sglr_radix_evict(t, 100000) > 0);
         CHECK_EQ_INT(sglr_radix_check(t), 0);
         size_t kept = stats(t).kept;
@@ -402,6 +403,51 @@ TEST(evicted_edges_are_reused)
         CHECK_EQ_INT(w, 0);
         CHECK_EQ_INT(sglr_radix_check(t), 0);
     }
+    sglr_radix_free(t);
+}
+
+/* A split leaves the rest of a long edge where it is, its block starting
+ * before it: the text stays whole through many splits, the merges that
+ * fold the pieces back (one appends into the rest's own block), removal
+ * and eviction. */
+TEST(splits_keep_the_rest_in_place)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    static char a[3000], b[3100];
+    for (size_t i = 0; i < sizeof a; i++)
+        a[i] = (char)('a' + i % 23);
+    CHECK_EQ_INT(sglr_radix_insert(t, a, sizeof a, 0), 0);
+    /* worker 1 branches off every 10 bytes: each cuts the rest of a's leaf */
+    for (size_t k = 10; k <= 200; k += 10) {
+        memcpy(b, a, k);
+        memcpy(b + k, "#tail", 5);
+        CHECK_EQ_INT(sglr_radix_insert(t, b, k + 5, 1), 0);
+        CHECK_EQ_INT(sglr_radix_check(t), 0);
+    }
+    int w = -1;
+    CHECK_EQ_INT(sglr_radix_match(t, a, sizeof a, NULL, 0, &w), sizeof a);
+    CHECK_EQ_INT(w, 0);
+    CHECK_EQ_INT(sglr_radix_size(t, 0), sizeof a);
+    /* worker 0 also holds a longer text: the rest gets a child of its own */
+    memcpy(b, a, sizeof a);
+    memcpy(b + sizeof a, "ZZZZ", 4);
+    CHECK_EQ_INT(sglr_radix_insert(t, b, sizeof a + 4, 0), 0);
+    /* worker 1 goes: every piece folds back, the last into the rest's block */
+    sglr_radix_remove_worker(t, 1);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK_EQ_INT(stats(t).nodes, 1);
+    CHECK_EQ_INT(sglr_radix_match(t, b, sizeof a + 4, NULL, 0, &w), sizeof a + 4);
+    CHECK_EQ_INT(w, 0);
+    /* the same cuts again, then eviction down to nothing */
+    for (size_t k = 7; k <= 300; k += 31) {
+        memcpy(b, a, k);
+        memcpy(b + k, "#x", 2);
+        CHECK_EQ_INT(sglr_radix_insert(t, b, k + 2, 1), 0);
+    }
+    CHECK_EQ_INT(sglr_radix_match(t, a, sizeof a, NULL, 0, &w), sizeof a);
+    CHECK(sglr_radix_evict(t, 0) > 0);
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    CHECK_EQ_INT(stats(t).nodes, 0);
     sglr_radix_free(t);
 }
 
@@ -683,6 +729,7 @@ int main(void)
     RUN(memory_bounded_under_unique_prompts);
     RUN(evicted_edges_are_reused);
     RUN(evict_is_fast);
+    RUN(splits_keep_the_rest_in_place);
     RUN(randomized_against_model);
     RUN(randomized_with_eviction_stays_sound);
     RUN(randomized_eviction_over_many_slabs);
