@@ -104,6 +104,8 @@ static int keep_text(struct sglr_exchange_s *ex, sglr_extract_t *x, lua_Number m
             return -ENOMEM;
     }
     ex->has_text = 1;
+    static uint64_t serial;
+    ex->text_serial = ++serial;
     return 0;
 }
 

@@ -253,13 +253,14 @@ static int l_evict(lua_State *L)
     return 1;
 }
 
-/* t:stats() -> { nodes, chars, tenancies, workers } */
+/* t:stats() -> { nodes, chars, tenancies, workers, resumed } (resumed:
+ * inserts that went on from their text's match, sglr_radix_insert_keyed) */
 static int l_stats(lua_State *L)
 {
     lradix_t *r = check_radix(L);
     sglr_radix_stats_t st;
     sglr_radix_stats(r->t, &st);
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, (lua_Integer)st.nodes);
     lua_setfield(L, -2, "nodes");
     lua_pushinteger(L, (lua_Integer)st.chars);
@@ -268,6 +269,8 @@ static int l_stats(lua_State *L)
     lua_setfield(L, -2, "tenancies");
     lua_pushinteger(L, r->nworkers);
     lua_setfield(L, -2, "workers");
+    lua_pushnumber(L, (lua_Number)st.resumed);
+    lua_setfield(L, -2, "resumed");
     return 1;
 }
 
@@ -295,12 +298,18 @@ static int l_close(lua_State *L)
  * else s[0..n). -2: not a live tree or exchange, or an unknown id (the
  * caller then asks the method, which says why). */
 
-static const char *ffi_text(void *xb, const char *s, size_t *n)
+/* key: what names the text to the tree (sglr_radix_match_keyed), 0 for
+ * a string */
+static const char *ffi_text(void *xb, const char *s, size_t *n, uint64_t *key)
 {
+    *key = 0;
     if (!xb)
         return s;
     struct sglr_exchange_s *x = sglr_lua_ffi_exchange(xb);
-    return x ? sglr_exchange_text(x, n) : NULL;
+    if (!x)
+        return NULL;
+    *key = sglr_exchange_text_serial(x);
+    return sglr_exchange_text(x, n);
 }
 
 /* -> the worker id whose path matched longest (-1: none), *matched its
@@ -311,11 +320,12 @@ int sglr_radix_ffi_match(void *tb, void *xb, const char *s, size_t n, const uint
     lradix_t *r = tb;
     if (!r || r->tag != &radix_tag || !r->t)
         return -2;
-    const char *text = ffi_text(xb, s, &n);
+    uint64_t key;
+    const char *text = ffi_text(xb, s, &n, &key);
     if (!text)
         return -2;
     int w;
-    *matched = (double)sglr_radix_match(r->t, text, n, allowed, nbytes * 8, &w);
+    *matched = (double)sglr_radix_match_keyed(r->t, text, n, allowed, nbytes * 8, &w, key);
     return w;
 }
 
@@ -325,12 +335,13 @@ int sglr_radix_ffi_insert(void *tb, void *xb, const char *s, size_t n, int id)
     lradix_t *r = tb;
     if (!r || r->tag != &radix_tag || !r->t || id < 0 || id >= r->next_id)
         return -2;
-    const char *text = ffi_text(xb, s, &n);
+    uint64_t key;
+    const char *text = ffi_text(xb, s, &n, &key);
     if (!text)
         return -2;
     if (n == 0)
         return 0;
-    return sglr_radix_insert(r->t, text, n, id) == -ENOMEM ? -1 : 0;
+    return sglr_radix_insert_keyed(r->t, text, n, id, key) == -ENOMEM ? -1 : 0;
 }
 
 /* -> the bytes held for worker id (0 for an id not in use), -2 as above */

@@ -521,6 +521,11 @@ const char *sglr_exchange_text(const sglr_exchange_t *x, size_t *len)
     return x->has_text && x->text.data ? x->text.data : "";
 }
 
+uint64_t sglr_exchange_text_serial(const sglr_exchange_t *x)
+{
+    return x->has_text ? x->text_serial : 0;
+}
+
 /* x:route_text() -> the routing text kept by extract.check(route, x, max,
  * true), or nil when none was */
 static int x_route_text(lua_State *L)

@@ -106,6 +106,18 @@ struct sglr_radix {
         uint32_t n, cap;
     } edge_free[EDGE_CLASSES];      /* released edge blocks by class */
     size_t edge_kept;               /* bytes in them */
+    /* Bumped by every call that changes the tree's shape (insert, evict,
+     * remove): a hint from before is stale. */
+    uint64_t gen;
+    /* What the last keyed match walked: the nodes it passed whole, root
+     * side first, and the text position after them (see insert_keyed). */
+    struct {
+        uint64_t key, gen;
+        const uint8_t *s;
+        size_t n, pos, depth, cap;
+        node_t **path;
+    } hint;
+    uint64_t resumed;
 };
 
 /* An edge is at most this long; longer text is chained over several nodes
@@ -558,6 +570,7 @@ void sglr_radix_free(sglr_radix_t *t)
         free(t->edge_free[c].v);
     }
     free(t->spare);
+    free(t->hint.path);
     while (t->slabs) {
         slab_t *next = t->slabs->next;
         free(t->slabs);
@@ -570,6 +583,22 @@ void sglr_radix_free(sglr_radix_t *t)
 
 int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int w)
 {
+    return sglr_radix_insert_keyed(t, s, n, w, 0);
+}
+
+/* Make w a tenant of c with this stamp, or refresh its stamp there. */
+static int hold(sglr_radix_t *t, node_t *c, int w, uint64_t stamp)
+{
+    tenant_t *x = find_tenant(c, w);
+    if (x) {
+        x->stamp = stamp;
+        return 0;
+    }
+    return add_tenant(t, c, w, stamp);
+}
+
+int sglr_radix_insert_keyed(sglr_radix_t *t, const char *s, size_t n, int w, uint64_t key)
+{
     if (w < 0 || w > SGLR_RADIX_MAX_WORKER)
         return -EINVAL;
     if (n == 0)
@@ -580,6 +609,24 @@ int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int w)
     uint64_t stamp = ++t->clock;
     node_t *node = &t->root;
     size_t pos = 0;
+    /* The match of this text walked these nodes whole, and the tree has
+     * not changed since: the same walk again would compare the same bytes
+     * to the same end. Top down, as the walk would (a new tenancy counts
+     * itself in its parent's). */
+    if (key && t->hint.key == key && t->hint.gen == t->gen && t->hint.s == p && t->hint.n == n) {
+        for (size_t i = 0; i < t->hint.depth; i++) {
+            node = t->hint.path[i];
+            if (hold(t, node, w, stamp) < 0) {
+                t->hint.key = 0;
+                t->gen++;
+                return -ENOMEM;
+            }
+        }
+        pos = t->hint.pos;
+        t->resumed++;
+    }
+    t->hint.key = 0;
+    t->gen++;
     while (pos < n) {
         node_t *c = find_kid(node, p[pos]);
         if (!c) {
@@ -603,10 +650,7 @@ int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int w)
         size_t k = lcp(c->edge, p + pos, room);
         if (k < c->len && !(c = split(t, c, k)))
             return -ENOMEM;
-        tenant_t *x = find_tenant(c, w);
-        if (x)
-            x->stamp = stamp;
-        else if (add_tenant(t, c, w, stamp) < 0)
+        if (hold(t, c, w, stamp) < 0)
             return -ENOMEM;
         pos += k;
         node = c;
@@ -617,10 +661,24 @@ int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int w)
 size_t sglr_radix_match(sglr_radix_t *t, const char *s, size_t n,
                         const uint8_t *allowed, size_t nbits, int *worker_out)
 {
+    return sglr_radix_match_keyed(t, s, n, allowed, nbits, worker_out, 0);
+}
+
+size_t sglr_radix_match_keyed(sglr_radix_t *t, const char *s, size_t n, const uint8_t *allowed,
+                              size_t nbits, int *worker_out, uint64_t key)
+{
     const uint8_t *p = (const uint8_t *)s;
     node_t *node = &t->root, *deep = NULL;
     size_t pos = 0;
     *worker_out = -1;
+    if (key) {
+        t->hint.key = key;
+        t->hint.gen = t->gen;
+        t->hint.s = p;
+        t->hint.n = n;
+        t->hint.depth = 0;
+        t->hint.pos = 0;
+    }
     while (pos < n) {
         node_t *c = find_kid(node, p[pos]);
         if (!c)
@@ -637,6 +695,21 @@ size_t sglr_radix_match(sglr_radix_t *t, const char *s, size_t n,
         if (k < c->len)
             break;
         node = c;
+        if (key) {
+            if (t->hint.depth == t->hint.cap) {
+                size_t cap = t->hint.cap ? t->hint.cap * 2 : 16;
+                node_t **v = R_REALLOC(t->hint.path, cap * sizeof *v);
+                if (!v) {
+                    key = 0;        /* no hint: the insert walks it all */
+                    t->hint.key = 0;
+                    continue;
+                }
+                t->hint.path = v;
+                t->hint.cap = cap;
+            }
+            t->hint.path[t->hint.depth++] = c;
+            t->hint.pos = pos;
+        }
     }
     /* Never cut a character in two: back up over continuation bytes (at
      * most three; more means the text is not UTF-8, so leave it). */
@@ -682,6 +755,7 @@ void sglr_radix_remove_worker(sglr_radix_t *t, int w)
 {
     if (w < 0 || (size_t)w >= t->nsizes || t->sizes[w] == 0)
         return;
+    t->gen++;
     walk_post(t, remove_visit, &w);
 }
 
@@ -696,6 +770,7 @@ void sglr_radix_stats(const sglr_radix_t *t, sglr_radix_stats_t *out)
     out->chars = t->chars;
     out->tenancies = t->tenancies;
     out->kept = t->edge_kept;
+    out->resumed = t->resumed;
 }
 
 /* ---- eviction ----------------------------------------------------------- */
@@ -797,6 +872,7 @@ size_t sglr_radix_evict(sglr_radix_t *t, size_t max)
         over += t->sizes[w] > max;
     if (over == 0)
         return 0;
+    t->gen++;
 
     /* Each (node, worker) enters the heap at most once and a push always
      * follows a pop, so the heap never outgrows what was collected. Out of

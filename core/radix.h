@@ -50,6 +50,17 @@ int sglr_radix_insert(sglr_radix_t *t, const char *s, size_t n, int worker);
 size_t sglr_radix_match(sglr_radix_t *t, const char *s, size_t n,
                         const uint8_t *allowed, size_t nbits, int *worker_out);
 
+/* The same two, for a text a caller can name with a key (nonzero, never
+ * given to another text: the router numbers each request's routing text).
+ * A keyed match remembers the nodes it walked; a keyed insert of the same
+ * text (same key, pointer and length) with nothing else inserted,
+ * evicted or removed since takes its tenancies along them and goes on
+ * from where the match stopped instead of comparing the text again. Key
+ * 0 is the plain call. */
+size_t sglr_radix_match_keyed(sglr_radix_t *t, const char *s, size_t n, const uint8_t *allowed,
+                              size_t nbits, int *worker_out, uint64_t key);
+int sglr_radix_insert_keyed(sglr_radix_t *t, const char *s, size_t n, int worker, uint64_t key);
+
 /* Drop every entry of worker; nodes nobody holds any more are freed. */
 void sglr_radix_remove_worker(sglr_radix_t *t, int worker);
 
@@ -67,6 +78,7 @@ typedef struct {
     size_t tenancies;   /* (node, worker) pairs */
     size_t kept;        /* bytes of released edge blocks kept for reuse
                          * (at most max(chars, 1 MB) when released) */
+    uint64_t resumed;   /* keyed inserts that went on from their match */
 } sglr_radix_stats_t;
 
 void sglr_radix_stats(const sglr_radix_t *t, sglr_radix_stats_t *out);

@@ -70,6 +70,7 @@ struct sglr_exchange_s {
      * keep; the radix tree reads it from here), valid when has_text */
     sglr_buf_t text;
     int has_text;
+    uint64_t text_serial;    /* names this text to the radix tree (never 0, never reused) */
     int method;              /* llhttp_method_t */
     int http_minor;
     int keep_alive;

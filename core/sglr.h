@@ -139,6 +139,9 @@ int sglr_decision_put_id(sglr_decision_t *a, int i, void *x, const char *id, int
 /* The routing text kept in exchange x (sglr.extract's check with keep):
  * its bytes, "" with *len 0 when none was kept. */
 const char *sglr_exchange_text(const struct sglr_exchange_s *x, size_t *len);
+/* A number naming that text (0 when none was kept): no other text, in
+ * this exchange or another, gets the same. */
+uint64_t sglr_exchange_text_serial(const struct sglr_exchange_s *x);
 
 /* Register a module opener under package.preload[name]. */
 void sglr_preload(lua_State *L, const char *name, lua_CFunction open);

@@ -451,6 +451,86 @@ TEST(splits_keep_the_rest_in_place)
     sglr_radix_free(t);
 }
 
+/* Two trees given the same calls are the same tree, as far as the API
+ * sees: sizes, counts, and what every probe matches. */
+static int same_trees(sglr_radix_t *a, sglr_radix_t *b)
+{
+    static const char *probes[] = { "You are a helpful assistant. Q1", "You are a helpful assistant. Q3 and more",
+                                     "You are a helpful assistant. Q4 x", "You are a pirate. Arr", "You are",
+                                     "Translate: hello", "Translate: howdy", "You are a helpful" };
+    if (sglr_radix_check(a) || sglr_radix_check(b))
+        return 0;
+    sglr_radix_stats_t sa = stats(a), sb = stats(b);
+    if (sa.nodes != sb.nodes || sa.chars != sb.chars || sa.tenancies != sb.tenancies)
+        return 0;
+    for (int w = 0; w < 2; w++)
+        if (sglr_radix_size(a, w) != sglr_radix_size(b, w))
+            return 0;
+    for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
+        int wa, wb;
+        if (match(a, probes[i], &wa) != match(b, probes[i], &wb) || wa != wb)
+            return 0;
+    }
+    return 1;
+}
+
+/* A keyed insert goes on from where its text's keyed match stopped, only
+ * while nothing changed the tree's shape in between, and only for the
+ * same text: the tree it leaves is the one a plain insert leaves. */
+TEST(keyed_insert_resumes_from_its_match)
+{
+    sglr_radix_t *a = sglr_radix_new(), *b = sglr_radix_new();
+    static const char *seed[] = { "You are a helpful assistant. Q1", "You are a helpful assistant. Q2",
+                                  "You are a pirate. Arr", "Translate: hi" };
+    for (int i = 0; i < 4; i++) {
+        CHECK_EQ_INT(ins(a, seed[i], i % 2), 0);
+        CHECK_EQ_INT(ins(b, seed[i], i % 2), 0);
+    }
+    const char *q = "You are a helpful assistant. Q3 and more";
+    int wa, wb;
+    size_t ma = sglr_radix_match_keyed(a, q, strlen(q), NULL, 0, &wa, 11);
+    CHECK_EQ_INT(ma, match(b, q, &wb));
+    CHECK_EQ_INT(wa, wb);
+    CHECK_EQ_INT(sglr_radix_insert_keyed(a, q, strlen(q), 1, 11), 0);
+    CHECK_EQ_INT(ins(b, q, 1), 0);
+    CHECK_EQ_INT(stats(a).resumed, 1);
+    CHECK(same_trees(a, b));
+
+    /* the shape changed after the match (a split on its path): walked again */
+    const char *q2 = "You are a helpful assistant. Q4 x";
+    sglr_radix_match_keyed(a, q2, strlen(q2), NULL, 0, &wa, 12);
+    match(b, q2, &wb);
+    CHECK_EQ_INT(ins(a, "You are a helpful", 0), 0);
+    CHECK_EQ_INT(ins(b, "You are a helpful", 0), 0);
+    CHECK_EQ_INT(sglr_radix_insert_keyed(a, q2, strlen(q2), 1, 12), 0);
+    CHECK_EQ_INT(ins(b, q2, 1), 0);
+    CHECK_EQ_INT(stats(a).resumed, 1);
+    CHECK(same_trees(a, b));
+
+    /* another key: another text, even in the same buffer */
+    static char buf[32];
+    strcpy(buf, "Translate: hello");
+    sglr_radix_match_keyed(a, buf, strlen(buf), NULL, 0, &wa, 13);
+    match(b, buf, &wb);
+    strcpy(buf, "Translate: howdy");
+    CHECK_EQ_INT(sglr_radix_insert_keyed(a, buf, strlen(buf), 0, 14), 0);
+    CHECK_EQ_INT(ins(b, buf, 0), 0);
+    CHECK_EQ_INT(stats(a).resumed, 1);
+    CHECK(same_trees(a, b));
+
+    /* and the same key again after its insert: used once */
+    sglr_radix_match_keyed(a, q, strlen(q), NULL, 0, &wa, 15);
+    match(b, q, &wb);
+    CHECK_EQ_INT(sglr_radix_insert_keyed(a, q, strlen(q), 0, 15), 0);
+    CHECK_EQ_INT(sglr_radix_insert_keyed(a, q, strlen(q), 1, 15), 0);
+    CHECK_EQ_INT(ins(b, q, 0), 0);
+    CHECK_EQ_INT(ins(b, q, 1), 0);
+    CHECK_EQ_INT(stats(a).resumed, 2);
+    CHECK(same_trees(a, b));
+    sglr_radix_free(a);
+    sglr_radix_free(b);
+}
+
 TEST(evict_is_fast)
 {
     /* 4M chars over 16 workers, then drop 1M: must not be quadratic. */
@@ -538,7 +618,16 @@ TEST(randomized_against_model)
         if (r < 45) {
             int w = RND(NW);
             if (model[w].n < MAXS && *s) {
-                CHECK_EQ_INT(sglr_radix_insert(t, s, strlen(s), w), 0);
+                if (RND(2)) {
+                    /* as a policy does: a keyed match (some workers
+                     * allowed), then the insert goes on from it */
+                    uint8_t bits = (uint8_t)RND(64);
+                    int got;
+                    sglr_radix_match_keyed(t, s, strlen(s), &bits, 8, &got, (uint64_t)op + 1);
+                    CHECK_EQ_INT(sglr_radix_insert_keyed(t, s, strlen(s), w, (uint64_t)op + 1), 0);
+                } else {
+                    CHECK_EQ_INT(sglr_radix_insert(t, s, strlen(s), w), 0);
+                }
                 strcpy(model[w].s[model[w].n++], s);
             }
         } else if (r < 97) {
@@ -730,6 +819,7 @@ int main(void)
     RUN(evicted_edges_are_reused);
     RUN(evict_is_fast);
     RUN(splits_keep_the_rest_in_place);
+    RUN(keyed_insert_resumes_from_its_match);
     RUN(randomized_against_model);
     RUN(randomized_with_eviction_stays_sound);
     RUN(randomized_eviction_over_many_slabs);

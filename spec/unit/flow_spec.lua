@@ -268,6 +268,39 @@ describe("request flow", function()
     assert.equal("three", kept[3].id)
   end)
 
+  it("lets the tree go on from a request's match when it inserts the same kept text", function()
+    local radix = require "sglr.radix_ffi"
+    local p = recording_policy("m")
+    p.wants_text = true
+    p.tree = radix.new()
+    function p.select(self, req, workers)
+      local source = p.by_string and req.text or req.text_source
+      self.tree:match(source, workers)
+      self.tree:insert(source, workers[1].url)
+      return workers[1]
+    end
+    local r = fake_router({ worker({}) }, p)
+    local function send(text)
+      local res = core.request(assert(core.upstream(r.url)), { method = "POST", path = "/generate",
+        body = cjson.encode({ text = text }), headers = { ["content-type"] = "application/json" } })
+      assert.equal(200, res.status)
+    end
+    send("a shared system prompt, then question one")
+    local first = p.tree:stats().resumed    -- (the tree did not know the worker yet: the C method matched)
+    send("a shared system prompt, then question two")
+    send("a shared system prompt, then question tw0")
+    -- each insert took the path its match walked
+    assert.equal(first + 2, p.tree:stats().resumed)
+    local m = { p.tree:match("a shared system prompt, then question two", r.workers.list) }
+    assert.same({ #"a shared system prompt, then question two", r.workers.list[1].url }, m)
+    -- a string has no key: walked again
+    p.by_string = true
+    send("a shared system prompt, then question three")
+    assert.equal(first + 2, p.tree:stats().resumed)
+    assert.equal(#"a shared system prompt, then question three",
+      p.tree:match("a shared system prompt, then question three", r.workers.list))
+  end)
+
   it("skips an empty name among the request id headers", function()
     local r = fake_router({ worker({}) }, recording_policy("a"), { request_id_headers = { "", "x-trace-id" } })
     local res = post(r.url, { ["x-trace-id"] = "t-1" })
