@@ -114,6 +114,17 @@ void **sglr_lua_new_box(lua_State *L, const char *mt, void *p)
     return &b->p;
 }
 
+void sglr_lua_box_revive(lua_State *L, int idx, const char *mt, void *p)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    sglr_box_t *b = lua_touserdata(L, idx);
+    b->p = p;
+    b->type = mt;
+    push_mt(L, mt);
+    lua_setmetatable(L, idx);
+}
+
 static sglr_buf_t scratch;
 
 sglr_buf_t sglr_lua_scratch_take(void)

@@ -76,6 +76,9 @@ void sglr_lua_getopt(lua_State *L, int idx, int key);
 void *sglr_lua_check_box(lua_State *L, int idx, const char *mt);
 /* Push a new box of type mt around p; returns where the pointer lives. */
 void **sglr_lua_new_box(lua_State *L, const char *mt, void *p);
+/* The spent box at idx (sglr_lua_box_done) around p again, with its
+ * type's metatable: for a box nothing but its owner can hold any more. */
+void sglr_lua_box_revive(lua_State *L, int idx, const char *mt, void *p);
 /* In a __gc function: the box at 1 when it is of type mt (a script could
  * call the function on anything), else NULL. */
 void **sglr_lua_gc_box(lua_State *L, const char *mt);

@@ -111,6 +111,9 @@ struct sglr_exchange_s *sglr_lua_to_exchange(lua_State *L, int idx);
 struct sglr_exchange_s *sglr_lua_ffi_exchange(void *b);
 int sglr_lua_x_status(void *b);
 const char *sglr_lua_x_rid(void *b, size_t *len);
+/* The running request's box is held by nothing but the router (see
+ * lua_server.c): kept for a later request once it is done. */
+int sglr_lua_x_reuse(void *b);
 
 /* One slot of the decision log. Its fields are written once, here:
  * lua/sglr/decisions.lua declares the struct to the FFI from

@@ -38,6 +38,7 @@ local x_request_id = false     -- through the FFI when it loads (below)
 local function x_status(x) return x:status() end
 local function x_closed(x) return x:closed() end
 local function x_body_size(x) return x:body_size() end
+local x_reuse = false          -- (through the FFI only)
 do
   local ok, ffi = pcall(require, "ffi")
   if ok and pcall(ffi.cdef, [[
@@ -46,9 +47,10 @@ do
       int sglr_lua_x_closed(void *x);
       double sglr_lua_x_body_size(void *x);
       int sglr_lua_x_set_request_id(void *x, const char *names, const char *prefix);
+      int sglr_lua_x_reuse(void *x);
     ]]) and pcall(function()
       return ffi.C.sglr_clock_ms, ffi.C.sglr_lua_x_status, ffi.C.sglr_lua_x_closed, ffi.C.sglr_lua_x_body_size,
-        ffi.C.sglr_lua_x_set_request_id
+        ffi.C.sglr_lua_x_set_request_id, ffi.C.sglr_lua_x_reuse
     end) then
     local C = ffi.C
     now_ms = C.sglr_clock_ms
@@ -66,6 +68,11 @@ do
       local v = type(x) == "userdata" and C.sglr_lua_x_closed(x) or -1
       if v < 0 then return x:closed() end
       return v == 1
+    end
+    -- the exchange's box (userdata) goes to a later request once this
+    -- one is done (recycle_req)
+    x_reuse = function(x)
+      if type(x) == "userdata" then C.sglr_lua_x_reuse(x) end
     end
     x_body_size = function(x)
       local v = type(x) == "userdata" and C.sglr_lua_x_body_size(x) or -1
@@ -294,7 +301,9 @@ local REQ_POOL_MAX = 512
 -- A finished request's table into the flow's pool, when nothing but the
 -- router can still hold it: its policy (the one that picked, which a
 -- failed select may have replaced) declared transient_req, and no shadow
--- candidate saw it (their policies are the operator's). Only a table of
+-- candidate saw it (their policies are the operator's); and so its
+-- exchange's box, which goes back to the core for a later request. Only a
+-- table of
 -- the common shape: one that took a field beyond the 16 it starts with
 -- (the request id is the 16th) was rehashed, and code compiled for the
 -- common table would leave its traces on each of its fields; the
@@ -311,6 +320,8 @@ local function recycle_req(flow, req)
     return
   end
   if rawget(req, "id") ~= nil then req.id = nil end
+  -- the exchange's box too: nothing else holds it either
+  if x_reuse then x_reuse(req._x) end
   req._x, req.extra, req.policy, req.rs, req.worker = false, false, false, false, false
   pool[n + 1] = req
 end

@@ -213,8 +213,8 @@ describe("request flow", function()
     function p.select(_, req, workers)
       -- (kept here only to watch the reuse: a transient_req policy keeps nothing)
       local tag = req.retries == 0 and seen.read_headers and req.headers["x-tag"] or false
-      seen[#seen + 1] = { t = req, id = req.id, worker = req.worker, error = req.error, ttfb = req.ttfb,
-        explain = req.explain, failed = req.failed, tag = tag }
+      seen[#seen + 1] = { t = req, x = req._x, id = req.id, worker = req.worker, error = req.error,
+        ttfb = req.ttfb, explain = req.explain, failed = req.failed, tag = tag }
       return workers[1]
     end
     local r = fake_router({ worker({}) }, p)
@@ -223,6 +223,8 @@ describe("request flow", function()
     assert.equal(200, res.status)
     assert.equal("first", seen[1].id)
     assert.is_true(rawequal(seen[1].t, seen[2].t), "the second request got the first one's table")
+    -- and its exchange's box (userdata), now around the second exchange
+    assert.is_true(rawequal(seen[1].x, seen[2].x), "the second request got the first one's box")
     -- and nothing of the first request in it
     assert.equal(res.headers["x-request-id"], seen[2].id)
     assert.not_equal("first", seen[2].id)
@@ -252,6 +254,9 @@ describe("request flow", function()
     assert.equal("one", kept[1].id)
     assert.equal("generate", kept[1].route)
     assert.equal(r.workers.list[1].url, kept[1].worker)
+    -- its exchange's box stays the first request's: closed, not another's
+    assert.is_false(rawequal(kept[1]._x, kept[2]._x))
+    assert.has_error(function() kept[1]._x:path() end)
     -- transient_req, but shadow candidates (the operator's policies) are offered each request
     local p2 = recording_policy("s")
     p2.transient_req = true
