@@ -36,7 +36,8 @@ typedef struct {
  * stream of requests leaves no userdata to the collector, which walks
  * every userdata each cycle (lj_gc_separateudata was about a tenth of
  * what cache_aware added to a request by perf). Sanitizer builds keep
- * none. */
+ * them too: a box is the collector's memory, not C's, and what it points
+ * at is checked as in any box. */
 #define BOX_POOL_MAX 256
 static int box_pool[BOX_POOL_MAX];
 static int nbox_pool;
@@ -289,9 +290,7 @@ int sglr_lua_x_reuse(void *b)
 {
     if (!ffi_x(b))
         return -1;
-#ifndef SGLR_NO_FREELIST
     box_given = b;
-#endif
     return 0;
 }
 
