@@ -303,16 +303,16 @@ local REQ_POOL_MAX = 512
 -- failed select may have replaced) declared transient_req, and no shadow
 -- candidate saw it (their policies are the operator's); and so its
 -- exchange's box, which goes back to the core for a later request. Only a
--- table of
--- the common shape: one that took a field beyond the 16 it starts with
--- (the request id is the 16th) was rehashed, and code compiled for the
--- common table would leave its traces on each of its fields; the
--- collector takes it. The references it holds are dropped: a pooled
--- table keeps no exchange, policy instance or answer headers alive.
+-- regular-mode table of the common shape: one that took a field beyond
+-- the 16 it starts with (the request id is the 16th) was rehashed, and
+-- code compiled for the common table would leave its traces on each of
+-- its fields; the collector takes it. The references it holds are
+-- dropped: a pooled table keeps no exchange, policy instance or answer
+-- headers alive.
 local function recycle_req(flow, req)
   local pool = flow.req_pool
   local n = #pool
-  if n >= REQ_POOL_MAX or flow.shadow.n > 0 or not req.policy.transient_req then return end
+  if n >= REQ_POOL_MAX or flow.pd_mode or flow.shadow.n > 0 or not req.policy.transient_req then return end
   if rawget(req, "text") ~= nil or rawget(req, "body") ~= nil or rawget(req, "headers") ~= nil
     or rawget(req, "client") ~= nil or rawget(req, "path") ~= nil or rawget(req, "max_tokens") ~= nil
     or rawget(req, "explain") ~= nil or rawget(req, "failed") ~= nil or rawget(req, "decision") ~= nil

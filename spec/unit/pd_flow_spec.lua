@@ -111,6 +111,27 @@ describe("PD request flow", function()
     assert_settled(r)
   end)
 
+  it("gives every PD request a table of its own, even when both policies keep none", function()
+    local p, d = worker({}), worker({})
+    local r = fake_router({ p }, { d })
+    local seen = {}
+    for _, pol in ipairs({ r.policy, r.dpolicy }) do
+      pol.transient_req = true
+      local select = pol.select
+      function pol.select(self, req, workers)
+        seen[#seen + 1] = req
+        return select(self, req, workers)
+      end
+    end
+    assert.equal(200, post(r).status)
+    assert.equal(200, post(r).status)
+    -- prefill and decode see one table a request; the second request another
+    assert.is_true(rawequal(seen[1], seen[2]))
+    assert.is_false(rawequal(seen[1], seen[3]))
+    assert.equal(0, #r.flow.req_pool)
+    assert_settled(r)
+  end)
+
   it("settles both legs with the instances captured at the start", function()
     local p, d = worker({ delay = 60 }), worker({})
     local r = fake_router({ p }, { d })
