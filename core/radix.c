@@ -118,6 +118,11 @@ struct sglr_radix {
         node_t **path;
     } hint;
     uint64_t resumed;
+    /* released child arrays by capacity (2, 4, ... 256: kids_alloc) */
+    struct {
+        node_t ***v;
+        uint32_t n, cap;
+    } kids_free[8];
 };
 
 /* An edge is at most this long; longer text is chained over several nodes
@@ -175,20 +180,64 @@ static inline node_t *find_kid(const node_t *n, uint8_t b)
     return i < 0 ? NULL : n->kids[i];
 }
 
-static int add_kid(node_t *n, node_t *c)
+/* Child arrays (cap pointers, then cap first bytes; cap a power of two
+ * from 2 to 256) come back by capacity, as edge blocks do: a new leaf or
+ * a split takes one a request under unique prompts, and through malloc
+ * that was a cold bin each time. At most KIDS_KEEP / cap kept a class. */
+#define KIDS_KEEP 16384
+
+static node_t **kids_alloc(sglr_radix_t *t, unsigned cap)
+{
+#ifndef SGLR_NO_FREELIST
+    int c = __builtin_ctz(cap) - 1;
+    if (t->kids_free[c].n)
+        return t->kids_free[c].v[--t->kids_free[c].n];
+#else
+    (void)t;
+#endif
+    return R_MALLOC(cap * (sizeof(node_t *) + 1));
+}
+
+static void kids_release(sglr_radix_t *t, node_t **k, unsigned cap)
+{
+    if (!k)
+        return;
+#ifndef SGLR_NO_FREELIST
+    int c = __builtin_ctz(cap) - 1;
+    if (t->kids_free[c].n < KIDS_KEEP / cap) {
+        if (t->kids_free[c].n == t->kids_free[c].cap) {
+            uint32_t ncap = t->kids_free[c].cap ? t->kids_free[c].cap * 2 : 16;
+            node_t ***v = R_REALLOC(t->kids_free[c].v, ncap * sizeof *v);
+            if (!v) {
+                free(k);
+                return;
+            }
+            t->kids_free[c].v = v;
+            t->kids_free[c].cap = ncap;
+        }
+        t->kids_free[c].v[t->kids_free[c].n++] = k;
+        return;
+    }
+#else
+    (void)t; (void)cap;
+#endif
+    free(k);
+}
+
+static int add_kid(sglr_radix_t *t, node_t *n, node_t *c)
 {
     if (n->nkids == n->capkids) {
         unsigned cap = n->capkids ? n->capkids * 2u : 2u;
         if (cap > 256)
             cap = 256;
-        node_t **k = R_MALLOC(cap * (sizeof(node_t *) + 1));
+        node_t **k = kids_alloc(t, cap);
         if (!k)
             return -ENOMEM;
         if (n->nkids) {
             memcpy(k, n->kids, n->nkids * sizeof(node_t *));
             memcpy((uint8_t *)(k + cap), KEYS(n), n->nkids);
         }
-        free(n->kids);
+        kids_release(t, n->kids, n->capkids);
         n->kids = k;
         n->capkids = (uint16_t)cap;
     }
@@ -199,14 +248,14 @@ static int add_kid(node_t *n, node_t *c)
 }
 
 /* Swap-remove: the order of children carries no meaning. */
-static void del_kid(node_t *n, int i)
+static void del_kid(sglr_radix_t *t, node_t *n, int i)
 {
     int last = n->nkids - 1;
     n->kids[i] = n->kids[last];
     KEYS(n)[i] = KEYS(n)[last];
     n->nkids--;
     if (n->nkids == 0) {
-        free(n->kids);
+        kids_release(t, n->kids, n->capkids);
         n->kids = NULL;
         n->capkids = 0;
     }
@@ -315,7 +364,7 @@ static void edge_release(sglr_radix_t *t, uint8_t *e, uint32_t cap)
 static void node_release(sglr_radix_t *t, node_t *n)
 {
     edge_release(t, n->edge ? n->edge - n->eoff : NULL, n->ecap);
-    free(n->kids);
+    kids_release(t, n->kids, n->capkids);
     if (n->ten != &n->one)
         free(n->ten);
 }
@@ -421,7 +470,7 @@ static void remove_tenant(sglr_radix_t *t, node_t *n, tenant_t *x)
 static void prune(sglr_radix_t *t, node_t *n)
 {
     node_t *p = n->parent;
-    del_kid(p, kid_index(p, n->key));
+    del_kid(t, p, kid_index(p, n->key));
     t->nodes--;
     t->chars -= n->len;
     node_free(t, n);
@@ -436,7 +485,7 @@ static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
     node_t *m = node_new(t, c->edge, k, c->nten);
     if (!m)
         return NULL;
-    if (add_kid(m, c) < 0) {
+    if (add_kid(t, m, c) < 0) {
         node_free(t, m);
         return NULL;
     }
@@ -510,7 +559,7 @@ static int try_merge(sglr_radix_t *t, node_t *n)
         tenant_t *ct = find_tenant(c, n->ten[i].worker);
         n->ten[i].nkids = ct ? ct->nkids : 0;
     }
-    free(n->kids);
+    kids_release(t, n->kids, n->capkids);
     n->kids = c->kids;
     n->nkids = c->nkids;
     n->capkids = c->capkids;
@@ -571,6 +620,11 @@ void sglr_radix_free(sglr_radix_t *t)
     }
     free(t->spare);
     free(t->hint.path);
+    for (size_t c = 0; c < sizeof t->kids_free / sizeof t->kids_free[0]; c++) {
+        for (uint32_t i = 0; i < t->kids_free[c].n; i++)
+            free(t->kids_free[c].v[i]);
+        free(t->kids_free[c].v);
+    }
     while (t->slabs) {
         slab_t *next = t->slabs->next;
         free(t->slabs);
@@ -635,7 +689,7 @@ int sglr_radix_insert_keyed(sglr_radix_t *t, const char *s, size_t n, int w, uin
             if (!c)
                 return -ENOMEM;
             c->parent = node;
-            if (add_kid(node, c) < 0) {
+            if (add_kid(t, node, c) < 0) {
                 node_free(t, c);
                 return -ENOMEM;
             }

@@ -5,6 +5,7 @@
 #include "radix.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <time.h>
 
 /* Allocation failures on demand: every fault_every-th allocation the tree
@@ -531,6 +532,36 @@ TEST(keyed_insert_resumes_from_its_match)
     sglr_radix_free(b);
 }
 
+/* Under unique prompts with eviction, a tree in its steady state makes
+ * next to no allocations: edge blocks, node slots and child arrays come
+ * back from what the evictions released. */
+TEST(steady_churn_allocates_little)
+{
+    sglr_radix_t *t = sglr_radix_new();
+    static char buf[3000];
+    memset(buf, 'p', sizeof buf);
+    unsigned allocs[3];
+    for (int round = 0; round < 3; round++) {
+        fault_count = 0;
+        fault_every = UINT_MAX;     /* counts every allocation, fails none */
+        for (int i = 0; i < 2000; i++) {
+            int n = snprintf(buf, 48, "a shared system prompt. Question %d-%d:", round, i);
+            buf[n] = ' ';
+            CHECK_EQ_INT(sglr_radix_insert(t, buf, 2000 + (size_t)(i % 64) * 9, 0), 0);
+            if (i % 400 == 399)
+                CHECK(sglr_radix_evict(t, 500000) > 0);
+        }
+        allocs[round] = fault_count;
+        fault_every = 0;
+        CHECK_EQ_INT(sglr_radix_check(t), 0);
+    }
+    printf("     allocations a round of 2000 insertions: %u, %u, %u\n", allocs[0], allocs[1], allocs[2]);
+#ifndef SGLR_NO_FREELIST
+    CHECK(allocs[2] < 2000 / 20);
+#endif
+    sglr_radix_free(t);
+}
+
 TEST(evict_is_fast)
 {
     /* 4M chars over 16 workers, then drop 1M: must not be quadratic. */
@@ -817,6 +848,7 @@ int main(void)
     RUN(deep_chains);
     RUN(memory_bounded_under_unique_prompts);
     RUN(evicted_edges_are_reused);
+    RUN(steady_churn_allocates_little);
     RUN(evict_is_fast);
     RUN(splits_keep_the_rest_in_place);
     RUN(keyed_insert_resumes_from_its_match);
