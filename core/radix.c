@@ -79,6 +79,13 @@ struct node {
 #define EDGE_GRAIN 32
 #define EDGE_CLASSES 512    /* blocks up to 16 KB; longer edges are malloc'd */
 
+/* The addresses of spare blocks of one size (edge blocks of a class, child
+ * arrays of a capacity), taken from the top. */
+typedef struct {
+    void **v;
+    uint32_t n, cap;
+} spare_t;
+
 typedef struct slab {
     struct slab *next;
     node_t nodes[SLAB_NODES];
@@ -101,10 +108,7 @@ struct sglr_radix {
     size_t *sizes;      /* bytes attributed to each worker id */
     size_t nsizes;
     size_t nodes, chars, tenancies;
-    struct {
-        void **v;
-        uint32_t n, cap;
-    } edge_free[EDGE_CLASSES];      /* released edge blocks by class */
+    spare_t edge_free[EDGE_CLASSES];    /* released edge blocks by class */
     size_t edge_kept;               /* bytes in them */
     /* Bumped by every call that changes the tree's shape (insert, evict,
      * remove): a hint from before is stale. */
@@ -118,11 +122,7 @@ struct sglr_radix {
         node_t **path;
     } hint;
     uint64_t resumed;
-    /* released child arrays by capacity (2, 4, ... 256: kids_alloc) */
-    struct {
-        node_t ***v;
-        uint32_t n, cap;
-    } kids_free[8];
+    spare_t kids_free[8];   /* released child arrays by capacity (2, 4, ... 256: kids_alloc) */
 };
 
 /* An edge is at most this long; longer text is chained over several nodes
@@ -143,6 +143,28 @@ __attribute__((weak)) int sglr_radix_alloc_fails(void)
 
 #define R_MALLOC(n) (sglr_radix_alloc_fails() ? NULL : malloc(n))
 #define R_REALLOC(p, n) (sglr_radix_alloc_fails() ? NULL : realloc((p), (n)))
+
+/* Keep p on s. -> 0, -ENOMEM (p is not kept). */
+static inline int spare_push(spare_t *s, void *p)
+{
+    if (s->n == s->cap) {
+        uint32_t cap = s->cap ? s->cap * 2 : 16;
+        void **v = R_REALLOC(s->v, cap * sizeof *v);
+        if (!v)
+            return -ENOMEM;
+        s->v = v;
+        s->cap = cap;
+    }
+    s->v[s->n++] = p;
+    return 0;
+}
+
+static void spare_free(spare_t *s)
+{
+    for (uint32_t i = 0; i < s->n; i++)
+        free(s->v[i]);
+    free(s->v);
+}
 
 /* Length of the common prefix of a and b, both at least n bytes. */
 static size_t lcp(const uint8_t *a, const uint8_t *b, size_t n)
@@ -204,20 +226,8 @@ static void kids_release(sglr_radix_t *t, node_t **k, unsigned cap)
         return;
 #ifndef SGLR_NO_FREELIST
     int c = __builtin_ctz(cap) - 1;
-    if (t->kids_free[c].n < KIDS_KEEP / cap) {
-        if (t->kids_free[c].n == t->kids_free[c].cap) {
-            uint32_t ncap = t->kids_free[c].cap ? t->kids_free[c].cap * 2 : 16;
-            node_t ***v = R_REALLOC(t->kids_free[c].v, ncap * sizeof *v);
-            if (!v) {
-                free(k);
-                return;
-            }
-            t->kids_free[c].v = v;
-            t->kids_free[c].cap = ncap;
-        }
-        t->kids_free[c].v[t->kids_free[c].n++] = k;
+    if (t->kids_free[c].n < KIDS_KEEP / cap && spare_push(&t->kids_free[c], k) == 0)
         return;
-    }
 #else
     (void)t; (void)cap;
 #endif
@@ -340,19 +350,10 @@ static void edge_release(sglr_radix_t *t, uint8_t *e, uint32_t cap)
     size_t limit = t->chars > (1u << 20) ? t->chars : (1u << 20);
     if (cap <= (size_t)EDGE_GRAIN * EDGE_CLASSES && t->edge_kept + cap <= limit) {
         size_t c = cap / EDGE_GRAIN - 1;
-        if (t->edge_free[c].n == t->edge_free[c].cap) {
-            uint32_t ncap = t->edge_free[c].cap ? t->edge_free[c].cap * 2 : 16;
-            void **v = R_REALLOC(t->edge_free[c].v, ncap * sizeof *v);
-            if (!v) {
-                free(e);
-                return;
-            }
-            t->edge_free[c].v = v;
-            t->edge_free[c].cap = ncap;
+        if (spare_push(&t->edge_free[c], e) == 0) {
+            t->edge_kept += cap;
+            return;
         }
-        t->edge_free[c].v[t->edge_free[c].n++] = e;
-        t->edge_kept += cap;
-        return;
     }
 #else
     (void)t; (void)cap;
@@ -613,18 +614,12 @@ void sglr_radix_free(sglr_radix_t *t)
     if (!t)
         return;
     walk_post(t, free_visit, NULL);
-    for (size_t c = 0; c < EDGE_CLASSES; c++) {
-        for (uint32_t i = 0; i < t->edge_free[c].n; i++)
-            free(t->edge_free[c].v[i]);
-        free(t->edge_free[c].v);
-    }
+    for (size_t c = 0; c < EDGE_CLASSES; c++)
+        spare_free(&t->edge_free[c]);
     free(t->spare);
     free(t->hint.path);
-    for (size_t c = 0; c < sizeof t->kids_free / sizeof t->kids_free[0]; c++) {
-        for (uint32_t i = 0; i < t->kids_free[c].n; i++)
-            free(t->kids_free[c].v[i]);
-        free(t->kids_free[c].v);
-    }
+    for (size_t c = 0; c < sizeof t->kids_free / sizeof t->kids_free[0]; c++)
+        spare_free(&t->kids_free[c]);
     while (t->slabs) {
         slab_t *next = t->slabs->next;
         free(t->slabs);
