@@ -269,6 +269,16 @@ local req_mt = {
     end
     return REQ_FALSE[k]
   end,
+  -- a field the table does not hold yet (the common ones are there from
+  -- the start, false): the table grows past its 16 slots, and recycle_req
+  -- leaves it to the collector. Whatever wrote it (a policy may write
+  -- decision and match_ratio; one that writes anything else breaks the
+  -- read-only rule, which only the probe checks) never reaches a later
+  -- request. The request id, the 16th, is no such field.
+  __newindex = function(t, k, v)
+    rawset(t, k, v)
+    if k ~= "id" then rawset(t, "_grown", true) end
+  end,
 }
 
 -- Validate the body before anything is routed: bad JSON and wrong field
@@ -301,7 +311,8 @@ local REQ_POOL_MAX = 512
 -- A finished request's table into the flow's pool, when nothing but the
 -- router can still hold it: its policy (the one that picked, which a
 -- failed select may have replaced) declared transient_req, and no shadow
--- candidate saw it (their policies are the operator's); and so its
+-- candidate was offered it (req.shadow, set by note: their policies
+-- are the operator's, and a candidate may be gone by now); and so its
 -- exchange's box, which goes back to the core for a later request. Only a
 -- regular-mode table of the common shape: one that took a field beyond
 -- the 16 it starts with (the request id is the 16th) was rehashed, and
@@ -312,17 +323,18 @@ local REQ_POOL_MAX = 512
 local function recycle_req(flow, req)
   local pool = flow.req_pool
   local n = #pool
-  if n >= REQ_POOL_MAX or flow.pd_mode or flow.shadow.n > 0 or not req.policy.transient_req then return end
-  if rawget(req, "text") ~= nil or rawget(req, "body") ~= nil or rawget(req, "headers") ~= nil
-    or rawget(req, "client") ~= nil or rawget(req, "path") ~= nil or rawget(req, "max_tokens") ~= nil
-    or rawget(req, "explain") ~= nil or rawget(req, "failed") ~= nil or rawget(req, "decision") ~= nil
-    or rawget(req, "match_ratio") ~= nil then
+  if n >= REQ_POOL_MAX or flow.pd_mode or req.shadow or not req.policy.transient_req then return end
+  -- a field written beyond the common ones (req_mt.__newindex marks the
+  -- table), or one made on first read (rawset, below)
+  if rawget(req, "_grown") or rawget(req, "text") ~= nil or rawget(req, "body") ~= nil
+    or rawget(req, "headers") ~= nil or rawget(req, "client") ~= nil or rawget(req, "path") ~= nil
+    or rawget(req, "max_tokens") ~= nil then
     return
   end
   if rawget(req, "id") ~= nil then req.id = nil end
   -- the exchange's box too: nothing else holds it either
   if x_reuse then x_reuse(req._x) end
-  req._x, req.extra, req.policy, req.rs, req.worker = false, false, false, false, false
+  req._x, req.text_source, req.extra, req.policy, req.rs, req.worker = false, false, false, false, false, false
   pool[n + 1] = req
 end
 
@@ -484,6 +496,9 @@ function M:note(req, now, policy, w, reason, matched, total, avail, role)
       elseif rawget(req, "explain") then
         shadows = { nsh = 0, sh = {} }
       end
+      -- the candidates' picks (for their on_done) gather here; it also
+      -- tells recycle_req that the operator's policies saw this request
+      if not req.shadow then req.shadow = { n = 0 } end
       sh:offer(req, avail, w, shadows)
     end
     if role then self.cur_pos, self.cur_shadows = pos, shadows end

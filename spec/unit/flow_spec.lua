@@ -239,6 +239,33 @@ describe("request flow", function()
     assert.is_false(rawequal(seen[3].t, seen[4].t))
   end)
 
+  it("never hands a later request a field a policy wrote, nor a pooled table an exchange", function()
+    local seen = {}
+    local p = recording_policy("w")
+    p.transient_req = true
+    p.wants_text = true
+    function p.select(_, req, workers)
+      seen[#seen + 1] = { t = req, note = req.note, id = req.id }
+      return workers[1]
+    end
+    function p.on_done(_, req)
+      req.note = "from " .. tostring(req.id)    -- (a policy may not, but one can)
+    end
+    local r = fake_router({ worker({}) }, p)
+    assert.equal(200, post(r.url, { ["x-request-id"] = "A" }).status)
+    assert.equal(200, post(r.url, { ["x-request-id"] = "B" }).status)
+    assert.equal(200, post(r.url, { ["x-request-id"] = "C" }).status)
+    assert.is_nil(seen[2].note)
+    assert.is_nil(seen[3].note)
+    assert.is_false(rawequal(seen[1].t, seen[2].t))
+    -- a table in the pool holds no exchange (its box went back to the core)
+    function p.on_done() end
+    assert.equal(200, post(r.url, { ["x-request-id"] = "D" }).status)
+    local pooled = r.flow.req_pool[#r.flow.req_pool]
+    assert.is_false(pooled._x)
+    assert.is_false(pooled.text_source)
+  end)
+
   it("never reuses a request's table a policy may keep, or one shadow candidates saw", function()
     local kept = {}
     local p = recording_policy("k")        -- no transient_req: it may keep req
@@ -266,11 +293,21 @@ describe("request flow", function()
       return workers[1]
     end
     local r2 = fake_router({ worker({}) }, p2)
-    r2.flow.shadow = { n = 1, offer = function() end }
+    local settled = 0
+    r2.flow.shadow = { n = 1, offer = function() end, settle = function() settled = settled + 1 end }
     assert.equal(200, post(r2.url, { ["x-request-id"] = "three" }).status)
     assert.equal(200, post(r2.url, { ["x-request-id"] = "four" }).status)
     assert.is_false(rawequal(kept[3], kept[4]))
     assert.equal("three", kept[3].id)
+    assert.equal(2, settled)
+    -- and when the candidate is gone before the request ends (dropped for
+    -- an error or its time, or removed by the operator)
+    function r2.flow.shadow.offer(sh) sh.n = 0 end
+    assert.equal(200, post(r2.url, { ["x-request-id"] = "five" }).status)
+    r2.flow.shadow.n = 1
+    assert.equal(200, post(r2.url, { ["x-request-id"] = "six" }).status)
+    assert.is_false(rawequal(kept[5], kept[6]))
+    assert.equal("five", kept[5].id)
   end)
 
   it("lets the tree go on from a request's match when it inserts the same kept text", function()
