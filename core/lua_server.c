@@ -751,7 +751,7 @@ static int x_gc(lua_State *L)
         return 0;
     *box = NULL;
     sglr_lua_box_done(L, 1, EXCHANGE_MT);        /* called by the request runner: no finalizer left to run */
-    if ((void *)box == box_given && nbox_pool < BOX_POOL_MAX) {
+    if (lua_touserdata(L, 1) == box_given && nbox_pool < BOX_POOL_MAX) {
         lua_pushvalue(L, 1);
         box_pool[nbox_pool++] = luaL_ref(L, LUA_REGISTRYINDEX);
     }
