@@ -187,18 +187,39 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
         /* One signed compare flags both control bytes and bytes >= 0x80. */
         const __m128i quote = _mm_set1_epi8('"'), bslash = _mm_set1_epi8('\\'),
                       space = _mm_set1_epi8(0x20);
-        while (end - p >= 16) {
-            __m128i v = _mm_loadu_si128((const __m128i *)p);
-            __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote),
-                                                  _mm_cmpeq_epi8(v, bslash)),
-                                     _mm_cmplt_epi8(v, space));
-            int bits = _mm_movemask_epi8(m);
-            if (bits) {
-                p += __builtin_ctz((unsigned)bits);
-                break;
+#define PLAIN_MASK(v) _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8((v), quote), \
+                                                                 _mm_cmpeq_epi8((v), bslash)), \
+                                                    _mm_cmplt_epi8((v), space)))
+        if (o) {
+            /* decoding: each block is stored as it is checked, instead of
+             * a second pass over the run (memcpy below). The stores stay
+             * within the reserve: o never runs ahead of p. */
+            while (end - p >= 16) {
+                __m128i v = _mm_loadu_si128((const __m128i *)p);
+                _mm_storeu_si128((__m128i *)o, v);
+                int bits = PLAIN_MASK(v);
+                if (bits) {
+                    int k = __builtin_ctz((unsigned)bits);
+                    p += k;
+                    o += k;
+                    break;
+                }
+                p += 16;
+                o += 16;
             }
-            p += 16;
+            run = p;
+        } else {
+            while (end - p >= 16) {
+                __m128i v = _mm_loadu_si128((const __m128i *)p);
+                int bits = PLAIN_MASK(v);
+                if (bits) {
+                    p += __builtin_ctz((unsigned)bits);
+                    break;
+                }
+                p += 16;
+            }
         }
+#undef PLAIN_MASK
 #endif
         while (p < end && plain[*p])
             p++;

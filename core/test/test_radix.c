@@ -588,6 +588,50 @@ TEST(evict_is_fast)
     sglr_radix_free(t);
 }
 
+/* Many leaves of two workers in one heap: each keeps exactly its most
+ * recently used ones, as its inserts and matches ordered them. */
+TEST(evict_takes_the_least_recent_of_many)
+{
+    enum { NS = 90, KEEP = 37 };
+    sglr_radix_t *t = sglr_radix_new();
+    char s[NS][8];
+    uint64_t last[2][NS], now = 0;
+    int order[NS], w;
+    srand(7);
+    for (int i = 0; i < NS; i++) {
+        snprintf(s[i], sizeof s[i], "%c-%04d", 33 + i, i * 37 % 1000);   /* own first byte */
+        order[i] = i;
+    }
+    for (int i = NS - 1; i > 0; i--) {
+        int j = rand() % (i + 1), x = order[i];
+        order[i] = order[j];
+        order[j] = x;
+    }
+    for (int k = 0; k < 2 * NS; k++) {
+        int wk = k & 1, i = wk ? order[NS - 1 - k / 2] : order[k / 2];
+        ins(t, s[i], wk);
+        last[wk][i] = ++now;
+    }
+    for (int k = 0; k < 300; k++) {
+        int wk = rand() % 2, i = rand() % NS;
+        CHECK_EQ_INT(match_only(t, s[i], &wk, 1, &w), 6);
+        CHECK_EQ_INT(w, wk);
+        last[wk][i] = ++now;
+    }
+    CHECK_EQ_INT(sglr_radix_evict(t, 6 * KEEP), 2 * 6 * (NS - KEEP));
+    for (int wk = 0; wk < 2; wk++) {
+        CHECK_EQ_INT(sglr_radix_size(t, wk), 6 * KEEP);
+        for (int i = 0; i < NS; i++) {
+            int newer = 0;
+            for (int j = 0; j < NS; j++)
+                newer += last[wk][j] > last[wk][i];
+            CHECK_EQ_INT(match_only(t, s[i], &wk, 1, &w), newer < KEEP ? 6 : 0);
+        }
+    }
+    CHECK_EQ_INT(sglr_radix_check(t), 0);
+    sglr_radix_free(t);
+}
+
 /* ---- randomized comparison with a brute-force model --------------------- */
 
 #define NW 6
@@ -844,6 +888,7 @@ int main(void)
     RUN(evict_folds_a_node_that_lost_a_tenant);
     RUN(evict_skips_nodes_pruned_after_they_were_remembered);
     RUN(evict_keeps_nodes_other_workers_hold);
+    RUN(evict_takes_the_least_recent_of_many);
     RUN(utf8_boundaries);
     RUN(deep_chains);
     RUN(memory_bounded_under_unique_prompts);
