@@ -41,20 +41,28 @@ typedef struct {
 } tenant_t;
 
 typedef struct node node_t;
+/* 64 bytes, one cache line in the slabs (each a line apart): a walk down
+ * the tree reads one line a node, where a 72-byte node was two lines for
+ * most slots. */
 struct node {
     node_t *parent;
     uint8_t *edge;
     node_t **kids;      /* capkids pointers, then capkids first bytes */
-    tenant_t *ten;      /* &one while capten is 1, else malloc'd */
-    tenant_t one;
+    union {
+        tenant_t one;   /* while capten is 1 */
+        tenant_t *many; /* else, malloc'd */
+    } u;
     uint32_t len;
     uint16_t nkids, capkids;
     uint32_t nten, capten;
-    uint8_t key;        /* edge[0], kept here so walks need not read the edge */
+    uint32_t ecap;      /* bytes of the edge's block (edge_alloc) */
     uint16_t eoff;      /* where edge starts in its block (a split leaves */
                         /* the rest in place): the block is edge - eoff */
-    uint32_t ecap;      /* bytes of the edge's block (edge_alloc) */
+    uint8_t key;        /* edge[0], kept here so walks need not read the edge */
 };
+
+/* A node's tenants. */
+#define TEN(n) ((n)->capten == 1 ? &(n)->u.one : (n)->u.many)
 
 /* Nodes come from slabs owned by the tree: most nodes (one tenant) need no
  * second allocation, and eviction reads the slabs front to back instead of
@@ -87,9 +95,11 @@ typedef struct {
 } spare_t;
 
 typedef struct slab {
+    node_t nodes[SLAB_NODES];   /* first: the slab is 64-byte aligned */
     struct slab *next;
-    node_t nodes[SLAB_NODES];
 } slab_t;
+
+_Static_assert(sizeof(node_t) == 64, "a node is one cache line");
 
 /* A free slot keeps len readable (see node_free). */
 _Static_assert(offsetof(node_t, len) + sizeof(uint32_t) == offsetof(node_t, nkids),
@@ -187,6 +197,15 @@ static size_t lcp(const uint8_t *a, const uint8_t *b, size_t n)
     return i;
 }
 
+/* Length of the common prefix of child c's edge and s (room bytes, at
+ * least 1), c found by s's first byte: that byte is c->key, so the edge
+ * is read only past it, and a one-byte edge (a common shape, one level
+ * of a tree of numbered prompts) is not read at all. */
+static inline size_t kid_lcp(const node_t *c, const uint8_t *s, size_t room)
+{
+    return room == 1 ? 1 : 1 + lcp(c->edge + 1, s + 1, room - 1);
+}
+
 static inline int kid_index(const node_t *n, uint8_t b)
 {
     if (n->nkids == 0)
@@ -271,11 +290,12 @@ static void del_kid(sglr_radix_t *t, node_t *n, int i)
     }
 }
 
-static inline tenant_t *find_tenant(const node_t *n, int w)
+static inline tenant_t *find_tenant(node_t *n, int w)
 {
+    tenant_t *ten = TEN(n);
     for (uint32_t i = 0; i < n->nten; i++)
-        if (n->ten[i].worker == w)
-            return &n->ten[i];
+        if (ten[i].worker == w)
+            return &ten[i];
     return NULL;
 }
 
@@ -303,7 +323,8 @@ static node_t *node_alloc(sglr_radix_t *t)
                 return NULL;
             t->spare = v;
             t->capspare = need;
-            slab_t *sl = R_MALLOC(sizeof *sl);
+            slab_t *sl = sglr_radix_alloc_fails()
+                             ? NULL : aligned_alloc(64, (sizeof *sl + 63) & ~(size_t)63);
             if (!sl)
                 return NULL;
             SLOT_POISON(sl->nodes, sizeof sl->nodes);   /* not handed out yet */
@@ -366,8 +387,8 @@ static void node_release(sglr_radix_t *t, node_t *n)
 {
     edge_release(t, n->edge ? n->edge - n->eoff : NULL, n->ecap);
     kids_release(t, n->kids, n->capkids);
-    if (n->ten != &n->one)
-        free(n->ten);
+    if (n->capten > 1)
+        free(n->u.many);
 }
 
 static void node_free(sglr_radix_t *t, node_t *n)
@@ -389,16 +410,16 @@ static node_t *node_new(sglr_radix_t *t, const uint8_t *s, size_t len, uint32_t 
         return NULL;
     n->edge = edge_alloc(t, len, &n->ecap);
     if (capten > 1)
-        n->ten = R_MALLOC(capten * sizeof(tenant_t));
+        n->u.many = R_MALLOC(capten * sizeof(tenant_t));
     else
-        n->ten = &n->one, capten = 1;
-    if (!n->edge || !n->ten) {
+        capten = 1;
+    if (!n->edge || (capten > 1 && !n->u.many)) {
         edge_release(t, n->edge, n->ecap);
-        if (n->ten != &n->one)
-            free(n->ten);
+        if (capten > 1)
+            free(n->u.many);
         n->edge = NULL;
         n->kids = NULL;
-        n->ten = &n->one;
+        n->capten = 1;
         node_free(t, n);
         return NULL;
     }
@@ -431,19 +452,19 @@ static int add_tenant(sglr_radix_t *t, node_t *n, int w, uint64_t stamp)
     if (n->nten == n->capten) {
         uint32_t cap = n->capten * 2;
         tenant_t *x;
-        if (n->ten == &n->one) {
+        if (n->capten == 1) {
             x = R_MALLOC(cap * sizeof *x);
             if (x)
-                x[0] = n->one;
+                x[0] = n->u.one;
         } else {
-            x = R_REALLOC(n->ten, cap * sizeof *x);
+            x = R_REALLOC(n->u.many, cap * sizeof *x);
         }
         if (!x)
             return -ENOMEM;
-        n->ten = x;
+        n->u.many = x;
         n->capten = cap;
     }
-    n->ten[n->nten++] = (tenant_t){ .worker = w, .nkids = 0, .stamp = stamp };
+    TEN(n)[n->nten++] = (tenant_t){ .worker = w, .nkids = 0, .stamp = stamp };
     t->sizes[w] += n->len;
     t->tenancies++;
     if (n->parent != &t->root) {
@@ -459,7 +480,7 @@ static void remove_tenant(sglr_radix_t *t, node_t *n, tenant_t *x)
     int w = x->worker;
     t->sizes[w] -= n->len;
     t->tenancies--;
-    *x = n->ten[--n->nten];
+    *x = TEN(n)[--n->nten];
     if (n->parent != &t->root) {
         tenant_t *pt = find_tenant(n->parent, w);
         if (pt && pt->nkids)
@@ -492,9 +513,10 @@ static node_t *split(sglr_radix_t *t, node_t *c, size_t k)
     }
     /* add_kid read c->key, which is also m's first byte: fix the key
      * once c's edge has moved. */
+    tenant_t *mt = TEN(m), *ct = TEN(c);
     for (uint32_t i = 0; i < c->nten; i++) {
-        m->ten[i] = c->ten[i];
-        m->ten[i].nkids = 1;
+        mt[i] = ct[i];
+        mt[i].nkids = 1;
     }
     m->nten = c->nten;
     t->tenancies += c->nten;
@@ -556,9 +578,10 @@ static int try_merge(sglr_radix_t *t, node_t *n)
     }
     memcpy(n->edge + n->len, c->edge, c->len);
     n->len = (uint32_t)len;
+    tenant_t *nt = TEN(n);
     for (uint32_t i = 0; i < n->nten; i++) {
-        tenant_t *ct = find_tenant(c, n->ten[i].worker);
-        n->ten[i].nkids = ct ? ct->nkids : 0;
+        tenant_t *ct = find_tenant(c, nt[i].worker);
+        nt[i].nkids = ct ? ct->nkids : 0;
     }
     kids_release(t, n->kids, n->capkids);
     n->kids = c->kids;
@@ -696,7 +719,7 @@ int sglr_radix_insert_keyed(sglr_radix_t *t, const char *s, size_t n, int w, uin
             continue;
         }
         size_t room = n - pos < c->len ? n - pos : c->len;
-        size_t k = lcp(c->edge, p + pos, room);
+        size_t k = kid_lcp(c, p + pos, room);
         if (k < c->len && !(c = split(t, c, k)))
             return -ENOMEM;
         if (hold(t, c, w, stamp) < 0)
@@ -733,12 +756,13 @@ size_t sglr_radix_match_keyed(sglr_radix_t *t, const char *s, size_t n, const ui
         if (!c)
             break;
         uint32_t i = 0;
-        while (i < c->nten && !is_allowed(c->ten[i].worker, allowed, nbits))
+        const tenant_t *cten = TEN(c);
+        while (i < c->nten && !is_allowed(cten[i].worker, allowed, nbits))
             i++;
         if (i == c->nten)
             break;      /* only workers that may not take traffic hold it */
         size_t room = n - pos < c->len ? n - pos : c->len;
-        size_t k = lcp(c->edge, p + pos, room);
+        size_t k = kid_lcp(c, p + pos, room);
         pos += k;
         deep = c;
         if (k < c->len)
@@ -774,7 +798,7 @@ size_t sglr_radix_match_keyed(sglr_radix_t *t, const char *s, size_t n, const ui
 
     tenant_t *best = NULL;
     for (uint32_t i = 0; i < deep->nten; i++) {
-        tenant_t *x = &deep->ten[i];
+        tenant_t *x = &TEN(deep)[i];
         if (is_allowed(x->worker, allowed, nbits) && (!best || x->stamp > best->stamp))
             best = x;
     }
@@ -949,7 +973,7 @@ static void collect(sglr_radix_t *t, heap_t *h)
             if (n->len == 0)
                 continue;
             for (uint32_t j = 0; j < n->nten; j++) {
-                tenant_t *x = &n->ten[j];
+                tenant_t *x = &TEN(n)[j];
                 if (x->nkids != 0 || t->sizes[x->worker] <= h->max)
                     continue;
                 if (h->n == h->cap && (h->n > UINT32_MAX - 1 || heap_grow(h) < 0))
@@ -1060,13 +1084,13 @@ static void check_visit(sglr_radix_t *t, node_t *n, void *ud)
             VERIFY(KEYS(n)[j] != KEYS(n)[i]);
     }
     for (uint32_t i = 0; i < n->nten; i++) {
-        tenant_t *x = &n->ten[i];
+        tenant_t *x = &TEN(n)[i];
         VERIFY(x->worker >= 0 && (size_t)x->worker < t->nsizes);
         if (k->err)
             return;
         k->sizes[x->worker] += n->len;
         for (uint32_t j = 0; j < i; j++)
-            VERIFY(n->ten[j].worker != x->worker);
+            VERIFY(TEN(n)[j].worker != x->worker);
         uint32_t held = 0;
         for (int j = 0; j < n->nkids; j++) {
             tenant_t *y = find_tenant(n->kids[j], x->worker);
