@@ -2,8 +2,8 @@
  * json.c: the shared JSON lexer (see json.h).
  *
  * Strings dominate the cost of reading request bodies, so the string
- * scanner moves over plain ASCII sixteen bytes at a time (SSE2) and copies
- * runs with memcpy. An output buffer is reserved for the rest of the input
+ * scanner moves over plain ASCII 32 bytes at a time where the CPU has AVX2,
+ * else sixteen (SSE2), storing each block as it goes when it decodes. An output buffer is reserved for the rest of the input
  * before a string is decoded into it: decoding never lengthens a string (an
  * escape is at least as long as what it stands for), so the copy loop needs
  * no bounds checks.
@@ -173,6 +173,65 @@ size_t sglr_json_utf8_seq(const uint8_t *p, const uint8_t *end)
     return n;
 }
 
+#if defined(__SSE2__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SCAN_AVX2 1
+/* Plain bytes 32 at a time where the CPU has AVX2 (asked once): half the
+ * trips of the SSE2 loop, which a 4 KB chat body makes 250 of. The build
+ * stays baseline x86-64; only these two functions use AVX2. Each returns
+ * where the first byte that is not plain is, or the last block short of
+ * 32 bytes begins; the decoding one stores each block as it checks it
+ * (see sglr_json_string) and moves *o along. */
+#define PLAIN_MASK32(v)                                                                      \
+    ((unsigned)_mm256_movemask_epi8(_mm256_or_si256(                                       \
+        _mm256_or_si256(_mm256_cmpeq_epi8((v), _mm256_set1_epi8('"')),                     \
+                        _mm256_cmpeq_epi8((v), _mm256_set1_epi8('\\'))),                  \
+        _mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), (v)))))
+
+__attribute__((target("avx2")))
+static const uint8_t *plain_avx2(const uint8_t *p, const uint8_t *end)
+{
+    while (end - p >= 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        unsigned bits = PLAIN_MASK32(v);
+        if (bits)
+            return p + __builtin_ctz(bits);
+        p += 32;
+    }
+    return p;
+}
+
+__attribute__((target("avx2")))
+static const uint8_t *plain_avx2_copy(const uint8_t *p, const uint8_t *end, char **o)
+{
+    char *d = *o;
+    while (end - p >= 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        _mm256_storeu_si256((__m256i *)d, v);
+        unsigned bits = PLAIN_MASK32(v);
+        if (bits) {
+            unsigned k = (unsigned)__builtin_ctz(bits);
+            *o = d + k;
+            return p + k;
+        }
+        p += 32;
+        d += 32;
+    }
+    *o = d;
+    return p;
+}
+
+static int avx2_ok(void)
+{
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return ok;
+}
+#endif
+
 int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
 {
     const uint8_t *p = j->p + 1, *end = j->end;
@@ -194,6 +253,10 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
             /* decoding: each block is stored as it is checked, instead of
              * a second pass over the run (memcpy below). The stores stay
              * within the reserve: o never runs ahead of p. */
+#ifdef SCAN_AVX2
+            if (end - p >= 32 && avx2_ok())
+                p = plain_avx2_copy(p, end, &o);
+#endif
             while (end - p >= 16) {
                 __m128i v = _mm_loadu_si128((const __m128i *)p);
                 _mm_storeu_si128((__m128i *)o, v);
@@ -209,6 +272,10 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
             }
             run = p;
         } else {
+#ifdef SCAN_AVX2
+            if (end - p >= 32 && avx2_ok())
+                p = plain_avx2(p, end);
+#endif
             while (end - p >= 16) {
                 __m128i v = _mm_loadu_si128((const __m128i *)p);
                 int bits = PLAIN_MASK(v);
