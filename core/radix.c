@@ -19,6 +19,9 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #if !defined(__SANITIZE_ADDRESS__) && defined(__has_feature)
 #if __has_feature(address_sanitizer)
@@ -47,7 +50,7 @@ typedef struct node node_t;
 struct node {
     node_t *parent;
     uint8_t *edge;
-    node_t **kids;      /* capkids pointers, then capkids first bytes */
+    node_t **kids;      /* capkids pointers, then capkids first bytes (16 at least) */
     union {
         tenant_t one;   /* while capten is 1 */
         tenant_t *many; /* else, malloc'd */
@@ -211,6 +214,16 @@ static inline int kid_index(const node_t *n, uint8_t b)
     if (n->nkids == 0)
         return -1;
     const uint8_t *k = KEYS(n);
+#ifdef __SSE2__
+    /* up to 16 keys in one compare: a child array of capacity 16 or less
+     * has room for 16 key bytes (kids_alloc), the ones past nkids masked */
+    if (n->capkids <= 16) {
+        unsigned m = (unsigned)_mm_movemask_epi8(
+            _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)k), _mm_set1_epi8((char)b)));
+        m &= (1u << n->nkids) - 1;
+        return m ? __builtin_ctz(m) : -1;
+    }
+#endif
     const uint8_t *hit = memchr(k, b, n->nkids);
     return hit ? (int)(hit - k) : -1;
 }
@@ -236,7 +249,8 @@ static node_t **kids_alloc(sglr_radix_t *t, unsigned cap)
 #else
     (void)t;
 #endif
-    return R_MALLOC(cap * (sizeof(node_t *) + 1));
+    /* (room for 16 key bytes however small: kid_index reads 16) */
+    return R_MALLOC(cap * sizeof(node_t *) + (cap < 16 ? 16 : cap));
 }
 
 static void kids_release(sglr_radix_t *t, node_t **k, unsigned cap)
