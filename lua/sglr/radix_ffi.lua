@@ -67,33 +67,54 @@ end
 local bits = ffi.new("uint8_t[8192]")
 local matched = ffi.new("double[1]")
 
--- Set (on) or clear the bits of the candidates the tree knows -> the
--- highest byte set, or -1
-local function set_bit(env, w, on, top)
+-- The tree's id of candidate w (a worker table or a URL), or nil
+local function id_of(env, w)
   local url = w
   if type(w) == "table" then url = w.url end
-  local id = type(url) == "string" and env[url]
-  if id then
-    local byte = rshift(id, 3)
-    if on then
+  return type(url) == "string" and env[url] or nil
+end
+
+-- Set the bits of the candidates the tree knows -> the highest byte set,
+-- or -1; clear_bits clears them again. Two functions, not one with a
+-- flag: a function called both ways leaves a trace of one way whose exit
+-- every request takes the other way, and when select runs from the
+-- interpreter (called through pcall, a trace that starts inside it cannot
+-- return from it) that exit could not get a side trace, so the rest of
+-- select ran interpreted. Likewise one candidate without a loop: a loop of
+-- one trip never closes a trace of its own (see flow.give_list).
+local function set_bits(env, allowed)
+  local top = -1
+  local n = #allowed
+  if n == 1 then
+    local id = id_of(env, allowed[1])
+    if id then
+      top = rshift(id, 3)
+      bits[top] = bor(bits[top], lshift(1, band(id, 7)))
+    end
+    return top
+  end
+  for i = 1, n do
+    local id = id_of(env, allowed[i])
+    if id then
+      local byte = rshift(id, 3)
       bits[byte] = bor(bits[byte], lshift(1, band(id, 7)))
       if byte > top then top = byte end
-    else
-      bits[byte] = 0
     end
   end
   return top
 end
 
-local function set_bits(env, allowed, on)
-  local top = -1
+local function clear_bits(env, allowed)
   local n = #allowed
-  -- one candidate without a loop: a loop of one trip never closes a trace
-  -- of its own, and LuaJIT, trying again and again, could leave the code
-  -- around it interpreted (see flow.give_list)
-  if n == 1 then return set_bit(env, allowed[1], on, top) end
-  for i = 1, n do top = set_bit(env, allowed[i], on, top) end
-  return top
+  if n == 1 then
+    local id = id_of(env, allowed[1])
+    if id then bits[rshift(id, 3)] = 0 end
+    return
+  end
+  for i = 1, n do
+    local id = id_of(env, allowed[i])
+    if id then bits[rshift(id, 3)] = 0 end
+  end
 end
 
 methods.match = function(t, text, allowed)
@@ -113,9 +134,9 @@ methods.match = function(t, text, allowed)
     w = fmatch(t, x, s, n, nil, 0, matched)
   elseif type(allowed) == "table" then
     -- none the tree knows: an empty set, and nothing can match
-    local top = set_bits(env, allowed, true)
+    local top = set_bits(env, allowed)
     w = fmatch(t, x, s, n, bits, top + 1, matched)
-    set_bits(env, allowed, false)
+    clear_bits(env, allowed)
   else
     return c_match(t, text, allowed)
   end
