@@ -25,6 +25,7 @@
 #define METRIC_MT "sglr.metric"
 #define TEXTGUARD_MT "sglr.metrics.text"
 #define SERIES_MT "sglr.series"
+#define ACC_MT "sglr.metrics.accumulator"
 
 typedef struct {
     sglr_series_t *s;
@@ -127,6 +128,7 @@ static int l_observe(lua_State *L)
 /* m:get(labelvalues...) -> value | count, sum; a missing series reads 0. */
 static int l_get(lua_State *L)
 {
+    sglr_metrics_flush(sglr_metrics_default());     /* what accumulators hold */
     sglr_metric_t *m = check_metric(L);
     sglr_series_t *s = series_for(L, m, 2, "get", 0);
     if (sglr_metrics_type(m) == SGLR_METRIC_HISTOGRAM) {
@@ -248,6 +250,7 @@ static int l_apply(lua_State *L)
 
 static int s_get(lua_State *L)
 {
+    sglr_metrics_flush(sglr_metrics_default());     /* what accumulators hold */
     lseries_t *h = check_series(L);
     if (h->type == SGLR_METRIC_HISTOGRAM) {
         uint64_t count = 0;
@@ -312,6 +315,88 @@ int sglr_lua_series_apply6(void *p1, double v1, void *p2, double v2, void *p3, d
             sglr_metrics_inc(h[i]->s, v[i]);
     }
     return 0;
+}
+
+/* ---- accumulators (metrics.h) ---------------------------------------------- */
+
+typedef struct {
+    const char *tag;          /* ACC_MT's address */
+    sglr_metrics_acc_t *a;
+} lacc_t;
+
+static const char acc_tag[] = ACC_MT;
+
+/* metrics.accumulator(h1, ..., hn) -> an accumulator over up to eight
+ * series handles (at most one of a histogram): metrics.acc_add(acc, mask,
+ * v1, ..., vn) updates series i by v_i for each bit i - 1 of mask, and the
+ * updates reach the series when the registry is read (render, get) or the
+ * accumulator is collected. */
+static int l_accumulator(lua_State *L)
+{
+    int n = lua_gettop(L);
+    sglr_series_t *s[SGLR_METRICS_ACC_MAX];
+    if (n < 1 || n > SGLR_METRICS_ACC_MAX)
+        return luaL_error(L, "accumulator: 1 to %d series handles", SGLR_METRICS_ACC_MAX);
+    for (int i = 0; i < n; i++) {
+        lseries_t *h = lua_touserdata(L, i + 1);
+        if (!h || lua_objlen(L, i + 1) != sizeof *h || h->tag != series_tag)
+            luaL_typerror(L, i + 1, SERIES_MT);
+        if (!h->s)
+            luaL_argerror(L, i + 1, "series is released");
+        s[i] = h->s;
+    }
+    lacc_t *u = lua_newuserdata(L, sizeof *u);
+    u->tag = acc_tag;
+    u->a = NULL;
+    luaL_getmetatable(L, ACC_MT);
+    lua_setmetatable(L, -2);
+    u->a = sglr_metrics_acc_new(sglr_metrics_default(), s, n);
+    if (!u->a)
+        return luaL_error(L, "accumulator: out of memory, a removed series, or two histograms");
+    return 1;
+}
+
+static int acc_add_checked(lua_State *L, lacc_t *u)
+{
+    unsigned mask = (unsigned)luaL_checkinteger(L, 2);
+    double v[SGLR_METRICS_ACC_MAX] = { 0 };
+    int top = lua_gettop(L);
+    for (int i = 0; i < SGLR_METRICS_ACC_MAX && i + 3 <= top; i++)
+        v[i] = (mask >> i) & 1 ? luaL_checknumber(L, i + 3) : 0;
+    if (sglr_metrics_acc_add(u->a, mask, v) < 0)
+        return luaL_error(L, "accumulator: a counter cannot go down");
+    return 0;
+}
+
+/* metrics.acc_add(acc, mask, v1, ...) */
+static int l_acc_add(lua_State *L)
+{
+    lacc_t *u = luaL_checkudata(L, 1, ACC_MT);
+    if (!u->a)
+        return luaL_argerror(L, 1, "accumulator is closed");
+    return acc_add_checked(L, u);
+}
+
+static int acc_gc(lua_State *L)
+{
+    lacc_t *u = luaL_checkudata(L, 1, ACC_MT);
+    sglr_metrics_acc_free(u->a);
+    u->a = NULL;
+    return 0;
+}
+
+/* metrics.acc_add through LuaJIT's FFI (stats.lua): p an accumulator as
+ * FFI passes a userdata to void *. -> 0 | -EINVAL (not a live
+ * accumulator, or a counter going down: nothing changes; the caller asks
+ * the classic acc_add, which says why) */
+int sglr_lua_acc_add8(void *p, unsigned mask, double v1, double v2, double v3, double v4,
+                      double v5, double v6, double v7, double v8)
+{
+    lacc_t *u = p;
+    if (!u || u->tag != acc_tag || !u->a)
+        return -EINVAL;
+    double v[SGLR_METRICS_ACC_MAX] = { v1, v2, v3, v4, v5, v6, v7, v8 };
+    return sglr_metrics_acc_add(u->a, mask, v);
 }
 
 static int s_gc(lua_State *L)
@@ -448,6 +533,7 @@ int luaopen_sglr_metrics(lua_State *L)
     static const luaL_Reg funcs[] = {
         { "counter", l_counter }, { "gauge", l_gauge }, { "histogram", l_histogram },
         { "render", l_render }, { "remove_label", l_remove_label }, { "apply", l_apply },
+        { "accumulator", l_accumulator }, { "acc_add", l_acc_add },
         { NULL, NULL },
     };
     if (luaL_newmetatable(L, METRIC_MT)) {
@@ -469,6 +555,11 @@ int luaopen_sglr_metrics(lua_State *L)
         luaL_register(L, NULL, series_m);
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, s_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, ACC_MT)) {
+        lua_pushcfunction(L, acc_gc);
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);

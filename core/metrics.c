@@ -62,6 +62,23 @@ struct sglr_metric {
 
 struct sglr_metrics {
     sglr_metric_t *first, *last;
+    sglr_metrics_acc_t *accs;        /* accumulators, newest first */
+    uint64_t acc_clock;              /* orders their gauge values */
+};
+
+struct sglr_metrics_acc {
+    sglr_metrics_t *r;               /* NULL once the registry is gone */
+    sglr_metrics_acc_t *prev, *next;
+    int n, hist;                     /* hist: the histogram's index, or -1 */
+    unsigned dirty;                  /* series with something waiting */
+    uint8_t type[SGLR_METRICS_ACC_MAX];
+    double pend[SGLR_METRICS_ACC_MAX];   /* to add; a gauge's value; histogram sum */
+    uint64_t stamp[SGLR_METRICS_ACC_MAX];/* a gauge's: when it was set */
+    sglr_series_t *s[SGLR_METRICS_ACC_MAX];
+    uint64_t hcount;
+    int nbounds;
+    double *bounds;                  /* nbounds, then the counts: */
+    uint64_t *hb;                    /* nbounds + 1 */
 };
 
 static sglr_metrics_t *default_registry;
@@ -178,6 +195,12 @@ void sglr_metrics_free(sglr_metrics_t *r)
 {
     if (!r)
         return;
+    /* the series go with the registry: an accumulator left holds nothing */
+    for (sglr_metrics_acc_t *a = r->accs; a; a = a->next) {
+        a->r = NULL;
+        a->n = 0;
+        a->dirty = 0;
+    }
     for (sglr_metric_t *m = r->first, *next; m; m = next) {
         next = m->next;
         metric_free(m);
@@ -754,8 +777,164 @@ static void render_metric(buf_t *b, const sglr_metric_t *m)
     }
 }
 
+/* ----------------------------------------------------------- accumulators */
+
+sglr_metrics_acc_t *sglr_metrics_acc_new(sglr_metrics_t *r, sglr_series_t *const *s, int n)
+{
+    if (!r || n < 1 || n > SGLR_METRICS_ACC_MAX)
+        return NULL;
+    int hist = -1;
+    for (int i = 0; i < n; i++) {
+        if (!s[i] || !s[i]->metric)
+            return NULL;    /* (a removed series) */
+        if (s[i]->buckets) {
+            if (hist >= 0)
+                return NULL;
+            hist = i;
+        }
+    }
+    sglr_metrics_acc_t *a = calloc(1, sizeof *a);
+    if (!a)
+        return NULL;
+    if (hist >= 0) {
+        int nb = s[hist]->nbounds;
+        /* the bounds copied beside the counts: one block, no series read */
+        a->bounds = calloc((size_t)nb + (size_t)nb + 1, sizeof(double));
+        if (!a->bounds) {
+            free(a);
+            return NULL;
+        }
+        if (nb)
+            memcpy(a->bounds, s[hist]->bounds, (size_t)nb * sizeof(double));
+        a->hb = (uint64_t *)(a->bounds + nb);
+        a->nbounds = nb;
+    }
+    a->r = r;
+    a->n = n;
+    a->hist = hist;
+    for (int i = 0; i < n; i++) {
+        a->s[i] = s[i];
+        s[i]->refs++;
+        a->type[i] = (uint8_t)s[i]->metric->type;
+    }
+    a->next = r->accs;
+    if (r->accs)
+        r->accs->prev = a;
+    r->accs = a;
+    return a;
+}
+
+int sglr_metrics_acc_add(sglr_metrics_acc_t *a, unsigned mask, const double *v)
+{
+    mask &= (1u << a->n) - 1;
+    for (unsigned m = mask; m; m &= m - 1) {
+        int i = __builtin_ctz(m);
+        if (a->type[i] == SGLR_METRIC_COUNTER && !(v[i] >= 0))
+            return -EINVAL;
+    }
+    for (unsigned m = mask; m; m &= m - 1) {
+        int i = __builtin_ctz(m);
+        switch (a->type[i]) {
+        case SGLR_METRIC_COUNTER:
+            a->pend[i] += v[i];
+            break;
+        case SGLR_METRIC_GAUGE:
+            a->pend[i] = v[i];
+            a->stamp[i] = a->r ? ++a->r->acc_clock : 0;
+            break;
+        default: {
+            /* as sglr_metrics_observe: the first bound >= v, NaN and past
+             * the last bound in +Inf */
+            int lo = 0, hi = a->nbounds;
+            while (lo < hi) {
+                int mid = (lo + hi) / 2;
+                if (v[i] <= a->bounds[mid])
+                    hi = mid;
+                else
+                    lo = mid + 1;
+            }
+            if (isnan(v[i]))
+                lo = a->nbounds;
+            a->hb[lo]++;
+            a->hcount++;
+            a->pend[i] += v[i];
+        }
+        }
+    }
+    a->dirty |= mask;
+    return 0;
+}
+
+/* Apply a's counters and histogram (its gauges wait: sglr_metrics_flush). */
+static void acc_apply(sglr_metrics_acc_t *a)
+{
+    for (unsigned m = a->dirty; m; m &= m - 1) {
+        int i = __builtin_ctz(m);
+        sglr_series_t *s = a->s[i];
+        if (a->type[i] == SGLR_METRIC_GAUGE) {
+            continue;
+        } else if (a->type[i] == SGLR_METRIC_COUNTER) {
+            sglr_metrics_inc(s, a->pend[i]);
+        } else {
+            for (int b = 0; b <= a->nbounds; b++)
+                s->buckets[b] += a->hb[b];
+            memset(a->hb, 0, ((size_t)a->nbounds + 1) * sizeof *a->hb);
+            s->count += a->hcount;
+            a->hcount = 0;
+            s->h.value += a->pend[i];
+        }
+        a->pend[i] = 0;
+        a->dirty &= ~(1u << i);
+    }
+}
+
+void sglr_metrics_flush(sglr_metrics_t *r)
+{
+    if (!r)
+        return;
+    for (sglr_metrics_acc_t *a = r->accs; a; a = a->next)
+        acc_apply(a);
+    /* gauges last, oldest value first: the most recent add wins, whichever
+     * accumulator it went through */
+    for (;;) {
+        sglr_metrics_acc_t *oldest = NULL;
+        int at = -1;
+        for (sglr_metrics_acc_t *a = r->accs; a; a = a->next)
+            for (unsigned m = a->dirty; m; m &= m - 1) {
+                int i = __builtin_ctz(m);
+                if (!oldest || a->stamp[i] < oldest->stamp[at])
+                    oldest = a, at = i;
+            }
+        if (!oldest)
+            break;
+        sglr_metrics_set(oldest->s[at], oldest->pend[at]);
+        oldest->pend[at] = 0;
+        oldest->dirty &= ~(1u << at);
+    }
+}
+
+void sglr_metrics_acc_free(sglr_metrics_acc_t *a)
+{
+    if (!a)
+        return;
+    if (a->r) {
+        sglr_metrics_flush(a->r);   /* its gauges in their order among the others' */
+        if (a->prev)
+            a->prev->next = a->next;
+        else
+            a->r->accs = a->next;
+        if (a->next)
+            a->next->prev = a->prev;
+        for (int i = 0; i < a->n; i++)
+            sglr_metrics_release(a->s[i]);
+    }
+    free(a->bounds);
+    free(a);
+}
+
 char *sglr_metrics_render(sglr_metrics_t *r, size_t *len)
 {
+    sglr_metrics_flush(r);
     buf_t b = { 0 };
     buf_reserve(&b, 0);
     for (const sglr_metric_t *m = r->first; m; m = m->next) {

@@ -118,8 +118,33 @@ static inline double sglr_metrics_get(const sglr_series_t *s);
 void sglr_metrics_hist_get(const sglr_series_t *s, uint64_t *count, double *sum);
 
 /* Render the whole registry; a malloc'd NUL-terminated string the caller
- * frees, its length in *len (may be NULL). NULL on -ENOMEM. */
+ * frees, its length in *len (may be NULL). NULL on -ENOMEM. Pending
+ * accumulator updates are applied first. */
 char *sglr_metrics_render(sglr_metrics_t *r, size_t *len);
+
+/* --- accumulators ----------------------------------------------------------
+ * Updates to a few series (up to SGLR_METRICS_ACC_MAX, at most one of them a
+ * histogram) that wait in one small block and reach the series when the
+ * registry is read (render, sglr_metrics_flush) or the accumulator is freed.
+ * A per-request caller touching several series otherwise touched a dozen
+ * cache lines a request (each series, a histogram's buckets and bounds),
+ * most of them cold in a process that moves kilobytes of request data in
+ * between; the accumulator is a few lines, warm. Counters add, a gauge
+ * keeps its last value (of the most recent add across the registry's
+ * accumulators that set it), a histogram counts into its buckets and sum. */
+#define SGLR_METRICS_ACC_MAX 8
+typedef struct sglr_metrics_acc sglr_metrics_acc_t;
+
+/* Takes a reference on each series (all of registry r). NULL on -ENOMEM,
+ * n out of range, or more than one histogram. */
+sglr_metrics_acc_t *sglr_metrics_acc_new(sglr_metrics_t *r, sglr_series_t *const *s, int n);
+/* v[i] goes to series i for each bit i of mask. -> 0 | -EINVAL (a counter
+ * given a negative or NaN value; nothing changes). */
+int sglr_metrics_acc_add(sglr_metrics_acc_t *a, unsigned mask, const double *v);
+/* Apply every accumulator of r. */
+void sglr_metrics_flush(sglr_metrics_t *r);
+/* Apply what waits, release the series, free. */
+void sglr_metrics_acc_free(sglr_metrics_acc_t *a);
 
 /* Shortest "%.*g" that reads back as the same double; "+Inf", "-Inf",
  * "NaN" as Prometheus spells them. buf needs 32 bytes. Returns length. */

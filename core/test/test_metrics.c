@@ -116,6 +116,79 @@ TEST(histogram_cumulative)
     sglr_metrics_free(r);
 }
 
+/* An accumulator's updates reach the series when the registry is read,
+ * and read as if they had been made one by one. */
+TEST(accumulator_applies_on_read)
+{
+    sglr_metrics_t *r = sglr_metrics_new();
+    const double b[] = { 0.1, 0.5, 1 };
+    sglr_metric_t *c = sglr_metrics_counter(r, "hits_total", "Hits.", NULL, 0);
+    sglr_metric_t *g = sglr_metrics_gauge(r, "load", "Load.", NULL, 0);
+    sglr_metric_t *h = sglr_metrics_histogram(r, "ratio", "Ratio.", NULL, 0, b, 3);
+    sglr_metric_t *h2 = sglr_metrics_histogram(r, "ratio_direct", "Ratio.", NULL, 0, b, 3);
+    sglr_series_t *sc = sglr_metrics_series(c, NULL, 0), *sg = sglr_metrics_series(g, NULL, 0);
+    sglr_series_t *sh = sglr_metrics_series(h, NULL, 0), *sd = sglr_metrics_series(h2, NULL, 0);
+    CHECK(sc && sg && sh && sd);
+    CHECK(sglr_metrics_acc_new(r, (sglr_series_t *[]){ sh, sd }, 2) == NULL);   /* two histograms */
+    sglr_metrics_acc_t *a = sglr_metrics_acc_new(r, (sglr_series_t *[]){ sc, sg, sh }, 3);
+    CHECK(a != NULL);
+    const double vals[] = { 0.0625, 0.25, 0.5, 2, NAN };
+    for (int i = 0; i < 5; i++) {
+        CHECK_EQ_INT(sglr_metrics_acc_add(a, 7, (double[]){ 1, 10 + i, vals[i] }), 0);
+        sglr_metrics_observe(sd, vals[i]);
+    }
+    CHECK_EQ_INT(sglr_metrics_acc_add(a, 2, (double[]){ 0, 3, 0 }), 0);      /* the gauge alone */
+    /* a counter never goes down: refused whole */
+    CHECK_EQ_INT(sglr_metrics_acc_add(a, 3, (double[]){ -1, 99, 0 }), -EINVAL);
+    CHECK_EQ_INT(sglr_metrics_acc_add(a, 1, (double[]){ NAN, 0, 0 }), -EINVAL);
+    CHECK(sglr_metrics_get(sc) == 0);       /* waiting */
+    sglr_metrics_flush(r);
+    CHECK(sglr_metrics_get(sc) == 5);
+    CHECK(sglr_metrics_get(sg) == 3);
+    uint64_t n1, n2;
+    double sum1, sum2;
+    sglr_metrics_hist_get(sh, &n1, &sum1);
+    sglr_metrics_hist_get(sd, &n2, &sum2);
+    CHECK_EQ_INT(n1, 5);
+    CHECK_EQ_INT(n1, n2);
+    CHECK(isnan(sum1) && isnan(sum2));
+    /* the buckets as observe fills them: the two families render alike */
+    char *text = render(r);
+    CHECK(strstr(text, "ratio_bucket{le=\"0.1\"} 1\nratio_bucket{le=\"0.5\"} 3\n"
+                       "ratio_bucket{le=\"1\"} 3\nratio_bucket{le=\"+Inf\"} 5\n") != NULL);
+    CHECK(strstr(text, "ratio_direct_bucket{le=\"0.1\"} 1\nratio_direct_bucket{le=\"0.5\"} 3\n"
+                       "ratio_direct_bucket{le=\"1\"} 3\nratio_direct_bucket{le=\"+Inf\"} 5\n") != NULL);
+    free(text);
+    /* render applies what waits; nothing twice */
+    CHECK_EQ_INT(sglr_metrics_acc_add(a, 1, (double[]){ 2, 0, 0 }), 0);
+    text = render(r);
+    CHECK(strstr(text, "hits_total 7\n") != NULL);
+    free(text);
+    sglr_metrics_flush(r);
+    CHECK(sglr_metrics_get(sc) == 7);
+    /* two accumulators on one gauge: the later add wins, whichever order
+     * they are applied in; freeing one applies what it holds */
+    sglr_metrics_acc_t *b2 = sglr_metrics_acc_new(r, (sglr_series_t *[]){ sg, sc }, 2);
+    CHECK(b2 != NULL);
+    CHECK_EQ_INT(sglr_metrics_acc_add(b2, 1, (double[]){ 40 }), 0);
+    CHECK_EQ_INT(sglr_metrics_acc_add(a, 2, (double[]){ 0, 50, 0 }), 0);
+    sglr_metrics_flush(r);
+    CHECK(sglr_metrics_get(sg) == 50);
+    CHECK_EQ_INT(sglr_metrics_acc_add(a, 2, (double[]){ 0, 60, 0 }), 0);
+    CHECK_EQ_INT(sglr_metrics_acc_add(b2, 3, (double[]){ 70, 1 }), 0);
+    sglr_metrics_acc_free(a);                /* applies the whole registry */
+    CHECK(sglr_metrics_get(sg) == 70);
+    CHECK(sglr_metrics_get(sc) == 8);
+    CHECK_EQ_INT(sglr_metrics_acc_add(b2, 2, (double[]){ 0, 5 }), 0);
+    sglr_metrics_release(sc);
+    sglr_metrics_release(sg);
+    sglr_metrics_release(sh);
+    sglr_metrics_release(sd);
+    /* the registry goes first: the accumulator left holds nothing */
+    sglr_metrics_free(r);
+    sglr_metrics_acc_free(b2);
+}
+
 TEST(histogram_default_buckets)
 {
     sglr_metrics_t *r = sglr_metrics_new();
@@ -384,6 +457,7 @@ int main(void)
     RUN(unlabelled_metric_renders_zero_and_empty_family_is_omitted);
     RUN(escaping);
     RUN(histogram_cumulative);
+    RUN(accumulator_applies_on_read);
     RUN(histogram_default_buckets);
     RUN(remove_series_and_label);
     RUN(many_series_grow_table);

@@ -82,6 +82,49 @@ describe("metric series handles", function()
     assert.equal(12, c:get())
   end)
 
+  it("accumulate updates of several series until the registry is read (FFI and classic)", function()
+    require "sglr.stats"     -- puts the FFI acc_add in place
+    local c, g, h = three("acc")
+    local c2 = metrics.counter("spec_acc_second_total", "Spec counter.", {}):series()
+    local a = metrics.accumulator(c, g, h, c2)
+    -- bits pick the series: counter +1, gauge, histogram; then the gauge
+    -- alone, then the second counter
+    metrics.acc_add(a, 7, 1, 4, 0.5)
+    metrics.acc_add(a, 7, 1, 5, 2)
+    metrics.acc_add(a, 2, 0, 6)
+    assert.truthy(debug.getinfo(metrics.acc_add, "S").what == "Lua")      -- stats' FFI wrapper
+    metrics.acc_add(a, 8, 0, 0, 0, 3)
+    assert.equal(2, c:get())          -- get applies what waits
+    assert.equal(6, g:get())
+    local count, sum = h:get()
+    assert.equal(2, count)
+    assert.near(2.5, sum, 1e-9)
+    assert.equal(3, c2:get())
+    metrics.acc_add(a, 1, 5)
+    local text = metrics.render()
+    assert.truthy(text:find("spec_acc_total 7\n", 1, true))
+    assert.truthy(text:find('spec_acc_seconds_bucket{le="1"} 1\n', 1, true))
+    assert.truthy(text:find('spec_acc_seconds_bucket{le="+Inf"} 2\n', 1, true))
+    -- refused whole, with nothing applied: a counter going down, not a
+    -- number, not an accumulator, too many or no series
+    assert.has_error(function() metrics.acc_add(a, 3, -1, 9) end)
+    assert.has_error(function() metrics.acc_add(a, 1, 0 / 0) end)
+    assert.has_error(function() metrics.acc_add(a, 2, 0, "x") end)
+    assert.has_error(function() metrics.acc_add(c, 1, 1) end)
+    assert.has_error(function() metrics.accumulator() end)
+    assert.has_error(function() metrics.accumulator(c, c, c, c, c, c, c, c, c) end)
+    assert.has_error(function() metrics.accumulator(h, h) end)              -- two histograms
+    assert.has_error(function() metrics.accumulator(c, {}) end)
+    assert.equal(7, c:get())
+    assert.equal(6, g:get())
+    -- collected or not, nothing it held is lost
+    metrics.acc_add(a, 1, 10)
+    a = nil   -- luacheck: ignore 311
+    collectgarbage()
+    collectgarbage()
+    assert.equal(17, c:get())
+  end)
+
   it("refuse updates that do not fit the metric type", function()
     local c = metrics.counter("spec_handle2_total", "Spec counter.", {})
     local h = c:series()
