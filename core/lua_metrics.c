@@ -322,6 +322,7 @@ int sglr_lua_series_apply6(void *p1, double v1, void *p2, double v2, void *p3, d
 typedef struct {
     const char *tag;          /* ACC_MT's address */
     sglr_metrics_acc_t *a;
+    int n;                    /* its series */
 } lacc_t;
 
 static const char acc_tag[] = ACC_MT;
@@ -348,6 +349,7 @@ static int l_accumulator(lua_State *L)
     lacc_t *u = lua_newuserdata(L, sizeof *u);
     u->tag = acc_tag;
     u->a = NULL;
+    u->n = n;
     luaL_getmetatable(L, ACC_MT);
     lua_setmetatable(L, -2);
     u->a = sglr_metrics_acc_new(sglr_metrics_default(), s, n);
@@ -358,11 +360,14 @@ static int l_accumulator(lua_State *L)
 
 static int acc_add_checked(lua_State *L, lacc_t *u)
 {
-    unsigned mask = (unsigned)luaL_checkinteger(L, 2);
+    lua_Integer m = luaL_checkinteger(L, 2);
+    if (m < 0 || m >= (lua_Integer)1 << u->n)
+        return luaL_argerror(L, 2, lua_pushfstring(L, "mask of %d series expected", u->n));
+    unsigned mask = (unsigned)m;
     double v[SGLR_METRICS_ACC_MAX] = { 0 };
-    int top = lua_gettop(L);
-    for (int i = 0; i < SGLR_METRICS_ACC_MAX && i + 3 <= top; i++)
-        v[i] = (mask >> i) & 1 ? luaL_checknumber(L, i + 3) : 0;
+    for (int i = 0; i < u->n; i++)
+        if ((mask >> i) & 1)
+            v[i] = luaL_checknumber(L, i + 3);      /* a set bit takes a number */
     if (sglr_metrics_acc_add(u->a, mask, v) < 0)
         return luaL_error(L, "accumulator: a counter cannot go down");
     return 0;

@@ -195,8 +195,12 @@ void sglr_metrics_free(sglr_metrics_t *r)
 {
     if (!r)
         return;
-    /* the series go with the registry: an accumulator left holds nothing */
+    /* the series go with the registry: an accumulator left holds nothing
+     * (a removed series it held is no metric's: its reference goes here) */
     for (sglr_metrics_acc_t *a = r->accs; a; a = a->next) {
+        for (int i = 0; i < a->n; i++)
+            if (!a->s[i]->metric)
+                sglr_metrics_release(a->s[i]);
         a->r = NULL;
         a->n = 0;
         a->dirty = 0;
@@ -826,7 +830,8 @@ sglr_metrics_acc_t *sglr_metrics_acc_new(sglr_metrics_t *r, sglr_series_t *const
 
 int sglr_metrics_acc_add(sglr_metrics_acc_t *a, unsigned mask, const double *v)
 {
-    mask &= (1u << a->n) - 1;
+    if (mask >> a->n)
+        return -EINVAL;     /* a bit past the series */
     for (unsigned m = mask; m; m &= m - 1) {
         int i = __builtin_ctz(m);
         if (a->type[i] == SGLR_METRIC_COUNTER && !(v[i] >= 0))
@@ -844,14 +849,21 @@ int sglr_metrics_acc_add(sglr_metrics_acc_t *a, unsigned mask, const double *v)
             break;
         default: {
             /* as sglr_metrics_observe: the first bound >= v, NaN and past
-             * the last bound in +Inf */
-            int lo = 0, hi = a->nbounds;
-            while (lo < hi) {
-                int mid = (lo + hi) / 2;
-                if (v[i] <= a->bounds[mid])
-                    hi = mid;
-                else
-                    lo = mid + 1;
+             * the last bound in +Inf. The bounds below v counted without
+             * branches: a binary search's turns are coin tosses. */
+            int lo = 0;
+            if (a->nbounds <= 16) {
+                for (int b = 0; b < a->nbounds; b++)
+                    lo += a->bounds[b] < v[i];
+            } else {
+                int hi = a->nbounds;
+                while (lo < hi) {
+                    int mid = (lo + hi) / 2;
+                    if (v[i] <= a->bounds[mid])
+                        hi = mid;
+                    else
+                        lo = mid + 1;
+                }
             }
             if (isnan(v[i]))
                 lo = a->nbounds;

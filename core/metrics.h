@@ -131,15 +131,23 @@ char *sglr_metrics_render(sglr_metrics_t *r, size_t *len);
  * most of them cold in a process that moves kilobytes of request data in
  * between; the accumulator is a few lines, warm. Counters add, a gauge
  * keeps its last value (of the most recent add across the registry's
- * accumulators that set it), a histogram counts into its buckets and sum. */
+ * accumulators that set it: a direct sglr_metrics_set of a gauge an
+ * accumulator also sets may be overwritten by an older pending value), a
+ * histogram counts into its buckets and sum. Pending sums are added up
+ * before they reach the series, so a fractional sum can differ from one
+ * made update by update in its last bits. sglr_metrics_get and _hist_get
+ * do not apply pending updates: call sglr_metrics_flush first (the Lua
+ * get does). */
 #define SGLR_METRICS_ACC_MAX 8
 typedef struct sglr_metrics_acc sglr_metrics_acc_t;
 
-/* Takes a reference on each series (all of registry r). NULL on -ENOMEM,
- * n out of range, or more than one histogram. */
+/* Takes a reference on each series (all of registry r, none removed).
+ * NULL on -ENOMEM, n out of range, a removed series, or more than one
+ * histogram. */
 sglr_metrics_acc_t *sglr_metrics_acc_new(sglr_metrics_t *r, sglr_series_t *const *s, int n);
-/* v[i] goes to series i for each bit i of mask. -> 0 | -EINVAL (a counter
- * given a negative or NaN value; nothing changes). */
+/* v[i] goes to series i for each bit i of mask. -> 0 | -EINVAL (a bit
+ * past the n series, or a counter given a negative or NaN value; nothing
+ * changes). */
 int sglr_metrics_acc_add(sglr_metrics_acc_t *a, unsigned mask, const double *v);
 /* Apply every accumulator of r. */
 void sglr_metrics_flush(sglr_metrics_t *r);

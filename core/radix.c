@@ -50,7 +50,7 @@ typedef struct node node_t;
 struct node {
     node_t *parent;
     uint8_t *edge;
-    node_t **kids;      /* capkids pointers, then capkids first bytes (16 at least) */
+    node_t **kids;      /* capkids pointers, then capkids first bytes (room for 16 at least) */
     union {
         tenant_t one;   /* while capten is 1 */
         tenant_t *many; /* else, malloc'd */

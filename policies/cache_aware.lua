@@ -151,12 +151,13 @@ function P.new(conf, rt)
   -- where the runtime has accumulators, the decision's eight updates wait
   -- in one small block until /metrics is read, instead of touching eight
   -- series (a dozen cache lines) a request (ACC_BITS)
+  -- (one that cannot be made, out of memory say, leaves apply's way)
   local mx = rt.metrics
   if self.m and mx.accumulator and mx.acc_add then
     local m = self.m
-    self.acc = mx.accumulator(m.hit, m.miss, m.balance, m.ratio, m.chars_hit, m.chars_miss,
-      m.max_load, m.min_load)
-    self.acc_add = mx.acc_add
+    local ok, acc = pcall(mx.accumulator, m.hit, m.miss, m.balance, m.ratio, m.chars_hit,
+      m.chars_miss, m.max_load, m.min_load)
+    if ok then self.acc, self.acc_add = acc, mx.acc_add end
   end
   -- characters inserted that make a cut before the interval (false: never,
   -- as with an interval of 0)

@@ -173,8 +173,17 @@ if ffi_ok then
                             double v5, double v6, double v7, double v8);
     ]]) and pcall(function() return C.sglr_lua_acc_add8 end) then
     local classic_add, ACC = metrics.acc_add, debug.getregistry()["sglr.metrics.accumulator"]
+    local band = bit.band
+    -- value v for the series of bit b: a number where the mask names it,
+    -- else a number or nothing
+    local function num(mask, b, v)
+      return type(v) == "number" or v == nil and band(mask, b) == 0
+    end
     metrics.acc_add = function(a, mask, v1, v2, v3, v4, v5, v6, v7, v8)
       if type(a) == "userdata" and getmetatable(a) == ACC and type(mask) == "number"
+          and mask >= 0 and mask < 256 and mask % 1 == 0
+          and num(mask, 1, v1) and num(mask, 2, v2) and num(mask, 4, v3) and num(mask, 8, v4)
+          and num(mask, 16, v5) and num(mask, 32, v6) and num(mask, 64, v7) and num(mask, 128, v8)
           and C.sglr_lua_acc_add8(a, mask, v1 or 0, v2 or 0, v3 or 0, v4 or 0, v5 or 0, v6 or 0,
             v7 or 0, v8 or 0) == 0 then
         return

@@ -93,7 +93,7 @@ describe("metric series handles", function()
     metrics.acc_add(a, 7, 1, 5, 2)
     metrics.acc_add(a, 2, 0, 6)
     assert.truthy(debug.getinfo(metrics.acc_add, "S").what == "Lua")      -- stats' FFI wrapper
-    metrics.acc_add(a, 8, 0, 0, 0, 3)
+    metrics.acc_add(a, 8, nil, nil, nil, 3)     -- what the mask does not name may be missing
     assert.equal(2, c:get())          -- get applies what waits
     assert.equal(6, g:get())
     local count, sum = h:get()
@@ -111,6 +111,9 @@ describe("metric series handles", function()
     assert.has_error(function() metrics.acc_add(a, 1, 0 / 0) end)
     assert.has_error(function() metrics.acc_add(a, 2, 0, "x") end)
     assert.has_error(function() metrics.acc_add(c, 1, 1) end)
+    assert.has_error(function() metrics.acc_add(a, 16, 0, 0, 0, 0, 1) end)  -- no fifth series
+    assert.has_error(function() metrics.acc_add(a, 3, 1) end)               -- the gauge's value missing
+    assert.has_error(function() metrics.acc_add(a, 1, nil, 2) end)
     assert.has_error(function() metrics.accumulator() end)
     assert.has_error(function() metrics.accumulator(c, c, c, c, c, c, c, c, c) end)
     assert.has_error(function() metrics.accumulator(h, h) end)              -- two histograms
