@@ -253,10 +253,6 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
             /* decoding: each block is stored as it is checked, instead of
              * a second pass over the run (memcpy below). The stores stay
              * within the reserve: o never runs ahead of p. */
-#ifdef SCAN_AVX2
-            if (end - p >= 32 && avx2_ok())
-                p = plain_avx2_copy(p, end, &o);
-#endif
             while (end - p >= 16) {
                 __m128i v = _mm_loadu_si128((const __m128i *)p);
                 _mm_storeu_si128((__m128i *)o, v);
@@ -269,13 +265,15 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
                 }
                 p += 16;
                 o += 16;
+#ifdef SCAN_AVX2
+                /* past a first plain block: a long string (a key or a
+                 * short value ends in its first block, with no call) */
+                if (end - p >= 32 && avx2_ok())
+                    p = plain_avx2_copy(p, end, &o);
+#endif
             }
             run = p;
         } else {
-#ifdef SCAN_AVX2
-            if (end - p >= 32 && avx2_ok())
-                p = plain_avx2(p, end);
-#endif
             while (end - p >= 16) {
                 __m128i v = _mm_loadu_si128((const __m128i *)p);
                 int bits = PLAIN_MASK(v);
@@ -284,6 +282,10 @@ int sglr_json_string(sglr_json_t *j, sglr_buf_t *out)
                     break;
                 }
                 p += 16;
+#ifdef SCAN_AVX2
+                if (end - p >= 32 && avx2_ok())
+                    p = plain_avx2(p, end);
+#endif
             }
         }
 #undef PLAIN_MASK
